@@ -1,0 +1,173 @@
+"""Config base shared by every tuner, read and written in HF PEFT's `adapter_config.json` format."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class PeftType(str, enum.Enum):
+    LORA = "LORA"
+    IA3 = "IA3"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TaskType(str, enum.Enum):
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    SEQ_CLS = "SEQ_CLS"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _coerce_enum(enum_cls: type[enum.Enum], value: Any, field_name: str) -> Any:
+    if value is None or isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(str(value).upper())
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum_cls)
+        raise ValueError(f"{field_name}={value!r} is not valid; use one of: {allowed}") from None
+
+
+# Keys that newer HF PEFT versions write and that we do not implement. At their neutral value
+# (None/False/empty) they are dropped silently; any other value changes the math, so we refuse.
+MATH_CHANGING_KEYS = frozenset(
+    {
+        "use_dora", "use_rslora", "lora_bias", "layer_replication", "exclude_modules",
+        "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
+        "loftq_config", "corda_config", "arrow_config", "ensure_weight_tying", "use_bdlora",
+    }
+)
+
+
+def _is_neutral(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (dict, list, tuple, str)) and len(value) == 0)
+
+
+@dataclass
+class PeftConfig:
+    """Fields every tuner config has. Subclasses validate their own fields in `__post_init__`."""
+
+    peft_type: Optional[Union[str, PeftType]] = field(default=None, metadata={"help": "the tuner"})
+    task_type: Optional[Union[str, TaskType]] = field(default=None, metadata={"help": "the model's task"})
+    inference_mode: bool = False
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    auto_mapping: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        self.peft_type = _coerce_enum(PeftType, self.peft_type, "peft_type")
+        self.task_type = _coerce_enum(TaskType, self.task_type, "task_type")
+        if not isinstance(self.inference_mode, bool):
+            raise TypeError(f"inference_mode must be True or False, got {self.inference_mode!r}")
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, set):
+                value = sorted(value)
+            out[f.name] = value
+        return out
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!s} is a file; give a folder")
+        os.makedirs(save_directory, exist_ok=True)
+        data = self.to_dict()
+        data.update(kwargs)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PeftConfig":
+        """Build the right config class from a dict (the `peft_type` picks it when called on the base)."""
+        data = dict(data)
+        target_cls = cls
+        if cls._own_peft_type() is None:  # called on a base class: the file's peft_type picks the class
+            from .tuners.registry import get_config_class
+
+            if "peft_type" not in data:
+                raise ValueError("the config has no 'peft_type'; say which tuner it is for (e.g. LORA)")
+            target_cls = get_config_class(data["peft_type"])
+        own = target_cls._own_peft_type()
+        if own is not None and "peft_type" in data and _coerce_enum(PeftType, data["peft_type"], "peft_type") != own:
+            raise ValueError(
+                f"this config is for peft_type={data['peft_type']}, not {own.value}; "
+                f"load it with {get_config_class_name(data['peft_type'])} or PeftConfig.from_pretrained"
+            )
+        known = {f.name for f in dataclasses.fields(target_cls) if f.init}
+        unknown = {k: v for k, v in data.items() if k not in known}
+        refused = sorted(k for k, v in unknown.items() if k in MATH_CHANGING_KEYS and not _is_neutral(v))
+        if refused:
+            raise ValueError(
+                f"the adapter config sets {', '.join(f'{k}={unknown[k]!r}' for k in refused)}, which lightning_peft "
+                "does not implement; loading it would give different outputs than the adapter was trained for"
+            )
+        ignored = sorted(k for k, v in unknown.items() if k not in MATH_CHANGING_KEYS and not _is_neutral(v))
+        if ignored:
+            warnings.warn(f"ignoring adapter config keys unknown to lightning_peft: {', '.join(ignored)}", stacklevel=2)
+        return target_cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        **kwargs: Any) -> "PeftConfig":
+        path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        config_file = os.path.join(path, CONFIG_NAME)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"adapter folder {path!s} does not exist; pass the folder save_pretrained wrote")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{config_file} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        try:
+            with open(config_file, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_file} is not valid JSON ({err}); re-export the adapter") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{config_file} must hold a JSON object")
+        data.update(kwargs)
+        return cls.from_dict(data)
+
+    @classmethod
+    def _own_peft_type(cls) -> Optional[PeftType]:
+        for f in dataclasses.fields(cls):
+            if f.name == "peft_type" and isinstance(f.default, PeftType):
+                return f.default
+        return None
+
+
+def get_config_class_name(peft_type: Any) -> str:
+    from .tuners.registry import get_config_class
+
+    return get_config_class(peft_type).__name__
+
+
+def validate_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not valid; use one of: {', '.join(map(repr, allowed))}")

@@ -1,0 +1,271 @@
+"""`get_peft_model` and the `PeftModel` family, named and behaving as in HF PEFT."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import WEIGHTS_NAME, PeftConfig, TaskType
+from .serialization import atomic_save_file, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .tuners.base import check_adapter_name
+from .tuners.registry import get_model_class
+
+
+class PeftModel(nn.Module):
+    """A base model plus one or more named adapters of one tuner type.
+
+    For LoRA / IA3 `base_model` is the tuner (whose `.model` is the user's model); for prompt
+    learning `base_model` is the user's model and the prompt encoders live in `prompt_encoder`.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        check_adapter_name(adapter_name)
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(f"peft_config must be a tuner config (e.g. LoraConfig), got {type(peft_config).__name__}")
+        peft_config = copy.deepcopy(peft_config)  # the model owns its config; the caller's stays as given
+        self.active_adapter = adapter_name
+        self.peft_type = peft_config.peft_type
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        if peft_config.is_prompt_learning:
+            self._prompt_configs: Optional[dict[str, PeftConfig]] = {}
+            self.base_model = model
+            self._init_prompt_learning()
+            self.add_adapter(adapter_name, peft_config)
+        else:
+            self._prompt_configs = None
+            self.base_model = get_model_class(peft_config.peft_type)(model, peft_config, adapter_name)
+
+    # ---- attributes -------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        if self._prompt_configs is not None:
+            return self._prompt_configs
+        return self.base_model.peft_config
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model if self._prompt_configs is not None else self.base_model.model
+
+    # ---- running ----------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._prompt_configs is not None:
+            return self._prompt_forward(*args, **kwargs)
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        if self._prompt_configs is not None:
+            return self._prompt_generate(*args, **kwargs)
+        return self.get_base_model().generate(*args, **kwargs)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block."""
+        if self._prompt_configs is not None:
+            with self._prompt_learning_disabled():
+                yield
+        else:
+            with self.base_model.disable_adapter():
+                yield
+
+    # ---- adapters by name -------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        check_adapter_name(adapter_name)
+        if peft_config.peft_type != self.peft_type:
+            raise ValueError(f"cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; "
+                             "one PeftModel holds adapters of one tuner type")
+        if self._prompt_configs is not None:
+            self._add_prompt_adapter(adapter_name, peft_config)
+        else:
+            self.base_model.add_adapter(adapter_name, peft_config)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}")
+        if self._prompt_configs is None:
+            self.base_model.set_adapter(adapter_name)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if self._prompt_configs is not None:
+            self._delete_prompt_adapter(adapter_name)
+        else:
+            self.base_model.delete_adapter(adapter_name)
+            self.active_adapter = self.base_model.active_adapter
+
+    # ---- parameters -------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- files ------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Optional[list[str]] = None,
+                        is_main_process: bool = True, **kwargs: Any) -> None:
+        """Write `adapter_config.json` + `adapter_model.safetensors` per adapter (non-default ones in a
+        sub-folder named after them)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!s} is a file; give a folder")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"no adapter named {name!r} to save; this model has: {', '.join(self.peft_config)}")
+        if not is_main_process:
+            return
+        for name in names:
+            folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(folder, exist_ok=True)
+            tensors = get_peft_model_state_dict(self, adapter_name=name)
+            atomic_save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+            config = self.peft_config[name]
+            inference_mode = config.inference_mode
+            config.inference_mode = True
+            try:
+                config.save_pretrained(folder)
+            finally:
+                config.inference_mode = inference_mode
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False, **kwargs: Any) -> None:
+        """Add `adapter_name` from a folder written by `save_pretrained` (ours or HF PEFT's)."""
+        config = PeftConfig.from_pretrained(model_id, **kwargs)
+        config.inference_mode = not is_trainable
+        weights = load_peft_weights(model_id, allow_pickle=allow_pickle)
+        created = adapter_name not in self.peft_config
+        if created:
+            self.add_adapter(adapter_name, config)
+        try:
+            set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
+        except Exception:
+            if created:
+                self.delete_adapter_quietly(adapter_name)
+            raise
+        if not is_trainable:
+            for n, p in self.named_parameters():
+                if f".{adapter_name}." in n or n.endswith(f".{adapter_name}"):
+                    p.requires_grad_(False)
+            self.eval()
+
+    def delete_adapter_quietly(self, adapter_name: str) -> None:
+        """Remove an adapter that failed to load, even when it is the only or the active one."""
+        if self._prompt_configs is not None:
+            self._delete_prompt_adapter(adapter_name, force=True)
+            return
+        tuner = self.base_model
+        for _, module in tuner._tuner_layers():
+            module.delete_adapter(adapter_name)
+        del tuner.peft_config[adapter_name]
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[PeftConfig] = None,
+                        allow_pickle: bool = False, **kwargs: Any) -> "PeftModel":
+        """Wrap `model` with the adapter saved in `model_id`."""
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, **kwargs)
+        config.inference_mode = not is_trainable
+        weights = load_peft_weights(model_id, allow_pickle=allow_pickle)
+        wrapper_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
+        peft_model = wrapper_cls(model, config, adapter_name)
+        try:
+            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+        except Exception:
+            peft_model.unload_quietly()
+            raise
+        if not is_trainable:
+            peft_model.requires_grad_(False)
+            peft_model.eval()
+        return peft_model
+
+    def unload_quietly(self) -> None:
+        """Give the user's model back untouched after a failed load."""
+        if self._prompt_configs is None:
+            self.base_model.unload()
+
+    # ---- prompt learning (implemented in tuners/prompt_learning) ----------------------------
+    def _init_prompt_learning(self) -> None:
+        raise NotImplementedError("prompt learning tuners are not available yet")
+
+
+class PeftModelForCausalLM(PeftModel):
+    pass
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    pass
+
+
+class _HeadTrainingPeftModel(PeftModel):
+    """Task types whose fresh output head must train with the adapter (HF PEFT adds it to modules_to_save)."""
+
+    head_names: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        if hasattr(peft_config, "modules_to_save"):
+            names = list(peft_config.modules_to_save or [])
+            names += [n for n in self.head_names if n not in names]
+            peft_config = dataclasses.replace(peft_config, modules_to_save=names)
+        super().__init__(model, peft_config, adapter_name)
+
+
+class PeftModelForSequenceClassification(_HeadTrainingPeftModel):
+    head_names = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(_HeadTrainingPeftModel):
+    head_names = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(_HeadTrainingPeftModel):
+    head_names = ("qa_outputs",)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    pass
+
+
+MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap `model` with a new adapter; the wrapper class follows `peft_config.task_type`."""
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a tuner config (e.g. LoraConfig), got {type(peft_config).__name__}")
+    wrapper_cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)
+    return wrapper_cls(model, peft_config, adapter_name)

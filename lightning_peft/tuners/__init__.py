@@ -1,0 +1,1 @@
+"""Tuners: one sub-package each, found through `registry`."""

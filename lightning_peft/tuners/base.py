@@ -1,0 +1,477 @@
+"""What LoRA and IA3 share: target matching, injection, freezing, named adapters, merge / unload.
+
+A tuner is a `BaseTuner` subclass (the model-level object) plus `BaseTunerLayer` subclasses
+(the wrappers that replace targeted modules). The tuner says how to build a layer for a target;
+everything else here is generic.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+TASK_HEAD_NAMES = frozenset({"classifier", "score", "qa_outputs"})
+
+
+# ---------------------------------------------------------------------------------------------
+# target matching
+# ---------------------------------------------------------------------------------------------
+def _layer_index(key: str, layers_pattern: Any) -> Optional[int]:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or DEFAULT_LAYERS_PATTERNS)
+    for pattern in patterns:
+        match = re.match(rf"(?:.*\.)?{re.escape(pattern)}\.(\d+)\.", key)
+        if match is not None:
+            return int(match.group(1))
+    return None
+
+
+def target_matches(config: Any, key: str) -> bool:
+    """Does the module named `key` (full dotted name) belong to the config's targets?"""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if not any(key == t or key.endswith("." + t) for t in targets):
+        return False
+    layers = getattr(config, "layers_to_transform", None)
+    if layers is None or (isinstance(layers, list) and len(layers) == 0):
+        return True
+    index = _layer_index(key, getattr(config, "layers_pattern", None))
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def pattern_value(patterns: dict, key: str, default: Any) -> Any:
+    """`rank_pattern` / `alpha_pattern` lookup: a pattern applies to names matching `(.*\\.)?pattern$`."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    parent_name, _, child_name = key.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, getattr(parent, child_name), child_name
+
+
+def describe_module_names(model: nn.Module, limit: int = 8) -> str:
+    """A short list of leaf module names, to show the user what targets exist."""
+    names = [n for n, m in model.named_modules() if n and len(list(m.children())) == 0]
+    suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+    sample = ", ".join(names[:limit])
+    return f"leaf module names end in: {', '.join(suffixes[:12])} (e.g. {sample})"
+
+
+def check_adapter_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name {name!r} is not valid; use a non-empty string without '.'")
+
+
+# ---------------------------------------------------------------------------------------------
+# layers
+# ---------------------------------------------------------------------------------------------
+class BaseTunerLayer:
+    """Mixin for a module that wraps `base_layer` and holds per-adapter parameters.
+
+    `adapter_layer_names` name the ModuleDict / ParameterDict attributes holding trainable
+    per-adapter parameters; `other_param_names` the plain dicts of per-adapter settings.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def _init_tuner_layer(self, base_layer: nn.Module) -> None:
+        self.base_layer = base_layer
+        self._active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self._active_adapters
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return self._active_adapters
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for attr in self.adapter_layer_names:
+            names.extend(k for k in getattr(self, attr).keys() if k not in names)
+        return names
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for attr in self.adapter_layer_names:
+            for key, holder in getattr(self, attr).items():
+                for p in holder.parameters() if isinstance(holder, nn.Module) else [holder]:
+                    p.requires_grad_(key in names)
+        self._active_adapters = [n for n in names if n in self.adapter_names()]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for attr in self.adapter_layer_names + self.other_param_names:
+            holder = getattr(self, attr)
+            if adapter_name in holder:
+                del holder[adapter_name]
+        if adapter_name in self._active_adapters:
+            self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
+
+    def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+        names = self.active_adapters if adapter_names is None else adapter_names
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            warnings.warn(f"adapter(s) {already} already merged into {type(self).__name__}; not merging them twice")
+        return [n for n in names if n not in self.merged_adapters and n in self.adapter_names()]
+
+    # subclasses implement merge / unmerge / get_delta_weight / forward
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A trainable copy per adapter of a whole module (e.g. a classifier head); the original stays
+    frozen for `unload()` and disabled adapters. Its parameters never require grad while unused."""
+
+    def __init__(self, module: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self._active = adapter_name
+        self._disabled = False
+        self.add(adapter_name)
+
+    def add(self, adapter_name: str) -> None:
+        if adapter_name not in self.modules_to_save:
+            copy_ = copy.deepcopy(self.original_module)
+            copy_.requires_grad_(True)
+            self.modules_to_save[adapter_name] = copy_
+        self.set_adapter(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        name = adapter_name if isinstance(adapter_name, str) else adapter_name[0]
+        self.original_module.requires_grad_(False)
+        for key, module in self.modules_to_save.items():
+            module.requires_grad_(key == name)
+        self._active = name
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disabled = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._disabled or self._active not in self.modules_to_save:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self._active](*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# model-level tuner
+# ---------------------------------------------------------------------------------------------
+class BaseTuner(nn.Module):
+    """Injects a tuner's layers into `model` and manages named adapters.
+
+    Subclasses set `prefix` (the name stem of their parameters, e.g. "lora_"), `layer_cls`
+    (their BaseTunerLayer) and implement `_create_and_replace`.
+    """
+
+    prefix: str = ""
+    layer_cls: type = BaseTunerLayer
+
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, Any] = {}
+        self.active_adapter: str = adapter_name
+        self.add_adapter(adapter_name, config)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ---- hooks for subclasses --------------------------------------------------------------
+    def _check_new_adapter_config(self, config: Any) -> None:
+        """Raise on configs that cannot live beside the adapters already present."""
+
+    def _prepare_adapter_config(self, config: Any, model: nn.Module) -> Any:
+        if config.target_modules is None:
+            raise ValueError(
+                f"{type(config).__name__}.target_modules is None and no default is known for this model; "
+                f"name the modules to adapt. {describe_module_names(model)}"
+            )
+        return config
+
+    def _create_and_replace(self, config: Any, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str) -> None:
+        raise NotImplementedError
+
+    def _is_supported_target(self, module: nn.Module) -> bool:
+        """Whether a matched module can be wrapped (or already is)."""
+        return True
+
+    # ---- injection ------------------------------------------------------------------------
+    def _matching_keys(self, config: Any) -> list[str]:
+        keys = []
+        modules_to_save = set(getattr(config, "modules_to_save", None) or [])
+        for key, module in self.model.named_modules():
+            if not key or f".{self.prefix}" in f".{key}" or ".base_layer" in key or ".original_module" in key:
+                continue
+            if any(key == m or key.endswith("." + m) for m in modules_to_save):
+                continue
+            if ".modules_to_save." in key:
+                continue
+            if target_matches(config, key):
+                keys.append(key)
+        return keys
+
+    def add_adapter(self, adapter_name: str, config: Any) -> None:
+        """Validate everything first, then inject: a bad config leaves the model untouched."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter it")
+        config = self._prepare_adapter_config(copy.deepcopy(config), self.model)
+        self._check_new_adapter_config(config)
+        keys = self._matching_keys(config)
+        if not keys:
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matched no module of the model; "
+                f"{describe_module_names(self.model)}"
+            )
+        unsupported = [k for k in keys if not self._is_supported_target(self.model.get_submodule(k))]
+        if unsupported:
+            kinds = sorted({type(self.model.get_submodule(k)).__name__ for k in unsupported})
+            raise ValueError(
+                f"{type(self).__name__} cannot adapt {unsupported[:4]} (type {', '.join(kinds)}); "
+                "target only supported layer types (Linear, Conv1D, Embedding, Conv2d, 8-bit Linear)"
+            )
+        self._check_modules_to_save(config)
+        self.peft_config[adapter_name] = config
+        for key in keys:
+            parent, target, target_name = get_submodule_parent(self.model, key)
+            self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
+        self._set_modules_to_save(config, adapter_name)
+        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+        self._mark_only_adapters_as_trainable()
+        if config.inference_mode:
+            self._freeze_adapter(adapter_name)
+
+    def _check_modules_to_save(self, config: Any) -> None:
+        names = getattr(config, "modules_to_save", None) or []
+        for name in names:
+            if name in TASK_HEAD_NAMES:
+                continue  # task wrappers add every usual head name, as HF PEFT does; models have one of them
+            if not any(k == name or k.endswith("." + name) for k, _ in self.model.named_modules()):
+                raise ValueError(
+                    f"modules_to_save entry {name!r} matches no module; {describe_module_names(self.model)}"
+                )
+
+    def _set_modules_to_save(self, config: Any, adapter_name: str) -> None:
+        names = getattr(config, "modules_to_save", None) or []
+        for key, module in list(self.model.named_modules()):
+            if ".modules_to_save." in key or ".original_module" in key:
+                continue
+            if any(key == n or key.endswith("." + n) for n in names):
+                if isinstance(module, ModulesToSaveWrapper):
+                    module.add(adapter_name)
+                else:
+                    parent, _, child = get_submodule_parent(self.model, key)
+                    setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+
+    # ---- adapters by name -----------------------------------------------------------------
+    def _tuner_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+                yield name, module
+
+    def _check_adapter_exists(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(
+                f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config) or 'none'}"
+            )
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def set_adapter(self, adapter_name: str) -> None:
+        self._check_adapter_exists(adapter_name)
+        for _, module in self._tuner_layers():
+            if isinstance(module, BaseTunerLayer) and module.merged:
+                warnings.warn("an adapter is merged; unmerging it before switching adapters")
+                module.unmerge()
+            module.set_adapter(adapter_name)
+        self.active_adapter = adapter_name
+        if self.peft_config[adapter_name].inference_mode:
+            self._freeze_adapter(adapter_name)
+
+    def _freeze_adapter(self, adapter_name: str) -> None:
+        for n, p in self.model.named_parameters():
+            if f".{adapter_name}." in n or n.endswith(f".{adapter_name}"):
+                p.requires_grad_(False)
+
+    def _mark_only_adapters_as_trainable(self) -> None:
+        """Freeze every base weight; the layers' `set_adapter` already made the active adapter trainable."""
+        for n, p in self.model.named_parameters():
+            if f".{self.prefix}" not in f".{n}" and ".modules_to_save." not in n:
+                p.requires_grad_(False)
+        for _, module in self._tuner_layers():
+            module.set_adapter(self.active_adapter)
+
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        for _, module in self._tuner_layers():
+            module.enable_adapters(enabled)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        self._set_adapter_layers(False)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_adapter_exists(adapter_name)
+        if adapter_name == self.active_adapter and len(self.peft_config) > 1:
+            raise ValueError(
+                f"{adapter_name!r} is the active adapter; set_adapter() another one "
+                f"({', '.join(n for n in self.peft_config if n != adapter_name)}) before deleting it"
+            )
+        for _, module in self._tuner_layers():
+            if isinstance(module, BaseTunerLayer) and adapter_name in module.merged_adapters:
+                raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
+        for _, module in self._tuner_layers():
+            module.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if not self.peft_config:
+            self.active_adapter = ""
+
+    # ---- merge ----------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        for name in adapter_names or []:
+            self._check_adapter_exists(name)
+        layers = [m for _, m in self._tuner_layers() if isinstance(m, BaseTunerLayer)]
+        if safe_merge:
+            # check every layer before touching any, so a bad adapter leaves the whole model untouched
+            for layer in layers:
+                for name in layer._adapters_to_merge(adapter_names):
+                    layer.check_finite_delta(name)
+        for layer in layers:
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for _, module in self._tuner_layers():
+            if isinstance(module, BaseTunerLayer):
+                module.unmerge()
+
+    def _unload_and_optionally_merge(self, merge: bool, progressbar: bool, safe_merge: bool,
+                                     adapter_names: Optional[list[str]]) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        else:
+            self.unmerge_adapter()
+        entries = list(self._tuner_layers())
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            entries = tqdm(entries, desc="Unloading " + ("and merging " if merge else "") + "model")
+        for key, module in entries:
+            parent, _, child = get_submodule_parent(self.model, key)
+            if isinstance(module, BaseTunerLayer):
+                setattr(parent, child, module.get_base_layer())
+            elif merge and module.active_adapter in module.modules_to_save:
+                setattr(parent, child, module.modules_to_save[module.active_adapter])
+            else:
+                setattr(parent, child, module.original_module)
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """The base model with the active adapter(s) merged into its weights and every tuner layer removed."""
+        return self._unload_and_optionally_merge(True, progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """The base model as it was, adapters dropped unmerged."""
+        return self._unload_and_optionally_merge(False, False, False, None)
+
+    # ---- state dict in HF PEFT's saved format ---------------------------------------------
+    def adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+        """Keys as HF PEFT saves them, relative to this tuner (caller prefixes `base_model.`)."""
+        config = self.peft_config[adapter_name]
+        out = {}
+        for key, value in state_dict.items():
+            if f".{self.prefix}" in f".{key}" and f".{adapter_name}" in key:
+                out[_strip_adapter_name(key, adapter_name)] = value
+            elif f".modules_to_save.{adapter_name}." in key:
+                out[key.replace(f".modules_to_save.{adapter_name}.", ".")] = value
+        out.update(self._bias_state_dict(state_dict, config))
+        return out
+
+    def _bias_state_dict(self, state_dict: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+        return {}
+
+    def adapter_key_to_model_key(self, key: str, adapter_name: str) -> str:
+        """Inverse of `adapter_state_dict`'s renaming (keys relative to this tuner)."""
+        prefix_part = f".{self.prefix}"
+        if prefix_part in f".{key}":
+            head, _, tail = key.partition(self.prefix)
+            layer_attr, _, rest = tail.partition(".")
+            return f"{head}{self.prefix}{layer_attr}.{adapter_name}" + (f".{rest}" if rest else "")
+        for name, module in self._tuner_layers():
+            if isinstance(module, ModulesToSaveWrapper) and key.startswith(name + "."):
+                return f"{name}.modules_to_save.{adapter_name}.{key[len(name) + 1:]}"
+        return key
+
+
+def _strip_adapter_name(key: str, adapter_name: str) -> str:
+    return key.replace(f".{adapter_name}.", ".") if f".{adapter_name}." in key else key.removesuffix(f".{adapter_name}")
+
+
+def iter_tuner_layers(model: nn.Module) -> Iterable[BaseTunerLayer]:
+    return (m for m in model.modules() if isinstance(m, BaseTunerLayer))

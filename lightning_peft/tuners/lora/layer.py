@@ -1,0 +1,235 @@
+"""LoRA layers: a wrapper per base layer type, all sharing `LoraLayer`'s bookkeeping and merge logic."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import BaseTunerLayer
+
+
+def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight
+
+
+def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in fp32 over half-precision or quantized bases (fp64 stays fp64)."""
+    return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoraLayer(BaseTunerLayer):
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def _init_lora_layer(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
+        self._init_tuner_layer(base_layer)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
+                     init_lora_weights: bool | str) -> None:
+        if r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r}")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / r
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self._create_adapter_weights(adapter_name, r)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        weight = self.get_base_layer().weight
+        for attr in self.adapter_layer_names:
+            holder = getattr(self, attr)
+            if adapter_name in holder:
+                holder[adapter_name] = holder[adapter_name].to(device=weight.device, dtype=adapter_dtype(weight))
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+        if init_lora_weights is False:
+            return
+        if adapter_name in self.lora_A:
+            if init_lora_weights is True:
+                nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+            else:  # "gaussian"
+                nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+        if adapter_name in self.lora_embedding_A:
+            nn.init.zeros_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    # ---- merge ------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _merged_weight(self, adapter_name: str) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        return weight.data + self.get_delta_weight(adapter_name).to(weight.dtype)
+
+    def check_finite_delta(self, adapter_name: str) -> None:
+        if not torch.isfinite(self._merged_weight(adapter_name)).all():
+            raise ValueError(
+                f"merging adapter {adapter_name!r} would put NaN/inf into {type(self.get_base_layer()).__name__} "
+                "weights; the merge was aborted and the base weights are unchanged (the adapter is broken: retrain "
+                "or reload it)"
+            )
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for name in self._adapters_to_merge(adapter_names):
+            if safe_merge:
+                self.check_finite_delta(name)
+            weight = self.get_base_layer().weight
+            weight.data = self._merged_weight(name)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight = self.get_base_layer().weight
+            weight.data -= self.get_delta_weight(name).to(weight.dtype)
+
+    def _forward_with_adapter_modules(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Shared by Linear and Conv2d, whose A and B are modules applied to the input."""
+        if not self._check_forward():
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            x_lora = x.to(lora_A.weight.dtype)
+            result = result + lora_B(lora_A(self.lora_dropout[name](x_lora))) * self.scaling[name]
+        return result.to(result_dtype)
+
+    def _check_forward(self) -> bool:
+        """True when the adapters take part in this forward (not disabled, not merged)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return False
+        return not self.merged
+
+
+class Linear(nn.Module, LoraLayer):
+    """LoRA over `nn.Linear` or transformers' `Conv1D` (`fan_in_fan_out=True`, weight stored (in, out))."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, is_target_conv_1d_layer: bool = False,
+                 init_lora_weights: bool | str = True, **kwargs: Any) -> None:
+        super().__init__()
+        weight = base_layer.weight
+        in_features, out_features = (weight.shape if fan_in_fan_out else weight.shape[::-1])
+        if hasattr(base_layer, "in_features") and not fan_in_fan_out:
+            in_features, out_features = base_layer.in_features, base_layer.out_features
+        self._init_lora_layer(base_layer, in_features, out_features)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.is_target_conv_1d_layer = is_target_conv_1d_layer
+        self._active_adapters = [adapter_name]
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight
+        return transpose(delta, self.fan_in_fan_out) * self.scaling[adapter_name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._forward_with_adapter_modules(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Embedding(nn.Module, LoraLayer):
+    """LoRA over `nn.Embedding`: A (r, num_embeddings) starts at zero, B (dim, r) normal."""
+
+    def __init__(self, base_layer: nn.Embedding, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, init_lora_weights: bool | str = True, **kwargs: Any) -> None:
+        super().__init__()
+        self._init_lora_layer(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
+        self.fan_in_fan_out = False
+        self._active_adapters = [adapter_name]
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = self.lora_embedding_B[adapter_name] @ self.lora_embedding_A[adapter_name]
+        return delta.T * self.scaling[adapter_name]
+
+    def _embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return F.embedding(ids, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                           norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self._check_forward():
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.lora_embedding_A:
+                continue
+            after_A = self._embed(x, self.lora_embedding_A[name].T)
+            result = result + (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+        return result.to(result_dtype)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Conv2d(nn.Module, LoraLayer):
+    """LoRA over `nn.Conv2d`: A is a conv with the base kernel/stride/padding, B a 1x1 conv."""
+
+    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, init_lora_weights: bool | str = True, **kwargs: Any) -> None:
+        super().__init__()
+        if base_layer.groups != 1:
+            raise ValueError(f"LoRA supports Conv2d with groups=1 only, got groups={base_layer.groups}")
+        self._init_lora_layer(base_layer, base_layer.in_channels, base_layer.out_channels)
+        self.fan_in_fan_out = False
+        self._active_adapters = [adapter_name]
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
+        base = self.get_base_layer()
+        self.lora_A[adapter_name] = nn.Conv2d(self.in_features, r, base.kernel_size, base.stride, base.padding,
+                                              bias=False)
+        self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), bias=False)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        weight_A = self.lora_A[adapter_name].weight
+        weight_B = self.lora_B[adapter_name].weight
+        if self.get_base_layer().weight.shape[2:4] == (1, 1):
+            delta = (weight_B.squeeze(3).squeeze(2) @ weight_A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        else:
+            delta = F.conv2d(weight_A.permute(1, 0, 2, 3), weight_B).permute(1, 0, 2, 3)
+        return delta * self.scaling[adapter_name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._forward_with_adapter_modules(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def warn_fan_in_fan_out(expected: bool, layer_kind: str) -> None:
+    warnings.warn(
+        f"fan_in_fan_out is set to {not expected} but the target is {layer_kind}; using fan_in_fan_out={expected}"
+    )

@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..base import BaseTuner, pattern_value
+from .config import DEFAULT_TARGET_MODULES, LoraConfig
+from .layer import Conv2d, Embedding, Linear, LoraLayer, warn_fan_in_fan_out
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def _dispatch_default(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> Optional[nn.Module]:
+    if isinstance(target, nn.Embedding):
+        return Embedding(target, adapter_name, **kwargs)
+    if isinstance(target, nn.Conv2d):
+        return Conv2d(target, adapter_name, **kwargs)
+    if isinstance(target, nn.Linear):
+        if kwargs["fan_in_fan_out"]:
+            warn_fan_in_fan_out(False, "torch.nn.Linear")
+            kwargs["fan_in_fan_out"] = config.fan_in_fan_out = False
+        return Linear(target, adapter_name, **kwargs)
+    if _is_conv1d(target):
+        if not kwargs["fan_in_fan_out"]:
+            warn_fan_in_fan_out(True, "transformers Conv1D")
+            kwargs["fan_in_fan_out"] = config.fan_in_fan_out = True
+        return Linear(target, adapter_name, is_target_conv_1d_layer=True, **kwargs)
+    return None
+
+
+# Layer factories tried in order; other modules (e.g. 8-bit support) prepend theirs.
+LAYER_DISPATCHERS: list[Callable[..., Optional[nn.Module]]] = [_dispatch_default]
+
+
+class LoraModel(BaseTuner):
+    """Injects LoRA layers into `model` (see `LoraConfig`)."""
+
+    prefix = "lora_"
+    layer_cls = LoraLayer
+
+    def _prepare_adapter_config(self, config: LoraConfig, model: nn.Module) -> LoraConfig:
+        if config.target_modules is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            if model_type in DEFAULT_TARGET_MODULES:
+                config.target_modules = set(DEFAULT_TARGET_MODULES[model_type])
+        if config.target_modules == "all-linear":
+            config.target_modules = _all_linear_names(model)
+        return super()._prepare_adapter_config(config, model)
+
+    def _check_new_adapter_config(self, config: LoraConfig) -> None:
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"LoraModel takes a LoraConfig, got {type(config).__name__}")
+        if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
+            raise ValueError("only one adapter may train biases (bias != 'none'); set bias='none' for the others")
+
+    def _is_supported_target(self, module: nn.Module) -> bool:
+        return isinstance(module, (LoraLayer, nn.Linear, nn.Embedding, nn.Conv2d)) or _is_conv1d(module) or any(
+            _dispatch_accepts(d, module) for d in LAYER_DISPATCHERS)
+
+    def _create_and_replace(self, config: LoraConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str) -> None:
+        kwargs = dict(
+            r=pattern_value(config.rank_pattern, current_key, config.r),
+            lora_alpha=pattern_value(config.alpha_pattern, current_key, config.lora_alpha),
+            lora_dropout=config.lora_dropout,
+            init_lora_weights=config.init_lora_weights,
+        )
+        if isinstance(target, LoraLayer):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        kwargs["fan_in_fan_out"] = config.fan_in_fan_out
+        for dispatch in LAYER_DISPATCHERS:
+            new_module = dispatch(target, adapter_name, config, **kwargs)
+            if new_module is not None:
+                break
+        else:
+            raise ValueError(f"cannot apply LoRA to {current_key} of type {type(target).__name__}")
+        if adapter_name != self.active_adapter:
+            new_module.set_adapter(self.active_adapter)  # a new adapter stays inactive until set_adapter()
+        setattr(parent, target_name, new_module)
+
+    def _mark_only_adapters_as_trainable(self) -> None:
+        super()._mark_only_adapters_as_trainable()
+        bias = self.peft_config[self.active_adapter].bias
+        if bias == "none":
+            return
+        warnings.warn(f"bias={bias!r}: biases are trained, so disabling the adapter no longer gives the base model")
+        if bias == "all":
+            for n, p in self.model.named_parameters():
+                if "bias" in n.rsplit(".", 1)[-1]:
+                    p.requires_grad_(True)
+        else:
+            for module in self.model.modules():
+                if isinstance(module, LoraLayer) and module.bias is not None:
+                    module.bias.requires_grad_(True)
+
+    def _bias_state_dict(self, state_dict: dict[str, torch.Tensor], config: LoraConfig) -> dict[str, torch.Tensor]:
+        if config.bias == "all":
+            return {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] == "bias"
+                    and ".original_module." not in k and ".modules_to_save." not in k}
+        if config.bias == "lora_only":
+            names = {f"{n}.base_layer.bias" for n, m in self.model.named_modules()
+                     if isinstance(m, LoraLayer) and m.bias is not None}
+            return {k: v for k, v in state_dict.items() if k in names}
+        return {}
+
+    # ---- combining adapters -----------------------------------------------------------------
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             svd_driver: Optional[str] = None) -> None:
+        """Add `adapter_name` as a weighted combination of existing adapters (its scaling is 1)."""
+        for name in adapters:
+            self._check_adapter_exists(name)
+        if len(adapters) != len(weights):
+            raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; choose a new name")
+        ranks = [self.peft_config[a].r for a in adapters]
+        layer_ranks = {(id(m), a): m.r[a] for m in self.model.modules() if isinstance(m, LoraLayer)
+                       for a in adapters if a in m.r}
+        if combination_type == "linear":
+            if len(set(layer_ranks.values()) | set(ranks)) > 1:
+                raise ValueError(f"combination_type='linear' needs adapters of equal rank, got r={ranks}; "
+                                 "use 'cat' or 'svd' for different ranks")
+            new_rank = ranks[0]
+        elif combination_type == "cat":
+            new_rank = sum(ranks)
+        elif combination_type == "svd":
+            new_rank = svd_rank or max(ranks)
+        else:
+            raise ValueError(f"combination_type={combination_type!r} is not valid; use one of: 'svd', 'linear', 'cat'")
+        if combination_type != "svd" and any(self.peft_config[a].rank_pattern for a in adapters):
+            raise ValueError(f"combination_type={combination_type!r} needs one rank per adapter; "
+                             "these adapters use rank_pattern, use 'svd'")
+        target_types = {type(self.peft_config[a].target_modules) for a in adapters}
+        if len(target_types) > 1:
+            raise ValueError("cannot combine adapters whose target_modules mix a regex string and a list")
+        if str in target_types:
+            new_targets: Any = "|".join(f"({self.peft_config[a].target_modules})" for a in adapters)
+        else:
+            new_targets = set().union(*(self.peft_config[a].target_modules for a in adapters))
+        config = dataclasses.replace(self.peft_config[adapters[0]], r=new_rank, lora_alpha=new_rank,
+                                     target_modules=new_targets, rank_pattern={}, alpha_pattern={},
+                                     init_lora_weights=False)
+        self.add_adapter(adapter_name, config)
+        self._freeze_adapter(adapter_name)
+        for module in self.model.modules():
+            if not isinstance(module, LoraLayer) or adapter_name not in module.r:
+                continue
+            present = [(a, w) for a, w in zip(adapters, weights) if a in module.r]
+            if not present:
+                raise ValueError(f"none of {adapters} adapts a layer that {adapter_name!r} targets")
+            with torch.no_grad():
+                if combination_type == "svd":
+                    new_A, new_B = _svd_combination(module, present, new_rank, svd_clamp, svd_full_matrices,
+                                                    svd_driver)
+                else:
+                    new_A, new_B = _factor_combination(module, present, combination_type, new_rank)
+                target_A, target_B = _factors(module, adapter_name)
+                target_A.data.copy_(new_A.to(target_A.dtype))
+                target_B.data.copy_(new_B.to(target_B.dtype))
+
+
+def _dispatch_accepts(dispatch: Callable, module: nn.Module) -> bool:
+    accepts = getattr(dispatch, "accepts", None)
+    return bool(accepts and accepts(module))
+
+
+def _all_linear_names(model: nn.Module) -> set[str]:
+    """HF PEFT's 'all-linear': every Linear / Conv1D except the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Linear) or _is_conv1d(module)) and module is not head:
+            names.add(name.rsplit(".", 1)[-1])
+    return names
+
+
+def _factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as stored: Linear/Conv2d weights, or the embedding's raw parameters."""
+    if adapter in layer.lora_A:
+        return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    return layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+
+
+def _factor_combination(layer: LoraLayer, present: list[tuple[str, float]], combination_type: str,
+                        new_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if combination_type == "cat":
+        As = [_factors(layer, a)[0] * w * layer.scaling[a] for a, w in present]
+        Bs = [_factors(layer, a)[1] for a, _ in present]
+        A, B = torch.cat(As, dim=0), torch.cat(Bs, dim=1)
+        # an adapter missing from this layer leaves its slice of the new rank at zero
+        full_A = A.new_zeros((new_rank,) + tuple(A.shape[1:]))
+        full_B = B.new_zeros((B.shape[0], new_rank) + tuple(B.shape[2:]))
+        full_A[: A.shape[0]] = A
+        full_B[:, : B.shape[1]] = B
+        return full_A, full_B
+    # linear: split sqrt(|w * s|) between A and B, the sign on A only
+    A = B = None
+    for a, w in present:
+        ws = w * layer.scaling[a]
+        root = abs(ws) ** 0.5
+        fa, fb = _factors(layer, a)
+        A = fa * (root if ws >= 0 else -root) if A is None else A + fa * (root if ws >= 0 else -root)
+        B = fb * root if B is None else B + fb * root
+    return A, B
+
+
+def _svd_combination(layer: LoraLayer, present: list[tuple[str, float]], new_rank: int, clamp: Optional[float],
+                     full_matrices: bool, driver: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    delta = sum(layer.get_delta_weight(a) * w for a, w in present)
+    is_embedding = present[0][0] in layer.lora_embedding_A
+    target_A, target_B = _factors(layer, present[0][0])
+    conv2d = isinstance(layer, Conv2d)
+    if conv2d:
+        delta = delta.squeeze() if delta.shape[2:4] == (1, 1) else delta.flatten(start_dim=1)
+    if getattr(layer, "fan_in_fan_out", False) or is_embedding:
+        delta = delta.T
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
+    U = U[:, :new_rank] @ torch.diag(S[:new_rank])
+    Vh = Vh[:new_rank, :]
+    if clamp is not None:
+        high = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
+        U, Vh = U.clamp(-high, high), Vh.clamp(-high, high)
+    if conv2d:
+        kernel_A = layer.lora_A[present[0][0]].weight.shape[1:]
+        U = U.reshape(U.shape[0], new_rank, 1, 1)
+        Vh = Vh.reshape((new_rank,) + tuple(kernel_A))
+    return Vh, U
