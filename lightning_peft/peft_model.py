@@ -130,7 +130,8 @@ class PeftModel(nn.Module):
 
     # ---- files ------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Optional[list[str]] = None,
-                        is_main_process: bool = True, **kwargs: Any) -> None:
+                        is_main_process: bool = True, save_embedding_layers: bool | str = "auto",
+                        **kwargs: Any) -> None:
         """Write `adapter_config.json` + `adapter_model.safetensors` per adapter (non-default ones in a
         sub-folder named after them)."""
         if os.path.isfile(save_directory):
@@ -144,7 +145,7 @@ class PeftModel(nn.Module):
         for name in names:
             folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             os.makedirs(folder, exist_ok=True)
-            tensors = get_peft_model_state_dict(self, adapter_name=name)
+            tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
             atomic_save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
             config = self.peft_config[name]
             inference_mode = config.inference_mode

@@ -15,16 +15,37 @@ from .config import CONFIG_NAME, WEIGHTS_NAME
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 
-def get_peft_model_state_dict(model: Any, state_dict: Optional[dict] = None,
-                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors keyed as HF PEFT saves them (adapter name stripped)."""
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def get_peft_model_state_dict(model: Any, state_dict: Optional[dict] = None, adapter_name: str = "default",
+                              save_embedding_layers: bool | str = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors keyed as HF PEFT saves them (adapter name stripped).
+
+    `save_embedding_layers` ("auto": when `embed_tokens` / `lm_head` are targets, as HF PEFT does)
+    adds the full base weights of the targeted input / output embeddings.
+    """
     config = model.peft_config[adapter_name]
     if config.is_prompt_learning:
         return {"prompt_embeddings": model.get_prompt_embedding_to_save(adapter_name)}
     if state_dict is None:
         state_dict = model.state_dict()
     inner = {k[len("base_model."):]: v for k, v in state_dict.items() if k.startswith("base_model.")}
-    return {"base_model." + k: v for k, v in model.base_model.adapter_state_dict(inner, adapter_name).items()}
+    out = {"base_model." + k: v for k, v in model.base_model.adapter_state_dict(inner, adapter_name).items()}
+    if save_embedding_layers == "auto":
+        targets = config.target_modules
+        save_embedding_layers = not isinstance(targets, str) and any(n in targets for n in EMBEDDING_LAYER_NAMES)
+    if save_embedding_layers:
+        out.update({k: v for k, v in state_dict.items() if k in _embedding_base_keys(model)})
+    return out
+
+
+def _embedding_base_keys(model: Any) -> set[str]:
+    """Keys of the base weights of the targeted input / output embeddings."""
+    base = model.get_base_model()
+    layers = [getattr(base, f)() for f in ("get_input_embeddings", "get_output_embeddings") if hasattr(base, f)]
+    return {f"base_model.model.{name}.base_layer.weight" for name, module in base.named_modules()
+            if any(module is layer for layer in layers if layer is not None) and hasattr(module, "base_layer")}
 
 
 def _model_keys_for(model: Any, peft_state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, str]:
@@ -54,7 +75,8 @@ def set_peft_model_state_dict(model: Any, peft_state_dict: dict[str, torch.Tenso
         return
     expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
     missing = sorted(set(expected) - set(peft_state_dict))
-    unexpected = sorted(set(peft_state_dict) - set(expected))
+    unexpected = sorted(set(peft_state_dict) - set(expected) - _embedding_base_keys(model))
+    expected.update({k: v for k, v in model.state_dict().items() if k in _embedding_base_keys(model)})
     shapes = [f"{k}: file {tuple(peft_state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in expected if k in peft_state_dict and peft_state_dict[k].shape != expected[k].shape]
     problems = []
@@ -99,13 +121,24 @@ def load_peft_weights(model_id: str | os.PathLike, device: str = "cpu",
     raise FileNotFoundError(f"{model_id} has no {WEIGHTS_NAME}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (e.g. a bias saved under two names): copy repeats."""
+    seen, out = set(), {}
+    for key, value in tensors.items():
+        value = value.detach().contiguous().cpu()
+        ptr = (value.untyped_storage().data_ptr(), value.storage_offset())
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: Optional[dict] = None) -> None:
     """Write to a temporary file in the same folder and rename it, so a crash never leaves half a file."""
     folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file(_unshared(tensors), tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

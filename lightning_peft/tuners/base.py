@@ -447,13 +447,14 @@ class BaseTuner(nn.Module):
         out = {}
         for key, value in state_dict.items():
             if f".{self.prefix}" in f".{key}" and f".{adapter_name}" in key:
-                out[_strip_adapter_name(key, adapter_name)] = value
+                out[strip_adapter_name(key, adapter_name)] = value
             elif f".modules_to_save.{adapter_name}." in key:
                 out[key.replace(f".modules_to_save.{adapter_name}.", ".")] = value
-        out.update(self._bias_state_dict(state_dict, config))
+        out.update(self._bias_state_dict(state_dict, config, adapter_name))
         return out
 
-    def _bias_state_dict(self, state_dict: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    def _bias_state_dict(self, state_dict: dict[str, torch.Tensor], config: Any,
+                         adapter_name: str) -> dict[str, torch.Tensor]:
         return {}
 
     def adapter_key_to_model_key(self, key: str, adapter_name: str) -> str:
@@ -464,13 +465,23 @@ class BaseTuner(nn.Module):
             layer_attr, _, rest = tail.partition(".")
             return f"{head}{self.prefix}{layer_attr}.{adapter_name}" + (f".{rest}" if rest else "")
         for name, module in self._tuner_layers():
-            if isinstance(module, ModulesToSaveWrapper) and key.startswith(name + "."):
-                return f"{name}.modules_to_save.{adapter_name}.{key[len(name) + 1:]}"
+            if isinstance(module, ModulesToSaveWrapper) and key.startswith(f"model.{name}."):
+                rest = key[len(name) + 7:]
+                if rest.startswith("original_module."):
+                    return key
+                if rest.startswith(f"modules_to_save.{adapter_name}."):
+                    return key
+                rest = rest.removeprefix("modules_to_save.")
+                return f"model.{name}.modules_to_save.{adapter_name}.{rest}"
         return key
 
 
-def _strip_adapter_name(key: str, adapter_name: str) -> str:
-    return key.replace(f".{adapter_name}.", ".") if f".{adapter_name}." in key else key.removesuffix(f".{adapter_name}")
+def strip_adapter_name(key: str, adapter_name: str) -> str:
+    """HF PEFT's rule: drop the adapter name only where it ends the key or precedes the last part."""
+    if key.endswith(f".{adapter_name}"):
+        return key.removesuffix(f".{adapter_name}")
+    head, _, last = key.rpartition(".")
+    return f"{head.removesuffix(f'.{adapter_name}')}.{last}"
 
 
 def iter_tuner_layers(model: nn.Module) -> Iterable[BaseTunerLayer]:

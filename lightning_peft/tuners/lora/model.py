@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..base import BaseTuner, pattern_value
+from ..base import BaseTuner, pattern_value, strip_adapter_name
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .layer import Conv2d, Embedding, Linear, LoraLayer, warn_fan_in_fan_out
 
@@ -102,12 +102,15 @@ class LoraModel(BaseTuner):
                 if isinstance(module, LoraLayer) and module.bias is not None:
                     module.bias.requires_grad_(True)
 
-    def _bias_state_dict(self, state_dict: dict[str, torch.Tensor], config: LoraConfig) -> dict[str, torch.Tensor]:
+    def _bias_state_dict(self, state_dict: dict[str, torch.Tensor], config: LoraConfig,
+                         adapter_name: str) -> dict[str, torch.Tensor]:
         if config.bias == "all":
-            return {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] == "bias"
-                    and ".original_module." not in k and ".modules_to_save." not in k}
+            # HF PEFT saves every bias, the frozen original and the adapter's copy of saved modules included
+            return {strip_adapter_name(k, adapter_name): v
+                    for k, v in state_dict.items() if k.rsplit(".", 1)[-1] == "bias"
+                    and (".modules_to_save." not in k or f".modules_to_save.{adapter_name}." in k)}
         if config.bias == "lora_only":
-            names = {f"{n}.base_layer.bias" for n, m in self.model.named_modules()
+            names = {f"model.{n}.base_layer.bias" for n, m in self.model.named_modules()
                      if isinstance(m, LoraLayer) and m.bias is not None}
             return {k: v for k, v in state_dict.items() if k in names}
         return {}
