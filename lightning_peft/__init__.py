@@ -15,6 +15,7 @@ from .peft_model import (
     get_peft_model,
 )
 from .serialization import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .tuners.ia3 import IA3Config, IA3Model
 from .tuners.lora import LoraConfig, LoraModel
 
 __version__ = "0.1.0"
@@ -23,5 +24,5 @@ __all__ = [
     "PeftConfig", "PeftType", "TaskType", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
     "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "get_peft_model", "get_peft_model_state_dict", "load_peft_weights",
-    "set_peft_model_state_dict", "LoraConfig", "LoraModel",
+    "set_peft_model_state_dict", "LoraConfig", "LoraModel", "IA3Config", "IA3Model",
 ]

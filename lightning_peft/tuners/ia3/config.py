@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from ...config import PeftConfig, PeftType
+from ..lora.config import check_target_modules
+
+# Used when target_modules / feedforward_modules are None, keyed by transformers `model_type` (HF PEFT's defaults).
+DEFAULT_TARGET_MODULES = {
+    "t5": ["k", "v", "wo"], "mt5": ["k", "v", "wi_1"], "gpt2": ["c_attn", "mlp.c_proj"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"], "roberta": ["key", "value", "output.dense"],
+    "opt": ["q_proj", "k_proj", "fc2"], "gptj": ["q_proj", "v_proj", "fc_out"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"], "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "bart": ["q_proj", "v_proj", "fc2"], "llama": ["k_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"], "bert": ["key", "value", "output.dense"],
+    "deberta-v2": ["key_proj", "value_proj", "output.dense"], "falcon": ["query_key_value", "dense_4h_to_h"],
+    "phi": ["q_proj", "v_proj", "fc2"], "gemma": ["q_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+}
+DEFAULT_FEEDFORWARD_MODULES = {
+    "t5": ["wo"], "mt5": [], "gpt2": ["mlp.c_proj"], "bloom": ["mlp.dense_4h_to_h"], "roberta": ["output.dense"],
+    "opt": ["fc2"], "gptj": ["fc_out"], "gpt_neox": ["dense_4h_to_h"], "gpt_neo": ["c_proj"], "bart": ["fc2"],
+    "llama": ["down_proj"], "mistral": ["down_proj"], "bert": ["output.dense"], "deberta-v2": ["output.dense"],
+    "falcon": ["dense_4h_to_h"], "phi": ["fc2"], "gemma": ["down_proj"], "qwen2": ["down_proj"],
+}
+
+
+def check_feedforward_subset(config: "IA3Config") -> None:
+    """Every feedforward module must also be a target; otherwise it would silently get no vector."""
+    ff, targets = config.feedforward_modules, config.target_modules
+    if ff is None or targets is None or isinstance(ff, str) or isinstance(targets, str):
+        return
+    outside = sorted(set(ff) - set(targets))
+    if outside:
+        raise ValueError(
+            f"feedforward_modules must be a subset of target_modules; {outside} are not in "
+            f"target_modules={sorted(targets)}. Add them to target_modules or drop them from feedforward_modules"
+        )
+
+
+@dataclass
+class IA3Config(PeftConfig):
+    """(IA)^3: a learned vector scales a target's output, or its input for feedforward targets."""
+
+    target_modules: Optional[Union[list[str], str]] = None
+    feedforward_modules: Optional[Union[list[str], str]] = None
+    fan_in_fan_out: bool = False
+    modules_to_save: Optional[list[str]] = None
+    init_ia3_weights: bool = True
+
+    def __post_init__(self) -> None:
+        self.peft_type = PeftType.IA3
+        super().__post_init__()
+        check_target_modules(self)
+        ff = self.feedforward_modules
+        if isinstance(ff, str):
+            try:
+                re.compile(ff)
+            except re.error as err:
+                raise ValueError(f"feedforward_modules={ff!r} is not a valid regex ({err})") from None
+        elif ff is not None:
+            if not isinstance(ff, (list, tuple, set)) or not all(isinstance(t, str) and t for t in ff):
+                raise TypeError(f"feedforward_modules must be a list of module names or a regex string, got {ff!r}")
+            self.feedforward_modules = set(ff)
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise TypeError(f"fan_in_fan_out must be True or False, got {self.fan_in_fan_out!r}")
+        if not isinstance(self.init_ia3_weights, bool):
+            raise TypeError(f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+                raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save)
+        check_feedforward_subset(self)

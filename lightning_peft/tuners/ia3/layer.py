@@ -1,0 +1,223 @@
+"""(IA)^3 layers: a learned vector per adapter scaling a base layer's output (or, for feedforward targets, its input)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..base import BaseTunerLayer
+from ..lora.layer import adapter_dtype
+
+# Added to the vector before dividing in unmerge, as HF PEFT does, so a zero entry cannot produce inf.
+UNMERGE_EPS = 1e-8
+
+
+class IA3Layer(BaseTunerLayer):
+    adapter_layer_names = ("ia3_l",)
+    other_param_names = ()
+
+    def _init_ia3_layer(self, base_layer: nn.Module, is_feedforward: bool, in_features: int, out_features: int) -> None:
+        self._init_tuner_layer(base_layer)
+        self.ia3_l = nn.ParameterDict()
+        self.is_feedforward = is_feedforward
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def _vector_shape(self) -> tuple[int, ...]:
+        return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+
+    def update_layer(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
+        vector = torch.randn(self._vector_shape())  # random only when init_ia3_weights=False (tests)
+        if init_ia3_weights:
+            vector = torch.ones_like(vector)
+        weight = self.get_base_layer().weight
+        self.ia3_l[adapter_name] = nn.Parameter(vector.to(device=weight.device, dtype=adapter_dtype(weight)))
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _scaling(self) -> Optional[torch.Tensor]:
+        """The product of the active adapters' vectors, or None when no active adapter lives here."""
+        scaling = None
+        for name in self.active_adapters:
+            if name in self.ia3_l:
+                scaling = self.ia3_l[name] if scaling is None else scaling * self.ia3_l[name]
+        return scaling
+
+    def _check_forward(self) -> bool:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return False
+        return not self.merged
+
+    # ---- merge --------------------------------------------------------------------------------
+    def _weight_factor(self, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _merged(self, adapter_name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        base = self.get_base_layer()
+        weight = base.weight.data * self._weight_factor(adapter_name)
+        bias = None
+        if not self.is_feedforward and getattr(base, "bias", None) is not None:
+            bias = base.bias.data * self.ia3_l[adapter_name].data.reshape(base.bias.shape)
+        return weight, bias
+
+    def check_finite_delta(self, adapter_name: str) -> None:
+        weight, bias = self._merged(adapter_name)
+        if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+            raise ValueError(
+                f"merging IA3 adapter {adapter_name!r} would put NaN/inf into {type(self.get_base_layer()).__name__} "
+                "weights; the merge was aborted and the base weights are unchanged (the adapter is broken: retrain "
+                "or reload it)"
+            )
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for name in self._adapters_to_merge(adapter_names):
+            if safe_merge:
+                self.check_finite_delta(name)
+            base = self.get_base_layer()
+            weight, bias = self._merged(name)
+            base.weight.data = weight.to(base.weight.dtype)
+            if bias is not None:
+                base.bias.data = bias.to(base.bias.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        warnings.warn("unmerging (IA)^3 divides the weights by the learned vector; the result can be inexact")
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            base = self.get_base_layer()
+            factor = self._weight_factor(name) + UNMERGE_EPS
+            base.weight.data = (base.weight.data / factor).to(base.weight.dtype)
+            if not self.is_feedforward and getattr(base, "bias", None) is not None:
+                scale = self.ia3_l[name].data.reshape(base.bias.shape) + UNMERGE_EPS
+                base.bias.data = (base.bias.data / scale).to(base.bias.dtype)
+
+
+class Linear(nn.Module, IA3Layer):
+    """(IA)^3 over `nn.Linear` or transformers' `Conv1D` (`fan_in_fan_out=True`, weight stored (in, out))."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, is_feedforward: bool = False,
+                 fan_in_fan_out: bool = False, is_target_conv_1d_layer: bool = False, init_ia3_weights: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        if hasattr(base_layer, "in_features") and not fan_in_fan_out:
+            in_features, out_features = base_layer.in_features, base_layer.out_features
+        else:
+            rows, cols = base_layer.weight.shape
+            in_features, out_features = (rows, cols) if fan_in_fan_out else (cols, rows)
+        self._init_ia3_layer(base_layer, is_feedforward, in_features, out_features)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.is_target_conv_1d_layer = is_target_conv_1d_layer
+        self._active_adapters = [adapter_name]
+        self.update_layer(adapter_name, init_ia3_weights)
+
+    def _weight_factor(self, adapter_name: str) -> torch.Tensor:
+        # (out, 1) scales weight rows, (1, in) columns; a (in, out) Conv1D weight needs the transpose
+        vector = self.ia3_l[adapter_name].data
+        return vector.T if self.fan_in_fan_out else vector
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        scaling = self._scaling() if self._check_forward() else None
+        if scaling is None:
+            return self.base_layer(x, *args, **kwargs)
+        previous_dtype = x.dtype
+        scaling = scaling.flatten()
+        if self.is_feedforward:
+            return self.base_layer((x.to(scaling.dtype) * scaling).to(previous_dtype), *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        return (result * scaling).to(result.dtype)
+
+    def __repr__(self) -> str:
+        return "ia3." + super().__repr__()
+
+
+class Conv2d(nn.Module, IA3Layer):
+    """(IA)^3 over `nn.Conv2d`; the vector is (1, channels, 1, 1) as in HF PEFT."""
+
+    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, is_feedforward: bool = False,
+                 init_ia3_weights: bool = True, **kwargs: Any) -> None:
+        super().__init__()
+        self._init_ia3_layer(base_layer, is_feedforward, base_layer.in_channels, base_layer.out_channels)
+        self.fan_in_fan_out = False
+        self._active_adapters = [adapter_name]
+        self.update_layer(adapter_name, init_ia3_weights)
+
+    def _vector_shape(self) -> tuple[int, ...]:
+        return (1, self.in_features if self.is_feedforward else self.out_features, 1, 1)
+
+    def _weight_factor(self, adapter_name: str) -> torch.Tensor:
+        vector = self.ia3_l[adapter_name].data
+        if not self.is_feedforward:
+            return vector.transpose(0, 1)  # (out, 1, 1, 1): one factor per output channel
+        base = self.get_base_layer()
+        if base.groups == 1:
+            return vector
+        # grouped conv: weight is (out, in/groups, kh, kw); give each group's filters its own input channels
+        in_per_group, out_per_group = base.in_channels // base.groups, base.out_channels // base.groups
+        grouped = vector.reshape(base.groups, 1, in_per_group, 1, 1).expand(base.groups, out_per_group,
+                                                                            in_per_group, 1, 1)
+        return grouped.reshape(base.out_channels, in_per_group, 1, 1)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        scaling = self._scaling() if self._check_forward() else None
+        if scaling is None:
+            return self.base_layer(x, *args, **kwargs)
+        previous_dtype = x.dtype
+        if self.is_feedforward:
+            weight_dtype = self.get_base_layer().weight.dtype
+            result = self.base_layer((x.to(scaling.dtype) * scaling).to(weight_dtype), *args, **kwargs)
+        else:
+            result = self.base_layer(x, *args, **kwargs).to(scaling.dtype) * scaling
+        return result.to(previous_dtype)
+
+    def __repr__(self) -> str:
+        return "ia3." + super().__repr__()
+
+
+class Linear8bitLt(nn.Module, IA3Layer):
+    """(IA)^3 over a bitsandbytes `Linear8bitLt`; runs and trains, but cannot be merged into the int8 weight."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, is_feedforward: bool = False,
+                 init_ia3_weights: bool = True, **kwargs: Any) -> None:
+        super().__init__()
+        self._init_ia3_layer(base_layer, is_feedforward, base_layer.in_features, base_layer.out_features)
+        self.fan_in_fan_out = False
+        self._active_adapters = [adapter_name]
+        self.update_layer(adapter_name, init_ia3_weights)
+
+    def update_layer(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
+        vector = torch.ones(self._vector_shape()) if init_ia3_weights else torch.randn(self._vector_shape())
+        self.ia3_l[adapter_name] = nn.Parameter(vector.to(self.get_base_layer().weight.device))  # fp32 over int8
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _refuse(self) -> None:
+        raise ValueError(
+            "cannot merge an IA3 adapter into a bitsandbytes 8-bit layer (Linear8bitLt): its int8 weight cannot hold "
+            "the scaled values. Use the adapter unmerged, or load the base model in full precision and merge there"
+        )
+
+    def check_finite_delta(self, adapter_name: str) -> None:
+        self._refuse()
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        self._refuse()
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        scaling = None if self.disable_adapters else self._scaling()
+        if scaling is None:
+            return self.base_layer(x, *args, **kwargs)
+        scaling = scaling.flatten()
+        previous_dtype = x.dtype
+        if self.is_feedforward:
+            result = self.base_layer(x.to(scaling.dtype) * scaling, *args, **kwargs)
+        else:
+            result = self.base_layer(x, *args, **kwargs) * scaling
+        return result.to(previous_dtype)
+
+    def __repr__(self) -> str:
+        return "ia3." + super().__repr__()

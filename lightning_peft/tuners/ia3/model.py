@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from torch import nn
+
+from ..base import BaseTuner, describe_module_names
+from ..lora.layer import warn_fan_in_fan_out
+from .config import DEFAULT_FEEDFORWARD_MODULES, DEFAULT_TARGET_MODULES, IA3Config, check_feedforward_subset
+from .layer import Conv2d, IA3Layer, Linear, Linear8bitLt
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def _is_linear8bit(module: nn.Module) -> bool:
+    # by name, so bitsandbytes is imported only by users who already have 8-bit layers
+    return type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes")
+
+
+def is_feedforward_key(config: IA3Config, key: str) -> bool:
+    ff = config.feedforward_modules
+    if ff is None:
+        return False
+    if isinstance(ff, str):
+        return re.fullmatch(ff, key) is not None
+    return any(key == f or key.endswith("." + f) for f in ff)
+
+
+class IA3Model(BaseTuner):
+    """Injects (IA)^3 layers into `model` (see `IA3Config`)."""
+
+    prefix = "ia3_"
+    layer_cls = IA3Layer
+
+    def _prepare_adapter_config(self, config: IA3Config, model: nn.Module) -> IA3Config:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if config.target_modules is None and model_type in DEFAULT_TARGET_MODULES:
+            config.target_modules = set(DEFAULT_TARGET_MODULES[model_type])
+        if config.feedforward_modules is None:
+            if model_type in DEFAULT_FEEDFORWARD_MODULES and config.target_modules is not None \
+                    and not isinstance(config.target_modules, str) \
+                    and set(DEFAULT_FEEDFORWARD_MODULES[model_type]) <= set(config.target_modules):
+                config.feedforward_modules = set(DEFAULT_FEEDFORWARD_MODULES[model_type])
+            else:
+                config.feedforward_modules = set()  # no feedforward targets: every vector scales an output
+        check_feedforward_subset(config)
+        return super()._prepare_adapter_config(config, model)
+
+    def _check_new_adapter_config(self, config: IA3Config) -> None:
+        if not isinstance(config, IA3Config):
+            raise TypeError(f"IA3Model takes an IA3Config, got {type(config).__name__}")
+        if isinstance(config.feedforward_modules, str):
+            # a regex cannot be checked against target_modules statically: check it against the model
+            targets = set(self._matching_keys(config))
+            stray = [k for k, _ in self.model.named_modules()
+                     if k and is_feedforward_key(config, k) and k not in targets
+                     and not any(s in k for s in (".ia3_", ".base_layer", ".original_module", ".modules_to_save."))]
+            if stray:
+                raise ValueError(f"feedforward_modules={config.feedforward_modules!r} matches modules outside "
+                                 f"target_modules: {stray[:4]}; feedforward_modules must be a subset of target_modules")
+
+    def _is_supported_target(self, module: nn.Module) -> bool:
+        return isinstance(module, (IA3Layer, nn.Linear, nn.Conv2d)) or _is_conv1d(module) or _is_linear8bit(module)
+
+    def _create_and_replace(self, config: IA3Config, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str) -> None:
+        is_feedforward = is_feedforward_key(config, current_key)
+        if isinstance(target, IA3Layer):
+            if target.is_feedforward != is_feedforward:
+                raise ValueError(f"{current_key} is {'a' if target.is_feedforward else 'not a'} feedforward module "
+                                 "for an existing IA3 adapter; every adapter must agree on feedforward_modules")
+            target.update_layer(adapter_name, config.init_ia3_weights)
+            return
+        kwargs = dict(is_feedforward=is_feedforward, init_ia3_weights=config.init_ia3_weights)
+        if _is_linear8bit(target):
+            new_module: nn.Module = Linear8bitLt(target, adapter_name, **kwargs)
+        elif isinstance(target, nn.Conv2d):
+            new_module = Conv2d(target, adapter_name, **kwargs)
+        elif isinstance(target, nn.Linear):
+            if config.fan_in_fan_out:
+                warn_fan_in_fan_out(False, "torch.nn.Linear")
+                config.fan_in_fan_out = False
+            new_module = Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
+        elif _is_conv1d(target):
+            if not config.fan_in_fan_out:
+                warn_fan_in_fan_out(True, "transformers Conv1D")
+                config.fan_in_fan_out = True
+            new_module = Linear(target, adapter_name, fan_in_fan_out=True, is_target_conv_1d_layer=True, **kwargs)
+        else:
+            raise ValueError(f"cannot apply IA3 to {current_key} of type {type(target).__name__}; "
+                             f"supported: Linear, Conv1D, Conv2d, 8-bit Linear. {describe_module_names(self.model)}")
+        if adapter_name != self.active_adapter:
+            new_module.set_adapter(self.active_adapter)  # a new adapter stays inactive until set_adapter()
+        setattr(parent, target_name, new_module)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        # refuse before touching any layer, so a model with 8-bit layers is never left half merged
+        eight_bit = [n for n, m in self._tuner_layers() if isinstance(m, Linear8bitLt)]
+        if eight_bit:
+            raise ValueError(
+                f"cannot merge IA3 adapters into bitsandbytes 8-bit layers ({', '.join(eight_bit[:3])}): their int8 "
+                "weights cannot hold the scaled values. Use the adapter unmerged, call unload(), or load the base "
+                "model in full precision to merge"
+            )
+        super().merge_adapter(adapter_names, safe_merge=safe_merge)
+
+
+__all__ = ["IA3Model", "is_feedforward_key"]
