@@ -292,9 +292,6 @@ class BaseTuner(nn.Module):
             self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
         self._set_modules_to_save(config, adapter_name)
         self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
-        self._mark_only_adapters_as_trainable()
-        if config.inference_mode:
-            self._freeze_adapter(adapter_name)
 
     def _check_modules_to_save(self, config: Any) -> None:
         names = getattr(config, "modules_to_save", None) or []
@@ -342,21 +339,27 @@ class BaseTuner(nn.Module):
                 module.unmerge()
             module.set_adapter(adapter_name)
         self.active_adapter = adapter_name
-        if self.peft_config[adapter_name].inference_mode:
-            self._freeze_adapter(adapter_name)
-
-    def _freeze_adapter(self, adapter_name: str) -> None:
-        for n, p in self.model.named_parameters():
-            if f".{adapter_name}." in n or n.endswith(f".{adapter_name}"):
-                p.requires_grad_(False)
+        self._mark_only_adapters_as_trainable()
 
     def _mark_only_adapters_as_trainable(self) -> None:
-        """Freeze every base weight; the layers' `set_adapter` already made the active adapter trainable."""
+        """Freeze every base weight; the active adapter trains unless it was loaded for inference."""
         for n, p in self.model.named_parameters():
             if f".{self.prefix}" not in f".{n}" and ".modules_to_save." not in n:
                 p.requires_grad_(False)
         for _, module in self._tuner_layers():
             module.set_adapter(self.active_adapter)
+        self._mark_extra_trainable(self.peft_config[self.active_adapter])
+        for name, config in self.peft_config.items():
+            if config.inference_mode:
+                self._freeze_adapter(name)
+
+    def _mark_extra_trainable(self, config: Any) -> None:
+        """Tuner-specific extras that train with the adapter (e.g. LoRA's biases)."""
+
+    def _freeze_adapter(self, adapter_name: str) -> None:
+        for n, p in self.model.named_parameters():
+            if f".{adapter_name}." in n or n.endswith(f".{adapter_name}"):
+                p.requires_grad_(False)
 
     def _set_adapter_layers(self, enabled: bool) -> None:
         for _, module in self._tuner_layers():

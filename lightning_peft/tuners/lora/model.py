@@ -87,10 +87,9 @@ class LoraModel(BaseTuner):
             new_module.set_adapter(self.active_adapter)  # a new adapter stays inactive until set_adapter()
         setattr(parent, target_name, new_module)
 
-    def _mark_only_adapters_as_trainable(self) -> None:
-        super()._mark_only_adapters_as_trainable()
-        bias = self.peft_config[self.active_adapter].bias
-        if bias == "none":
+    def _mark_extra_trainable(self, config: LoraConfig) -> None:
+        bias = config.bias
+        if bias == "none" or config.inference_mode:
             return
         warnings.warn(f"bias={bias!r}: biases are trained, so disabling the adapter no longer gives the base model")
         if bias == "all":
@@ -155,7 +154,6 @@ class LoraModel(BaseTuner):
                                      target_modules=new_targets, rank_pattern={}, alpha_pattern={},
                                      init_lora_weights=False)
         self.add_adapter(adapter_name, config)
-        self._freeze_adapter(adapter_name)
         for module in self.model.modules():
             if not isinstance(module, LoraLayer) or adapter_name not in module.r:
                 continue

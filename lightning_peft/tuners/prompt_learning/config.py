@@ -1,0 +1,93 @@
+"""Fields shared by prompt tuning, P-tuning and prefix tuning, and filling them from the model's config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ...config import PeftConfig, TaskType
+
+SIZE_FIELDS = ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{name} must be a positive integer or None (filled from the model), got {value!r}")
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Sizes left `None` are read from the model's config when the adapter is created."""
+
+    num_virtual_tokens: Optional[int] = None
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+    modules_to_save: Optional[list[str]] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in SIZE_FIELDS:
+            _check_positive_int(name, getattr(self, name))
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ValueError("num_transformer_submodules must be 1 (decoder-only / encoder-only), 2 (encoder-decoder) "
+                             f"or None, got {self.num_transformer_submodules!r}")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+                raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save)
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True
+
+
+def _text_config(model: Any) -> Any:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return config
+
+
+def _first(config: Any, names: tuple[str, ...]) -> Optional[int]:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def fill_config_from_model(config: PromptLearningConfig, model: Any) -> PromptLearningConfig:
+    """Fill the `None` sizes from the model's config (HF PEFT's rules), or say which field to set."""
+    from ...config import PeftType
+
+    kind = type(config).__name__
+    if config.num_virtual_tokens is None:
+        raise ValueError(f"{kind}.num_virtual_tokens is None; set how many virtual tokens to learn (e.g. 20)")
+    model_config = _text_config(model)
+    where = f"the model's config ({type(model_config).__name__})" if model_config is not None else \
+        "the model (it has no .config)"
+    if config.num_transformer_submodules is None:
+        config.num_transformer_submodules = 2 if config.task_type == TaskType.SEQ_2_SEQ_LM else 1
+    lookups = {
+        "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+        "token_dim": ("hidden_size", "n_embd", "d_model"),
+        "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+    }
+    for field_name, names in lookups.items():
+        if getattr(config, field_name) is None:
+            value = _first(model_config, names) if model_config is not None else None
+            if value is None:
+                raise ValueError(f"{kind}.{field_name} is None and cannot be filled from {where}: it has none of "
+                                 f"{', '.join(names)}. Set {field_name} in the config")
+            setattr(config, field_name, value)
+    kv_heads = _first(model_config, ("num_key_value_heads",)) if model_config is not None else None
+    if config.peft_type == PeftType.PREFIX_TUNING and kv_heads is not None:
+        # grouped-query attention: the cache holds num_key_value_heads heads of head_dim each
+        head_dim = _first(model_config, ("head_dim",)) or config.token_dim // config.num_attention_heads
+        config.token_dim = head_dim * kv_heads
+        config.num_attention_heads = kv_heads
+    if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
+        config.encoder_hidden_size = config.token_dim
+    return config
