@@ -1,0 +1,94 @@
+"""The end-of-sweep report: `report.csv`, `report.md` and `report.png` (metric vs trainable
+parameters) in the sweep dir, built from each job's `metrics.json`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("lightning_peft.app")
+
+COLUMNS = ("job", "tuner", "overrides", "trainable_params", "metric_name", "metric", "wall_time_s",
+           "peak_memory_mb")
+
+
+def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per job dir (`<sweep>/<n>/metrics.json`), in job order; a job without metrics (it
+    failed) is listed with empty values so it is not silently dropped."""
+    rows = []
+    for job_dir in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()),
+                          key=lambda p: int(p.name)):
+        path = job_dir / "metrics.json"
+        m = json.loads(path.read_text()) if path.exists() else {}
+        rows.append({
+            "job": int(job_dir.name),
+            "tuner": m.get("tuner", ""),
+            "overrides": " ".join(m.get("overrides", [])),
+            "trainable_params": m.get("trainable_params", ""),
+            "metric_name": m.get("monitor", ""),
+            "metric": "" if m.get("metric") is None else round(float(m["metric"]), 4),
+            "wall_time_s": m.get("wall_time_s", ""),
+            "peak_memory_mb": m.get("peak_cuda_mb", m.get("peak_rss_mb", "")),
+        })
+    return rows
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI machines
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r["metric"] != "" and r["trainable_params"] not in ("", None)]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in points:
+        ax.scatter(r["trainable_params"], r["metric"])
+        ax.annotate(r["overrides"] or r["tuner"], (r["trainable_params"], r["metric"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    if points and min(r["trainable_params"] for r in points) > 0:
+        ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    names = sorted({r["metric_name"] for r in points})
+    ax.set_ylabel(", ".join(names) or "metric")
+    ax.set_title("metric vs trainable parameters")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(sweep_dir: str | Path) -> Optional[list[dict[str, Any]]]:
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        return None
+    rows = collect_rows(sweep_dir)
+    with open(sweep_dir / "report.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    (sweep_dir / "report.md").write_text(_markdown(rows))
+    _plot(rows, sweep_dir / "report.png")
+    return rows
+
+
+class SweepReport(Callback):
+    """Hydra callback (configs/train.yaml: hydra.callbacks.sweep_report)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = write_report(sweep_dir)
+        if rows is not None:
+            log.info("sweep report (%d jobs): %s\n%s", len(rows), sweep_dir / "report.md", _markdown(rows))

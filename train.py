@@ -1,0 +1,6 @@
+"""`python train.py [group=choice ...] [key=value ...]` -- see configs/train.yaml and docs/app.md."""
+
+from lightning_peft.app import main
+
+if __name__ == "__main__":
+    main()
