@@ -338,3 +338,19 @@ def test_nan_adapter_with_safe_merge_raises_and_leaves_the_base_untouched():
     for key, value in before.items():
         assert torch.equal(base.state_dict()[key], value), key
     assert sum(isinstance(m, LoraLayer) for m in base.modules()) == 8
+
+
+def test_layer_api_both_constructor_forms_and_delta_weight():
+    from lightning_peft.tuners.lora import Linear
+
+    legacy = Linear("default", 16, 32, 4, 8)  # HF PEFT 0.6: (adapter_name, in, out, r, lora_alpha)
+    assert legacy.base_layer.weight.shape == (32, 16) and legacy.r == {"default": 4} and legacy.scaling["default"] == 2
+    conv1d_like = Linear("default", 16, 32, r=4, fan_in_fan_out=True)
+    assert conv1d_like.base_layer.weight.shape == (16, 32)
+    wrapped = Linear(torch.nn.Linear(16, 32), "a", r=2, lora_alpha=6, init_lora_weights=False)
+    delta = wrapped.get_delta_weight("a")
+    assert delta.shape == (32, 16)
+    torch.testing.assert_close(delta, wrapped.lora_B["a"].weight @ wrapped.lora_A["a"].weight * 3.0)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(wrapped(x), x @ (wrapped.base_layer.weight + delta).T + wrapped.base_layer.bias,
+                               atol=1e-5, rtol=0)

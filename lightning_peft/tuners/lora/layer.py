@@ -127,12 +127,29 @@ class LoraLayer(BaseTunerLayer):
 
 
 class Linear(nn.Module, LoraLayer):
-    """LoRA over `nn.Linear` or transformers' `Conv1D` (`fan_in_fan_out=True`, weight stored (in, out))."""
+    """LoRA over `nn.Linear` or transformers' `Conv1D` (`fan_in_fan_out=True`, weight stored (in, out)).
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
-                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, is_target_conv_1d_layer: bool = False,
-                 init_lora_weights: bool | str = True, **kwargs: Any) -> None:
+    `Linear(base_layer, adapter_name, r, ...)` wraps an existing layer; the HF PEFT 0.6 form
+    `Linear(adapter_name, in_features, out_features, r, ...)` builds its own (randomly initialised) base.
+    """
+
+    def __init__(self, base_layer: nn.Module | str, adapter_name: str | int, *args: Any, r: int = 0,
+                 lora_alpha: float = 1, lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
+                 is_target_conv_1d_layer: bool = False, init_lora_weights: bool | str = True, **kwargs: Any) -> None:
         super().__init__()
+        legacy = isinstance(base_layer, str)  # (adapter_name, in_features, out_features, r, alpha, ...)
+        positional = dict(zip(("r", "lora_alpha", "lora_dropout", "fan_in_fan_out", "is_target_conv_1d_layer"),
+                              args[1:] if legacy else args))
+        r = positional.get("r", r)
+        lora_alpha = positional.get("lora_alpha", lora_alpha)
+        lora_dropout = positional.get("lora_dropout", lora_dropout)
+        fan_in_fan_out = positional.get("fan_in_fan_out", fan_in_fan_out)
+        is_target_conv_1d_layer = positional.get("is_target_conv_1d_layer", is_target_conv_1d_layer)
+        if legacy:
+            in_features, out_features = adapter_name, args[0]
+            adapter_name, base_layer = base_layer, nn.Linear(in_features, out_features)
+            if fan_in_fan_out:  # stored (in, out) like Conv1D
+                base_layer.weight = nn.Parameter(base_layer.weight.data.T.contiguous())
         weight = base_layer.weight
         in_features, out_features = (weight.shape if fan_in_fan_out else weight.shape[::-1])
         if hasattr(base_layer, "in_features") and not fan_in_fan_out:
