@@ -11,7 +11,7 @@ import copy
 import re
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -485,7 +485,3 @@ def strip_adapter_name(key: str, adapter_name: str) -> str:
         return key.removesuffix(f".{adapter_name}")
     head, _, last = key.rpartition(".")
     return f"{head.removesuffix(f'.{adapter_name}')}.{last}"
-
-
-def iter_tuner_layers(model: nn.Module) -> Iterable[BaseTunerLayer]:
-    return (m for m in model.modules() if isinstance(m, BaseTunerLayer))

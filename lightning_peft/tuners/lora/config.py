@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -31,7 +32,7 @@ def check_target_modules(config: PeftConfig) -> None:
         except re.error as err:
             raise ValueError(f"target_modules={targets!r} is not a valid regex ({err})") from None
         return
-    if not isinstance(targets, (list, tuple, set)) or not all(isinstance(t, str) and t for t in targets):
+    if not isinstance(targets, Iterable) or not all(isinstance(t, str) and t for t in targets):
         raise TypeError(f"target_modules must be a list of module names or a regex string, got {targets!r}")
     if len(targets) == 0:
         raise ValueError("target_modules is empty; name at least one module (e.g. ['q_proj', 'v_proj'])")
@@ -69,7 +70,8 @@ class LoraConfig(PeftConfig):
         validate_choice("init_lora_weights", self.init_lora_weights, (True, False, "gaussian"))
         check_target_modules(self)
         if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+            if isinstance(self.modules_to_save, str) or not isinstance(self.modules_to_save, Iterable) \
+                    or not all(isinstance(m, str) for m in self.modules_to_save):
                 raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
