@@ -1,0 +1,366 @@
+"""What the callback and the mixin share: one `AdapterState` per LightningModule.
+
+It injects the tuner into `module.<model_attr>` (through `get_peft_model`), and installs three
+torch hooks on the LightningModule so that every checkpoint path of Lightning (full saves,
+weights-only saves, `trainer.test(ckpt_path=...)`, `load_from_checkpoint`) sees adapter-only state:
+
+- a `state_dict` post-hook drops every frozen tensor of the model (the base), so a `.ckpt` holds
+  exactly the adapter's tensors (plus whatever lives outside `model_attr`);
+- a `load_state_dict` pre-hook checks, before anything is copied, that the incoming state holds
+  every adapter tensor with the right shape, and refuses it otherwise (never a half load); after a
+  merge it first puts the adapter back (see `restore_unmerged`);
+- a `load_state_dict` post-hook forgives the base weights that are "missing" from such a state, so
+  `strict_loading=True` keeps catching unexpected keys.
+
+Hooks rather than callback hooks because Lightning loads module weights before any callback's
+`on_load_checkpoint` and skips callbacks entirely for weights-only saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..config import PeftConfig
+from ..peft_model import PeftModel, get_peft_model
+
+STATE_ATTR = "_lightning_peft_state"
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+def resolve_peft_config(config: Any) -> PeftConfig:
+    """A tuner config object from a config object, a dict / DictConfig with `peft_type`, or one with `_target_`."""
+    if isinstance(config, PeftConfig):
+        return copy.deepcopy(config)
+    data = config
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(config, DictConfig):
+            data = OmegaConf.to_container(config, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra-core
+        pass
+    if not isinstance(data, dict):
+        raise TypeError(f"config must be a tuner config (e.g. LoraConfig(...)) or a dict / DictConfig with "
+                        f"'peft_type' or '_target_', got {type(config).__name__}")
+    if "_target_" in data:
+        from hydra.utils import instantiate
+
+        built = instantiate(data, _convert_="all")
+        if not isinstance(built, PeftConfig):
+            raise TypeError(f"_target_={data['_target_']!r} built a {type(built).__name__}, not a tuner config "
+                            "(e.g. lightning_peft.LoraConfig)")
+        return built
+    if "peft_type" not in data:
+        raise ValueError(f"the tuner config {data!r} has neither 'peft_type' (e.g. LORA) nor '_target_' "
+                         "(e.g. lightning_peft.LoraConfig); say which tuner it is for")
+    return PeftConfig.from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_directory(final: str) -> Iterator[str]:
+    """Yield a temporary folder beside `final`; on success it replaces `final` (rename), on error it is removed."""
+    final = os.path.abspath(final)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(final):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
+        os.replace(final, os.path.join(old, "x"))
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_merged_model(model: nn.Module, directory: str) -> None:
+    """`save_pretrained` for transformers models, else `model.safetensors` (a state dict) in `directory`."""
+    with atomic_directory(directory) as tmp:
+        if callable(getattr(model, "save_pretrained", None)):
+            model.save_pretrained(tmp)
+        else:
+            from safetensors.torch import save_model
+
+            save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------
+# attribute paths ("model" or "backbone.encoder")
+# ---------------------------------------------------------------------------------------------
+def _get_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_path(obj: Any, path: str, value: Any) -> None:
+    head, _, last = path.rpartition(".")
+    setattr(_get_path(obj, head) if head else obj, last, value)
+
+
+def _children_names(module: nn.Module) -> str:
+    names = [n for n, _ in module.named_children()]
+    return ", ".join(names) if names else "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# the state
+# ---------------------------------------------------------------------------------------------
+class AdapterState:
+    """The adapter of one LightningModule: config, where the model lives, and checkpoint rules."""
+
+    def __init__(self, config: PeftConfig, model_attr: str = "model", adapter_name: str = "default",
+                 owner: str = "callback") -> None:
+        if not isinstance(model_attr, str) or not model_attr or model_attr.startswith(".") or model_attr.endswith("."):
+            raise ValueError(f"model_attr must name the LightningModule attribute holding the model, got {model_attr!r}")
+        self.config = config
+        self.model_attr = model_attr
+        self.adapter_name = adapter_name
+        self.owner = owner
+        self.peft: Optional[PeftModel] = None
+        self.merged = False
+        self.adapter_keys: frozenset[str] = frozenset()  # LightningModule state-dict keys of the adapter
+        self.trainable_counts: Optional[tuple[int, int]] = None
+        self.logged = False
+        self._snapshot: Optional[dict[str, torch.Tensor]] = None  # what `restore_unmerged` needs after a merge
+        self._hooks: list[Any] = []
+
+    # ---- lookup -------------------------------------------------------------------------------
+    @property
+    def prefix(self) -> str:
+        return self.model_attr + "."
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return bool(self.config.is_prompt_learning)
+
+    @property
+    def injected(self) -> bool:
+        return self.peft is not None or self.merged
+
+    def find_model(self, module: nn.Module) -> Optional[nn.Module]:
+        """The model under `model_attr`, or None while it is not built yet (missing or None)."""
+        try:
+            model = _get_path(module, self.model_attr)
+        except AttributeError:
+            return None
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"{type(module).__name__}.{self.model_attr} is a {type(model).__name__}, not a "
+                            "torch.nn.Module; pass model_attr= the attribute that holds the model")
+        return model
+
+    def missing_model_error(self, module: nn.Module, who: str) -> AttributeError:
+        return AttributeError(
+            f"{who}(model_attr={self.model_attr!r}): {type(module).__name__} has no model in "
+            f"`self.{self.model_attr}` (its child modules are: {_children_names(module)}). Keep the model in "
+            f"`self.{self.model_attr}` or pass model_attr= the attribute that holds it; a model built in "
+            "configure_model() must exist once configure_model() returns."
+        )
+
+    # ---- injection ----------------------------------------------------------------------------
+    def inject(self, module: nn.Module, who: str = "PEFTCallback") -> bool:
+        """Wrap the model with the adapter (once). Returns True when it injected now."""
+        if self.injected:
+            return False
+        model = self.find_model(module)
+        if model is None:
+            raise self.missing_model_error(module, who)
+        if isinstance(model, PeftModel):
+            raise ValueError(f"{type(module).__name__}.{self.model_attr} is already a PeftModel; give {who} the "
+                             "plain model (it applies the tuner itself) or drop the tuner config")
+        peft = get_peft_model(model, self.config, self.adapter_name)
+        _set_path(module, self.model_attr, peft)
+        self._adopt(module, peft)
+        return True
+
+    def _adopt(self, module: nn.Module, peft: PeftModel) -> None:
+        self.peft = peft
+        self.merged = False
+        state = peft.state_dict(keep_vars=True)
+        trainable = {k for k, v in state.items() if v.requires_grad}
+        owners = {k.rpartition(".")[0] for k in trainable}
+        buffers = {n for n, _ in peft.named_buffers(remove_duplicate=False)}
+        adapter = trainable | {k for k in state if k in buffers and k.rpartition(".")[0] in owners}
+        self.adapter_keys = frozenset(self.prefix + k for k in adapter)
+        self.trainable_counts = peft.get_nb_trainable_parameters()
+        if not self._hooks:
+            self._hooks = [
+                module.register_state_dict_post_hook(functools.partial(_state_dict_post_hook, self)),
+                module.register_load_state_dict_pre_hook(functools.partial(_load_pre_hook, self)),
+                module.register_load_state_dict_post_hook(functools.partial(_load_post_hook, self)),
+            ]
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def describe_counts(self) -> tuple[int, int, float]:
+        trainable, total = self.trainable_counts or (0, 0)
+        return trainable, total, (100.0 * trainable / total if total else 0.0)
+
+    # ---- merge --------------------------------------------------------------------------------
+    def merge_and_unload(self, module: nn.Module) -> nn.Module:
+        """Merge the adapter into the base weights and put the plain model back under `model_attr`.
+
+        A CPU copy of the adapter and of the base tensors the merge overwrites is kept, so that a later
+        `trainer.test(ckpt_path=...)` / `fit` can put the adapter back exactly (`restore_unmerged`).
+        """
+        if self.merged:
+            return _get_path(module, self.model_attr)
+        peft = self.require_peft("merge")
+        if self.is_prompt_learning:
+            raise ValueError(f"{self.config.peft_type} is prompt learning: there are no weights to merge (the "
+                             "prompt is fed through the wrapped model's forward); keep the PeftModel")
+        snapshot = _merge_snapshot(peft)
+        merged = peft.merge_and_unload()
+        _set_path(module, self.model_attr, merged)
+        self.peft = None
+        self.merged = True
+        self._snapshot = snapshot
+        return merged
+
+    def restore_unmerged(self, module: nn.Module) -> PeftModel:
+        """Undo `merge_and_unload` exactly: re-inject the tuner, then put back the kept base tensors and adapter."""
+        if not self.merged:
+            return self.require_peft("restore")
+        model = _get_path(module, self.model_attr)
+        peft = get_peft_model(model, self.config, self.adapter_name)
+        snapshot = self._snapshot or {}
+        result = peft.load_state_dict(snapshot, strict=False)
+        if result.unexpected_keys:  # the model under model_attr was replaced since the merge
+            raise RuntimeError(f"cannot put the adapter back into {type(module).__name__}.{self.model_attr}: it no "
+                               f"longer has {result.unexpected_keys[:3]}; was the model replaced after the merge?")
+        _set_path(module, self.model_attr, peft)
+        self._snapshot = None
+        self._adopt(module, peft)
+        return peft
+
+    def require_peft(self, action: str) -> PeftModel:
+        if self.peft is None:
+            if self.merged:
+                raise ValueError(f"cannot {action}: the adapter was merged into the base model (merge_and_unload); "
+                                 "load a checkpoint or an adapter folder to get it back")
+            raise ValueError(f"cannot {action}: the tuner has not been applied yet (it is applied at setup / "
+                             "configure_model)")
+        return self.peft
+
+    # ---- files --------------------------------------------------------------------------------
+    def save_adapter(self, directory: str, is_main_process: bool = True) -> None:
+        """HF PEFT format (`adapter_config.json` + `adapter_model.safetensors`), written atomically."""
+        peft = self.require_peft("save the adapter")
+        if not is_main_process:
+            return
+        with atomic_directory(directory) as tmp:
+            peft.save_pretrained(tmp, selected_adapters=[self.adapter_name])
+
+
+def _merge_snapshot(peft: PeftModel) -> dict[str, torch.Tensor]:
+    """CPU copies (keyed as in `peft.state_dict()`) of the adapter and of every base tensor a merge overwrites."""
+    from ..tuners.base import BaseTunerLayer, ModulesToSaveWrapper
+
+    names = {id(m): n for n, m in peft.named_modules()}
+    touched_prefixes = []
+    for module in peft.modules():
+        if isinstance(module, BaseTunerLayer):
+            touched_prefixes.append(names[id(module.get_base_layer())] + ".")
+        elif isinstance(module, ModulesToSaveWrapper):
+            touched_prefixes.append(names[id(module.original_module)] + ".")
+    prefixes = tuple(touched_prefixes)
+    snapshot = {}
+    for key, value in peft.state_dict(keep_vars=True).items():
+        if value.requires_grad or key.startswith(prefixes):
+            snapshot[key] = value.detach().to("cpu", copy=True)
+    return snapshot
+
+
+# ---------------------------------------------------------------------------------------------
+# torch hooks on the LightningModule
+# ---------------------------------------------------------------------------------------------
+def _state_dict_post_hook(state: AdapterState, module: nn.Module, state_dict: dict, prefix: str,
+                          local_metadata: Any) -> None:
+    if state.peft is None:  # merged (the plain model is the state) or not injected yet
+        return
+    model_prefix = prefix + state.prefix
+    keep = {prefix + k for k in state.adapter_keys}
+    for key in [k for k in state_dict if k.startswith(model_prefix) and k not in keep]:
+        del state_dict[key]
+
+
+def _load_pre_hook(state: AdapterState, module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any,
+                   strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    if state.merged:
+        if not any(prefix + k in state_dict for k in state.adapter_keys):
+            return  # a plain (e.g. merged) state: load it as such
+        state.restore_unmerged(module)
+    if state.peft is None:
+        return
+    present = [k for k in state.adapter_keys if prefix + k in state_dict]
+    if not strict and not present:
+        return  # a non-strict load of other parts of the module
+    params = state.peft.state_dict(keep_vars=True)
+    missing = sorted(k for k in state.adapter_keys if prefix + k not in state_dict)
+    shapes = sorted(f"{k}: checkpoint {tuple(state_dict[prefix + k].shape)} vs model "
+                    f"{tuple(params[k[len(state.prefix):]].shape)}" for k in present
+                    if tuple(state_dict[prefix + k].shape) != tuple(params[k[len(state.prefix):]].shape))
+    if not missing and not shapes:
+        return
+    problems = []
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        problems.append(f"{len(missing)} of {len(state.adapter_keys)} adapter tensors are missing: "
+                        f"{', '.join(missing[:3])}{more}")
+    if shapes:
+        problems.append(f"shape mismatches: {'; '.join(shapes[:3])}")
+    raise ValueError(
+        f"refusing to load this state into {type(module).__name__}: it does not hold the adapter "
+        f"{state.adapter_name!r} ({state.config.peft_type}) of `self.{state.model_attr}` "
+        f"({'; '.join(problems)}). It was saved without the adapter or for a different tuner config / model; "
+        "nothing was loaded."
+    )
+
+
+def _load_post_hook(state: AdapterState, module: nn.Module, incompatible_keys: Any) -> None:
+    if state.peft is None:
+        return
+    missing = incompatible_keys.missing_keys
+    frozen = [k for k in missing if k.startswith(state.prefix) and k not in state.adapter_keys]
+    for key in frozen:
+        missing.remove(key)
+
+
+def get_state(module: nn.Module) -> Optional[AdapterState]:
+    return module.__dict__.get(STATE_ATTR)
+
+
+def attach_state(module: nn.Module, state: AdapterState) -> AdapterState:
+    module.__dict__[STATE_ATTR] = state
+    return state
+
+
+def allow_weights_only_resume(checkpoint: dict) -> bool:
+    """Let `trainer.fit(ckpt_path=<weights-only .ckpt>)` resume: adapter and loop position come back, the
+    optimizer and LR schedulers start fresh (Lightning would refuse a checkpoint without their states)."""
+    if "state_dict" not in checkpoint or "optimizer_states" in checkpoint:
+        return False
+    checkpoint["optimizer_states"] = []
+    checkpoint.setdefault("lr_schedulers", [])
+    return True

@@ -1,0 +1,153 @@
+"""`PEFTCallback`: apply a tuner to an ordinary LightningModule's `self.model`.
+
+Hooks, in the order Lightning calls them (Lightning 2.6):
+
+- `setup` (before the module's `configure_model`, checkpoint restore, `strategy.setup` and
+  `configure_optimizers`): inject the tuner, freeze the base, log trainable/total once. A model that
+  the module only builds in `configure_model` gets the tuner right after that hook returns.
+  After a merge (a previous `fit`), a new `fit` first puts the adapter back.
+- checkpoints: the LightningModule's own `state_dict` / `load_state_dict` carry the adapter-only
+  rules (torch hooks installed at injection, see `_state.py`), so full saves, weights-only saves and
+  `trainer.test(ckpt_path=...)` all see exactly the adapter.
+- `on_fit_start` (after `strategy.setup`, before optimizer states are restored): lets a weights-only
+  checkpoint resume a fit (fresh optimizer).
+- `on_fit_end` (after every `on_train_end`, so after `ModelCheckpoint` wrote `last.ckpt` with the
+  adapter): export the adapter, merge, export the merged model.
+
+Nothing runs per step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from ._state import AdapterState, allow_weights_only_resume, attach_state, get_state, resolve_peft_config, \
+    save_merged_model
+
+ADAPTER_SUBDIR = "adapter"
+MERGED_SUBDIR = "merged"
+
+
+def log_trainable_parameters(trainer: Optional["pl.Trainer"], state: AdapterState) -> None:
+    """Once per module: trainable / total parameters to the console and every logger of the trainer."""
+    if state.logged:
+        return
+    state.logged = True
+    trainable, total, percent = state.describe_counts()
+    rank_zero_info(f"lightning_peft: {state.config.peft_type} adapter {state.adapter_name!r} on "
+                   f"`{state.model_attr}`: trainable params {trainable:,d} of {total:,d} ({percent:.4f}%)")
+    if trainer is None:
+        return
+    metrics = {"peft/trainable_params": float(trainable), "peft/total_params": float(total),
+               "peft/trainable_percent": percent}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class PEFTCallback(pl.Callback):
+    """Apply a tuner (LoRA, IA3, prompt learning) to `pl_module.<model_attr>` for training.
+
+    Args:
+        config: a tuner config (`LoraConfig(...)`), or a dict / Hydra `DictConfig` holding `peft_type`
+            or `_target_`.
+        model_attr: the LightningModule attribute holding the model (dotted paths allowed).
+        adapter_name: the adapter's name inside the `PeftModel`.
+        merge_on_train_end: after `fit`, merge the adapter into the base (`pl_module.<model_attr>`
+            becomes the plain model) and export it to `export_dir/merged`. Prompt-learning tuners have
+            nothing to merge and stay wrapped.
+        export_dir: where `adapter/` (HF PEFT format) and `merged/` go after `fit`; default: the
+            trainer's log dir (`trainer.log_dir`, else `default_root_dir`).
+    """
+
+    def __init__(self, config: Any, model_attr: str = "model", adapter_name: str = "default",
+                 merge_on_train_end: bool = True, export_dir: Optional[str] = None) -> None:
+        super().__init__()
+        self.config = resolve_peft_config(config)
+        AdapterState(self.config, model_attr, adapter_name)  # validates model_attr / adapter_name early
+        self.model_attr = model_attr
+        self.adapter_name = adapter_name
+        self.merge_on_train_end = merge_on_train_end
+        self.export_dir = None if export_dir is None else os.fspath(export_dir)
+        self.adapter_dir: Optional[str] = None  # set by the export after fit
+        self.merged_dir: Optional[str] = None
+
+    # ---- setup --------------------------------------------------------------------------------
+    def _state(self, pl_module: "pl.LightningModule") -> AdapterState:
+        state = get_state(pl_module)
+        if state is None:
+            state = attach_state(pl_module, AdapterState(self.config, self.model_attr, self.adapter_name, owner="callback"))
+        elif state.owner != "callback":
+            raise ValueError(f"{type(pl_module).__name__} already applies a tuner itself (PEFTMixin with "
+                             "peft_config set); use either PEFTMixin.peft_config or PEFTCallback, not both")
+        return state
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        state = self._state(pl_module)
+        if not state.injected:
+            if state.find_model(pl_module) is None and _builds_model_later(pl_module):
+                self._inject_after_configure_model(trainer, pl_module, state)
+                return
+            state.inject(pl_module, who="PEFTCallback")
+            log_trainable_parameters(trainer, state)
+        elif state.merged and stage == "fit":
+            state.restore_unmerged(pl_module)  # train on: the adapter as it was before the merge
+
+    def _inject_after_configure_model(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                                      state: AdapterState) -> None:
+        if getattr(pl_module, "_lightning_peft_after_configure_model", False):
+            return  # a PEFTMixin module injects through its own configure_model wrapper
+        original = pl_module.configure_model
+
+        def configure_model_then_inject() -> None:
+            pl_module.__dict__.pop("configure_model", None)  # one-shot: the class method is back
+            original()
+            state.inject(pl_module, who="PEFTCallback")
+            log_trainable_parameters(trainer, state)
+
+        pl_module.__dict__["configure_model"] = configure_model_then_inject
+
+    # ---- resume from a weights-only checkpoint ------------------------------------------------
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Lightning keeps the loaded checkpoint here until the training state is restored, which
+        # happens right after this hook; a weights-only one would be refused for lacking optimizer states.
+        checkpoint = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
+        if checkpoint and allow_weights_only_resume(checkpoint):
+            rank_zero_warn("lightning_peft: resuming from a weights-only checkpoint: the adapter and the loop "
+                           "position are restored, the optimizer and LR schedulers start fresh")
+
+    # ---- end of fit ---------------------------------------------------------------------------
+    def resolve_export_dir(self, trainer: "pl.Trainer") -> str:
+        return self.export_dir or trainer.log_dir or trainer.default_root_dir
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        state = get_state(pl_module)
+        if state is None or state.peft is None:
+            return
+        if trainer.fast_dev_run:
+            rank_zero_info("lightning_peft: fast_dev_run: not exporting or merging the adapter")
+            return
+        export_dir = self.resolve_export_dir(trainer)
+        is_main = trainer.is_global_zero
+        self.adapter_dir = os.path.join(export_dir, ADAPTER_SUBDIR)
+        state.save_adapter(self.adapter_dir, is_main_process=is_main)
+        rank_zero_info(f"lightning_peft: adapter written to {self.adapter_dir}")
+        if self.merge_on_train_end:
+            if state.is_prompt_learning:
+                rank_zero_info(f"lightning_peft: {state.config.peft_type} has no weights to merge; "
+                               f"`{state.model_attr}` stays the wrapped model")
+            else:
+                merged = state.merge_and_unload(pl_module)
+                self.merged_dir = os.path.join(export_dir, MERGED_SUBDIR)
+                if is_main:
+                    save_merged_model(merged, self.merged_dir)
+                rank_zero_info(f"lightning_peft: adapter merged; merged model written to {self.merged_dir}")
+        trainer.strategy.barrier("lightning_peft.export")
+
+
+def _builds_model_later(pl_module: "pl.LightningModule") -> bool:
+    return is_overridden("configure_model", pl_module)
