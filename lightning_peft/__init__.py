@@ -17,6 +17,16 @@ from .peft_model import (
 from .serialization import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .tuners.ia3 import IA3Config, IA3Model
 from .tuners.lora import LoraConfig, LoraModel
+from .tuners.prompt_learning import (
+    PrefixEncoder,
+    PrefixTuningConfig,
+    PromptEmbedding,
+    PromptEncoder,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 
 __version__ = "0.1.0"
 
@@ -25,4 +35,6 @@ __all__ = [
     "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "get_peft_model", "get_peft_model_state_dict", "load_peft_weights",
     "set_peft_model_state_dict", "LoraConfig", "LoraModel", "IA3Config", "IA3Model",
+    "PromptTuningConfig", "PromptTuningInit", "PromptEmbedding", "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType", "PromptEncoder", "PrefixTuningConfig", "PrefixEncoder",
 ]

@@ -14,10 +14,11 @@ from torch import nn
 from .config import WEIGHTS_NAME, PeftConfig, TaskType
 from .serialization import atomic_save_file, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .tuners.base import check_adapter_name
+from .tuners.prompt_learning.mixin import PromptLearningMixin
 from .tuners.registry import get_model_class
 
 
-class PeftModel(nn.Module):
+class PeftModel(PromptLearningMixin, nn.Module):
     """A base model plus one or more named adapters of one tuner type.
 
     For LoRA / IA3 `base_model` is the tuner (whose `.model` is the user's model); for prompt
@@ -156,9 +157,11 @@ class PeftModel(nn.Module):
                 config.inference_mode = inference_mode
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False, **kwargs: Any) -> None:
+                     allow_pickle: bool = False, ignore_base_model_mismatch: bool = False, **kwargs: Any) -> None:
         """Add `adapter_name` from a folder written by `save_pretrained` (ours or HF PEFT's)."""
         config = PeftConfig.from_pretrained(model_id, **kwargs)
+        if not ignore_base_model_mismatch:
+            check_base_model(config, self.get_base_model(), model_id)
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, allow_pickle=allow_pickle)
         created = adapter_name not in self.peft_config
@@ -189,10 +192,13 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: Optional[PeftConfig] = None,
-                        allow_pickle: bool = False, **kwargs: Any) -> "PeftModel":
+                        allow_pickle: bool = False, ignore_base_model_mismatch: bool = False,
+                        **kwargs: Any) -> "PeftModel":
         """Wrap `model` with the adapter saved in `model_id`."""
         if config is None:
             config = PeftConfig.from_pretrained(model_id, **kwargs)
+        if not ignore_base_model_mismatch:
+            check_base_model(config, model, model_id)
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, allow_pickle=allow_pickle)
         wrapper_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
@@ -212,9 +218,24 @@ class PeftModel(nn.Module):
         if self._prompt_configs is None:
             self.base_model.unload()
 
-    # ---- prompt learning (implemented in tuners/prompt_learning) ----------------------------
-    def _init_prompt_learning(self) -> None:
-        raise NotImplementedError("prompt learning tuners are not available yet")
+    # ---- prompt learning: the hooks live in tuners/prompt_learning/mixin.py (PromptLearningMixin) ----
+
+
+def _model_name(name_or_path: Optional[str]) -> str:
+    return os.path.basename(os.path.normpath(name_or_path)).lower() if name_or_path else ""
+
+
+def check_base_model(config: PeftConfig, model: nn.Module, model_id: Any) -> None:
+    """Refuse an adapter recorded for another base model (names compared without their folders, so
+    the same model at another path or hub id passes); shapes alone cannot catch a same-sized model."""
+    saved = _model_name(config.base_model_name_or_path)
+    actual = _model_name(getattr(getattr(model, "config", None), "_name_or_path", None))
+    if saved and actual and saved != actual:
+        raise ValueError(
+            f"the adapter in {model_id} was trained on {config.base_model_name_or_path!r}, but this model is "
+            f"{model.config._name_or_path!r}; load the matching base model, or pass "
+            "ignore_base_model_mismatch=True if you know the adapter fits"
+        )
 
 
 class PeftModelForCausalLM(PeftModel):

@@ -27,7 +27,9 @@ def get_peft_model_state_dict(model: Any, state_dict: Optional[dict] = None, ada
     """
     config = model.peft_config[adapter_name]
     if config.is_prompt_learning:
-        return {"prompt_embeddings": model.get_prompt_embedding_to_save(adapter_name)}
+        out = {"prompt_embeddings": model.get_prompt_embedding_to_save(adapter_name)}
+        out.update(model.prompt_modules_to_save_state_dict(adapter_name))  # e.g. the classifier head
+        return out
     if state_dict is None:
         state_dict = model.state_dict()
     inner = {k[len("base_model."):]: v for k, v in state_dict.items() if k.startswith("base_model.")}

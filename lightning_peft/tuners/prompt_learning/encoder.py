@@ -1,0 +1,57 @@
+"""What the three prompt encoders share: output rows for saving, and loading HF PEFT's saved outputs."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+
+class PromptEncoderBase(nn.Module):
+    """An `embedding` over virtual-token ids, optionally reparameterised by extra layers (`_heads`).
+
+    HF PEFT saves only the encoder's output for the virtual tokens, so a loaded adapter is "direct":
+    its embedding holds the output and no reparameterisation runs.
+    """
+
+    _heads: tuple[str, ...] = ()
+    embedding: nn.Embedding
+
+    @property
+    def reparameterized(self) -> bool:
+        return any(hasattr(self, name) for name in self._heads)
+
+    def _num_rows(self) -> int:
+        return self.embedding.num_embeddings
+
+    def output_rows(self) -> torch.Tensor:
+        """The encoder's output for every virtual token, shape (rows, width): what HF PEFT saves."""
+        if not self.reparameterized:
+            return self.embedding.weight
+        was_training = self.training
+        self.eval()  # deterministic (no LSTM dropout) so the saved rows are what inference will use
+        try:
+            ids = torch.arange(self._num_rows(), device=self.embedding.weight.device)
+            return self(ids.unsqueeze(0))[0]
+        finally:
+            self.train(was_training)
+
+    def load_output_rows(self, rows: torch.Tensor) -> None:
+        """Load saved output rows; a reparameterised encoder becomes a direct embedding of them."""
+        if self.reparameterized:
+            warnings.warn(
+                f"{type(self).__name__}: the saved adapter holds the encoder's output only (HF PEFT's format), not "
+                "its reparameterisation layers; the virtual tokens continue as a plain embedding of that output"
+            )
+            for name in self._heads:
+                if hasattr(self, name):
+                    delattr(self, name)
+            weight = self.embedding.weight
+            self.embedding = nn.Embedding(rows.shape[0], rows.shape[1], device=weight.device, dtype=weight.dtype)
+            self.embedding.weight.requires_grad_(weight.requires_grad)
+        with torch.no_grad():
+            self.embedding.weight.copy_(rows.to(self.embedding.weight.dtype))
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.embedding(indices)
