@@ -1,0 +1,278 @@
+"""8-bit base models (bitsandbytes `Linear8bitLt`) under LoRA / IA3 / prompt learning.
+
+The base model's linear layers are quantized *before* the tuner is injected, so the adapter's own
+layers (LoRA's A / B, IA3 vectors, prompt encoders), the output head and the task heads stay in full
+precision. Lightning's `BitsandbytesPrecision` is not used: it is CUDA-only and converts every
+`nn.Linear`, the adapter's own included.
+
+    model = quantize_base_linears(model)             # Linear / Conv1D -> Linear8bitLt (int8 weight)
+    peft = get_peft_model(model, LoraConfig(...))    # LoRA A/B in fp32 over the 8-bit layers
+
+Merging (see docs/strategies.md):
+- `merge_and_unload()` / `merge_adapter()` on an 8-bit base dequantizes the int8 weight, adds the
+  LoRA delta and requantizes (row-wise absmax, as bitsandbytes does): memory stays 8-bit, but the
+  merged weight is rounded again, so outputs differ slightly from the unmerged model (one warning).
+- `dequantize_base_linears(peft_model)` first turns every 8-bit layer back into an `nn.Linear` in the
+  compute dtype; a merge after it is an exact floating-point add. This is how a merged model is
+  exported (`save_pretrained` of a plain model that loads without bitsandbytes).
+IA3 cannot be merged into 8-bit layers at all (its layer refuses); `check_int8_compatible` says so
+before training starts.
+
+Importing this module registers the LoRA 8-bit layer in `tuners.lora.model.LAYER_DISPATCHERS`;
+bitsandbytes itself is imported only when a model is quantized (or an 8-bit layer is wrapped).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .config import PeftType
+from .tuners.base import TASK_HEAD_NAMES, BaseTunerLayer, ModulesToSaveWrapper, get_submodule_parent
+from .tuners.lora import model as lora_model
+from .tuners.lora.layer import Linear as LoraLinear
+from .tuners.lora.layer import warn_fan_in_fan_out
+
+MIN_BITSANDBYTES = (0, 48)
+INSTALL_HINT = "pip install lightning_peft[int8]"
+DEFAULT_THRESHOLD = 6.0  # LLM.int8() outlier threshold (0 disables the mixed-precision decomposition)
+
+# tuners that run over Linear8bitLt layers (prompt learning never touches the base layers)
+INT8_TUNERS = frozenset({PeftType.LORA, PeftType.IA3, PeftType.PROMPT_TUNING, PeftType.P_TUNING,
+                         PeftType.PREFIX_TUNING})
+# tuners whose adapter can be merged into (or exported merged over) an 8-bit base
+INT8_MERGEABLE = frozenset({PeftType.LORA})
+
+
+# ---------------------------------------------------------------------------------------------
+# bitsandbytes
+# ---------------------------------------------------------------------------------------------
+def require_bitsandbytes() -> Any:
+    """The bitsandbytes module, or an ImportError that says which extra to install."""
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ImportError(
+            f"8-bit base models need bitsandbytes >= {'.'.join(map(str, MIN_BITSANDBYTES))}, which is not "
+            f"installed ({err}); install the extra: `{INSTALL_HINT}`"
+        ) from err
+    version = tuple(int(p) for p in bitsandbytes.__version__.split(".")[:2] if p.isdigit())
+    if version < MIN_BITSANDBYTES:
+        raise ImportError(
+            f"bitsandbytes {bitsandbytes.__version__} is too old for 8-bit training on CPU (needs >= "
+            f"{'.'.join(map(str, MIN_BITSANDBYTES))}); upgrade with `{INSTALL_HINT}`"
+        )
+    return bitsandbytes
+
+
+def is_linear8bit(module: nn.Module) -> bool:
+    """A bitsandbytes `Linear8bitLt`, checked by name so that bitsandbytes is not imported for it."""
+    return any(c.__name__ == "Linear8bitLt" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
+def dequantize_weight(layer: nn.Module) -> torch.Tensor:
+    """The fp32 weight (out, in) of a `Linear8bitLt` (int8 row-wise absmax: W = CB * SCB / 127)."""
+    weight = layer.weight
+    if weight.dtype != torch.int8:  # not quantized yet (still on the meta device or has_fp16_weights)
+        return weight.data.float()
+    scb = getattr(weight, "SCB", None)
+    if scb is None:
+        scb = getattr(layer.state, "SCB", None)
+    if scb is None:
+        raise ValueError("this Linear8bitLt has an int8 weight but no row statistics (SCB); it cannot be dequantized")
+    return weight.data.float() * (scb.float().unsqueeze(1) / 127.0)
+
+
+def quantize_weight(weight: torch.Tensor, device: Optional[torch.device] = None) -> nn.Parameter:
+    """An `Int8Params` holding `weight` (out, in) quantized by bitsandbytes' own code path."""
+    bnb = require_bitsandbytes()
+    device = torch.device(device) if device is not None else weight.device
+    param = bnb.nn.Int8Params(weight.detach().to("cpu", torch.float32), requires_grad=False, has_fp16_weights=False)
+    return param.to(device)  # moving an unquantized Int8Params quantizes it
+
+
+def _make_linear8bit(weight: torch.Tensor, bias: Optional[torch.Tensor], threshold: float) -> nn.Module:
+    bnb = require_bitsandbytes()
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
+                                threshold=threshold, device="meta")
+    layer.weight = quantize_weight(weight, device=weight.device)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+# ---------------------------------------------------------------------------------------------
+# quantizing / dequantizing a model
+# ---------------------------------------------------------------------------------------------
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def _name_matches(key: str, names: Iterable[str]) -> bool:
+    return any(key == n or key.endswith("." + n) for n in names)
+
+
+def quantize_base_linears(model: nn.Module, skip: Iterable[str] = (), threshold: float = DEFAULT_THRESHOLD,
+                          include_conv1d: bool = True) -> nn.Module:
+    """Replace the base model's `nn.Linear` (and transformers `Conv1D`, transposed) layers by
+    bitsandbytes `Linear8bitLt` with int8 weights, in place; returns `model`.
+
+    Never quantized: the output embeddings (`lm_head`), task heads (`classifier`, `score`,
+    `qa_outputs`), modules named in `skip` (pass the tuner's `modules_to_save`), anything inside
+    them, and the layers of an adapter. Quantize before injecting a tuner: a model that already
+    holds adapters is refused.
+    """
+    require_bitsandbytes()
+    if any(isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)) for m in model.modules()):
+        raise ValueError("quantize_base_linears: this model already holds adapters; quantize the base model first, "
+                         "then inject the tuner (so the adapter's own layers stay in full precision)")
+    skip_names = set(skip or ()) | set(TASK_HEAD_NAMES) | {"lm_head"}
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    skipped_prefixes = [name for name, module in model.named_modules()
+                        if name and (module is head or _name_matches(name, skip_names))]
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not name or any(name == p or name.startswith(p + ".") for p in skipped_prefixes):
+            continue
+        if type(module) is nn.Linear:  # exact type: subclasses (and 8-bit layers) keep their own behaviour
+            weight, bias = module.weight.data, module.bias.data if module.bias is not None else None
+        elif include_conv1d and _is_conv1d(module):
+            weight, bias = module.weight.data.T, module.bias.data if module.bias is not None else None
+        else:
+            continue
+        parent, _, child = get_submodule_parent(model, name)
+        setattr(parent, child, _make_linear8bit(weight, bias, threshold))
+        replaced += 1
+    if replaced == 0:
+        warnings.warn("quantize_base_linears: the model has no Linear / Conv1D layer to quantize (outside the "
+                      "output head and skipped modules); it stays in full precision")
+    model._lightning_peft_quantized = "int8"
+    return model
+
+
+def quantize_model(model: nn.Module, skip: Iterable[str] = (), **kwargs: Any) -> nn.Module:
+    """The app's entry (`quantize: int8`): `quantize_base_linears` with its defaults."""
+    return quantize_base_linears(model, skip=skip, **kwargs)
+
+
+def dequantize_base_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every `Linear8bitLt` (adapters' base layers included) by an `nn.Linear` holding the
+    dequantized weight in `dtype`, in place; returns `model`. Use it before `merge_and_unload()` to
+    export a merged model in the compute dtype (an exact add, no requantization)."""
+    for name, module in list(model.named_modules()):
+        if not name or not is_linear8bit(module):
+            continue
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=module.weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(dequantize_weight(module).to(dtype))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.detach().to(dtype))
+        linear.requires_grad_(False)
+        parent, _, child = get_submodule_parent(model, name)
+        setattr(parent, child, linear)
+    if getattr(model, "_lightning_peft_quantized", None):
+        model._lightning_peft_quantized = None
+    return model
+
+
+def int8_layers(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if is_linear8bit(module)]
+
+
+def check_int8_compatible(config: Any, merge: bool = False) -> None:
+    """Refuse, before training, a tuner that cannot run (or, with `merge`, be merged) over an 8-bit base."""
+    peft_type = getattr(config, "peft_type", None)
+    try:
+        peft_type = PeftType(str(peft_type).upper()) if peft_type is not None else None
+    except ValueError:
+        pass
+    if peft_type not in INT8_TUNERS:
+        supported = ", ".join(t.value for t in sorted(INT8_TUNERS, key=lambda t: t.value))
+        raise ValueError(f"the {peft_type} tuner cannot run over 8-bit (bitsandbytes) base layers; with quantize=int8 "
+                         f"use one of: {supported}, or drop quantize=int8")
+    if merge and not config.is_prompt_learning and peft_type not in INT8_MERGEABLE:
+        raise ValueError(f"{peft_type} adapters cannot be merged into 8-bit base layers (their int8 weights cannot "
+                         "hold the scaled values); with quantize=int8 set merge=false (merge_on_train_end=False) and "
+                         "export the adapter only, or use LoRA, or train on a full-precision base")
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA over Linear8bitLt
+# ---------------------------------------------------------------------------------------------
+class Linear8bitLt(LoraLinear):
+    """LoRA over a bitsandbytes `Linear8bitLt`: the int8 base runs as is, A and B train in fp32.
+
+    Merging dequantizes the base weight, adds the delta and requantizes (one warning about rounding);
+    `dequantize_base_linears` before merging gives an exact merge in the compute dtype instead.
+    """
+
+    _warned_rounding = False
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        kwargs.pop("is_target_conv_1d_layer", None)
+        kwargs["fan_in_fan_out"] = False
+        super().__init__(base_layer, adapter_name, **kwargs)
+
+    def _merged_weight(self, adapter_name: str) -> torch.Tensor:
+        return dequantize_weight(self.get_base_layer()) + self.get_delta_weight(adapter_name).float()
+
+    def _requantize(self, weight: torch.Tensor) -> None:
+        base = self.get_base_layer()
+        base.weight = quantize_weight(weight, device=base.weight.device)
+        if hasattr(base, "state"):  # bitsandbytes caches the weight's statistics in the layer state
+            base.state.CB, base.state.SCB = None, None
+        if not Linear8bitLt._warned_rounding:
+            Linear8bitLt._warned_rounding = True
+            warnings.warn("merging LoRA into 8-bit base layers dequantizes, adds and requantizes the weights: the "
+                          "merged model's outputs differ slightly from the unmerged one (int8 rounding). To export a "
+                          "merged model without rounding, call lightning_peft.quantization.dequantize_base_linears() "
+                          "on the model before merging")
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for name in self._adapters_to_merge(adapter_names):
+            merged = self._merged_weight(name)
+            if safe_merge and not torch.isfinite(merged).all():
+                self.check_finite_delta(name)
+            self._requantize(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self._requantize(dequantize_weight(self.get_base_layer()) - self.get_delta_weight(name).float())
+
+    def __repr__(self) -> str:
+        return "lora." + nn.Module.__repr__(self)
+
+
+def _dispatch_int8(target: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> Optional[nn.Module]:
+    if not is_linear8bit(target):
+        return None
+    if kwargs.get("fan_in_fan_out"):
+        warn_fan_in_fan_out(False, "bitsandbytes Linear8bitLt")
+        config.fan_in_fan_out = False
+    return Linear8bitLt(target, adapter_name, **kwargs)
+
+
+_dispatch_int8.accepts = is_linear8bit
+
+
+def register_lora_dispatcher() -> None:
+    """Put the 8-bit LoRA layer first in LoRA's dispatch list (idempotent; done at import)."""
+    if _dispatch_int8 not in lora_model.LAYER_DISPATCHERS:
+        lora_model.LAYER_DISPATCHERS.insert(0, _dispatch_int8)
+
+
+register_lora_dispatcher()
+
+
+__all__ = ["quantize_base_linears", "quantize_model", "dequantize_base_linears", "dequantize_weight",
+           "check_int8_compatible", "require_bitsandbytes", "is_linear8bit", "int8_layers", "Linear8bitLt",
+           "register_lora_dispatcher", "INSTALL_HINT"]
