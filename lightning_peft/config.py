@@ -156,10 +156,10 @@ class PeftConfig:
 
     @classmethod
     def _own_peft_type(cls) -> Optional[PeftType]:
-        for f in dataclasses.fields(cls):
-            if f.name == "peft_type" and isinstance(f.default, PeftType):
-                return f.default
-        return None
+        """The tuner this class configures (None for the base class)."""
+        from .tuners.registry import get_config_class, registered_peft_types
+
+        return next((t for t in registered_peft_types() if get_config_class(t) is cls), None)
 
 
 def get_config_class_name(peft_type: Any) -> str:
