@@ -1,0 +1,523 @@
+"""PEFTCallback / PEFTMixin with real Trainer runs on tiny models (GPT-2, T5, BERT classifier, a plain MLP)."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+import os
+import re
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from lightning_peft.lightning import PEFTCallback, PEFTMixin
+
+try:
+    from lightning_peft.tuners.prompt_learning import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+except ImportError:  # prompt learning not landed yet
+    PromptTuningConfig = PromptEncoderConfig = PrefixTuningConfig = None
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+VOCAB = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny models without dropout (exact resume needs no randomness in the forward)
+# ---------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def build(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                          eos_token_id=0, pad_token_id=0))
+    if kind == "t5":
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        return T5ForConditionalGeneration(T5Config(num_layers=2, num_decoder_layers=2, d_model=32, d_ff=64,
+                                                   num_heads=4, d_kv=8, vocab_size=VOCAB, dropout_rate=0.0,
+                                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    if kind == "bert":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        return BertForSequenceClassification(BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                                        num_attention_heads=4, vocab_size=VOCAB,
+                                                        max_position_embeddings=64, num_labels=3,
+                                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return MLP()
+
+
+def batches(kind: str, n: int = 8, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(1, VOCAB, (10,), generator=g)
+        if kind == "gpt2":
+            rows.append({"input_ids": ids, "labels": ids})
+        elif kind == "t5":
+            rows.append({"input_ids": ids, "labels": torch.randint(1, VOCAB, (5,), generator=g)})
+        elif kind == "bert":
+            rows.append({"input_ids": ids, "labels": torch.randint(0, 3, (), generator=g)})
+        else:
+            rows.append({"x": torch.randn(8, generator=g), "y": torch.randn(4, generator=g)})
+    return rows
+
+
+def loader(kind: str, seed: int = 1) -> DataLoader:
+    return DataLoader(batches(kind, seed=seed), batch_size=4)
+
+
+def config_for(tuner: str, kind: str):
+    task = {"gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM", "bert": "SEQ_CLS"}.get(kind)
+    if tuner == "lora":
+        targets = {"gpt2": ["c_attn"], "t5": ["q", "v"], "bert": ["query", "value"]}.get(kind, ["fc1", "fc2"])
+        return LoraConfig(task_type=task, r=4, lora_alpha=8, target_modules=targets,
+                          modules_to_save=["head"] if kind == "mlp" else None)
+    if tuner == "ia3":
+        if kind == "mlp":
+            return IA3Config(target_modules=["fc1", "fc2"], feedforward_modules=["fc2"])
+        return IA3Config(task_type=task)
+    if tuner == "prompt_tuning":
+        return PromptTuningConfig(task_type=task, num_virtual_tokens=4)
+    if tuner == "p_tuning":
+        return PromptEncoderConfig(task_type=task, num_virtual_tokens=4, encoder_hidden_size=16)
+    return PrefixTuningConfig(task_type=task, num_virtual_tokens=4)
+
+
+PROMPT_TUNERS = ("prompt_tuning", "p_tuning", "prefix_tuning")
+TUNERS = ("lora", "ia3") + (PROMPT_TUNERS if PromptTuningConfig is not None else ())
+
+
+def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "x" in batch:
+        return F.mse_loss(model(batch["x"]), batch["y"])
+    return model(**batch).loss
+
+
+class TaskModule(pl.LightningModule):
+    """An ordinary LightningModule: the model lives in `self.model` and knows nothing about PEFT."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.model = model
+        self.lr = lr
+        self.optimizer_saw: tuple[int, int] | None = None
+
+    def training_step(self, batch, batch_idx):
+        return forward_loss(self.model, batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", forward_loss(self.model, batch))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", forward_loss(self.model, batch))
+
+    def configure_optimizers(self):
+        params = list(self.parameters())
+        self.optimizer_saw = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+        return torch.optim.AdamW(params, lr=self.lr)  # all parameters: the frozen ones must stay untouched
+
+
+def trainable(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+class Probe(pl.Callback):
+    """Records what the merge at fit end would otherwise hide: adapter before/after, base integrity, outputs."""
+
+    def __init__(self, base: dict[str, nn.Parameter], probe_batch: dict[str, torch.Tensor]) -> None:
+        self.base = base
+        self.base_values = {n: p.detach().clone() for n, p in base.items()}
+        self.probe_batch = probe_batch
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = trainable(pl_module)
+        self.start_step = trainer.global_step
+        self.optimizer_state_at_start = {k: dict(v) for k, v in trainer.optimizers[0].state.items()}
+
+    def on_train_end(self, trainer, pl_module):
+        self.end = trainable(pl_module)
+        self.base_changed = [n for n, p in self.base.items() if not torch.equal(p, self.base_values[n])]
+        pl_module.eval()
+        with torch.no_grad():
+            self.reference = model_output(pl_module.model, self.probe_batch)
+        pl_module.train()
+
+
+def model_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        if "x" in batch:
+            return model(batch["x"])
+        return model(**batch).logits
+
+
+def make_trainer(tmp_path, callbacks, max_steps=4, **kwargs) -> pl.Trainer:
+    kwargs.setdefault("logger", False)
+    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, default_root_dir=str(tmp_path), accelerator="cpu",
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+
+
+def ckpt_state(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+CASES = [(k, t) for k in ("gpt2", "t5", "bert", "mlp") for t in TUNERS if not (k == "mlp" and t in PROMPT_TUNERS)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole life cycle, every model x every tuner
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,tuner", CASES)
+def test_fit_checkpoints_merge_and_test_best(kind, tuner, tmp_path):
+    model = build(kind)
+    original_class = type(model)
+    base = dict(model.named_parameters())
+    probe_batch = next(iter(DataLoader(batches(kind, seed=7), batch_size=4)))
+    probe = Probe(base, probe_batch)
+    module = TaskModule(model)
+    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss", mode="min", save_top_k=1)
+    weights = ModelCheckpoint(dirpath=tmp_path / "weights", save_weights_only=True, every_n_train_steps=4)
+    last = ModelCheckpoint(dirpath=tmp_path / "last", save_last=True, save_top_k=0, every_n_train_steps=1000)
+    callback = PEFTCallback(config_for(tuner, kind), export_dir=str(tmp_path / "export"))
+    trainer = make_trainer(tmp_path, [callback, probe, best, weights, last], val_check_interval=1,
+                           limit_val_batches=1)
+    trainer.fit(module, loader(kind), loader(kind, seed=2))
+    assert trainer.global_step == 4
+
+    # injected before configure_optimizers: the optimizer saw a frozen base
+    n_adapter = sum(t.numel() for t in probe.start.values())
+    assert module.optimizer_saw == (n_adapter, module.optimizer_saw[1]) and module.optimizer_saw[1] > 2 * n_adapter
+    # base bit-identical, every adapter tensor trained
+    assert probe.base_changed == []
+    assert sorted(n for n in probe.start if torch.equal(probe.start[n], probe.end[n])) == []
+
+    # checkpoints hold exactly the trainable tensors
+    adapter_keys = set(probe.start)
+    weights_ckpt = ckpt_state(weights.best_model_path or glob.glob(str(tmp_path / "weights" / "*.ckpt"))[0])
+    assert set(weights_ckpt["state_dict"]) == adapter_keys
+    assert "optimizer_states" not in weights_ckpt
+    full_ckpt = ckpt_state(best.best_model_path)
+    assert set(full_ckpt["state_dict"]) == adapter_keys and len(full_ckpt["optimizer_states"]) == 1
+    size = os.path.getsize(glob.glob(str(tmp_path / "weights" / "*.ckpt"))[0])
+    adapter_bytes = tensor_bytes(probe.start.values())
+    base_bytes = tensor_bytes(base.values())
+    assert adapter_bytes < size < adapter_bytes + 10_000 + 1000 * len(adapter_keys), (size, adapter_bytes)
+    assert kind == "mlp" or size < base_bytes / 2  # the MLP base is smaller than the pickle overhead
+
+    # last.ckpt is written by ModelCheckpoint.on_train_end, before the merge: the final adapter
+    last_ckpt = ckpt_state(last.last_model_path)
+    assert set(last_ckpt["state_dict"]) == adapter_keys
+    assert all(torch.equal(last_ckpt["state_dict"][k], probe.end[k]) for k in adapter_keys)
+
+    # exports: the adapter in HF PEFT format reproduces the trained model on a fresh base
+    adapter_dir = tmp_path / "export" / "adapter"
+    assert callback.adapter_dir == str(adapter_dir)
+    assert sorted(os.listdir(adapter_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
+    reloaded = PeftModel.from_pretrained(build(kind), str(adapter_dir))
+    torch.testing.assert_close(model_output(reloaded, probe_batch), probe.reference, rtol=0, atol=1e-5)
+    assert not [p for p in os.listdir(tmp_path / "export") if p.startswith(".")]  # no temporary folders left
+
+    if tuner in PROMPT_TUNERS:  # nothing to merge: the wrapped model stays, no merged export
+        assert isinstance(module.model, PeftModel)
+        assert not (tmp_path / "export" / "merged").exists()
+    else:
+        assert type(module.model) is original_class
+        assert not any("lora_" in n or "ia3_" in n or "modules_to_save" in n for n, _ in module.model.named_parameters())
+        torch.testing.assert_close(model_output(module.model, probe_batch), probe.reference, rtol=0, atol=1e-5)
+        merged_dir = tmp_path / "export" / "merged"
+        if kind == "mlp":
+            fresh = MLP()
+            fresh.load_state_dict(load_file(str(merged_dir / "model.safetensors")))
+        else:
+            fresh = original_class.from_pretrained(str(merged_dir))
+        torch.testing.assert_close(model_output(fresh, probe_batch), probe.reference, rtol=0, atol=1e-5)
+        # the merged module's own state dict is the plain model (nothing filtered any more)
+        assert set(module.state_dict()) == {"model." + k for k in fresh.state_dict()}
+
+    # trainer.test(ckpt_path="best") after the merge evaluates the best adapter on the untouched base
+    best_state = ckpt_state(best.best_model_path)["state_dict"]
+    result = trainer.test(module, loader(kind, seed=3), ckpt_path="best", verbose=False)
+    assert isinstance(module.model, PeftModel)
+    assert probe.base_changed == [] and all(torch.equal(p, probe.base_values[n]) for n, p in base.items()
+                                            if n in dict(module.model.get_base_model().named_parameters()))
+    now = {n: p for n, p in module.named_parameters() if n in adapter_keys}
+    assert set(now) == adapter_keys and all(torch.equal(now[k], best_state[k]) for k in adapter_keys)
+    expected_model = get_peft_model(build(kind), config_for(tuner, kind))
+    missing, unexpected = expected_model.load_state_dict({k[len("model."):]: v for k, v in best_state.items()},
+                                                         strict=False)
+    assert unexpected == []
+    expected_model.eval()
+    with torch.no_grad():
+        expected = torch.stack([forward_loss(expected_model, b) for b in loader(kind, seed=3)]).mean()
+    assert abs(result[0]["test_loss"] - expected.item()) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+# ---------------------------------------------------------------------------------------------
+RESUME_CASES = [("gpt2", t) for t in TUNERS] + [("mlp", "lora"), ("mlp", "ia3")]
+
+
+def _optimizer_tensors(trainer: pl.Trainer) -> list[torch.Tensor]:
+    out = []
+    for state in trainer.optimizers[0].state_dict()["state"].values():
+        out += [state["exp_avg"], state["exp_avg_sq"], torch.as_tensor(state["step"])]
+    return out
+
+
+@pytest.mark.parametrize("kind,tuner", RESUME_CASES)
+def test_resume_from_full_and_weights_only_checkpoints(kind, tuner, tmp_path):
+    cfg = config_for(tuner, kind)
+
+    def run(max_epochs, ckpt_path=None, extra=()):
+        module = TaskModule(build(kind))
+        probe = Probe(dict(module.model.named_parameters()), next(iter(loader(kind))))
+        trainer = make_trainer(tmp_path, [PEFTCallback(cfg, merge_on_train_end=False), probe, *extra],
+                               max_steps=-1, max_epochs=max_epochs)
+        trainer.fit(module, loader(kind), ckpt_path=ckpt_path)
+        return module, trainer, probe
+
+    straight, straight_trainer, _ = run(3)  # 2 batches per epoch: 6 steps
+    full = ModelCheckpoint(dirpath=tmp_path / "full", every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=-1)
+    weights = ModelCheckpoint(dirpath=tmp_path / "weights", every_n_epochs=1, save_on_train_epoch_end=True,
+                              save_top_k=-1, save_weights_only=True)
+    first, _, _ = run(2, extra=(full, weights))
+    full_path = str(tmp_path / "full" / "epoch=1-step=4.ckpt")
+    weights_path = str(tmp_path / "weights" / "epoch=1-step=4.ckpt")
+
+    resumed, resumed_trainer, probe = run(3, ckpt_path=full_path)
+    assert (probe.start_step, resumed_trainer.global_step) == (4, 6)
+    assert probe.base_changed == []
+    assert all(torch.equal(probe.start[k], v) for k, v in trainable(first).items())
+    expected = trainable(straight)
+    assert all(torch.equal(v, expected[k]) for k, v in trainable(resumed).items()) and len(expected) > 0
+    assert all(torch.equal(a, b) for a, b in zip(_optimizer_tensors(resumed_trainer),
+                                                 _optimizer_tensors(straight_trainer)))
+
+    with pytest.warns(UserWarning, match="resuming from a weights-only checkpoint"):
+        from_weights, weights_trainer, probe = run(3, ckpt_path=weights_path)
+    assert (probe.start_step, weights_trainer.global_step) == (4, 6)
+    assert probe.optimizer_state_at_start == {}  # fresh optimizer
+    assert all(torch.equal(probe.start[k], v) for k, v in trainable(first).items())
+    assert probe.base_changed == []
+    assert not all(torch.equal(v, expected[k]) for k, v in trainable(from_weights).items())  # fresh Adam moments
+
+    # a checkpoint missing one adapter tensor is refused before anything is loaded
+    bad = ckpt_state(full_path)
+    dropped = sorted(bad["state_dict"])[-1]
+    del bad["state_dict"][dropped]
+    torch.save(bad, tmp_path / "bad.ckpt")
+    n = len(expected)
+    with pytest.raises(ValueError, match=re.escape(f"1 of {n} adapter tensors are missing: {dropped}")):
+        run(3, ckpt_path=str(tmp_path / "bad.ckpt"))
+
+
+def test_bad_checkpoint_is_never_loaded_half(tmp_path):
+    module = TaskModule(build("gpt2"))
+    trainer = make_trainer(tmp_path, [PEFTCallback(config_for("lora", "gpt2"), merge_on_train_end=False)])
+    trainer.validate(module, loader("gpt2"), verbose=False)  # injects
+    before = trainable(module)
+    state = {k: torch.full_like(v, 0.5) for k, v in before.items()}
+    partial = dict(state)
+    removed = sorted(partial)[0]
+    del partial[removed]
+    with pytest.raises(ValueError) as err:
+        module.load_state_dict(partial)
+    assert str(err.value) == (
+        "refusing to load this state into TaskModule: it does not hold the adapter 'default' (LORA) of "
+        f"`self.model` (1 of 4 adapter tensors are missing: {removed}). It was saved without the adapter or for "
+        "a different tuner config / model; nothing was loaded.")
+    assert all(torch.equal(v, before[k]) for k, v in trainable(module).items())
+    wrong_rank = {k: (torch.zeros(2, v.shape[1]) if "lora_A" in k else v) for k, v in state.items()}
+    with pytest.raises(ValueError, match=r"shape mismatches: .*lora_A.default.weight: checkpoint \(2, 32\) vs model \(4, 32\)"):
+        module.load_state_dict(wrong_rank)
+    assert all(torch.equal(v, before[k]) for k, v in trainable(module).items())
+    module.load_state_dict(state)  # complete adapter: loads, strict, though the base is absent
+    assert all(torch.equal(v, state[k]) for k, v in trainable(module).items())
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # strict loading still catches strangers
+        module.load_state_dict({**state, "model.not_a_key": torch.zeros(1)})
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration, errors, logging
+# ---------------------------------------------------------------------------------------------
+def test_config_forms_are_equivalent():
+    expected = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"])
+    forms = [
+        expected,
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]},
+        OmegaConf.create({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]}),
+        OmegaConf.create({"_target_": "lightning_peft.LoraConfig", "r": 4, "lora_alpha": 8,
+                          "target_modules": ["c_attn"]}),
+    ]
+    for form in forms:
+        assert PEFTCallback(form).config == expected
+    with pytest.raises(ValueError, match="has neither 'peft_type'"):
+        PEFTCallback({"r": 4})
+    with pytest.raises(TypeError, match="built a dict, not a tuner config"):
+        PEFTCallback({"_target_": "builtins.dict", "r": 4})
+
+
+def test_model_attr_that_does_not_exist(tmp_path):
+    trainer = make_trainer(tmp_path, [PEFTCallback(config_for("lora", "gpt2"), model_attr="net")])
+    with pytest.raises(AttributeError) as err:
+        trainer.fit(TaskModule(build("gpt2")), loader("gpt2"))
+    assert str(err.value) == (
+        "PEFTCallback(model_attr='net'): TaskModule has no model in `self.net` (its child modules are: model). "
+        "Keep the model in `self.net` or pass model_attr= the attribute that holds it; a model built in "
+        "configure_model() must exist once configure_model() returns.")
+
+
+def test_trainable_counts_logged_once_to_loggers_and_console(tmp_path, caplog):
+    module = TaskModule(build("gpt2"))
+    logger = CSVLogger(str(tmp_path), name="logs", version=0)
+    trainer = make_trainer(tmp_path, [PEFTCallback(config_for("lora", "gpt2"), merge_on_train_end=False)],
+                           logger=logger, log_every_n_steps=1)
+    with caplog.at_level(logging.INFO):
+        trainer.validate(module, loader("gpt2"), verbose=False)
+        trainer.fit(module, loader("gpt2"))
+        trainer.test(module, loader("gpt2"), verbose=False)
+    lines = [r.getMessage() for r in caplog.records if "trainable params" in r.getMessage()]
+    trainable_n, total_n = module.model.get_nb_trainable_parameters()
+    assert trainable_n == 1024
+    assert lines == [f"lightning_peft: LORA adapter 'default' on `model`: trainable params 1,024 of {total_n:,d} "
+                     f"({100 * 1024 / total_n:.4f}%)"]
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("peft/trainable_params")]
+    assert len(rows) == 1
+    assert (float(rows[0]["peft/trainable_params"]), float(rows[0]["peft/total_params"])) == (1024.0, float(total_n))
+    # the default export dir is the trainer's log dir; merge_on_train_end=False keeps the PeftModel
+    assert os.path.isfile(tmp_path / "logs" / "version_0" / "adapter" / "adapter_model.safetensors")
+    assert not (tmp_path / "logs" / "version_0" / "merged").exists()
+    assert isinstance(module.model, PeftModel)
+
+
+# ---------------------------------------------------------------------------------------------
+# models built in configure_model, and the mixin
+# ---------------------------------------------------------------------------------------------
+class LazyMixinModule(PEFTMixin, TaskModule):
+    """The FSDP way: the model does not exist until configure_model."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(model=None)
+        self.kind = kind
+        self.peft_config = config_for("lora", kind)
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = build(self.kind)
+
+
+class LazyPlainModule(TaskModule):
+    def __init__(self, kind: str) -> None:
+        super().__init__(model=None)
+        self.kind = kind
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = build(self.kind)
+
+
+def test_mixin_with_model_built_in_configure_model(tmp_path):
+    module = LazyMixinModule("gpt2")
+    full = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
+    trainer = make_trainer(tmp_path, [full], max_steps=2)
+    trainer.fit(module, loader("gpt2"))
+    assert isinstance(module.model, PeftModel) and module.peft_model is module.model
+    keys = set(trainable(module))
+    assert module.optimizer_saw[0] == 1024 and len(keys) == 4
+    assert set(ckpt_state(full.best_model_path)["state_dict"]) == keys
+
+    # HF-format state, save / load round trip
+    hf_state = module.adapter_state_dict()
+    assert sorted(hf_state) == sorted(
+        f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{ab}.weight" for i in range(2) for ab in "AB")
+    module.save_adapter(str(tmp_path / "adapter"))
+    trained = trainable(module)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            if p.requires_grad:
+                p.zero_()
+    module.load_adapter(str(tmp_path / "adapter"))
+    assert all(torch.equal(v, trained[k]) for k, v in trainable(module).items())
+    assert set(trainable(module)) == keys  # still trainable
+
+    # load_from_checkpoint builds the model in configure_model, applies the tuner, loads the adapter
+    restored = LazyMixinModule.load_from_checkpoint(full.best_model_path, kind="gpt2")
+    assert all(torch.equal(v, trained[k]) for k, v in trainable(restored).items())
+
+    batch = next(iter(loader("gpt2")))
+    reference = model_output(module.model, batch)
+    merged = module.merge_and_unload()
+    assert type(merged).__name__ == "GPT2LMHeadModel" and module.model is merged and module.peft_model is None
+    torch.testing.assert_close(model_output(merged, batch), reference, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="the adapter was merged into the base model"):
+        module.adapter_state_dict()
+
+
+def test_callback_with_model_built_in_configure_model(tmp_path):
+    module = LazyPlainModule("bert")
+    weights = ModelCheckpoint(dirpath=tmp_path / "w", every_n_train_steps=2, save_weights_only=True)
+    trainer = make_trainer(tmp_path, [PEFTCallback(config_for("lora", "bert"), export_dir=str(tmp_path / "out")),
+                                      weights], max_steps=2)
+    trainer.fit(module, loader("bert"))
+    assert "configure_model" not in module.__dict__  # the one-shot wrapper removed itself
+    assert type(module.model).__name__ == "BertForSequenceClassification"  # merged at the end
+    keys = set(ckpt_state(weights.best_model_path)["state_dict"])
+    assert keys == {f"model.base_model.model.bert.encoder.layer.{i}.attention.self.{m}.lora_{ab}.default.weight"
+                    for i in range(2) for m in ("query", "value") for ab in "AB"} | {
+        "model.base_model.model.classifier.modules_to_save.default.weight",
+        "model.base_model.model.classifier.modules_to_save.default.bias"}
+    assert os.path.isfile(tmp_path / "out" / "merged" / "model.safetensors")
+
+
+def test_mixin_config_and_callback_together_is_an_error(tmp_path):
+    module = LazyMixinModule("gpt2")
+    trainer = make_trainer(tmp_path, [PEFTCallback(config_for("lora", "gpt2"))])
+    with pytest.raises(ValueError, match="use either PEFTMixin.peft_config or PEFTCallback, not both"):
+        module.configure_model()  # the mixin applies its own config ...
+        trainer.fit(module, loader("gpt2"))  # ... so the callback refuses
+
+
+# ---------------------------------------------------------------------------------------------
+# the README example runs
+# ---------------------------------------------------------------------------------------------
+def test_docs_example_runs(tmp_path, monkeypatch):
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "lightning.md"), encoding="utf-8").read()
+    code = re.findall(r"```python\n(.*?)```", doc, flags=re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, "docs/lightning.md", "exec"), {"__name__": "__main__"})
+    assert sorted(os.listdir(tmp_path / "lightning_logs" / "version_0" / "adapter")) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    assert os.path.isfile(tmp_path / "lightning_logs" / "version_0" / "merged" / "model.safetensors")
