@@ -373,6 +373,15 @@ class PromptLearningMixin:
                 return name, inputs[name]
         return "", None
 
+    @staticmethod
+    def _is_prefill(kwargs: dict, inputs: dict, cache: Any) -> bool:
+        """Whether this step must bring its own prompt/prefix: the first step, every step without caching (the
+        model may hand back a cache generate() then passes on, but the whole sequence is fed again), or an empty
+        cache."""
+        if kwargs.get("is_first_iteration") or inputs.get("use_cache", kwargs.get("use_cache")) is False:
+            return True
+        return cache is None or cache.get_seq_length() == 0
+
     def _prepare_causal_step(self, original: Any, input_ids: torch.Tensor, **kwargs: Any) -> dict:
         config = self.active_peft_config
         vt = config.num_virtual_tokens
@@ -384,7 +393,7 @@ class PromptLearningMixin:
                                  "masks) only; do not use a static or compiled cache")
             inputs["attention_mask"] = _prepend(mask, vt)
         name, cache = self._cache_in(inputs)
-        prefill = kwargs.get("is_first_iteration") or cache is None or cache.get_seq_length() == 0
+        prefill = self._is_prefill(kwargs, inputs, cache)
         if config.peft_type == PeftType.PREFIX_TUNING:
             if inputs.get("position_ids") is not None:
                 inputs["position_ids"] = inputs["position_ids"] + vt
@@ -407,7 +416,7 @@ class PromptLearningMixin:
         config = self.active_peft_config
         inputs = original(input_ids, **kwargs)
         name, cache = self._cache_in(inputs)
-        prefill = kwargs.get("is_first_iteration") or cache is None or cache.get_seq_length() == 0
+        prefill = self._is_prefill(kwargs, inputs, cache)
         if inputs.get("decoder_attention_mask") is not None:
             inputs["decoder_attention_mask"] = _prepend(inputs["decoder_attention_mask"], config.num_virtual_tokens)
         if prefill:
