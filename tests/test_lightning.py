@@ -308,7 +308,7 @@ def test_resume_from_full_and_weights_only_checkpoints(kind, tuner, tmp_path):
 
     straight, straight_trainer, _ = run(3)  # 2 batches per epoch: 6 steps
     full = ModelCheckpoint(dirpath=tmp_path / "full", every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=-1)
-    weights = ModelCheckpoint(dirpath=tmp_path / "weights", every_n_epochs=1, save_on_train_epoch_end=True,
+    weights = ModelCheckpoint(dirpath=tmp_path / "weights", every_n_epochs=2, save_on_train_epoch_end=True,
                               save_top_k=-1, save_weights_only=True)
     first, _, _ = run(2, extra=(full, weights))
     full_path = str(tmp_path / "full" / "epoch=1-step=4.ckpt")
