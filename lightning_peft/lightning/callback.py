@@ -132,6 +132,13 @@ class PEFTCallback(pl.Callback):
             rank_zero_info("lightning_peft: fast_dev_run: not exporting or merging the adapter")
             return
         export_dir = self.resolve_export_dir(trainer)
+        from .strategies import export_sharded, is_sharded
+
+        if is_sharded(pl_module):  # FSDP2: gather full tensors on every rank, rank 0 writes (strategies.py)
+            self.adapter_dir, self.merged_dir = export_sharded(trainer, pl_module, state, export_dir,
+                                                               merge=self.merge_on_train_end)
+            rank_zero_info(f"lightning_peft: adapter gathered from shards and written to {self.adapter_dir}")
+            return
         is_main = trainer.is_global_zero
         self.adapter_dir = os.path.join(export_dir, ADAPTER_SUBDIR)
         state.save_adapter(self.adapter_dir, is_main_process=is_main)

@@ -1,0 +1,130 @@
+"""Driven by tests/test_strategies.py: train a tiny GPT-2 with adapters on 2 CPU processes.
+
+    python tests/strategies_worker.py --strategy ddp|fsdp --out DIR [--tuners lora,ia3,prompt_tuning]
+
+Lightning's launcher re-runs this script for rank 1, so everything below runs on both ranks. For each
+tuner it runs three fits: `full` (4 steps), `part` (2 steps, checkpoint) and `resume` (from `part`'s
+last.ckpt up to step 4). Each rank writes, under DIR/<tuner>/<phase>/:
+  rank<r>.pt   - the adapter tensors as gathered on that rank, logits of the trained model on a fixed
+                 input, parameter counts (our count with DTensors at global size, and the callback's)
+and PEFTCallback exports adapter/ (and merged/) there on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+STEPS = 4
+SAMPLES = 4  # batch 2 on 2 ranks: one step per epoch, each rank always sees its own batch
+
+
+def build_model(seed: int = 0) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=64, bos_token_id=0,
+                        eos_token_id=0, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tuner_config(name: str):
+    from lightning_peft import IA3Config, LoraConfig, PromptTuningConfig
+
+    if name == "lora":  # modules_to_save: a trainable copy beside a frozen, unused original
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], modules_to_save=["ln_f"], fan_in_fan_out=True,
+                          task_type="CAUSAL_LM")
+    if name == "ia3":
+        return IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"], task_type="CAUSAL_LM")
+    if name == "prompt_tuning":
+        return PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    raise ValueError(name)
+
+
+def probe_ids() -> torch.Tensor:
+    return torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(7))
+
+
+def run(strategy_name: str, tuner: str, phase: str, out: Path) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_peft.lightning import PEFTCallback
+    from lightning_peft.lightning._state import get_state
+    from lightning_peft.lightning.strategies import full_tensors, make_strategy, parameter_counts
+    from lightning_peft.serialization import get_peft_model_state_dict
+
+    phase_dir = out / tuner / phase
+
+    class LitLM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = build_model()
+
+        def training_step(self, batch, batch_idx):
+            ids = batch[0]
+            return self.model(input_ids=ids, labels=ids).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    class Probe(pl.Callback):
+        """Before PEFTCallback's export / merge (on_fit_end): what each rank holds."""
+
+        def on_train_end(self, trainer, pl_module):
+            state = get_state(pl_module)
+            counts = parameter_counts(pl_module)
+            pl_module.eval()
+            with torch.no_grad():
+                logits = pl_module.model(input_ids=probe_ids()).logits.float().cpu()
+            with full_tensors(pl_module):
+                adapter = {k: v.detach().cpu().clone() for k, v in
+                           get_peft_model_state_dict(state.peft, adapter_name=state.adapter_name).items()}
+            torch.save({"adapter": adapter, "logits": logits, "counts": counts,
+                        "callback_counts": tuple(state.trainable_counts), "world_size": trainer.world_size,
+                        "global_step": trainer.global_step},
+                       phase_dir / f"rank{trainer.global_rank}.pt")
+
+    pl.seed_everything(0, verbose=False)
+    module = LitLM()
+    ids = torch.randint(1, 64, (SAMPLES, 12), generator=torch.Generator().manual_seed(3))
+    # one batch per rank and epoch: a resume (Lightning restarts the unfinished epoch of a plain DataLoader)
+    # feeds the same batches as the uninterrupted run, so both must end with the same adapter
+    loader = DataLoader(TensorDataset(ids), batch_size=2, shuffle=False)
+    checkpoint = ModelCheckpoint(dirpath=phase_dir / "ckpt", save_last=True, save_top_k=0)
+    trainer = pl.Trainer(
+        strategy=make_strategy(strategy_name, accelerator="cpu", **({} if strategy_name == "single" else
+                                                                  {"process_group_backend": "gloo"})),
+        accelerator="cpu", devices=1 if strategy_name == "single" else 2, max_steps=2 if phase == "part" else STEPS, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[PEFTCallback(tuner_config(tuner), export_dir=str(phase_dir)), Probe(), checkpoint],
+    )
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out / tuner / "part" / "ckpt" / "last.ckpt" if phase == "resume" else None
+    trainer.fit(module, loader, ckpt_path=ckpt)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tuners", default="lora,ia3,prompt_tuning")
+    parser.add_argument("--phases", default="full,part,resume")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    for tuner in args.tuners.split(","):
+        for phase in args.phases.split(","):
+            run(args.strategy, tuner, phase, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
