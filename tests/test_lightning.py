@@ -521,3 +521,44 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path / "lightning_logs" / "version_0" / "adapter")) == [
         "adapter_config.json", "adapter_model.safetensors"]
     assert os.path.isfile(tmp_path / "lightning_logs" / "version_0" / "merged" / "model.safetensors")
+
+
+def test_validate_best_and_fit_again_after_the_merge(tmp_path):
+    model = build("gpt2")
+    base = dict(model.named_parameters())
+    probe = Probe(base, next(iter(loader("gpt2"))))
+    module = TaskModule(model)
+    callback = PEFTCallback(config_for("lora", "gpt2"), export_dir=str(tmp_path / "export"))
+    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss", save_top_k=1)
+    trainer = make_trainer(tmp_path, [callback, probe, best], val_check_interval=1, limit_val_batches=1)
+    trainer.fit(module, loader("gpt2"), loader("gpt2", seed=2))
+    assert type(module.model).__name__ == "GPT2LMHeadModel"
+    merged_out = trainer.validate(module, loader("gpt2", seed=2), verbose=False)[0]["val_loss"]  # the merged model
+    best_state = ckpt_state(best.best_model_path)["state_dict"]
+    best_out = trainer.validate(module, loader("gpt2", seed=2), ckpt_path="best", verbose=False)[0]["val_loss"]
+    assert isinstance(module.model, PeftModel)
+    assert all(torch.equal(p, best_state[n]) for n, p in trainable(module).items())
+    assert best_out == pytest.approx(best.best_model_score.item(), abs=1e-6)
+    assert merged_out == pytest.approx(final_adapter_loss(callback.adapter_dir), abs=1e-5)
+
+    # a second fit after a merge trains on from the final adapter over the untouched base
+    module2 = TaskModule(build("gpt2"))
+    probe2 = Probe(dict(module2.model.named_parameters()), probe.probe_batch)  # the untouched base values
+    trainer2 = make_trainer(tmp_path, [callback], max_steps=1)
+    trainer2.fit(module2, loader("gpt2"))  # module2 merged at its end
+    assert [n for n, p in probe2.base.items() if not torch.equal(p, probe2.base_values[n])] != []  # merged
+    first_adapter = load_file(os.path.join(callback.adapter_dir, "adapter_model.safetensors"))
+    trainer3 = make_trainer(tmp_path, [callback, probe2], max_steps=3, logger=False)
+    trainer3.fit(module2, loader("gpt2"))
+    assert probe2.base_changed == [] and len(probe2.start) == 4 and probe2.start_step == 0
+    assert sorted(torch.equal(v, first_adapter[k.replace("model.", "", 1).replace(".default", "")])
+                  for k, v in probe2.start.items()) == [True] * 4  # it went on from the final adapter
+    assert type(module2.model).__name__ == "GPT2LMHeadModel"
+
+
+def final_adapter_loss(adapter_dir: str) -> float:
+    """Validation loss of the final (pre-merge) adapter, recomputed from its HF PEFT export on a fresh base."""
+    peft = PeftModel.from_pretrained(build("gpt2"), adapter_dir)
+    peft.eval()
+    with torch.no_grad():
+        return forward_loss(peft, next(iter(loader("gpt2", seed=2)))).item()  # limit_val_batches=1
