@@ -22,6 +22,114 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
     return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+# ---------------------------------------------------------------------------------------------
+# the fused Linear path
+# ---------------------------------------------------------------------------------------------
+# Over a frozen nn.Linear / Conv1D with one active adapter, `base(x) + B(A(dropout(x))) * scaling`
+# runs as one autograd node (`_LoraLinearFunction`) instead of the seven that the op-for-op
+# composition records (dropout's mask generation, scaling and division, two matmuls, a scaling
+# multiply, an add, then the autograd sum of the two input gradients). Same math, fewer passes over
+# the (tokens x features) activations:
+#   forward:  y = x W^T + b;  y += s * (((x * m) A^T) / (1-p)) B^T   (addmm_ into y, in place)
+#   backward: dx = g W + ((s / (1-p)) (g B) A) * m;  dA, dB from the small (tokens x r) factors
+# m is the same Bernoulli(1-p) mask nn.Dropout draws (the same generator call, so the same mask for
+# the same seed), kept as bool; the 1/(1-p) and the scaling act on the r-wide factors, never on a
+# full activation (a rounding-level reordering of the same products). With p == 0 there is no mask
+# and no copy of x, and the output is bit-identical to the op-for-op path.
+
+_nn_module_globals = torch.nn.modules.module
+_CONV1D: Optional[type] = None
+
+
+def _conv1d_class() -> Optional[type]:
+    global _CONV1D
+    if _CONV1D is None:
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError:  # transformers absent: nothing is a Conv1D
+            Conv1D = type("NoConv1D", (), {})
+        _CONV1D = Conv1D
+    return _CONV1D
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    g = _nn_module_globals
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks)
+
+
+def _exact_scale(scaling: float) -> bool:
+    """Multiplying by `scaling` commutes with float rounding: 1 or another power of two."""
+    return scaling > 0 and math.frexp(scaling)[0] == 0.5
+
+
+def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, scaling: float, p: float, fan_in_fan_out: bool) -> tuple:
+    """The fused forward: (output, x after the dropout mask (2-D), the mask or None, A's output scaled by
+    1/(1-p)).
+
+    Without dropout the output equals the general path's `base(x) + (x A^T B^T) * s` bit for bit: the
+    update goes into the base result with `addmm_` (which adds the finished product once, like `+`),
+    and the scaling rides on the r-wide factor when it is a power of two (exact), else on the product.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    w_t = weight if fan_in_fan_out else weight.t()  # (in, out)
+    out = torch.mm(x2, w_t) if bias is None else torch.addmm(bias, x2, w_t)
+    if p > 0.0:
+        mask = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
+        x_lora = x2 * mask
+        after_A = torch.mm(x_lora, lora_A.t()).mul_(1.0 / (1.0 - p))  # (tokens, r)
+    else:
+        mask, x_lora = None, x2
+        after_A = torch.mm(x2, lora_A.t())
+    if after_A.shape[1] > 1 and _exact_scale(scaling):
+        out.addmm_(after_A if scaling == 1.0 else after_A * scaling, lora_B.t())
+    else:
+        update = torch.mm(after_A, lora_B.t())
+        out.add_(update.mul_(scaling) if scaling != 1.0 else update)
+    return out.view(*x.shape[:-1], out.shape[-1]), x_lora, mask, after_A
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """y = x W_base^T + b + s * B(A(dropout_p(x))) over a frozen base weight (see above)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scaling: float, p: float, fan_in_fan_out: bool) -> torch.Tensor:
+        out, x_lora, mask, after_A = _lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, fan_in_fan_out)
+        ctx.save_for_backward(x_lora, mask, after_A, weight, lora_A, lora_B)
+        ctx.scaling, ctx.keep, ctx.fan_in_fan_out, ctx.x_shape = scaling, 1.0 - p, fan_in_fan_out, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        x_lora, mask, after_A, weight, lora_A, lora_B = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+        # d loss / d (A's input after the mask), through B, the scaling and the 1/(1-p): (tokens, r)
+        grad_after_A = torch.mm(g, lora_B).mul_(ctx.scaling / ctx.keep)
+        grad_x = grad_bias = grad_A = grad_B = None
+        if need_x:
+            grad_x = torch.mm(g, weight.t() if ctx.fan_in_fan_out else weight)
+            if mask is None:
+                grad_x.addmm_(grad_after_A, lora_A)
+            else:
+                grad_x.addcmul_(torch.mm(grad_after_A, lora_A), mask)
+            grad_x = grad_x.view(ctx.x_shape)
+        if need_bias:
+            grad_bias = g.sum(0)
+        if need_A:
+            grad_A = torch.mm(grad_after_A.t(), x_lora)
+        if need_B:
+            grad_B = torch.mm(g.t(), after_A).mul_(ctx.scaling)
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
+
+
 class LoraLayer(BaseTunerLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
@@ -104,7 +212,11 @@ class LoraLayer(BaseTunerLayer):
             weight.data -= self.get_delta_weight(name).to(weight.dtype)
 
     def _forward_with_adapter_modules(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Shared by Linear and Conv2d, whose A and B are modules applied to the input."""
+        """Shared by Linear and Conv2d, whose A and B are modules applied to the input.
+
+        The general path, written op for op as `base(x) + B(A(dropout(x))) * scaling`: any base layer
+        (8-bit, hooked, extra arguments), several active adapters, autocast, torch.compile.
+        """
         if not self._check_forward():
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
@@ -113,9 +225,12 @@ class LoraLayer(BaseTunerLayer):
             if name not in self.lora_A:
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            x_lora = x.to(lora_A.weight.dtype)
-            result = result + lora_B(lora_A(self.lora_dropout[name](x_lora))) * self.scaling[name]
-        return result.to(result_dtype)
+            dropout = self.lora_dropout[name]
+            x_lora = x if x.dtype == lora_A.weight.dtype else x.to(lora_A.weight.dtype)
+            if not isinstance(dropout, nn.Identity):  # p == 0 keeps nn.Identity: no call, no copy
+                x_lora = dropout(x_lora)
+            result = result + lora_B(lora_A(x_lora)) * self.scaling[name]
+        return result if result.dtype == result_dtype else result.to(result_dtype)
 
     def _check_forward(self) -> bool:
         """True when the adapters take part in this forward (not disabled, not merged)."""
@@ -165,7 +280,51 @@ class Linear(nn.Module, LoraLayer):
         return transpose(delta, self.fan_in_fan_out) * self.scaling[adapter_name]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not args and not kwargs and not torch.compiler.is_compiling():
+            fused = self._fused_inputs(x)
+            if fused is not None:
+                return self._fused_forward(x, *fused)
         return self._forward_with_adapter_modules(x, *args, **kwargs)
+
+    def _fused_inputs(self, x: torch.Tensor) -> Optional[tuple]:
+        """(base, A, B, scaling, p) when the fused path computes exactly what the general one would:
+        one active adapter, unmerged, over a plain frozen nn.Linear / Conv1D of x's dtype, no hooks
+        or autocast that the general path would honour."""
+        if self.disable_adapters or self.merged_adapters or len(self._active_adapters) != 1:
+            return None
+        name = self._active_adapters[0]
+        if name not in self.lora_A:
+            return None
+        base, lora_A, lora_B, dropout = self.base_layer, self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        base_type = type(base)
+        if base_type is not nn.Linear and base_type is not _conv1d_class():
+            return None
+        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
+            return None
+        weight = base.weight
+        if weight.requires_grad or weight.dtype != x.dtype or lora_A.weight.dtype != x.dtype:
+            return None
+        if type(dropout) is nn.Identity:
+            p = 0.0
+        elif type(dropout) is nn.Dropout and not dropout.inplace:
+            p = dropout.p if dropout.training else 0.0
+        else:
+            return None
+        if _hooked(base) or _hooked(lora_A) or _hooked(lora_B) or _hooked(dropout) or _global_hooks():
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        return base, lora_A.weight, lora_B.weight, self.scaling[name], p
+
+    def _fused_forward(self, x: torch.Tensor, base: nn.Module, weight_A: torch.Tensor, weight_B: torch.Tensor,
+                       scaling: float, p: float) -> torch.Tensor:
+        weight, bias = base.weight, base.bias
+        if torch.is_grad_enabled() and (x.requires_grad or weight_A.requires_grad or weight_B.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _LoraLinearFunction.apply(x, weight, bias, weight_A, weight_B, scaling, p, self.fan_in_fan_out)
+        # nothing to differentiate (inference, or frozen adapters): the same ops without a graph
+        with torch.no_grad():
+            return _lora_linear(x, weight, bias, weight_A, weight_B, scaling, p, self.fan_in_fan_out)[0]
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
