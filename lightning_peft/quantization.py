@@ -182,6 +182,14 @@ def dequantize_base_linears(model: nn.Module, dtype: torch.dtype = torch.float32
     return model
 
 
+def dequantized_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy of `model` with every 8-bit layer dequantized to `dtype` (for saving a merged model that loads
+    without bitsandbytes); `model` itself keeps its int8 weights."""
+    import copy
+
+    return dequantize_base_linears(copy.deepcopy(model), dtype=dtype)
+
+
 def int8_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if is_linear8bit(module)]
 
@@ -220,7 +228,12 @@ class Linear8bitLt(LoraLinear):
         kwargs["fan_in_fan_out"] = False
         super().__init__(base_layer, adapter_name, **kwargs)
 
+    def _is_int8(self) -> bool:
+        return is_linear8bit(self.get_base_layer())  # False after dequantize_base_linears: a plain LoRA merge
+
     def _merged_weight(self, adapter_name: str) -> torch.Tensor:
+        if not self._is_int8():
+            return super()._merged_weight(adapter_name)
         return dequantize_weight(self.get_base_layer()) + self.get_delta_weight(adapter_name).float()
 
     def _requantize(self, weight: torch.Tensor) -> None:
@@ -236,6 +249,8 @@ class Linear8bitLt(LoraLinear):
                           "on the model before merging")
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        if not self._is_int8():
+            return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
         for name in self._adapters_to_merge(adapter_names):
             merged = self._merged_weight(name)
             if safe_merge and not torch.isfinite(merged).all():
@@ -244,6 +259,8 @@ class Linear8bitLt(LoraLinear):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        if not self._is_int8():
+            return super().unmerge()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             self._requantize(dequantize_weight(self.get_base_layer()) - self.get_delta_weight(name).float())
@@ -274,5 +291,5 @@ register_lora_dispatcher()
 
 
 __all__ = ["quantize_base_linears", "quantize_model", "dequantize_base_linears", "dequantize_weight",
-           "check_int8_compatible", "require_bitsandbytes", "is_linear8bit", "int8_layers", "Linear8bitLt",
+           "check_int8_compatible", "require_bitsandbytes", "dequantized_copy", "is_linear8bit", "int8_layers", "Linear8bitLt",
            "register_lora_dispatcher", "INSTALL_HINT"]

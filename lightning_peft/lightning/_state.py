@@ -93,6 +93,10 @@ def atomic_directory(final: str) -> Iterator[str]:
 
 def save_merged_model(model: nn.Module, directory: str) -> None:
     """`save_pretrained` for transformers models, else `model.safetensors` (a state dict) in `directory`."""
+    from ..quantization import dequantized_copy, int8_layers
+
+    if int8_layers(model):  # an 8-bit base: write it in fp32 so that it loads without bitsandbytes
+        model = dequantized_copy(model)
     with atomic_directory(directory) as tmp:
         if callable(getattr(model, "save_pretrained", None)):
             model.save_pretrained(tmp)
