@@ -27,6 +27,7 @@ from .tuners.prompt_learning import (
     PromptTuningConfig,
     PromptTuningInit,
 )
+from . import quantization as _quantization  # noqa: F401  registers LoRA's 8-bit layer (bitsandbytes imported lazily)
 
 __version__ = "0.1.0"
 

@@ -251,6 +251,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     module = instantiate(cfg.recipe.module, model=model, tokenizer=tokenizer)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     tuner = instantiate(cfg.tuner, _convert_="all")
+    if cfg.quantize is not None:  # refuse a tuner that cannot run (or merge) over 8-bit layers before training
+        from lightning_peft.quantization import check_int8_compatible
+
+        check_int8_compatible(tuner, merge=cfg.merge)
     return {"tokenizer": tokenizer, "model": model, "module": module, "datamodule": datamodule, "tuner": tuner}
 
 
