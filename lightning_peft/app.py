@@ -219,15 +219,14 @@ def _check_strategy(cfg: DictConfig) -> None:
         )
 
 
-def _quantize(model: Any, mode: Optional[Quantize]) -> Any:
+def _quantize(model: Any, mode: Optional[Quantize], tuner: Any, merge: bool) -> Any:
+    """8-bit base layers before the tuner is injected (so the adapter stays in full precision)."""
     if mode is None:
         return model
-    try:
-        from lightning_peft import quantization
-    except ImportError as err:
-        raise RuntimeError(f"quantize={mode.value}: lightning_peft.quantization is not available ({err})") from err
-    fn = getattr(quantization, "quantize_model", None) or getattr(quantization, f"quantize_{mode.value}")
-    return fn(model) or model
+    from lightning_peft import quantization
+
+    quantization.check_int8_compatible(tuner, merge=merge)  # refuse before loading anything else
+    return quantization.quantize_model(model, skip=getattr(tuner, "modules_to_save", None) or ())
 
 
 def _flatten(metrics: list[dict[str, Any]]) -> dict[str, float]:
@@ -243,18 +242,18 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     from recipes.common import build_model, load_tokenizer
 
     m = cfg.model
-    tokenizer = load_tokenizer(m.get("tokenizer") or m.name_or_path)
-    model = build_model(cfg.recipe.auto_class, name_or_path=m.name_or_path,
-                        config=OmegaConf.to_container(m.config, resolve=True) if m.get("config") else None,
-                        tokenizer=tokenizer, **OmegaConf.to_container(cfg.recipe.model_kwargs, resolve=True))
-    model = _quantize(model, cfg.quantize)
-    module = instantiate(cfg.recipe.module, model=model, tokenizer=tokenizer)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     tuner = instantiate(cfg.tuner, _convert_="all")
     if cfg.quantize is not None:  # refuse a tuner that cannot run (or merge) over 8-bit layers before training
         from lightning_peft.quantization import check_int8_compatible
 
         check_int8_compatible(tuner, merge=cfg.merge)
+    tokenizer = load_tokenizer(m.get("tokenizer") or m.name_or_path)
+    model = build_model(cfg.recipe.auto_class, name_or_path=m.name_or_path,
+                        config=OmegaConf.to_container(m.config, resolve=True) if m.get("config") else None,
+                        tokenizer=tokenizer, **OmegaConf.to_container(cfg.recipe.model_kwargs, resolve=True))
+    model = _quantize(model, cfg.quantize, tuner, cfg.merge)
+    module = instantiate(cfg.recipe.module, model=model, tokenizer=tokenizer)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     return {"tokenizer": tokenizer, "model": model, "module": module, "datamodule": datamodule, "tuner": tuner}
 
 

@@ -107,7 +107,7 @@ def check_command_line(argv: list[str]) -> None:
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path \
-            or args.config_dir or args.cfg or args.resolve:
+            or args.config_dir:
         return
     try:
         check_overrides(args.overrides, config_name=args.config_name or "train")

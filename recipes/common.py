@@ -181,7 +181,7 @@ class HFTaskModule(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "tokenizer"])
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes
         self.tokenizer = tokenizer
 
     def forward(self, **batch: torch.Tensor) -> Any:

@@ -1,0 +1,299 @@
+"""The Hydra app: config composition for every tuner x strategy, fail-fast key checks, the sweep
+report, and `train.py` runs end to end on a tiny BERT (single run, resume, multirun, DDP multirun)."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from lightning_peft.app import CONFIG_DIR, REPO_ROOT, TrainSchema  # noqa: E402
+from lightning_peft.app_checks import UnknownKeyError, check_overrides  # noqa: E402
+from lightning_peft.app_report import COLUMNS, write_report  # noqa: E402
+
+TUNERS = ["lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
+STRATEGIES = ["single", "ddp", "fsdp", "fsdp1", "int8"]
+CONFIG_CLASS = {"lora": "LoraConfig", "ia3": "IA3Config", "prompt_tuning": "PromptTuningConfig",
+                "p_tuning": "PromptEncoderConfig", "prefix_tuning": "PrefixTuningConfig"}
+STRATEGY_CLASS = {"ddp": "DDPStrategy", "fsdp": "ModelParallelStrategy", "fsdp1": "FSDPStrategy"}
+# a few seconds per job: tiny BERT, 64 training rows, 40 validation rows
+FAST = ["model=tiny_bert", "data.limit_train_rows=64", "data.limit_val_rows=40", "data.batch_size=16",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def compose(overrides=()):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("train", overrides=list(overrides))
+
+
+def run_train(args, cwd, timeout=600):
+    """`python train.py ...` in a subprocess, from `cwd` (not the repo root, to prove paths resolve)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+# ---------------------------------------------------------------- composition
+def test_top_level_keys_are_the_schema():
+    cfg = compose()
+    assert set(cfg) == set(TrainSchema.__dataclass_fields__)
+    assert {"seed", "ckpt_path", "quantize", "validate_before", "merge"} <= set(cfg)
+
+
+def test_trainer_keys_are_exactly_the_trainer_arguments():
+    from lightning.pytorch import Trainer
+
+    params = {n for n, p in inspect.signature(Trainer.__init__).parameters.items()
+              if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    cfg = compose(["trainer.max_steps=5"])
+    assert set(cfg.trainer) == params
+    assert cfg.trainer.max_steps == 5
+
+
+def test_default_is_minilm_classification_with_lora():
+    cfg = compose()
+    assert cfg.tuner._target_ == "lightning_peft.LoraConfig" and cfg.tuner.task_type == "SEQ_CLS"
+    assert Path(cfg.model.name_or_path, "model.safetensors").is_file()  # the pip package's files
+    assert cfg.recipe.monitor == "val_acc" and cfg.data.path == "data/reviews.csv"
+    assert cfg.trainer.strategy == "auto" and cfg.trainer.devices == 1 and cfg.quantize is None
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_every_tuner_and_strategy_composes_and_instantiates(tuner, strategy):
+    import lightning.pytorch.strategies
+    import lightning_peft
+    from hydra.utils import instantiate
+
+    cfg = compose([f"tuner={tuner}", f"strategy={strategy}"])
+    peft_config = instantiate(cfg.tuner, _convert_="all")
+    assert type(peft_config) is getattr(lightning_peft, CONFIG_CLASS[tuner])
+    assert str(peft_config.task_type) == "SEQ_CLS"
+    assert cfg.optim.lr == compose([f"tuner={tuner}"]).optim.lr  # the tuner picks its optim defaults
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if strategy in STRATEGY_CLASS:
+        obj = instantiate(trainer["strategy"])
+        assert isinstance(obj, getattr(lightning.pytorch.strategies, STRATEGY_CLASS[strategy]))
+        assert trainer["devices"] == ("auto" if strategy == "fsdp1" else 2)
+    else:
+        assert trainer["strategy"] == "auto" and trainer["devices"] == 1
+    assert (cfg.quantize.value if cfg.quantize else None) == ("int8" if strategy == "int8" else None)
+    assert cfg.strategy.requires_gpu is (strategy == "fsdp1")
+
+
+def test_tuner_yaml_keys():
+    expected = {
+        "lora": {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "modules_to_save"},
+        "ia3": {"target_modules", "feedforward_modules", "modules_to_save"},
+        "prompt_tuning": {"num_virtual_tokens", "prompt_tuning_init"},
+        "p_tuning": {"num_virtual_tokens", "encoder_reparameterization_type", "encoder_hidden_size"},
+        "prefix_tuning": {"num_virtual_tokens", "prefix_projection"},
+    }
+    for tuner, keys in expected.items():
+        assert set(compose([f"tuner={tuner}"]).tuner) == keys | {"_target_", "task_type"}, tuner
+
+
+def test_recipes_choose_their_model_and_data_but_the_command_line_wins():
+    cfg = compose(["recipe=causal_lm", "tuner=prefix_tuning"])
+    assert cfg.model.config.model_type == "gpt2" and cfg.data._target_.endswith("CausalLMDataModule")
+    assert cfg.tuner.task_type == "CAUSAL_LM" and cfg.recipe.monitor == "val_ppl"
+    cfg = compose(["recipe=seq2seq"])
+    assert cfg.model.config.model_type == "t5" and cfg.tuner.task_type == "SEQ_2_SEQ_LM"
+    assert cfg.recipe.monitor == "val_rougeL"
+    assert compose(["recipe=causal_lm", "model=tiny_bert"]).model.config.model_type == "bert"
+
+
+# ---------------------------------------------------------------- fail fast
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_stepz=5", "Unknown key 'trainer.max_stepz'. Did you mean 'trainer.max_steps'? Valid keys of trainer: "),
+    ("tuner.rr=4", "Unknown key 'tuner.rr'. Did you mean 'tuner.r'? Valid keys of tuner: "),
+    ("seedd=1", "Unknown key 'seedd'. Did you mean 'seed'? Valid keys of the top level: ckpt_path, data, merge, "
+                "model, optim, quantize, recipe, seed, strategy, trainer, tuner, validate_before"),
+    ("+tuner.foo=1", "Unknown key 'tuner.foo'. Valid keys of tuner: _target_, "),
+    ("+trainer.foo=1", "Unknown key 'trainer.foo'. Valid keys of trainer: accelerator, "),
+    ("tuner.fan_in_fan_out=true", "'tuner.fan_in_fan_out' is a parameter of lightning_peft.LoraConfig but not "
+                                  "set in the config; add it with '+tuner.fan_in_fan_out=...'"),
+])
+def test_misspelled_keys_are_rejected_with_the_valid_ones(override, message):
+    with pytest.raises(UnknownKeyError) as err:
+        check_overrides([override])
+    assert str(err.value).startswith(message)
+    if "Valid keys of tuner" in message:
+        assert "lora_alpha, lora_dropout" in str(err.value)
+
+
+def test_valid_overrides_pass_the_check():
+    check_overrides(["trainer.max_steps=5", "tuner.r=4", "+tuner.fan_in_fan_out=true", "seed=1",
+                     "model=tiny_bert", "model.name_or_path=/x", "~trainer.max_time", "hydra.run.dir=/tmp/x"])
+
+
+def test_a_key_is_checked_against_each_choice_of_a_group_sweep():
+    check_overrides(["tuner=lora,ia3", "tuner.target_modules=[query]"])
+    with pytest.raises(UnknownKeyError, match="Unknown key 'tuner.r'. Valid keys of tuner: .*feedforward_modules"):
+        check_overrides(["tuner=lora,ia3", "tuner.r=4,8"])
+
+
+def test_command_line_errors_exit_before_any_work(tmp_path):
+    proc = run_train(["trainer.max_stepz=5"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Error: Unknown key 'trainer.max_stepz'. Did you mean 'trainer.max_steps'?" in proc.stderr
+    proc = run_train(["tuner=lorra"], cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "Could not find 'tuner/lorra'" in proc.stderr
+    for name in TUNERS:
+        assert f"\t{name}\n" in proc.stderr
+    proc = run_train(["quantize=int4"], cwd=tmp_path)
+    assert proc.returncode == 1 and "Invalid value 'int4', expected one of [int8]" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # failed before Hydra made a run dir
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_fsdp1_on_cpu_says_to_use_fsdp(tmp_path):
+    proc = run_train(["strategy=fsdp1", f"hydra.run.dir={tmp_path / 'run'}", *FAST], cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "needs CUDA GPUs and none is available; on CPU use `strategy=fsdp`" in proc.stderr
+
+
+# ---------------------------------------------------------------- report
+def _fake_job(sweep, num, **metrics):
+    (sweep / str(num)).mkdir(parents=True)
+    if metrics:
+        (sweep / str(num) / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_report_rows_markdown_and_plot(tmp_path):
+    _fake_job(tmp_path, 0, tuner="lora", overrides=["tuner=lora", "tuner.r=4"], trainable_params=1000,
+              monitor="val_acc", metric=0.912345, wall_time_s=3.5, peak_rss_mb=500.0)
+    _fake_job(tmp_path, 1, tuner="ia3", overrides=["tuner=ia3"], trainable_params=100, monitor="val_acc",
+              metric=0.8, wall_time_s=2.0, peak_rss_mb=400.0, peak_cuda_mb=50.0)
+    _fake_job(tmp_path, 2)  # a job that failed before writing metrics
+    (tmp_path / "multirun.yaml").write_text("{}")
+    write_report(tmp_path)
+    with open(tmp_path / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == COLUMNS
+    assert rows[0] == {"job": "0", "tuner": "lora", "overrides": "tuner=lora tuner.r=4", "trainable_params": "1000",
+                       "metric_name": "val_acc", "metric": "0.9123", "wall_time_s": "3.5", "peak_memory_mb": "500.0"}
+    assert rows[1]["peak_memory_mb"] == "50.0"  # CUDA's peak when there is one
+    assert rows[2] == {c: ("2" if c == "job" else "") for c in COLUMNS}
+    md = (tmp_path / "report.md").read_text().splitlines()
+    assert md[0] == "| " + " | ".join(COLUMNS) + " |" and len(md) == 5
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- end to end through train.py
+def test_single_run_leaves_adapter_merged_checkpoints_and_metrics(tmp_path):
+    run = tmp_path / "run"
+    proc = ok(run_train([f"hydra.run.dir={run}", "trainer.max_steps=4", *FAST], cwd=tmp_path))
+    out = proc.stdout + proc.stderr
+    assert "validation acc before: " in out and "validation acc after: " in out
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["tuner"] == "lora" and m["strategy"] == "single" and m["global_step"] == 4
+    assert m["monitor"] == "val_acc" and m["metric"] == m["after"]["val_acc"]
+    assert set(m["before"]) == set(m["after"]) == {"val_loss", "val_acc", "val_f1"}
+    assert 0 < m["trainable_params"] < m["total_params"] / 10 and m["peak_rss_mb"] > 0
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "merged" / "config.json").is_file() and (run / "merged" / "tokenizer.json").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "logs" / "metrics.csv").is_file()
+    # the merged folder is a plain transformers model
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(run / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_resume_from_ckpt_path_continues_the_step_count(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    ok(run_train([f"hydra.run.dir={first}", "trainer.max_steps=3", *FAST], cwd=tmp_path))
+    ckpt = first / "checkpoints" / "last.ckpt"
+    proc = ok(run_train([f"hydra.run.dir={second}", f"ckpt_path={ckpt}", "trainer.max_steps=6",
+                         "trainer.log_every_n_steps=1", *FAST], cwd=tmp_path))
+    assert "Restoring states from the checkpoint path" in proc.stdout + proc.stderr
+    m = json.loads((second / "metrics.json").read_text())
+    assert m["global_step"] == 6 and m["resumed_from"] == str(ckpt) and m["before"] is None
+    with open(second / "logs" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train_loss")]
+    assert steps and min(steps) >= 3  # only steps 4..6 were trained in the second run
+
+
+def _report(sweep):
+    with open(sweep / "report.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_multirun_over_all_tuners_writes_the_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    ok(run_train(["-m", f"tuner={','.join(TUNERS)}", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", *FAST],
+                 cwd=tmp_path))
+    rows = _report(sweep)
+    assert [r["tuner"] for r in rows] == TUNERS and [r["job"] for r in rows] == ["0", "1", "2", "3", "4"]
+    for r in rows:
+        assert f"tuner={r['tuner']}" in r["overrides"].split() and "hydra.sweep.dir" not in r["overrides"]
+        assert int(r["trainable_params"]) > 0 and 0.0 <= float(r["metric"]) <= 1.0
+        assert r["metric_name"] == "val_acc" and float(r["wall_time_s"]) > 0 and float(r["peak_memory_mb"]) > 0
+        assert (sweep / r["job"] / "adapter" / "adapter_config.json").is_file()
+    assert (sweep / "report.md").is_file() and (sweep / "report.png").is_file()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2", "3", "4"]
+
+
+def test_grid_sweep_over_lora_rank(tmp_path):
+    sweep = tmp_path / "sweep"
+    ok(run_train(["-m", "tuner=lora", "tuner.r=2,4,8", f"hydra.sweep.dir={sweep}", "trainer.max_steps=1",
+                  "validate_before=false", *FAST], cwd=tmp_path))
+    rows = _report(sweep)
+    assert [r["overrides"].split()[:2] for r in rows] == [["tuner=lora", f"tuner.r={r}"] for r in (2, 4, 8)]
+    params = [int(r["trainable_params"]) for r in rows]
+    # tiny BERT: LoRA on query and value in 2 layers, r * (32 + 32) each; the head is the same for all r
+    assert (params[1] - params[0], params[2] - params[1]) == (2 * 4 * 64, 4 * 4 * 64)
+
+
+@pytest.mark.slow
+def test_ddp_multirun_runs_each_job_once_per_rank_in_one_sweep_dir(tmp_path):
+    sweep = tmp_path / "sweep"
+    ok(run_train(["-m", "tuner=lora,ia3", "strategy=ddp", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", *FAST],
+                 cwd=tmp_path))
+    rows = _report(sweep)
+    assert [r["tuner"] for r in rows] == ["lora", "ia3"]
+    # one sweep dir: nothing else was created next to it (Lightning's launcher would leave a second one)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    for job, tuner in (("0", "lora"), ("1", "ia3")):
+        m = json.loads((sweep / job / "metrics.json").read_text())
+        assert m["world_size"] == 2 and m["tuner"] == tuner
+        rank1 = (sweep / job / "train_ddp_process_1.log").read_text()
+        starts = [line for line in rank1.splitlines() if "rank 1 runs job" in line]
+        assert len(starts) == 1, rank1  # rank 1 ran exactly one job: this one
+        assert f"'tuner={tuner}'" in starts[0] and f"in {sweep / job}" in starts[0]
+        assert "-m" not in starts[0] and "lora,ia3" not in starts[0]
+
+
+@pytest.mark.slow
+def test_default_command_on_minilm_prints_accuracy_before_and_after(tmp_path):
+    """`python train.py` shortened to 2 steps: the real pretrained MiniLM from the pip package."""
+    run = tmp_path / "run"
+    proc = ok(run_train([f"hydra.run.dir={run}", "trainer.max_steps=2", "data.limit_val_rows=100"], cwd=tmp_path))
+    out = proc.stdout + proc.stderr
+    assert "validation acc before: " in out and "validation acc after: " in out
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["model"] == "minilm" and m["total_params"] > 22_000_000
