@@ -53,11 +53,14 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     points = [r for r in rows if r["metric"] != "" and r["trainable_params"] not in ("", None)]
+    # label each point by what differs between jobs, not the overrides they all share
+    shared = set.intersection(*(set(r["overrides"].split()) for r in points)) if points else set()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for r in points:
+        label = " ".join(o for o in r["overrides"].split() if o not in shared) or r["tuner"]
         ax.scatter(r["trainable_params"], r["metric"])
-        ax.annotate(r["overrides"] or r["tuner"], (r["trainable_params"], r["metric"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
+        ax.annotate(label, (r["trainable_params"], r["metric"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
     if points and min(r["trainable_params"] for r in points) > 0:
         ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")

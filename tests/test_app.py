@@ -140,6 +140,15 @@ def test_misspelled_keys_are_rejected_with_the_valid_ones(override, message):
         assert "lora_alpha, lora_dropout" in str(err.value)
 
 
+def test_quantize_only_takes_int8():
+    from hydra.errors import ConfigCompositionException
+
+    assert compose(["quantize=int8"]).quantize.value == "int8"
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["quantize=int4"])
+    assert "Invalid value 'int4', expected one of [int8]" in str(err.value.__cause__)
+
+
 def test_valid_overrides_pass_the_check():
     check_overrides(["trainer.max_steps=5", "tuner.r=4", "+tuner.fan_in_fan_out=true", "seed=1",
                      "model=tiny_bert", "model.name_or_path=/x", "~trainer.max_time", "hydra.run.dir=/tmp/x"])
@@ -160,8 +169,6 @@ def test_command_line_errors_exit_before_any_work(tmp_path):
     assert "Could not find 'tuner/lorra'" in proc.stderr
     for name in TUNERS:
         assert f"\t{name}\n" in proc.stderr
-    proc = run_train(["quantize=int4"], cwd=tmp_path)
-    assert proc.returncode == 1 and "Invalid value 'int4', expected one of [int8]" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # failed before Hydra made a run dir
 
 
@@ -246,6 +253,8 @@ def test_multirun_over_all_tuners_writes_the_report(tmp_path):
     sweep = tmp_path / "sweep"
     ok(run_train(["-m", f"tuner={','.join(TUNERS)}", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", *FAST],
                  cwd=tmp_path))
+    plot = (sweep / "report.png").read_bytes()
+    assert plot[:8] == b"\x89PNG\r\n\x1a\n"
     rows = _report(sweep)
     assert [r["tuner"] for r in rows] == TUNERS and [r["job"] for r in rows] == ["0", "1", "2", "3", "4"]
     for r in rows:
@@ -286,6 +295,36 @@ def test_ddp_multirun_runs_each_job_once_per_rank_in_one_sweep_dir(tmp_path):
         assert len(starts) == 1, rank1  # rank 1 ran exactly one job: this one
         assert f"'tuner={tuner}'" in starts[0] and f"in {sweep / job}" in starts[0]
         assert "-m" not in starts[0] and "lora,ia3" not in starts[0]
+
+
+def test_causal_lm_and_seq2seq_recipes_run_through_train_py(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = ok(run_train(["-m", "recipe=causal_lm,seq2seq", "tuner=lora", f"hydra.sweep.dir={sweep}",
+                         "trainer.max_steps=2", *FAST[1:]], cwd=tmp_path))
+    rows = _report(sweep)
+    assert [r["metric_name"] for r in rows] == ["val_ppl", "val_rougeL"]
+    assert float(rows[0]["metric"]) > 1.0 and 0.0 <= float(rows[1]["metric"]) <= 1.0
+    lm = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert lm["model"] == "tiny_gpt2" and set(lm["after"]) == {"val_loss", "val_ppl"}
+    assert lm["sample"].startswith("the food was") and f"generated sample: {lm['sample']!r}" in proc.stdout + proc.stderr
+    s2s = json.loads((sweep / "1" / "metrics.json").read_text())
+    assert s2s["model"] == "tiny_t5" and set(s2s["after"]) == {"val_loss", "val_rouge1", "val_rougeL"}
+    config = json.loads((sweep / "1" / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_2_SEQ_LM" and config["peft_type"] == "LORA"
+
+
+@pytest.mark.slow
+def test_strategies_int8_and_fsdp_run_through_a_multirun(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    sweep = tmp_path / "sweep"
+    ok(run_train(["-m", "strategy=int8,fsdp", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", *FAST], cwd=tmp_path))
+    rows = _report(sweep)
+    assert [r["overrides"].split()[0] for r in rows] == ["strategy=int8", "strategy=fsdp"]
+    assert [json.loads((sweep / j / "metrics.json").read_text())["world_size"] for j in ("0", "1")] == [1, 2]
+    for job in ("0", "1"):
+        assert (sweep / job / "adapter" / "adapter_model.safetensors").is_file()
+        assert (sweep / job / "merged" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
 
 
 @pytest.mark.slow
