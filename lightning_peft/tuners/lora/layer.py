@@ -31,10 +31,12 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
 # multiply, an add, then the autograd sum of the two input gradients). Same math, fewer passes over
 # the (tokens x features) activations:
 #   forward:  y = x W^T + b;  y += s * (((x * m) A^T) / (1-p)) B^T   (addmm_ into y, in place)
-#   backward: dx = g W + ((s / (1-p)) (g B) A) * m;  dA, dB from the small (tokens x r) factors
+#   backward: dx = ((s / (1-p)) (g B) A) * m + g W  (masked in place, then accumulated by the
+#             big matmul itself);  dA, dB from the small (tokens x r) factors
 # m is the same Bernoulli(1-p) mask nn.Dropout draws (the same generator call, so the same mask for
-# the same seed), kept as bool; the 1/(1-p) and the scaling act on the r-wide factors, never on a
-# full activation (a rounding-level reordering of the same products). With p == 0 there is no mask
+# the same seed), kept as bool and applied with `where` (a dropped NaN/inf input gives 0 rather than
+# NaN; the base path carries it anyway); the 1/(1-p) and the scaling act on the r-wide factors,
+# never on a full activation (a rounding-level reordering of the same products). With p == 0 there is no mask
 # and no copy of x, and the output is bit-identical to the op-for-op path.
 
 _nn_module_globals = torch.nn.modules.module
@@ -82,7 +84,7 @@ def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     out = torch.mm(x2, w_t) if bias is None else torch.addmm(bias, x2, w_t)
     if p > 0.0:
         mask = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
-        x_lora = x2 * mask
+        x_lora = torch.where(mask, x2, x2.new_zeros(()))
         after_A = torch.mm(x_lora, lora_A.t()).mul_(1.0 / (1.0 - p))  # (tokens, r)
     else:
         mask, x_lora = None, x2
@@ -115,11 +117,11 @@ class _LoraLinearFunction(torch.autograd.Function):
         grad_after_A = torch.mm(g, lora_B).mul_(ctx.scaling / ctx.keep)
         grad_x = grad_bias = grad_A = grad_B = None
         if need_x:
-            grad_x = torch.mm(g, weight.t() if ctx.fan_in_fan_out else weight)
-            if mask is None:
-                grad_x.addmm_(grad_after_A, lora_A)
-            else:
-                grad_x.addcmul_(torch.mm(grad_after_A, lora_A), mask)
+            # the adapter's share first (masked in place), then the base's product accumulated into it
+            grad_x = torch.mm(grad_after_A, lora_A)
+            if mask is not None:
+                torch.where(mask, grad_x, grad_x.new_zeros(()), out=grad_x)
+            grad_x.addmm_(g, weight.t() if ctx.fan_in_fan_out else weight)
             grad_x = grad_x.view(ctx.x_shape)
         if need_bias:
             grad_bias = g.sum(0)
