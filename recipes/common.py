@@ -148,9 +148,11 @@ class TextDataModule(pl.LightningDataModule):
 
     def _loader(self, data: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         kwargs: dict[str, Any] = {}
-        if shuffle:  # a seeded generator makes the order reproducible across runs
-            kwargs["generator"] = torch.Generator().manual_seed(self.hparams.seed)
-        return _Loader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+        if shuffle:  # order = f(seed + epoch): the same in every run, and after a resume (lightning_peft.lightning.rng)
+            from lightning_peft.lightning.rng import SeedEpochSampler
+
+            kwargs["sampler"] = SeedEpochSampler(data, seed=self.hparams.seed)
+        return _Loader(data, batch_size=batch_size, collate_fn=self.collate,
                        num_workers=self.hparams.num_workers, **kwargs)
 
     def train_dataloader(self) -> DataLoader:

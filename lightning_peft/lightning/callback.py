@@ -13,8 +13,9 @@ Hooks, in the order Lightning calls them (Lightning 2.6):
   checkpoint resume a fit (fresh optimizer).
 - `on_fit_end` (after every `on_train_end`, so after `ModelCheckpoint` wrote `last.ckpt` with the
   adapter): export the adapter, merge, export the merged model.
-
-Nothing runs per step.
+- exact resume (`exact_resume=True`, see `rng.py`): `on_train_batch_end` snapshots the torch / numpy /
+  python RNG states, `on_train_batch_start` puts the snapshot back; checkpoints carry it, and after a
+  restore it is put back at the first training batch. That is the only per-step work (microseconds).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ._state import AdapterState, allow_weights_only_resume, attach_state, get_state, resolve_peft_config, \
     save_merged_model
+from .rng import training_rng
 
 ADAPTER_SUBDIR = "adapter"
 MERGED_SUBDIR = "merged"
@@ -62,10 +64,13 @@ class PEFTCallback(pl.Callback):
             nothing to merge and stay wrapped.
         export_dir: where `adapter/` (HF PEFT format) and `merged/` go after `fit`; default: the
             trainer's log dir (`trainer.log_dir`, else `default_root_dir`).
+        exact_resume: save the torch / numpy / python RNG states with checkpoints and put them back at
+            the first training batch after a restore (with a dataloader that restores its own position, a
+            resumed run then ends with the adapter of an uninterrupted one); see `lightning_peft.lightning.rng`.
     """
 
     def __init__(self, config: Any, model_attr: str = "model", adapter_name: str = "default",
-                 merge_on_train_end: bool = True, export_dir: Optional[str] = None) -> None:
+                 merge_on_train_end: bool = True, export_dir: Optional[str] = None, exact_resume: bool = True) -> None:
         super().__init__()
         self.config = resolve_peft_config(config)
         AdapterState(self.config, model_attr, adapter_name)  # validates model_attr / adapter_name early
@@ -73,6 +78,7 @@ class PEFTCallback(pl.Callback):
         self.adapter_name = adapter_name
         self.merge_on_train_end = merge_on_train_end
         self.export_dir = None if export_dir is None else os.fspath(export_dir)
+        self.exact_resume = bool(exact_resume)
         self.adapter_dir: Optional[str] = None  # set by the export after fit
         self.merged_dir: Optional[str] = None
 
@@ -87,6 +93,8 @@ class PEFTCallback(pl.Callback):
         return state
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":  # before any restore: a fit that does not resume starts from the current RNG state
+            training_rng(pl_module).reset()
         state = self._state(pl_module)
         if not state.injected:
             if state.find_model(pl_module) is None and _builds_model_later(pl_module):
@@ -119,6 +127,29 @@ class PEFTCallback(pl.Callback):
         if checkpoint and allow_weights_only_resume(checkpoint):
             rank_zero_warn("lightning_peft: resuming from a weights-only checkpoint: the adapter and the loop "
                            "position are restored, the optimizer and LR schedulers start fresh")
+
+    # ---- exact resume: RNG states (rng.py) ----------------------------------------------------
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        if self.exact_resume:
+            training_rng(pl_module).on_train_batch_start()
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.exact_resume:  # before ModelCheckpoint's own on_train_batch_end (Lightning moves it last)
+            training_rng(pl_module).on_train_batch_end()
+
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           checkpoint: dict[str, Any]) -> None:
+        if self.exact_resume and trainer.state.fn == "fit":
+            training_rng(pl_module).on_save_checkpoint(checkpoint)
+
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           checkpoint: dict[str, Any]) -> None:
+        if self.exact_resume and trainer.state.fn == "fit":
+            warning = training_rng(pl_module).on_load_checkpoint(checkpoint)
+            if warning:
+                rank_zero_warn(warning)
 
     # ---- end of fit ---------------------------------------------------------------------------
     def resolve_export_dir(self, trainer: "pl.Trainer") -> str:

@@ -10,6 +10,11 @@ The tuner is applied in `configure_model` (Lightning calls it after `setup`, bef
 wraps the model and before `configure_optimizers`; `load_from_checkpoint` calls it too). A subclass
 that defines its own `configure_model` (the FSDP way: build the model there) gets the tuner right
 after its `configure_model` returns, without having to call `super()`.
+
+Exact resume (`peft_exact_resume = True`, see `rng.py`): the RNG states are snapshotted at each
+training batch's end, put back at the next one's start and saved with checkpoints, through
+`on_train_batch_start` / `on_train_batch_end` / `on_save_checkpoint` / `on_load_checkpoint`. A
+subclass that overrides one of these hooks keeps this without calling `super()` (its hook is wrapped).
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from torch import nn
 from ..peft_model import PeftModel
 from ..serialization import get_peft_model_state_dict
 from ._state import AdapterState, allow_weights_only_resume, attach_state, get_state, resolve_peft_config
+from .rng import training_rng
+
+_RNG_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_save_checkpoint", "on_load_checkpoint")
 
 
 class PEFTMixin:
@@ -31,6 +39,7 @@ class PEFTMixin:
     peft_config: Any = None
     peft_model_attr: str = "model"
     peft_adapter_name: str = "default"
+    peft_exact_resume: bool = True
     _lightning_peft_after_configure_model = True  # tells PEFTCallback not to patch configure_model
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -45,6 +54,10 @@ class PEFTMixin:
 
             configure_model._lightning_peft_wrapped = True
             cls.configure_model = configure_model
+        for name in _RNG_HOOKS:  # our part first, then the subclass's own hook (idempotent if it calls super())
+            hook = cls.__dict__.get(name)
+            if hook is not None and not getattr(hook, "_lightning_peft_wrapped", False):
+                setattr(cls, name, _with_rng_hook(name, hook))
 
     def configure_model(self) -> None:
         self._peft_apply()
@@ -63,6 +76,8 @@ class PEFTMixin:
         if state is None:
             return
         trainer = getattr(self, "_trainer", None)
+        if state.owner == "mixin" and trainer is not None and trainer.state.fn == "fit":
+            training_rng(self).reset()  # before any restore: a fit that does not resume keeps the current RNG
         if not state.injected:
             state.inject(self, who=type(self).__name__ if state.owner == "mixin" else "PEFTCallback")
             from .callback import log_trainable_parameters
@@ -111,12 +126,70 @@ class PEFTMixin:
         state = self._peft_require("merge")
         return state.merge_and_unload(self)
 
-    # ---- checkpoints ----------------------------------------------------------------------------
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Lets `trainer.fit(ckpt_path=<weights-only .ckpt>)` resume (fresh optimizer). Call super() if you override it."""
+    # ---- checkpoints and exact resume ---------------------------------------------------------
+    def _peft_rng_active(self) -> bool:
+        """The mixin manages RNG states when it applies the tuner itself (else PEFTCallback does)."""
+        state = get_state(self)
         trainer = getattr(self, "_trainer", None)
-        if trainer is not None and trainer.state.fn == "fit" and get_state(self) is not None:
-            allow_weights_only_resume(checkpoint)
+        return (bool(self.peft_exact_resume) and state is not None and state.owner == "mixin" and trainer is not None
+                and trainer.state.fn == "fit")
+
+    def _peft_hook(self, name: str, *args: Any) -> None:
+        if name == "on_load_checkpoint":
+            trainer = getattr(self, "_trainer", None)
+            if trainer is not None and trainer.state.fn == "fit" and get_state(self) is not None:
+                allow_weights_only_resume(args[0])
+        if not self._peft_rng_active():
+            return
+        tracker = training_rng(self)
+        if name == "on_train_batch_start":
+            tracker.on_train_batch_start()
+        elif name == "on_train_batch_end":
+            tracker.on_train_batch_end()
+        elif name == "on_save_checkpoint":
+            tracker.on_save_checkpoint(args[0])
+        else:
+            warning = tracker.on_load_checkpoint(args[0])
+            if warning:
+                from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+                rank_zero_warn(warning)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
+        self._peft_hook("on_train_batch_start")
+        parent = getattr(super(), "on_train_batch_start", None)
+        return None if parent is None else parent(batch, batch_idx)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._peft_hook("on_train_batch_end")
+        parent = getattr(super(), "on_train_batch_end", None)
+        if parent is not None:
+            parent(outputs, batch, batch_idx)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Adds the RNG states of the last finished training batch (`checkpoint["lightning_peft_rng"]`)."""
+        self._peft_hook("on_save_checkpoint", checkpoint)
+        parent = getattr(super(), "on_save_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lets `trainer.fit(ckpt_path=<weights-only .ckpt>)` resume (fresh optimizer) and takes the RNG states back."""
+        self._peft_hook("on_load_checkpoint", checkpoint)
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
+
+
+def _with_rng_hook(name: str, hook: Any) -> Any:
+    """A subclass's own `on_train_batch_start` (etc.) with the mixin's part run first."""
+
+    @functools.wraps(hook)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(self, PEFTMixin):
+            first = args[0] if args else kwargs.get("checkpoint")
+            self._peft_hook(name, first)
+        return hook(self, *args, **kwargs)
+
+    wrapped._lightning_peft_wrapped = True
+    return wrapped

@@ -197,7 +197,8 @@ class PeftFSDP2Strategy(ModelParallelStrategy):
         state = get_state(module)
         strict = module.strict_loading
         if state is not None and state.adapter_keys and _is_full_checkpoint(path):
-            saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+            saved = torch.load(path, mmap=True, map_location="cpu",  # weights only unless the caller opted out
+                               weights_only=True if weights_only is None else weights_only)
             missing = sorted(state.adapter_keys - set(saved["state_dict"]))
             if missing:
                 raise KeyError(f"checkpoint {str(path)!r} lacks {len(missing)} adapter tensor(s) of this model, e.g. "

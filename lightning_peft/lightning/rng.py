@@ -1,0 +1,191 @@
+"""Exact resume: the random-number streams of training, saved with the checkpoint and put back.
+
+Lightning saves the model, optimizer, loop position and (with a `StatefulDataLoader`) the data
+position, but not the random-number generators, so after a resume dropout draws other masks than
+the run that was never interrupted. `TrainingRNG` closes that gap for PEFTCallback and PEFTMixin
+(one implementation, one per LightningModule, see `training_rng`):
+
+- at the end of every training batch it takes a snapshot of the torch (CPU and initialised CUDA),
+  numpy (legacy global) and python `random` states, and at the start of the next training batch
+  it puts that snapshot back. So the training stream is the same whatever ran between two batches
+  (validation, creating a dataloader iterator at an epoch start, a checkpoint being written),
+  which is what makes a resumed run equal to one that was never interrupted: those in-between
+  draws differ between the two (a resumed run creates its iterator mid-epoch, skips the validation
+  that was due) but never reach training;
+- a checkpoint stores the snapshot of the last finished training batch (under
+  `checkpoint["lightning_peft_rng"]`, one state per process), taken at once if the checkpoint is
+  written inside that batch's `on_train_batch_end` before the snapshot was taken;
+- after a restore the loaded snapshot is put back at the first `on_train_batch_start`; earlier
+  would be undone (building the dataloader iterator draws from the global generator).
+
+Everything stored is a tensor or a plain Python value, so the checkpoint loads with
+`torch.load(weights_only=True)`.
+
+`SeedEpochSampler` is the other half for data order: a shuffle seeded by `seed + epoch`, so the
+order of every epoch after a resume is the one the uninterrupted run saw.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator, Optional, Sized
+
+import torch
+from torch.utils.data import Sampler
+
+CHECKPOINT_KEY = "lightning_peft_rng"
+TRACKER_ATTR = "_lightning_peft_rng"
+_FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# capture / restore
+# ---------------------------------------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """The torch (CPU, and CUDA when initialised), numpy and python `random` global states, weights-only safe."""
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        return state
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back what `capture_rng_state` returned (the parts it holds)."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    npy = state.get("numpy")
+    if npy is not None:
+        import numpy as np
+
+        np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                             npy["cached_gaussian"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-module tracker
+# ---------------------------------------------------------------------------------------------
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class TrainingRNG:
+    """Snapshot at each training batch's end, put back at the next one's start; saved in checkpoints.
+
+    Every method is idempotent within one batch, so PEFTCallback and PEFTMixin hooks may both call it.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (a new `fit` that does not resume must not inherit the last one's state)."""
+        self.snapshot: Optional[dict[str, Any]] = None  # state at the end of the last finished training batch
+        self.pending: Optional[dict[str, Any]] = None  # to put back at the next on_train_batch_start
+        self.batch_open = False  # a training batch started and its snapshot is not taken yet
+
+    # ---- per batch ------------------------------------------------------------------------------
+    def on_train_batch_start(self) -> None:
+        if self.pending is not None:
+            restore_rng_state(self.pending)
+            self.pending = None
+        self.batch_open = True
+
+    def on_train_batch_end(self) -> None:
+        if self.batch_open:
+            self.snapshot = capture_rng_state()
+            self.pending = self.snapshot
+            self.batch_open = False
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the last finished batch's snapshot (one per process) in `checkpoint`. Runs on every rank."""
+        self.on_train_batch_end()  # a save inside on_train_batch_end, before our own hook ran
+        state = self.snapshot if self.snapshot is not None else capture_rng_state()
+        rank, world = _rank_and_world()
+        states = [state]
+        if world > 1:
+            import torch.distributed as dist
+
+            states = [None] * world
+            dist.all_gather_object(states, state)
+        checkpoint[CHECKPOINT_KEY] = {"format": _FORMAT, "world_size": world, "states": states}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> Optional[str]:
+        """Take this process's state from `checkpoint`, to be put back at the first training batch.
+
+        Returns a warning (or None): a checkpoint without RNG states, or from another number of processes.
+        """
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            return ("lightning_peft: this checkpoint holds no RNG states (written by another version or without "
+                    "PEFTCallback / PEFTMixin); training resumes, but dropout masks differ from an uninterrupted run")
+        rank, world = _rank_and_world()
+        states = saved["states"]
+        warning = None
+        if len(states) != world:
+            warning = (f"lightning_peft: the checkpoint holds RNG states of {len(states)} process(es), this run has "
+                       f"{world}; every process takes the state of rank {min(rank, len(states) - 1)}, so random draws "
+                       "differ from the interrupted run")
+        self.snapshot = states[min(rank, len(states) - 1)]
+        self.pending = self.snapshot
+        self.batch_open = False
+        return warning
+
+
+def training_rng(module: Any) -> TrainingRNG:
+    """The one `TrainingRNG` of a LightningModule (created on first use)."""
+    tracker = module.__dict__.get(TRACKER_ATTR)
+    if tracker is None:
+        tracker = module.__dict__[TRACKER_ATTR] = TrainingRNG()
+    return tracker
+
+
+# ---------------------------------------------------------------------------------------------
+# data order
+# ---------------------------------------------------------------------------------------------
+class SeedEpochSampler(Sampler[int]):
+    """A shuffle whose order depends only on `seed + epoch` (Lightning calls `set_epoch` each epoch).
+
+    With a `StatefulDataLoader`, a resumed run continues the interrupted epoch at the same position and
+    sees the same order in every later epoch; `StatefulDataLoader(shuffle=True)` does not reproduce the
+    later epochs' order after a resume.
+    """
+
+    def __init__(self, data_source: Sized | int, seed: int = 0) -> None:
+        n = data_source if isinstance(data_source, int) else len(data_source)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"SeedEpochSampler needs a dataset or a number of samples >= 0, got {data_source!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"SeedEpochSampler seed must be an integer, got {seed!r}")
+        self.num_samples = n
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

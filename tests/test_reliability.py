@@ -1,0 +1,368 @@
+"""Exact resume after SIGKILL, atomic exports, RNG states in checkpoints, seed+epoch data order.
+
+The multi-process tests run tests/reliability_worker.py (a plain LightningModule with dropout in the
+base and in LoRA, a StatefulDataLoader, checkpoints every 4 steps, validation every 4 steps) and
+`train.py`, kill them with SIGKILL mid-epoch, resume from last.ckpt in a fresh process, and compare
+the final adapter with a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lightning_peft as lp
+from lightning_peft.lightning import PEFTCallback
+from lightning_peft.lightning._state import atomic_directory
+from lightning_peft.lightning.rng import CHECKPOINT_KEY, SeedEpochSampler, TrainingRNG, capture_rng_state, \
+    restore_rng_state
+from lightning_peft.serialization import atomic_save_file
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+WORKER = TESTS / "reliability_worker.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _worker(out: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(WORKER), "--out", str(out), *args], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, expect_rc: int = 0) -> str:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == expect_rc, f"worker exited with {proc.returncode}, expected {expect_rc}:\n{out[-4000:]}"
+    return out
+
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter" / "adapter_model.safetensors")
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert sorted(a) == sorted(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _draws(folder: Path) -> dict:
+    return json.loads((folder / "draws.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG capture / restore (in process)
+# ---------------------------------------------------------------------------------------------
+def _draw_all() -> tuple:
+    return torch.rand(4).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)], random.gauss(0, 1)
+
+
+def test_capture_restore_round_trip_for_torch_numpy_python():
+    random.gauss(0, 1)  # leaves a cached gaussian in python's state
+    np.random.standard_normal()  # and one in numpy's
+    state = capture_rng_state()
+    first = _draw_all()
+    restore_rng_state(state)
+    assert _draw_all() == first
+    assert set(state) >= {"torch", "numpy", "python"}
+
+
+def test_rng_states_load_with_weights_only(tmp_path):
+    tracker = TrainingRNG()
+    tracker.on_train_batch_start()
+    checkpoint: dict = {}
+    tracker.on_save_checkpoint(checkpoint)  # a save inside the batch's end: snapshot taken now
+    torch.save(checkpoint, tmp_path / "c.ckpt")
+    loaded = torch.load(tmp_path / "c.ckpt", weights_only=True)  # no pickled numpy arrays or other objects
+    assert loaded[CHECKPOINT_KEY]["world_size"] == 1 and len(loaded[CHECKPOINT_KEY]["states"]) == 1
+    expected = _draw_all()
+    torch.manual_seed(999), np.random.seed(999), random.seed(999)
+    other = TrainingRNG()
+    assert other.on_load_checkpoint(loaded) is None
+    assert _draw_all() != expected  # nothing is restored at load time (the iterator would undo it) ...
+    other.on_train_batch_start()
+    assert _draw_all() == expected  # ... but at the first training batch
+
+
+def test_tracker_puts_back_the_end_of_batch_state_and_saves_the_last_finished_batch():
+    tracker = TrainingRNG()
+    tracker.on_train_batch_start()
+    torch.rand(2)
+    tracker.on_train_batch_end()
+    after_batch = _draw_all()  # what the next batch would draw with nothing in between ...
+    torch.rand(100), np.random.rand(7), random.random()  # ... validation, a new dataloader iterator
+    tracker.on_train_batch_start()
+    assert _draw_all() == after_batch  # ... which does not reach training
+    saved: dict = {}
+    tracker.on_save_checkpoint(saved)  # inside the batch: its end state is taken now
+    torch.rand(5)
+    tracker.on_train_batch_end()  # a second snapshot for the same batch is not taken
+    again: dict = {}
+    tracker.on_save_checkpoint(again)
+    assert torch.equal(saved[CHECKPOINT_KEY]["states"][0]["torch"], again[CHECKPOINT_KEY]["states"][0]["torch"])
+
+
+def test_a_checkpoint_without_rng_states_says_what_it_means():
+    message = TrainingRNG().on_load_checkpoint({"state_dict": {}})
+    assert message == ("lightning_peft: this checkpoint holds no RNG states (written by another version or without "
+                       "PEFTCallback / PEFTMixin); training resumes, but dropout masks differ from an uninterrupted run")
+
+
+def test_states_of_another_world_size_are_used_with_a_warning():
+    states = [capture_rng_state(), capture_rng_state()]
+    message = TrainingRNG().on_load_checkpoint({CHECKPOINT_KEY: {"format": 1, "world_size": 2, "states": states}})
+    assert message == ("lightning_peft: the checkpoint holds RNG states of 2 process(es), this run has 1; every "
+                       "process takes the state of rank 0, so random draws differ from the interrupted run")
+
+
+# ---------------------------------------------------------------------------------------------
+# data order
+# ---------------------------------------------------------------------------------------------
+def test_seed_epoch_sampler_order_is_a_function_of_seed_plus_epoch():
+    sampler = SeedEpochSampler(10, seed=3)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+        assert orders[-1] == torch.randperm(10, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
+        assert list(sampler) == orders[-1]  # iterating again (a resumed run) gives the same order
+    assert len({tuple(o) for o in orders}) == 3 and sorted(orders[0]) == list(range(10))
+    fresh = SeedEpochSampler(list(range(10)), seed=3)
+    fresh.set_epoch(2)
+    assert list(fresh) == orders[2] and len(fresh) == 10
+
+
+@pytest.mark.parametrize("args,error,message", [
+    ((-1,), ValueError, "SeedEpochSampler needs a dataset or a number of samples >= 0, got -1"),
+    ((5, "1"), TypeError, "SeedEpochSampler seed must be an integer, got '1'"),
+])
+def test_seed_epoch_sampler_bad_arguments(args, error, message):
+    with pytest.raises(error) as err:
+        SeedEpochSampler(*args)
+    assert str(err.value) == message
+
+
+def test_recipes_shuffle_with_the_seed_epoch_sampler():
+    from recipes.common import TextDataModule
+
+    class Rows(TextDataModule):
+        def collate(self, examples):
+            return examples
+
+    dm = Rows(path="unused.csv", seed=5, batch_size=4)
+    loader = dm._loader(list(range(12)), 4, shuffle=True)
+    assert isinstance(loader.sampler, SeedEpochSampler) and loader.sampler.seed == 5
+    loader.sampler.set_epoch(1)
+    assert [i for batch in loader for i in batch] == torch.randperm(12, generator=torch.Generator().manual_seed(6)).tolist()
+    assert [i for batch in dm._loader(list(range(6)), 4, shuffle=False) for i in batch] == list(range(6))
+
+
+# ---------------------------------------------------------------------------------------------
+# validation between batches does not reach training (in process)
+# ---------------------------------------------------------------------------------------------
+def _fit_in_process(tmp_path: Path, name: str, val_every: int | None, exact: bool) -> dict[str, torch.Tensor]:
+    import lightning.pytorch as pl
+
+    sys.path.insert(0, str(TESTS))
+    import reliability_worker as w
+
+    pl.seed_everything(5, verbose=False)
+    module = w.Plain()
+    callback = PEFTCallback(lp.LoraConfig(**w.LORA), export_dir=str(tmp_path / name), exact_resume=exact,
+                               merge_on_train_end=False)
+    trainer = pl.Trainer(max_steps=12, accelerator="cpu", callbacks=[callback], val_check_interval=val_every,
+                         limit_val_batches=1 if val_every else 0, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=w.Data("sampler"))
+    return _adapter(tmp_path / name)
+
+
+def test_validation_in_between_leaves_training_draws_unchanged(tmp_path):
+    without = _fit_in_process(tmp_path, "a", None, exact=True)
+    with_val = _fit_in_process(tmp_path, "b", 3, exact=True)
+    assert _max_diff(without, with_val) == 0.0
+    # the control: without the snapshot, validation's draws change the dropout masks of training
+    assert _max_diff(_fit_in_process(tmp_path, "c", None, exact=False),
+                     _fit_in_process(tmp_path, "d", 3, exact=False)) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL mid-epoch, resume from last.ckpt in a new process (plain LightningModule)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("api,loader", [("callback", "sampler"), ("mixin", "sampler"), ("callback", "shuffle")])
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, api, loader):
+    common = ["--api", api, "--loader", loader]
+    full = _worker(tmp_path / "full", *common)
+    killed = _worker(tmp_path / "run", *common, "--kill-at-step", "6")  # 8 steps per epoch; last.ckpt: step 4
+    _finish(full)
+    _finish(killed, expect_rc=-signal.SIGKILL)
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "ckpt").iterdir())
+    assert ckpts == ["epoch=0-step=4.ckpt", "last.ckpt"]
+    assert not (tmp_path / "run" / "adapter").exists()
+    checkpoint = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4 and len(checkpoint[CHECKPOINT_KEY]["states"]) == 1
+    _finish(_worker(tmp_path / "run", *common, "--ckpt", str(tmp_path / "run" / "ckpt" / "last.ckpt")))
+    uninterrupted, resumed = _draws(tmp_path / "full"), _draws(tmp_path / "run")
+    assert uninterrupted["global_step"] == resumed["global_step"] == 24  # 3 epochs
+    # steps 4..23 drew the same numpy / python numbers (and the same data: the adapters agree below)
+    assert [d[0] for d in resumed["draws"]] == list(range(4, 24))
+    assert resumed["draws"] == uninterrupted["draws"][4:]
+    diff = _max_diff(_adapter(tmp_path / "full"), _adapter(tmp_path / "run"))
+    assert diff <= 1e-6, f"resumed adapter differs from the uninterrupted one by {diff}"
+
+
+@pytest.mark.slow
+def test_without_the_rng_states_a_resume_differs(tmp_path):
+    """The control for the test above: the same resume with exact_resume=False ends elsewhere."""
+    full = _worker(tmp_path / "full")
+    killed = _worker(tmp_path / "run", "--kill-at-step", "6")
+    _finish(full)
+    _finish(killed, expect_rc=-signal.SIGKILL)
+    _finish(_worker(tmp_path / "run", "--no-exact-resume", "--ckpt", str(tmp_path / "run" / "ckpt" / "last.ckpt")))
+    assert _max_diff(_adapter(tmp_path / "full"), _adapter(tmp_path / "run")) > 1e-3
+    assert _draws(tmp_path / "run")["draws"] != _draws(tmp_path / "full")["draws"][4:]
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL during the export: the previous export stays whole
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["adapter", "merged"])
+def test_sigkill_during_export_leaves_the_previous_export_whole(tmp_path, which):
+    _finish(_worker(tmp_path, "--epochs", "1"))
+    before_adapter = _adapter(tmp_path)
+    before_merged = load_file(tmp_path / "merged" / "model.safetensors")
+    # a longer run into the same folder, killed right after the first (adapter) / second (merged) file write
+    _finish(_worker(tmp_path, "--epochs", "2", "--kill-in-export", "1" if which == "adapter" else "2"),
+            expect_rc=-signal.SIGKILL)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{which}.tmp-")]
+    assert len(leftovers) == 1, sorted(p.name for p in tmp_path.iterdir())  # the kill came mid-export
+    assert (tmp_path / leftovers[0]).is_dir()
+    if which == "adapter":  # the old adapter is intact and loads
+        assert _max_diff(_adapter(tmp_path), before_adapter) == 0.0
+    else:  # the new adapter was completed and renamed into place before the merged export began
+        assert _max_diff(_adapter(tmp_path), before_adapter) > 1e-3
+    after_merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert _max_diff(after_merged, before_merged) == 0.0
+    sys.path.insert(0, str(TESTS))
+    import reliability_worker as w
+
+    loaded = lp.PeftModel.from_pretrained(w.Net(), tmp_path / "adapter")
+    assert loaded.base_model.model.fc1.lora_A["default"].weight.shape == (4, 16)
+
+
+def test_atomic_directory_keeps_the_old_folder_when_writing_fails(tmp_path):
+    final = tmp_path / "adapter"
+    with atomic_directory(str(final)) as tmp:
+        Path(tmp, "a.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_directory(str(final)) as tmp:
+            Path(tmp, "a.txt").write_text("new, half")
+            raise RuntimeError("disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary folder left behind
+    assert (final / "a.txt").read_text() == "old"
+    with atomic_directory(str(final)) as tmp:
+        Path(tmp, "b.txt").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_atomic_save_file_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "adapter_model.safetensors"
+    atomic_save_file({"w": torch.ones(2)}, str(path))
+    import lightning_peft.serialization as serialization
+
+    def broken(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\x00" * 5)  # half a file, then a failure
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(serialization, "save_file", broken)
+    with pytest.raises(OSError, match="No space left on device"):
+        atomic_save_file({"w": torch.zeros(2)}, str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model.safetensors"]
+    assert torch.equal(load_file(path)["w"], torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# `python train.py ... ckpt_path=last` after a SIGKILL
+# ---------------------------------------------------------------------------------------------
+# tiny BERT (dropout 0.1 in the base, 0.05 in LoRA), 96 rows in batches of 16: 6 steps per epoch, 3 epochs,
+# validation (and so a checkpoint of the best and of the last) every 4 steps
+TRAIN = ["model=tiny_bert", "data.limit_train_rows=96", "data.limit_val_rows=16", "data.batch_size=16",
+         "trainer.max_epochs=3", "trainer.val_check_interval=4", "trainer.enable_progress_bar=false",
+         "trainer.enable_model_summary=false", "merge=false"]
+KILL = "+trainer.callbacks=[{_target_: reliability_worker.Kill, step: 5}]"
+
+
+def _train(run: Path, *args: str) -> subprocess.Popen:
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run}", *TRAIN, *args],
+                            cwd=run.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_train_py_killed_mid_epoch_resumes_with_ckpt_path_last(tmp_path):
+    full = _train(tmp_path / "full")
+    killed = _train(tmp_path / "run", KILL)
+    _finish(full)
+    _finish(killed, expect_rc=-signal.SIGKILL)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4 and checkpoint["epoch"] == 0  # mid-epoch (step 4 of 6)
+    assert not (tmp_path / "run" / "adapter").exists()
+    out = _finish(_train(tmp_path / "run", "ckpt_path=last"))
+    assert "Restoring states from the checkpoint path" in out and "last.ckpt" in out
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["global_step"] == 18 and m["resumed_from"] == "last"
+    diff = _max_diff(_adapter(tmp_path / "full"), _adapter(tmp_path / "run"))
+    assert diff <= 1e-6, f"resumed adapter differs from the uninterrupted one by {diff}"
+
+
+# ---------------------------------------------------------------------------------------------
+# no code execution from files
+# ---------------------------------------------------------------------------------------------
+def _call_text(text: str, start: int) -> str:
+    """The source of the call whose '(' is at text[start] (to its matching ')')."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i + 1]
+    return text[start:]
+
+
+def test_no_unsafe_loading_in_the_package():
+    """Every torch.load in the package and the recipes is weights-only; nothing enables remote code or unpickles."""
+    offenders = []
+    for folder in ("lightning_peft", "recipes", "configs"):
+        for path in sorted((REPO / folder).rglob("*")):
+            if path.suffix not in (".py", ".yaml"):
+                continue
+            text = path.read_text()
+            where = path.relative_to(REPO)
+            for i in [i for i in range(len(text)) if text.startswith("torch.load(", i)]:
+                call = _call_text(text, i + len("torch.load"))
+                if "weights_only=True" not in call:
+                    offenders.append(f"{where}: torch.load{call}")
+            for number, line in enumerate(text.splitlines(), 1):
+                code = line.split("#", 1)[0]
+                if "trust_remote_code" in code and ("True" in code or "true" in code):
+                    offenders.append(f"{where}:{number}: {line.strip()}")
+                if "import pickle" in code or "pickle.load" in code or "dill" in code:
+                    offenders.append(f"{where}:{number}: {line.strip()}")
+    assert offenders == []
