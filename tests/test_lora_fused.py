@@ -88,11 +88,14 @@ def test_inference_mode_and_frozen_adapter_take_the_graphless_path(monkeypatch):
     x = torch.randn(2, 3, 16)
     expected = layer._forward_with_adapter_modules(x).detach()
     calls = _count_fused(monkeypatch)
-    with torch.inference_mode():
-        assert torch.equal(layer(x), expected)
+    with torch.inference_mode():  # the update is summed before the base product there: rounding only
+        torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
     layer.requires_grad_(False)
     out = layer(x)
-    assert not out.requires_grad and torch.equal(out, expected)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    layer.base_layer.bias = None  # no bias: no extra rank
+    torch.testing.assert_close(layer(x), layer._forward_with_adapter_modules(x), atol=1e-6, rtol=1e-6)
     assert calls["n"] == 0
 
 

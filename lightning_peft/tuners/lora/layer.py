@@ -97,6 +97,23 @@ def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return out.view(*x.shape[:-1], out.shape[-1]), x_lora, mask, after_A
 
 
+def _lora_linear_no_grad(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                         lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+    """Inference without dropout: the low-rank update (with the bias as one more rank) is written first
+    and the base product accumulates into it inside the big matmul, so the output is written once, as
+    for the base layer alone. A rounding-level reordering of the same sum (the autograd path keeps the
+    base-then-update order)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    after_A = torch.mm(x2, lora_A.t())  # (tokens, r)
+    up = lora_B.t() * scaling  # (r, out), tiny
+    if bias is not None:
+        after_A = torch.cat([after_A, after_A.new_ones(after_A.shape[0], 1)], dim=1)
+        up = torch.cat([up, bias.unsqueeze(0).to(up.dtype)], dim=0)
+    out = torch.mm(after_A, up)
+    out.addmm_(x2, weight if fan_in_fan_out else weight.t())
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class _LoraLinearFunction(torch.autograd.Function):
     """y = x W_base^T + b + s * B(A(dropout_p(x))) over a frozen base weight (see above)."""
 
@@ -324,8 +341,10 @@ class Linear(nn.Module, LoraLayer):
         if torch.is_grad_enabled() and (x.requires_grad or weight_A.requires_grad or weight_B.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _LoraLinearFunction.apply(x, weight, bias, weight_A, weight_B, scaling, p, self.fan_in_fan_out)
-        # nothing to differentiate (inference, or frozen adapters): the same ops without a graph
+        # nothing to differentiate (inference, or frozen adapters): no graph
         with torch.no_grad():
+            if p == 0.0:
+                return _lora_linear_no_grad(x, weight, bias, weight_A, weight_B, scaling, self.fan_in_fan_out)
             return _lora_linear(x, weight, bias, weight_A, weight_B, scaling, p, self.fan_in_fan_out)[0]
 
     def __repr__(self) -> str:
