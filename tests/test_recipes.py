@@ -174,3 +174,12 @@ def test_seq2seq_module_reports_rouge(tokenizer, tmp_path):
 def test_build_model_needs_a_source():
     with pytest.raises(ValueError, match="set `name_or_path`"):
         build_model("AutoModelForCausalLM")
+
+
+def test_word_counting_alone_is_near_chance_on_validation():
+    """The default task is not trivial: a bag-of-words classifier cannot do it."""
+    sys.path.insert(0, str(REPO_ROOT / "data"))
+    from bow_baseline import bow_accuracy
+
+    acc = bow_accuracy()
+    assert acc["val_acc"] < 0.6 and acc["train_acc"] < 0.75
