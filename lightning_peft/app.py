@@ -272,8 +272,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     run_dir = _run_dir(cfg)
     job = _job_info()
-    log.info("rank %s runs job %s with overrides %s in %s", os.environ.get("LOCAL_RANK", "0"),
-             job["job_num"], job["overrides"], run_dir)
+    log.info("rank %s starts in %s with overrides %s", os.environ.get("LOCAL_RANK", "0"), run_dir,
+             job["overrides"])
     _check_strategy(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 

