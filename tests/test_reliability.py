@@ -145,6 +145,22 @@ def test_seed_epoch_sampler_order_is_a_function_of_seed_plus_epoch():
     assert list(fresh) == orders[2] and len(fresh) == 10
 
 
+def test_seed_epoch_sampler_state_holds_epoch_and_position():
+    sampler = SeedEpochSampler(10, seed=3)
+    sampler.set_epoch(4)
+    it = iter(sampler)
+    head = [next(it) for _ in range(6)]
+    fresh = SeedEpochSampler(10, seed=3)  # a new process: epoch 0 until told otherwise
+    fresh.load_state_dict(sampler.state_dict())
+    resumed = iter(fresh)
+    resumed.load_state_dict(it.state_dict())
+    assert head + list(resumed) == sampler.order() and fresh.epoch == 4
+    with pytest.raises(ValueError) as err:
+        SeedEpochSampler(10, seed=4).load_state_dict(sampler.state_dict())
+    assert str(err.value) == ("this data loader state was saved for SeedEpochSampler(seed=3, 10 samples), not "
+                              "(seed=4, 10 samples); resume with the same seed and data")
+
+
 @pytest.mark.parametrize("args,error,message", [
     ((-1,), ValueError, "SeedEpochSampler needs a dataset or a number of samples >= 0, got -1"),
     ((5, "1"), TypeError, "SeedEpochSampler seed must be an integer, got '1'"),
@@ -205,24 +221,29 @@ def test_validation_in_between_leaves_training_draws_unchanged(tmp_path):
 # SIGKILL mid-epoch, resume from last.ckpt in a new process (plain LightningModule)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("api,loader", [("callback", "sampler"), ("mixin", "sampler"), ("callback", "shuffle")])
-def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, api, loader):
+@pytest.mark.parametrize("api,loader,kill_at", [
+    ("callback", "sampler", 6),  # 8 steps per epoch: last.ckpt is step 4 (epoch 0)
+    ("mixin", "sampler", 14),  # last.ckpt is step 12 (epoch 1)
+    ("callback", "shuffle", 14),  # StatefulDataLoader(shuffle=True)
+])
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, api, loader, kill_at):
     common = ["--api", api, "--loader", loader]
     full = _worker(tmp_path / "full", *common)
-    killed = _worker(tmp_path / "run", *common, "--kill-at-step", "6")  # 8 steps per epoch; last.ckpt: step 4
+    killed = _worker(tmp_path / "run", *common, "--kill-at-step", str(kill_at))
     _finish(full)
     _finish(killed, expect_rc=-signal.SIGKILL)
+    saved = kill_at // 4 * 4
     ckpts = sorted(p.name for p in (tmp_path / "run" / "ckpt").iterdir())
-    assert ckpts == ["epoch=0-step=4.ckpt", "last.ckpt"]
+    assert ckpts == [f"epoch={s // 8}-step={s}.ckpt" for s in range(4, saved + 1, 4)] + ["last.ckpt"]
     assert not (tmp_path / "run" / "adapter").exists()
     checkpoint = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)
-    assert checkpoint["global_step"] == 4 and len(checkpoint[CHECKPOINT_KEY]["states"]) == 1
+    assert checkpoint["global_step"] == saved and len(checkpoint[CHECKPOINT_KEY]["states"]) == 1
     _finish(_worker(tmp_path / "run", *common, "--ckpt", str(tmp_path / "run" / "ckpt" / "last.ckpt")))
     uninterrupted, resumed = _draws(tmp_path / "full"), _draws(tmp_path / "run")
     assert uninterrupted["global_step"] == resumed["global_step"] == 24  # 3 epochs
-    # steps 4..23 drew the same numpy / python numbers (and the same data: the adapters agree below)
-    assert [d[0] for d in resumed["draws"]] == list(range(4, 24))
-    assert resumed["draws"] == uninterrupted["draws"][4:]
+    # the resumed steps drew the same numpy / python numbers (and saw the same data: the adapters agree)
+    assert [d[0] for d in resumed["draws"]] == list(range(saved, 24))
+    assert resumed["draws"] == uninterrupted["draws"][saved:]
     diff = _max_diff(_adapter(tmp_path / "full"), _adapter(tmp_path / "run"))
     assert diff <= 1e-6, f"resumed adapter differs from the uninterrupted one by {diff}"
 

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ._state import AdapterState, allow_weights_only_resume, attach_state, get_state, resolve_peft_config, \
     save_merged_model
-from .rng import training_rng
+from .rng import reload_pending_dataloader_states, training_rng
 
 ADAPTER_SUBDIR = "adapter"
 MERGED_SUBDIR = "merged"
@@ -129,6 +129,10 @@ class PEFTCallback(pl.Callback):
                            "position are restored, the optimizer and LR schedulers start fresh")
 
     # ---- exact resume: RNG states (rng.py) ----------------------------------------------------
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.exact_resume:
+            reload_pending_dataloader_states(trainer)  # Lightning #20550: the loader's saved position
+
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
         if self.exact_resume:

@@ -13,7 +13,8 @@ after its `configure_model` returns, without having to call `super()`.
 
 Exact resume (`peft_exact_resume = True`, see `rng.py`): the RNG states are snapshotted at each
 training batch's end, put back at the next one's start and saved with checkpoints, through
-`on_train_batch_start` / `on_train_batch_end` / `on_save_checkpoint` / `on_load_checkpoint`. A
+`on_train_start` / `on_train_batch_start` / `on_train_batch_end` / `on_save_checkpoint` /
+`on_load_checkpoint`. A
 subclass that overrides one of these hooks keeps this without calling `super()` (its hook is wrapped).
 """
 
@@ -28,9 +29,9 @@ from torch import nn
 from ..peft_model import PeftModel
 from ..serialization import get_peft_model_state_dict
 from ._state import AdapterState, allow_weights_only_resume, attach_state, get_state, resolve_peft_config
-from .rng import training_rng
+from .rng import reload_pending_dataloader_states, training_rng
 
-_RNG_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_save_checkpoint", "on_load_checkpoint")
+_RNG_HOOKS = ("on_train_start", "on_train_batch_start", "on_train_batch_end", "on_save_checkpoint", "on_load_checkpoint")
 
 
 class PEFTMixin:
@@ -142,7 +143,9 @@ class PEFTMixin:
         if not self._peft_rng_active():
             return
         tracker = training_rng(self)
-        if name == "on_train_batch_start":
+        if name == "on_train_start":
+            reload_pending_dataloader_states(self._trainer)  # Lightning #20550: the loader's saved position
+        elif name == "on_train_batch_start":
             tracker.on_train_batch_start()
         elif name == "on_train_batch_end":
             tracker.on_train_batch_end()
@@ -154,6 +157,12 @@ class PEFTMixin:
                 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
                 rank_zero_warn(warning)
+
+    def on_train_start(self) -> None:
+        self._peft_hook("on_train_start")
+        parent = getattr(super(), "on_train_start", None)
+        if parent is not None:
+            parent()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
         self._peft_hook("on_train_batch_start")

@@ -167,7 +167,9 @@ class SeedEpochSampler(Sampler[int]):
 
     With a `StatefulDataLoader`, a resumed run continues the interrupted epoch at the same position and
     sees the same order in every later epoch; `StatefulDataLoader(shuffle=True)` does not reproduce the
-    later epochs' order after a resume.
+    later epochs' order after a resume. The sampler and its iterator are `Stateful` (torchdata's protocol):
+    the loader's state holds the epoch and the position, because Lightning calls `set_epoch` only after
+    it has built (and prefetched from) the resumed iterator.
     """
 
     def __init__(self, data_source: Sized | int, seed: int = 0) -> None:
@@ -183,9 +185,64 @@ class SeedEpochSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return _SeedEpochIterator(self.order())
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed or state["num_samples"] != self.num_samples:
+            raise ValueError(f"this data loader state was saved for SeedEpochSampler(seed={state['seed']}, "
+                             f"{state['num_samples']} samples), not (seed={self.seed}, {self.num_samples} samples); "
+                             "resume with the same seed and data")
+        self.epoch = int(state["epoch"])
+
+
+class _SeedEpochIterator:
+    """One epoch's order and the position in it (restored by `load_state_dict`)."""
+
+    def __init__(self, order: list[int]) -> None:
+        self.order = order
+        self.position = 0
+
+    def __iter__(self) -> "_SeedEpochIterator":
+        return self
+
+    def __next__(self) -> int:
+        if self.position >= len(self.order):
+            raise StopIteration
+        self.position += 1
+        return self.order[self.position - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
+
+
+def reload_pending_dataloader_states(trainer: Any) -> bool:
+    """Work around Lightning issue #20550 (open in 2.6): when `configure_optimizers` reads
+    `trainer.estimated_stepping_batches` (as LR schedules do), the train dataloader is built before the
+    checkpoint's loop states are restored, and its saved position is then never loaded: a resumed run
+    starts the interrupted epoch from its first batch. Call at `on_train_start`: loads the pending states
+    and rebuilds the fetcher's iterator. Returns True when it had to."""
+    fit_loop = getattr(trainer, "fit_loop", None)
+    pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
+    if not pending or not getattr(fit_loop, "restarting", False) or getattr(fit_loop, "_combined_loader", None) is None:
+        return False
+    fetcher = getattr(fit_loop, "_data_fetcher", None)
+    load = getattr(fit_loop, "_load_combined_loader_states", None)
+    if fetcher is None or load is None:
+        return False
+    load()
+    iter(fetcher)  # a new iterator from the loaded states (the old one prefetched the epoch's first batch)
+    return True
