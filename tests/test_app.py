@@ -253,16 +253,17 @@ def test_model_name_or_path_swaps_in_any_hf_model(tmp_path):
 
 def test_resume_from_ckpt_path_continues_the_step_count(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    ok(run_train([f"hydra.run.dir={first}", "trainer.max_steps=3", *FAST], cwd=tmp_path))
+    # 64 rows in batches of 16: 4 steps per epoch; train 1 epoch, then resume for a second one
+    ok(run_train([f"hydra.run.dir={first}", "trainer.max_epochs=1", *FAST], cwd=tmp_path))
     ckpt = first / "checkpoints" / "last.ckpt"
-    proc = ok(run_train([f"hydra.run.dir={second}", f"ckpt_path={ckpt}", "trainer.max_steps=6",
+    proc = ok(run_train([f"hydra.run.dir={second}", f"ckpt_path={ckpt}", "trainer.max_epochs=2",
                          "trainer.log_every_n_steps=1", *FAST], cwd=tmp_path))
     assert "Restoring states from the checkpoint path" in proc.stdout + proc.stderr
     m = json.loads((second / "metrics.json").read_text())
-    assert m["global_step"] == 6 and m["resumed_from"] == str(ckpt) and m["before"] is None
+    assert m["global_step"] == 8 and m["resumed_from"] == str(ckpt) and m["before"] is None
     with open(second / "logs" / "metrics.csv") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train_loss")]
-    assert steps and min(steps) >= 3  # only steps 4..6 were trained in the second run
+    assert steps and min(steps) >= 4  # only steps 5..8 were trained in the second run
 
 
 def _report(sweep):
