@@ -132,3 +132,19 @@ def test_merged_and_disabled_layers_skip_the_adapter():
     layer.unmerge()
     layer.enable_adapters(False)
     torch.testing.assert_close(layer(x), base, atol=1e-5, rtol=0)  # W + dW - dW: rounding only
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_merge_adds_the_delta_once(kind, dtype):
+    layer = _layer(kind)
+    layer.base_layer.to(dtype)
+    layer._MERGE_ROWS = 5  # several blocks, one partial
+    original = layer.base_layer.weight.detach().clone()
+    delta = layer.get_delta_weight("default")
+    layer.merge()
+    expected = (original.float() + delta).to(dtype)  # one rounding of the fp32 sum
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0, rtol=0)
+    torch.testing.assert_close(layer.base_layer.weight.detach(), expected, **tol)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight.detach().float(), original.float(), atol=1e-2, rtol=0)

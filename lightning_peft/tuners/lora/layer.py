@@ -220,15 +220,43 @@ class LoraLayer(BaseTunerLayer):
         for name in self._adapters_to_merge(adapter_names):
             if safe_merge:
                 self.check_finite_delta(name)
-            weight = self.get_base_layer().weight
-            weight.data = self._merged_weight(name)
+            if not self._add_delta_in_place(name, 1.0):
+                weight = self.get_base_layer().weight
+                weight.data = self._merged_weight(name)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight = self.get_base_layer().weight
-            weight.data -= self.get_delta_weight(name).to(weight.dtype)
+            if not self._add_delta_in_place(name, -1.0):
+                weight = self.get_base_layer().weight
+                weight.data -= self.get_delta_weight(name).to(weight.dtype)
+
+    _MERGE_ROWS = 128  # rows of a half-precision weight merged per block (the fp32 block stays in cache)
+
+    @torch.no_grad()
+    def _add_delta_in_place(self, adapter_name: str, sign: float) -> bool:
+        """weight += sign * scaling * B A for a Linear / Conv1D adapter, without a full-size delta: one
+        `addmm_` into a weight of the adapter's dtype; for a half-precision weight, blocks of rows
+        computed in fp32 and rounded once into the weight. False: not handled here."""
+        if type(self) is not Linear or adapter_name not in self.lora_A:  # subclasses (8-bit) merge their own way
+            return False
+        weight = self.get_base_layer().weight
+        lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or weight.dim() != 2:
+            return False
+        A, B = lora_A.weight, lora_B.weight * (sign * self.scaling[adapter_name])  # (r, in), (out, r)
+        target = weight.data.t() if self.fan_in_fan_out else weight.data  # (out, in), a view of the weight
+        if weight.dtype == A.dtype:
+            target.addmm_(B, A)
+            return True
+        if not weight.dtype.is_floating_point:
+            return False
+        for start in range(0, target.shape[0], self._MERGE_ROWS):
+            rows = target[start:start + self._MERGE_ROWS]
+            block = torch.mm(B[start:start + self._MERGE_ROWS], A)
+            rows.copy_(block.add_(rows))
+        return True
 
     def _forward_with_adapter_modules(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Shared by Linear and Conv2d, whose A and B are modules applied to the input.
