@@ -236,3 +236,268 @@ def test_bad_adapter_names():
 def test_get_peft_model_needs_a_config_object():
     with pytest.raises(TypeError, match="peft_config must be a tuner config"):
         lp.get_peft_model(tiny_llama(), {"peft_type": "LORA"})
+
+
+# =============================================================================================
+# more of the catalogue (issue 8): each case checks the message says what to do and nothing changed
+# =============================================================================================
+# ---- configs ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(r=0), "r must be a positive integer (the LoRA rank), got 0"),
+    (dict(r=-2), "r must be a positive integer (the LoRA rank), got -2"),
+    (dict(lora_dropout=1.0), "lora_dropout must be a number in [0, 1), got 1.0"),
+    (dict(target_modules="(q"), "target_modules='(q' is not a valid regex (missing ), unterminated subpattern at "
+                                "position 0)"),
+    (dict(target_modules=[]), "target_modules is empty; name at least one module (e.g. ['q_proj', 'v_proj'])"),
+    (dict(target_modules=".*q_proj", layers_to_transform=[0]),
+     "layers_to_transform cannot be used when target_modules is a regex string; give target_modules as a list"),
+    (dict(target_modules=["q_proj"], layers_pattern="layers"),
+     "layers_pattern only has an effect together with layers_to_transform; set both"),
+    (dict(bias="some"), "bias='some' is not valid; use one of: 'none', 'all', 'lora_only'"),
+    (dict(task_type="NOPE"), "task_type='NOPE' is not valid; use one of: CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, "
+                             "TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION"),
+])
+def test_lora_config_values_out_of_range_or_conflicting(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        lp.LoraConfig(**kwargs)
+    assert str(err.value) == message
+
+
+def test_ia3_feedforward_modules_outside_the_targets():
+    with pytest.raises(ValueError) as err:
+        lp.IA3Config(target_modules=["q_proj"], feedforward_modules=["down_proj"])
+    assert str(err.value) == ("feedforward_modules must be a subset of target_modules; ['down_proj'] are not in "
+                              "target_modules=['q_proj']. Add them to target_modules or drop them from "
+                              "feedforward_modules")
+
+
+def test_targets_that_match_no_module_name_the_ones_there():
+    base = tiny_llama()
+    before = _snapshot(base)
+    with pytest.raises(ValueError) as err:
+        lp.get_peft_model(base, lp.LoraConfig(target_modules=["nope"]))
+    assert str(err.value).startswith("target_modules={'nope'} matched no module of the model; leaf module names end "
+                                     "in: embed_tokens, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
+    assert _unchanged(base, before)
+    assert not any("lora" in n for n, _ in base.named_modules())
+
+
+@pytest.mark.parametrize("config,error,message", [
+    (5, TypeError, "config must be a tuner config (e.g. LoraConfig(...)) or a dict / DictConfig with 'peft_type' or "
+                   "'_target_', got int"),
+    ({"_target_": "torch.nn.Identity"}, TypeError,
+     "_target_='torch.nn.Identity' built a Identity, not a tuner config (e.g. lightning_peft.LoraConfig)"),
+    ({"peft_type": "LORA", "r": -1}, ValueError, "r must be a positive integer (the LoRA rank), got -1"),
+    ({"r": 8}, ValueError, "the tuner config {'r': 8} has neither 'peft_type' (e.g. LORA) nor '_target_' "
+                           "(e.g. lightning_peft.LoraConfig); say which tuner it is for"),
+])
+def test_peft_callback_config_errors(config, error, message):
+    from lightning_peft.lightning import PEFTCallback
+
+    with pytest.raises(error) as err:
+        PEFTCallback(config)
+    assert str(err.value) == message
+
+
+# ---- Hydra overrides (composition; misspelled keys are in tests/test_app.py) -------------------
+def _compose(override):
+    from hydra import compose, initialize_config_dir
+
+    from lightning_peft.app import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=[override])
+
+
+def test_misspelled_config_group_names_the_group():
+    from lightning_peft.app_checks import UnknownKeyError, check_overrides
+
+    with pytest.raises(UnknownKeyError) as err:
+        check_overrides(["tunr=lora"])
+    assert str(err.value).startswith("Unknown key 'tunr'. Did you mean 'tuner'? Valid keys of the top level: ")
+
+
+@pytest.mark.parametrize("override,options", [
+    ("tuner=loha", "Available options in 'tuner':\n\tia3\n\tlora\n\tp_tuning\n\tprefix_tuning\n\tprompt_tuning"),
+    ("strategy=fsdp3", "Available options in 'strategy':\n\tddp\n\tfsdp\n\tfsdp1\n\tint8\n\tsingle"),
+])
+def test_unknown_group_choice_lists_the_available_ones(override, options):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as err:
+        _compose(override)
+    assert f"Could not find '{override.replace('=', '/')}'" in str(err.value) and options in str(err.value)
+
+
+@pytest.mark.parametrize("override,cause", [
+    ("seed=abc", "Value 'abc' of type 'str' could not be converted to Integer\n    full_key: seed"),
+    ("quantize=int4", "Invalid value 'int4', expected one of [int8]\n    full_key: quantize"),
+])
+def test_top_level_values_of_the_wrong_type(override, cause):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(override)
+    assert str(err.value) == f"Error merging override {override}"
+    assert str(err.value.__cause__).startswith(cause)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("tuner.r=abc", "r must be a positive integer (the LoRA rank), got 'abc'"),
+    ("tuner.lora_dropout=1.5", "lora_dropout must be a number in [0, 1), got 1.5"),
+])
+def test_tuner_values_from_the_command_line_are_checked(override, message):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    cfg = _compose(override)
+    with pytest.raises(InstantiationException) as err:
+        instantiate(cfg.tuner, _convert_="all")
+    assert message in str(err.value)
+
+
+# ---- adapter files ---------------------------------------------------------------------------
+def _edit_config(folder, **changes):
+    data = json.loads((folder / "adapter_config.json").read_text())
+    data.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(data))
+    return data
+
+
+def test_config_whose_rank_does_not_match_the_weights(saved_adapter):
+    base, folder = saved_adapter
+    _edit_config(folder, r=4)
+    _load_fails(base, folder, r"shape mismatches: base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_A\.weight: "
+                              r"file \(8, 32\) vs model \(4, 32\).*Load the adapter into the base model \(and config\) "
+                              "it was trained for")
+
+
+def test_weights_file_missing_a_tensor(saved_adapter):
+    base, folder = saved_adapter
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    del tensors["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"]
+    save_file(tensors, path)
+    _load_fails(base, folder, r"missing keys: base_model\.model\.transformer\.h\.1\.attn\.c_attn\.lora_B\.weight\)\. "
+                              "Load the adapter into the base model")
+
+
+def test_config_recorded_for_another_peft_type_than_its_weights(saved_adapter):
+    base, folder = saved_adapter
+    data = json.loads((folder / "adapter_config.json").read_text())
+    data = {k: v for k, v in data.items() if k in ("target_modules", "task_type", "fan_in_fan_out")}
+    (folder / "adapter_config.json").write_text(json.dumps({**data, "peft_type": "IA3"}))
+    _load_fails(base, folder, r"missing keys: .*ia3_l.*unexpected keys: .*lora_A\.weight")
+
+
+def test_config_with_a_wrong_value(saved_adapter):
+    base, folder = saved_adapter
+    _edit_config(folder, r="x")
+    _load_fails(base, folder, "r must be a positive integer \\(the LoRA rank\\), got 'x'")
+
+
+def test_config_of_an_unknown_tuner(saved_adapter):
+    base, folder = saved_adapter
+    _edit_config(folder, peft_type="LOHA")
+    _load_fails(base, folder, "unknown peft_type 'LOHA'; lightning_peft knows: LORA, IA3")
+
+
+def test_empty_weights_file(saved_adapter):
+    base, folder = saved_adapter
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    _load_fails(base, folder, "not a readable safetensors file .*header too small.*export the adapter again")
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+def _fit(callback, root, ckpt_path=None, steps=2, holder=None):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_llama()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+    data = torch.utils.data.TensorDataset(torch.randint(1, 64, (8, 12), generator=torch.Generator().manual_seed(0)))
+    module = Module()
+    if holder is not None:
+        holder["module"] = module
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=root,
+                         callbacks=[callback, ModelCheckpoint(dirpath=root, save_last=True)])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4), ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def test_checkpoint_from_another_tuner_is_refused_and_nothing_is_loaded(tmp_path):
+    from lightning_peft.lightning import PEFTCallback
+
+    _fit(PEFTCallback(lp.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+                      merge_on_train_end=False), tmp_path / "ia3")
+    holder = {}
+    with pytest.raises(ValueError) as err:
+        _fit(PEFTCallback(lp.LoraConfig(target_modules=["q_proj"]), merge_on_train_end=False), tmp_path / "lora",
+             ckpt_path=str(tmp_path / "ia3" / "last.ckpt"), holder=holder)
+    message = str(err.value)
+    assert message.startswith("refusing to load this state into Module: it does not hold the adapter 'default' (LORA) "
+                              "of `self.model` (4 of 4 adapter tensors are missing: model.base_model.model.model."
+                              "layers.0.self_attn.q_proj.lora_A.default.weight")
+    assert message.endswith("It was saved without the adapter or for a different tuner config / model; nothing was "
+                            "loaded.")
+    assert not (tmp_path / "lora").exists()  # no checkpoint written
+    peft = holder["module"].model
+    fresh = tiny_llama()  # the same seeded base: not a weight of it was touched
+    base = {k.replace("base_layer.", ""): v for k, v in peft.get_base_model().state_dict().items() if "lora_" not in k}
+    assert sorted(base) == sorted(fresh.state_dict())
+    assert all(torch.equal(v, base[k]) for k, v in fresh.state_dict().items())
+    lora_b = [p for n, p in peft.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 2 and all(torch.count_nonzero(p) == 0 for p in lora_b)  # as injected: zeros, untrained
+
+
+# ---- runtime ---------------------------------------------------------------------------------
+def test_safe_merge_of_a_nan_adapter_is_refused_and_the_base_kept():
+    model = lp.get_peft_model(tiny_llama(), lp.LoraConfig(target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(float("nan"))  # e.g. after a NaN loss
+    before = _snapshot(model)
+    with pytest.raises(ValueError) as err:
+        model.merge_and_unload(safe_merge=True)
+    assert str(err.value) == ("merging adapter 'default' would put NaN/inf into Linear weights; the merge was aborted "
+                              "and the base weights are unchanged (the adapter is broken: retrain or reload it)")
+    after = model.state_dict()
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(after[k], v) or (v.isnan().all() and after[k].isnan().all()) for k, v in before.items())
+    assert not model.base_model.model.model.layers[0].self_attn.q_proj.merged
+
+
+def test_merging_twice_warns_and_merges_once():
+    model = lp.get_peft_model(tiny_llama(), lp.LoraConfig(target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.02)
+    model.base_model.merge_adapter()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    once = layer.get_base_layer().weight.clone()
+    with pytest.warns(UserWarning, match=r"adapter\(s\) \['default'\] already merged into Linear; not merging them "
+                                         "twice"):
+        model.base_model.merge_adapter()
+    assert torch.equal(layer.get_base_layer().weight, once)
+
+
+@pytest.mark.parametrize("call", ["delete_adapter", "set_adapter"])
+def test_an_adapter_name_that_does_not_exist(call):
+    model = lp.get_peft_model(tiny_llama(), lp.LoraConfig(target_modules=["q_proj"]))
+    before = _snapshot(model)
+    with pytest.raises(ValueError) as err:
+        getattr(model, call)("nope")
+    assert str(err.value) == "no adapter named 'nope'; this model has: default"
+    assert _unchanged(model, before) and model.active_adapter == "default"
