@@ -202,10 +202,11 @@ def _job_info() -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return {"choices": {}, "overrides": [], "job_num": None}
+        return {"choices": {}, "overrides": [], "job_num": None, "mode": "no hydra"}
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/") and v is not None}
-    return {"choices": choices, "overrides": list(hc.overrides.task), "job_num": hc.job.get("num")}
+    return {"choices": choices, "overrides": list(hc.overrides.task), "job_num": hc.job.get("num"),
+            "mode": str(hc.mode.name).lower()}
 
 
 def _check_strategy(cfg: DictConfig) -> None:
@@ -272,8 +273,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     run_dir = _run_dir(cfg)
     job = _job_info()
-    log.info("rank %s starts in %s with overrides %s", os.environ.get("LOCAL_RANK", "0"), run_dir,
-             job["overrides"])
+    log.info("rank %s (pid %d, %s) starts in %s with overrides %s", os.environ.get("LOCAL_RANK", "0"),
+             os.getpid(), job["mode"], run_dir, job["overrides"])
     _check_strategy(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
