@@ -24,6 +24,10 @@ from typing import Any, Iterator, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
 
+# The default needs no network; set before transformers/huggingface_hub are imported (they read it
+# once). `HF_HUB_OFFLINE=0 python train.py model.name_or_path=<hub name>` downloads.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 log = logging.getLogger("lightning_peft.app")
@@ -269,7 +273,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from recipes.common import count_parameters
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default needs no network; unset it to download
     start = time.perf_counter()
     run_dir = _run_dir(cfg)
     job = _job_info()
