@@ -234,7 +234,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, api
     _finish(killed, expect_rc=-signal.SIGKILL)
     saved = kill_at // 4 * 4
     ckpts = sorted(p.name for p in (tmp_path / "run" / "ckpt").iterdir())
-    assert ckpts == [f"epoch={s // 8}-step={s}.ckpt" for s in range(4, saved + 1, 4)] + ["last.ckpt"]
+    assert ckpts == [f"epoch={(s - 1) // 8}-step={s}.ckpt" for s in range(4, saved + 1, 4)] + ["last.ckpt"]
     assert not (tmp_path / "run" / "adapter").exists()
     checkpoint = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == saved and len(checkpoint[CHECKPOINT_KEY]["states"]) == 1
