@@ -224,13 +224,12 @@ def _check_strategy(cfg: DictConfig) -> None:
         )
 
 
-def _quantize(model: Any, mode: Optional[Quantize], tuner: Any, merge: bool) -> Any:
+def _quantize(model: Any, mode: Optional[Quantize], tuner: Any) -> Any:
     """8-bit base layers before the tuner is injected (so the adapter stays in full precision)."""
     if mode is None:
         return model
     from lightning_peft import quantization
 
-    quantization.check_int8_compatible(tuner, merge=merge)  # refuse before loading anything else
     return quantization.quantize_model(model, skip=getattr(tuner, "modules_to_save", None) or ())
 
 
@@ -256,7 +255,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(cfg.recipe.auto_class, name_or_path=m.name_or_path,
                         config=OmegaConf.to_container(m.config, resolve=True) if m.get("config") else None,
                         tokenizer=tokenizer, **OmegaConf.to_container(cfg.recipe.model_kwargs, resolve=True))
-    model = _quantize(model, cfg.quantize, tuner, cfg.merge)
+    model = _quantize(model, cfg.quantize, tuner)
     module = instantiate(cfg.recipe.module, model=model, tokenizer=tokenizer)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     return {"tokenizer": tokenizer, "model": model, "module": module, "datamodule": datamodule, "tuner": tuner}
