@@ -47,7 +47,7 @@ def build_gpt2(seed: int = 0, vocab: int = VOCAB) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=LAYERS, n_embd=WIDTH, n_head=HEADS, n_positions=SEQ, vocab_size=vocab,
+    config = GPT2Config(n_layer=LAYERS, n_embd=WIDTH, n_head=HEADS, n_positions=2 * SEQ, vocab_size=vocab,
                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return GPT2LMHeadModel(config)
 
@@ -58,7 +58,7 @@ def build_llama(seed: int = 0, vocab: int = VOCAB) -> nn.Module:
     torch.manual_seed(seed)
     config = LlamaConfig(num_hidden_layers=LAYERS, hidden_size=WIDTH, intermediate_size=1376,
                          num_attention_heads=HEADS, num_key_value_heads=HEADS, vocab_size=vocab,
-                         max_position_embeddings=SEQ, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                         max_position_embeddings=2 * SEQ, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return LlamaForCausalLM(config)
 
 
