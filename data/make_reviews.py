@@ -77,7 +77,7 @@ def make_example(rng: random.Random, held_out: bool) -> tuple[str, int, list[tup
     return f"{text} ({domain}).", label, aspects
 
 
-def main(n_train: int = 1600, n_val: int = 400, seed: int = 0) -> None:
+def main(out_dir: str = HERE, n_train: int = 1600, n_val: int = 400, seed: int = 0) -> None:
     rng = random.Random(seed)
     rows, seen = [], set()
     for split, n in (("train", n_train), ("val", n_val)):
@@ -89,12 +89,12 @@ def main(n_train: int = 1600, n_val: int = 400, seed: int = 0) -> None:
             seen.add(text)
             rows.append((text, label, aspects, split))
             made += 1
-    with open(os.path.join(HERE, "reviews.csv"), "w", newline="") as f:
+    with open(os.path.join(out_dir, "reviews.csv"), "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["text", "label", "split"])
         for text, label, _, split in rows:
             w.writerow([text, label, split])
-    with open(os.path.join(HERE, "aspects.jsonl"), "w") as f:
+    with open(os.path.join(out_dir, "aspects.jsonl"), "w") as f:
         for text, _, aspects, split in rows:
             target = ", ".join(f"{a}: {'positive' if p else 'negative'}" for a, p in aspects)
             f.write(json.dumps({"source": text, "target": target, "split": split}) + "\n")
