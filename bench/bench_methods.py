@@ -56,7 +56,8 @@ def rows(t: Timings) -> list[dict]:
         if name.endswith(" ours") and name.replace(" ours", " peft") in t.samples:
             method = name[: -len(" ours")]
             out.append(dict(section="methods", metric=f"gpt2 {method} step ours/peft",
-                            value=t.ratio(name, f"{method} peft"), unit="x", target=1.0))
+                            value=t.ratio(name, f"{method} peft"), unit="x", target=1.0,
+                            detail=f"best rounds: {t.best_ratio(name, f'{method} peft'):.3f}"))
     return out
 
 

@@ -38,9 +38,11 @@ def rows(arch: str, t: Timings) -> list[dict]:
         target = 0.90 if dropout > 0 else 1.00
         if f"peft p={dropout}" in t.samples:
             out.append(dict(section="step", metric=f"{arch} LoRA step ours/peft, dropout {dropout}",
-                            value=t.ratio(ours, f"peft p={dropout}"), unit="x", target=target))
+                            value=t.ratio(ours, f"peft p={dropout}"), unit="x", target=target,
+                            detail=f"best rounds: {t.best_ratio(ours, f'peft p={dropout}'):.3f}"))
         out.append(dict(section="step", metric=f"{arch} LoRA step / full FT step (ours), dropout {dropout}",
-                        value=t.ratio(ours, "full"), unit="x", target=0.75 if dropout > 0 else None))
+                        value=t.ratio(ours, "full"), unit="x", target=0.75 if dropout > 0 else None,
+                        detail=f"best rounds: {t.best_ratio(ours, 'full'):.3f}"))
         if f"peft p={dropout}" in t.samples:
             out.append(dict(section="step", metric=f"{arch} LoRA step / full FT step (peft), dropout {dropout}",
                             value=t.ratio(f"peft p={dropout}", "full"), unit="x"))

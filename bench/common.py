@@ -176,6 +176,11 @@ class Timings:
         """Median of the per-round ratios (rounds pair cases measured back to back)."""
         return statistics.median(a / b for a, b in zip(self.samples[num], self.samples[den]))
 
+    def best_ratio(self, num: str, den: str) -> float:
+        """Ratio of the fastest rounds: on a shared machine other load only ever adds time, so the
+        minimum is the steadier estimate of a case's own cost when the machine is busy."""
+        return min(self.samples[num]) / min(self.samples[den])
+
     def spread(self, name: str) -> float:
         xs = self.samples[name]
         return (max(xs) - min(xs)) / statistics.median(xs) if len(xs) > 1 else 0.0
