@@ -111,6 +111,8 @@ def main() -> None:
         t0 = time.time()
         rows += collect(section, args.quick, log=lambda msg: print(msg, flush=True))
         print(f"[{section}] done in {time.time() - t0:.0f}s", flush=True)
+        with open(args.out, "w") as f:  # after every section: a later failure keeps what was measured
+            json.dump({"meta": {"partial": True}, "rows": rows}, f, indent=1)
     command = "python bench/run_all.py" + (" --quick" if args.quick else "") + (
         f" --only {' '.join(args.only)}" if args.only else "")
     meta = {"command": command, "machine": common.machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
