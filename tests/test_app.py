@@ -322,6 +322,22 @@ def test_ddp_multirun_runs_each_job_once_per_rank_in_one_sweep_dir(tmp_path):
     assert len(pids) == 2  # a fresh rank-1 process per job, not one process running the sweep
 
 
+def test_causal_lm_and_seq2seq_recipes_run_through_train_py(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = ok(run_train(["-m", "recipe=causal_lm,seq2seq", "tuner=lora", f"hydra.sweep.dir={sweep}",
+                         "trainer.max_steps=2", *FAST[1:]], cwd=tmp_path))
+    rows = _report(sweep)
+    assert [r["metric_name"] for r in rows] == ["val_ppl", "val_rougeL"]
+    assert float(rows[0]["metric"]) > 1.0 and 0.0 <= float(rows[1]["metric"]) <= 1.0
+    lm = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert lm["model"] == "tiny_gpt2" and set(lm["after"]) == {"val_loss", "val_ppl"}
+    assert lm["sample"].startswith("the food was") and f"generated sample: {lm['sample']!r}" in proc.stdout + proc.stderr
+    s2s = json.loads((sweep / "1" / "metrics.json").read_text())
+    assert s2s["model"] == "tiny_t5" and set(s2s["after"]) == {"val_loss", "val_rouge1", "val_rougeL"}
+    config = json.loads((sweep / "1" / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_2_SEQ_LM" and config["peft_type"] == "LORA"
+
+
 @pytest.mark.slow
 def test_strategies_int8_and_fsdp_run_through_a_multirun(tmp_path):
     pytest.importorskip("bitsandbytes")
