@@ -511,13 +511,14 @@ def test_mixin_config_and_callback_together_is_an_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the README example runs
 # ---------------------------------------------------------------------------------------------
-def test_docs_example_runs(tmp_path, monkeypatch):
-    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "lightning.md"), encoding="utf-8").read()
-    code = re.findall(r"```python\n(.*?)```", doc, flags=re.S)[0]
+def test_readme_example_runs(tmp_path, monkeypatch):
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("## Lightning: `PEFTCallback` and `PEFTMixin`"):]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exec(compile(code, "docs/lightning.md", "exec"), {"__name__": "__main__"})
+        exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
     assert sorted(os.listdir(tmp_path / "lightning_logs" / "version_0" / "adapter")) == [
         "adapter_config.json", "adapter_model.safetensors"]
     assert os.path.isfile(tmp_path / "lightning_logs" / "version_0" / "merged" / "model.safetensors")
