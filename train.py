@@ -1,4 +1,4 @@
-"""`python train.py [group=choice ...] [key=value ...]` -- see configs/train.yaml and docs/app.md."""
+"""`python train.py [group=choice ...] [key=value ...]` -- see configs/train.yaml and the README."""
 
 from lightning_peft.app import main
 

@@ -3,7 +3,7 @@
 `train(cfg)` builds the recipe's model, tokenizer, LightningModule and DataModule, applies the tuner
 through `PEFTCallback`, validates before and after fitting, and leaves in the run dir:
 `adapter/` (HF PEFT format), `merged/`, `checkpoints/`, `logs/` and `metrics.json`.
-Configs live in `configs/` at the repository root; docs in `docs/app.md`.
+Configs live in `configs/` at the repository root; docs in the README, "The Hydra app".
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ precision. Lightning's `BitsandbytesPrecision` is not used: it is CUDA-only and 
     model = quantize_base_linears(model)             # Linear / Conv1D -> Linear8bitLt (int8 weight)
     peft = get_peft_model(model, LoraConfig(...))    # LoRA A/B in fp32 over the 8-bit layers
 
-Merging (see docs/strategies.md):
+Merging (see the README, "8-bit base"):
 - `merge_and_unload()` / `merge_adapter()` on an 8-bit base dequantizes the int8 weight, adds the
   LoRA delta and requantizes (row-wise absmax, as bitsandbytes does): memory stays 8-bit, but the
   merged weight is rounded again, so outputs differ slightly from the unmerged model (one warning).
