@@ -10,6 +10,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from ._files import atomic_write_text
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -101,9 +103,7 @@ class PeftConfig:
         os.makedirs(save_directory, exist_ok=True)
         data = self.to_dict()
         data.update(kwargs)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PeftConfig":

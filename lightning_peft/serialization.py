@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ._files import default_mode
 from .config import CONFIG_NAME, WEIGHTS_NAME
 
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -141,6 +142,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: Opti
     os.close(fd)
     try:
         save_file(_unshared(tensors), tmp, metadata=metadata)
+        os.chmod(tmp, default_mode())  # mkstemp makes it private; exports are read by other processes
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -354,3 +354,61 @@ def test_layer_api_both_constructor_forms_and_delta_weight():
     x = torch.randn(4, 16)
     torch.testing.assert_close(wrapped(x), x @ (wrapped.base_layer.weight + delta).T + wrapped.base_layer.bias,
                                atol=1e-5, rtol=0)
+
+
+def test_adapter_names_sharing_a_prefix_save_and_load_apart(tmp_path):
+    base = tiny_gpt2()
+    model = lp.get_peft_model(copy.deepcopy(base), lp.LoraConfig(**GPT2_TARGETS))
+    model.add_adapter("default2", lp.LoraConfig(r=2, **GPT2_TARGETS))
+    model.add_adapter("a", lp.LoraConfig(r=2, **GPT2_TARGETS))  # ".a" is also a prefix of ".attn"
+    _randomise_adapters(model)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert len(saved) == 2 * 8 and all(v.shape[0] == 8 or v.shape[1] == 8 for v in saved.values())
+    assert len(load_file(tmp_path / "a" / "adapter_model.safetensors")) == 2 * 8
+    loaded = lp.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    loaded.load_adapter(tmp_path / "a", adapter_name="a")
+    x = _ids()
+    for name in ("default", "a"):
+        model.set_adapter(name)
+        loaded.set_adapter(name)
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_a_layer_that_cannot_be_adapted_leaves_the_whole_model_untouched():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(4, 4, 3)
+            self.b = torch.nn.Conv2d(4, 4, 3, groups=2)
+
+    net = Net()
+    types_before = {n: type(m) for n, m in net.named_modules()}
+    with pytest.raises(ValueError, match=r"cannot adapt \['b'\].*Conv2d with groups=1"):
+        lp.get_peft_model(net, lp.LoraConfig(target_modules=["a", "b"]))
+    assert {n: type(m) for n, m in net.named_modules()} == types_before
+
+
+def test_weighted_adapter_covers_every_layer_of_every_input():
+    model = lp.get_peft_model(tiny_llama(), lp.LoraConfig(target_modules=["q_proj"], layers_to_transform=0),
+                              adapter_name="a")
+    model.add_adapter("b", lp.LoraConfig(target_modules=["q_proj"], layers_to_transform=1))
+    _randomise_adapters(model)
+    model.add_weighted_adapter(["a", "b"], [0.5, 2.0], "mix", combination_type="cat")
+    layers = model.base_model.model.model.layers
+    torch.testing.assert_close(layers[0].self_attn.q_proj.get_delta_weight("mix"),
+                               0.5 * layers[0].self_attn.q_proj.get_delta_weight("a"), atol=1e-6, rtol=0)
+    torch.testing.assert_close(layers[1].self_attn.q_proj.get_delta_weight("mix"),
+                               2.0 * layers[1].self_attn.q_proj.get_delta_weight("b"), atol=1e-6, rtol=0)
+
+
+def test_bias_all_trains_no_parameter_that_never_runs():
+    model = lp.get_peft_model(tiny_bert_classifier(), lp.LoraConfig(task_type="SEQ_CLS", target_modules=["query"],
+                                                                      bias="all"))
+    model.add_adapter("other", lp.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    model.set_adapter("default")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "base_model.model.classifier.modules_to_save.default.bias" in trainable
+    assert not any(".original_module." in n or ".modules_to_save.other." in n or ".other." in n for n in trainable)

@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from .._files import default_mode
 from ..config import PeftConfig
 from ..peft_model import PeftModel, get_peft_model
 
@@ -77,12 +78,13 @@ def atomic_directory(final: str) -> Iterator[str]:
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it private; exports are read by other processes
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.isdir(final):
+    if os.path.isdir(final):  # between the two renames only `old` holds the previous export
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
         os.replace(final, os.path.join(old, "x"))
         os.replace(tmp, final)

@@ -205,12 +205,11 @@ class ModulesToSaveWrapper(nn.Module):
 class BaseTuner(nn.Module):
     """Injects a tuner's layers into `model` and manages named adapters.
 
-    Subclasses set `prefix` (the name stem of their parameters, e.g. "lora_"), `layer_cls`
-    (their BaseTunerLayer) and implement `_create_and_replace`.
+    Subclasses set `prefix` (the name stem of their parameters, e.g. "lora_") and implement
+    `_create_and_replace`.
     """
 
     prefix: str = ""
-    layer_cls: type = BaseTunerLayer
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default") -> None:
         super().__init__()
@@ -283,15 +282,30 @@ class BaseTuner(nn.Module):
             kinds = sorted({type(self.model.get_submodule(k)).__name__ for k in unsupported})
             raise ValueError(
                 f"{type(self).__name__} cannot adapt {unsupported[:4]} (type {', '.join(kinds)}); "
-                "target only supported layer types (Linear, Conv1D, Embedding, Conv2d, 8-bit Linear)"
+                "target only supported layer types (Linear, Conv1D, Embedding, Conv2d with groups=1, 8-bit Linear)"
             )
         self._check_modules_to_save(config)
         self.peft_config[adapter_name] = config
-        for key in keys:
-            parent, target, target_name = get_submodule_parent(self.model, key)
-            self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
+        originals: list[tuple[nn.Module, str, nn.Module]] = []
+        try:
+            for key in keys:
+                parent, target, target_name = get_submodule_parent(self.model, key)
+                originals.append((parent, target_name, target))
+                self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
+        except Exception:
+            self._undo_injection(adapter_name, originals)
+            raise
         self._set_modules_to_save(config, adapter_name)
         self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+
+    def _undo_injection(self, adapter_name: str, originals: list[tuple[nn.Module, str, nn.Module]]) -> None:
+        """A layer failed to build mid-way: put back what was replaced, so the model is as before."""
+        for parent, name, original in originals:
+            if isinstance(original, BaseTunerLayer):
+                original.delete_adapter(adapter_name)
+            else:
+                setattr(parent, name, original)
+        del self.peft_config[adapter_name]
 
     def _check_modules_to_save(self, config: Any) -> None:
         names = getattr(config, "modules_to_save", None) or []
@@ -449,7 +463,7 @@ class BaseTuner(nn.Module):
         config = self.peft_config[adapter_name]
         out = {}
         for key, value in state_dict.items():
-            if f".{self.prefix}" in f".{key}" and f".{adapter_name}" in key:
+            if f".{self.prefix}" in f".{key}" and adapter_name in key.split("."):
                 out[strip_adapter_name(key, adapter_name)] = value
             elif f".modules_to_save.{adapter_name}." in key:
                 out[key.replace(f".modules_to_save.{adapter_name}.", ".")] = value

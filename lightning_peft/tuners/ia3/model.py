@@ -35,7 +35,6 @@ class IA3Model(BaseTuner):
     """Injects (IA)^3 layers into `model` (see `IA3Config`)."""
 
     prefix = "ia3_"
-    layer_cls = IA3Layer
 
     def _prepare_adapter_config(self, config: IA3Config, model: nn.Module) -> IA3Config:
         model_type = getattr(getattr(model, "config", None), "model_type", None)

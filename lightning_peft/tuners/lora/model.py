@@ -44,7 +44,6 @@ class LoraModel(BaseTuner):
     """Injects LoRA layers into `model` (see `LoraConfig`)."""
 
     prefix = "lora_"
-    layer_cls = LoraLayer
 
     def _prepare_adapter_config(self, config: LoraConfig, model: nn.Module) -> LoraConfig:
         if config.target_modules is None:
@@ -62,6 +61,8 @@ class LoraModel(BaseTuner):
             raise ValueError("only one adapter may train biases (bias != 'none'); set bias='none' for the others")
 
     def _is_supported_target(self, module: nn.Module) -> bool:
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            return False  # checked here so the error comes before any layer is replaced
         return isinstance(module, (LoraLayer, nn.Linear, nn.Embedding, nn.Conv2d)) or _is_conv1d(module) or any(
             _dispatch_accepts(d, module) for d in LAYER_DISPATCHERS)
 
@@ -94,7 +95,10 @@ class LoraModel(BaseTuner):
         warnings.warn(f"bias={bias!r}: biases are trained, so disabling the adapter no longer gives the base model")
         if bias == "all":
             for n, p in self.model.named_parameters():
-                if "bias" in n.rsplit(".", 1)[-1]:
+                # not the frozen originals of saved modules nor other adapters' copies: they never run
+                unused = ".original_module." in n or (".modules_to_save." in n
+                                                      and f".modules_to_save.{self.active_adapter}." not in n)
+                if n.rsplit(".", 1)[-1] == "bias" and not unused:
                     p.requires_grad_(True)
         else:
             for module in self.model.modules():
@@ -143,23 +147,17 @@ class LoraModel(BaseTuner):
         if combination_type != "svd" and any(self.peft_config[a].rank_pattern for a in adapters):
             raise ValueError(f"combination_type={combination_type!r} needs one rank per adapter; "
                              "these adapters use rank_pattern, use 'svd'")
-        target_types = {type(self.peft_config[a].target_modules) for a in adapters}
-        if len(target_types) > 1:
-            raise ValueError("cannot combine adapters whose target_modules mix a regex string and a list")
-        if str in target_types:
-            new_targets: Any = "|".join(f"({self.peft_config[a].target_modules})" for a in adapters)
-        else:
-            new_targets = set().union(*(self.peft_config[a].target_modules for a in adapters))
+        # exactly the layers that hold any of the inputs: their own target / layer filters may differ
+        adapted = sorted(name for name, m in self.model.named_modules()
+                         if isinstance(m, LoraLayer) and any(a in m.r for a in adapters))
         config = dataclasses.replace(self.peft_config[adapters[0]], r=new_rank, lora_alpha=new_rank,
-                                     target_modules=new_targets, rank_pattern={}, alpha_pattern={},
-                                     init_lora_weights=False)
+                                     target_modules=adapted, layers_to_transform=None, layers_pattern=None,
+                                     rank_pattern={}, alpha_pattern={}, init_lora_weights=False)
         self.add_adapter(adapter_name, config)
         for module in self.model.modules():
             if not isinstance(module, LoraLayer) or adapter_name not in module.r:
                 continue
             present = [(a, w) for a, w in zip(adapters, weights) if a in module.r]
-            if not present:
-                raise ValueError(f"none of {adapters} adapts a layer that {adapter_name!r} targets")
             with torch.no_grad():
                 if combination_type == "svd":
                     new_A, new_B = _svd_combination(module, present, new_rank, svd_clamp, svd_full_matrices,
