@@ -108,6 +108,8 @@ class PeftModel(PromptLearningMixin, nn.Module):
         if self._prompt_configs is None:
             self.base_model.set_adapter(adapter_name)
         self.active_adapter = adapter_name
+        if self._prompt_configs is not None:
+            self._sync_prompt_trainability()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if self._prompt_configs is not None:
@@ -202,11 +204,17 @@ class PeftModel(PromptLearningMixin, nn.Module):
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, allow_pickle=allow_pickle)
         wrapper_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
-        peft_model = wrapper_cls(model, config, adapter_name)
+        requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        peft_model = None
         try:
+            peft_model = wrapper_cls(model, config, adapter_name)
             set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
         except Exception:
-            peft_model.unload_quietly()
+            if peft_model is not None:
+                peft_model.unload_quietly()
+            for n, p in model.named_parameters():  # wrapping froze the model: give back the user's flags
+                if n in requires_grad:
+                    p.requires_grad_(requires_grad[n])
             raise
         if not is_trainable:
             peft_model.requires_grad_(False)
@@ -217,6 +225,8 @@ class PeftModel(PromptLearningMixin, nn.Module):
         """Give the user's model back untouched after a failed load."""
         if self._prompt_configs is None:
             self.base_model.unload()
+        else:
+            self._unwrap_prompt_modules_to_save()
 
     # ---- prompt learning: the hooks live in tuners/prompt_learning/mixin.py (PromptLearningMixin) ----
 

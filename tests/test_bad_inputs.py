@@ -12,18 +12,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lightning_peft as lp
-from conftest import tiny_gpt2, tiny_llama
+from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 GPT2_LORA = dict(target_modules=["c_attn"], fan_in_fan_out=True)
 
 
-def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
+def _snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool], dict[str, type]]:
+    """The weights, which parameters require grad, and the module types (wrappers left behind show there)."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: type(m) for n, m in model.named_modules()})
 
 
-def _unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+def _unchanged(model: torch.nn.Module, before: tuple) -> bool:
+    weights, requires_grad, types = before
     after = model.state_dict()
-    return sorted(after) == sorted(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    return (sorted(after) == sorted(weights) and all(torch.equal(after[k], v) for k, v in weights.items())
+            and {n: p.requires_grad for n, p in model.named_parameters()} == requires_grad
+            and {n: type(m) for n, m in model.named_modules()} == types)
 
 
 @pytest.fixture
@@ -210,6 +216,22 @@ def test_a_failed_load_into_an_existing_peft_model_adds_nothing(saved_adapter, t
         model.load_adapter(wrong, adapter_name="second")
     assert list(model.peft_config) == ["default"]
     assert _unchanged(model, before)
+
+
+def test_a_failed_prompt_learning_load_gives_the_classifier_back(tmp_path):
+    saved = lp.get_peft_model(tiny_bert_classifier(), lp.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
+    saved.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["prompt_embeddings"] = torch.zeros(3, tensors["prompt_embeddings"].shape[1])
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    base = tiny_bert_classifier()
+    base.bert.embeddings.requires_grad_(False)  # the user's own choice of what trains must survive too
+    before = _snapshot(base)
+    with pytest.raises(ValueError, match=r"shape mismatches: prompt_embeddings: file \(3, 32\) vs model \(4, 32\)"):
+        lp.PeftModel.from_pretrained(base, tmp_path, is_trainable=True)
+    assert type(base.classifier) is torch.nn.Linear
+    assert not base.bert.embeddings.word_embeddings.weight.requires_grad and base.classifier.weight.requires_grad
+    assert _unchanged(base, before), "a failed load must leave the base model untouched"
 
 
 # ---- runtime ---------------------------------------------------------------------------------
@@ -467,7 +489,7 @@ def test_safe_merge_of_a_nan_adapter_is_refused_and_the_base_kept():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.fill_(float("nan"))  # e.g. after a NaN loss
-    before = _snapshot(model)
+    before = _snapshot(model)[0]
     with pytest.raises(ValueError) as err:
         model.merge_and_unload(safe_merge=True)
     assert str(err.value) == ("merging adapter 'default' would put NaN/inf into Linear weights; the merge was aborted "
@@ -501,3 +523,17 @@ def test_an_adapter_name_that_does_not_exist(call):
         getattr(model, call)("nope")
     assert str(err.value) == "no adapter named 'nope'; this model has: default"
     assert _unchanged(model, before) and model.active_adapter == "default"
+
+
+def test_exported_files_are_readable_like_any_other_file(saved_adapter, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        _, folder = saved_adapter
+        lp.get_peft_model(tiny_gpt2(), lp.LoraConfig(**GPT2_LORA)).save_pretrained(tmp_path / "fresh")
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert stat.S_IMODE(os.stat(tmp_path / "fresh" / name).st_mode) == 0o644, name
+    finally:
+        os.umask(umask)

@@ -279,7 +279,10 @@ def test_training_reaches_only_the_prompt_parameters(kind, method):
     elif kind == "bert":
         inputs["labels"] = torch.tensor([0, 2])
     out = model(**inputs)
-    assert out.logits.shape[1] == (7 + VT if kind == "gpt2" and not method.startswith("prefix") else out.logits.shape[1])
+    # GPT-2: one logit row per token, virtual ones included unless the prefix sits in the cache; T5: per label token
+    # (the prompt only lengthens the encoder input); BERT: one logit per class
+    expected = {"gpt2": 7 if method.startswith("prefix") else 7 + VT, "t5": 4, "bert": 3}[kind]
+    assert out.logits.shape[1] == expected
     out.loss.backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     allowed = ("prompt_encoder.default.", "base_model.classifier.modules_to_save.default.")
@@ -290,6 +293,37 @@ def test_training_reaches_only_the_prompt_parameters(kind, method):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None, name
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_only_the_active_prompt_adapter_trains(method):
+    model = _quiet(lp.get_peft_model, tiny_bert_classifier(), _config(lp, method, "SEQ_CLS"), adapter_name="a")
+    # add_adapter (unlike the constructor) does not add the head itself: name it, so that both adapters have a copy
+    _quiet(model.add_adapter, "b", _config(lp, method, "SEQ_CLS", modules_to_save=["classifier"]))
+
+    def trainable(name):
+        return {n for n, p in model.named_parameters() if p.requires_grad and f".{name}." in n}
+
+    def frozen_elsewhere():  # the base model (classifier original included) never trains
+        return not any(p.requires_grad for n, p in model.named_parameters()
+                       if ".a." not in n and ".b." not in n)
+
+    assert model.active_adapter == "a" and not trainable("b") and frozen_elsewhere()
+    assert any(n.startswith("prompt_encoder.a.") for n in trainable("a"))
+    assert any(n.startswith("base_model.classifier.modules_to_save.a.") for n in trainable("a"))
+    model.set_adapter("b")
+    assert not trainable("a") and frozen_elsewhere()
+    assert any(n.startswith("prompt_encoder.b.") for n in trainable("b"))
+    assert any(n.startswith("base_model.classifier.modules_to_save.b.") for n in trainable("b"))
+    model.set_adapter("a")
+    assert not trainable("b") and trainable("a")
+
+
+def test_an_inference_mode_prompt_adapter_stays_frozen_when_set_active():
+    model = _quiet(lp.get_peft_model, tiny_bert_classifier(), _config(lp, "prompt", "SEQ_CLS"), adapter_name="a")
+    _quiet(model.add_adapter, "b", _config(lp, "prompt", "SEQ_CLS", inference_mode=True))
+    model.set_adapter("b")
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_causal_labels_are_padded_for_the_virtual_tokens():

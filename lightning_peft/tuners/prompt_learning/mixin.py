@@ -110,6 +110,7 @@ class PromptLearningMixin:
         self.prompt_tokens[adapter_name] = torch.arange(config.num_virtual_tokens * config.num_transformer_submodules)
         self._prompt_configs[adapter_name] = config
         self._wrap_modules_to_save(config, adapter_name)
+        self._sync_prompt_trainability()
 
     def _build_prompt_encoder(self, config: PromptLearningConfig) -> nn.Module:
         words = self.word_embeddings
@@ -175,6 +176,24 @@ class PromptLearningMixin:
                 if not trainable or self._prompt_configs[self.active_adapter].inference_mode:
                     wrapper.modules_to_save[self.active_adapter].requires_grad_(False)
 
+    def _sync_prompt_trainability(self) -> None:
+        """Only the active adapter trains (unless loaded for inference): its prompt encoder and its copies of
+        the modules_to_save require grad; every other adapter's are frozen."""
+        for name, encoder in self.prompt_encoder.items():
+            encoder.requires_grad_(name == self.active_adapter and not self._prompt_configs[name].inference_mode)
+        for _, wrapper in self._prompt_wrappers():
+            if self.active_adapter in wrapper.modules_to_save:
+                wrapper.set_adapter(self.active_adapter)
+            for name, module in wrapper.modules_to_save.items():
+                module.requires_grad_(name == self.active_adapter and not self._prompt_configs[name].inference_mode)
+
+    def _unwrap_prompt_modules_to_save(self) -> None:
+        """Put every wrapped module (e.g. the classifier head) back as the original, e.g. after a failed load."""
+        for key, wrapper in self._prompt_wrappers():
+            parent_name, _, child = key.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            setattr(parent, child, wrapper.original_module)
+
     def _delete_prompt_adapter(self, adapter_name: str, force: bool = False) -> None:
         if adapter_name not in self._prompt_configs:
             raise ValueError(f"no adapter named {adapter_name!r}; this model has: "
@@ -194,6 +213,7 @@ class PromptLearningMixin:
                 setattr(parent, child, wrapper.original_module)
         if adapter_name == self.active_adapter:
             self.active_adapter = others[0] if others else ""
+            self._sync_prompt_trainability()
 
     @contextmanager
     def _prompt_learning_disabled(self) -> Iterator[None]:
