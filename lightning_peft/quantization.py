@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .config import PeftType
-from .tuners.base import TASK_HEAD_NAMES, BaseTunerLayer, ModulesToSaveWrapper, get_submodule_parent
+from .tuners.base import (TASK_HEAD_NAMES, BaseTunerLayer, ModulesToSaveWrapper, get_submodule_parent, is_conv1d,
+                          is_linear8bit)
 from .tuners.lora import model as lora_model
 from .tuners.lora.layer import Linear as LoraLinear
 from .tuners.lora.layer import warn_fan_in_fan_out
@@ -66,11 +67,6 @@ def require_bitsandbytes() -> Any:
             f"{'.'.join(map(str, MIN_BITSANDBYTES))}); upgrade with `{INSTALL_HINT}`"
         )
     return bitsandbytes
-
-
-def is_linear8bit(module: nn.Module) -> bool:
-    """A bitsandbytes `Linear8bitLt`, checked by name so that bitsandbytes is not imported for it."""
-    return any(c.__name__ == "Linear8bitLt" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
 
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
@@ -108,11 +104,6 @@ def _make_linear8bit(weight: torch.Tensor, bias: Optional[torch.Tensor], thresho
 # ---------------------------------------------------------------------------------------------
 # quantizing / dequantizing a model
 # ---------------------------------------------------------------------------------------------
-def _is_conv1d(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
-
 
 def _name_matches(key: str, names: Iterable[str]) -> bool:
     return any(key == n or key.endswith("." + n) for n in names)
@@ -142,7 +133,7 @@ def quantize_base_linears(model: nn.Module, skip: Iterable[str] = (), threshold:
             continue
         if type(module) is nn.Linear:  # exact type: subclasses (and 8-bit layers) keep their own behaviour
             weight, bias = module.weight.data, module.bias.data if module.bias is not None else None
-        elif include_conv1d and _is_conv1d(module):
+        elif include_conv1d and is_conv1d(module):
             weight, bias = module.weight.data.T, module.bias.data if module.bias is not None else None
         else:
             continue

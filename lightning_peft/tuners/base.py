@@ -56,6 +56,18 @@ def pattern_value(patterns: dict, key: str, default: Any) -> Any:
     return default
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2's linear layer, weight stored (in, out))."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def is_linear8bit(module: nn.Module) -> bool:
+    """A bitsandbytes `Linear8bitLt`, checked by name so that bitsandbytes is not imported for it."""
+    return any(c.__name__ == "Linear8bitLt" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
 def get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
     parent_name, _, child_name = key.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -145,6 +157,14 @@ class BaseTunerLayer:
                 del holder[adapter_name]
         if adapter_name in self._active_adapters:
             self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
+
+    def _check_forward(self) -> bool:
+        """True when the adapters take part in this forward (not disabled, not merged)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return False
+        return not self.merged
 
     def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
         names = self.active_adapters if adapter_names is None else adapter_names

@@ -45,13 +45,6 @@ class IA3Layer(BaseTunerLayer):
                 scaling = self.ia3_l[name] if scaling is None else scaling * self.ia3_l[name]
         return scaling
 
-    def _check_forward(self) -> bool:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return False
-        return not self.merged
-
     # ---- merge --------------------------------------------------------------------------------
     def _weight_factor(self, adapter_name: str) -> torch.Tensor:
         raise NotImplementedError

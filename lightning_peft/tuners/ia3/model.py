@@ -5,21 +5,10 @@ from typing import Optional
 
 from torch import nn
 
-from ..base import BaseTuner, describe_module_names
+from ..base import BaseTuner, describe_module_names, is_conv1d, is_linear8bit
 from ..lora.layer import warn_fan_in_fan_out
 from .config import DEFAULT_FEEDFORWARD_MODULES, DEFAULT_TARGET_MODULES, IA3Config, check_feedforward_subset
 from .layer import Conv2d, IA3Layer, Linear, Linear8bitLt
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
-
-
-def _is_linear8bit(module: nn.Module) -> bool:
-    # by name, so bitsandbytes is imported only by users who already have 8-bit layers
-    return type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes")
 
 
 def is_feedforward_key(config: IA3Config, key: str) -> bool:
@@ -64,7 +53,7 @@ class IA3Model(BaseTuner):
                                  f"target_modules: {stray[:4]}; feedforward_modules must be a subset of target_modules")
 
     def _is_supported_target(self, module: nn.Module) -> bool:
-        return isinstance(module, (IA3Layer, nn.Linear, nn.Conv2d)) or _is_conv1d(module) or _is_linear8bit(module)
+        return isinstance(module, (IA3Layer, nn.Linear, nn.Conv2d)) or is_conv1d(module) or is_linear8bit(module)
 
     def _create_and_replace(self, config: IA3Config, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str) -> None:
@@ -76,7 +65,7 @@ class IA3Model(BaseTuner):
             target.update_layer(adapter_name, config.init_ia3_weights)
             return
         kwargs = dict(is_feedforward=is_feedforward, init_ia3_weights=config.init_ia3_weights)
-        if _is_linear8bit(target):
+        if is_linear8bit(target):
             new_module: nn.Module = Linear8bitLt(target, adapter_name, **kwargs)
         elif isinstance(target, nn.Conv2d):
             new_module = Conv2d(target, adapter_name, **kwargs)
@@ -85,7 +74,7 @@ class IA3Model(BaseTuner):
                 warn_fan_in_fan_out(False, "torch.nn.Linear")
                 config.fan_in_fan_out = False
             new_module = Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
-        elif _is_conv1d(target):
+        elif is_conv1d(target):
             if not config.fan_in_fan_out:
                 warn_fan_in_fan_out(True, "transformers Conv1D")
                 config.fan_in_fan_out = True

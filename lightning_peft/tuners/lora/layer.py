@@ -279,14 +279,6 @@ class LoraLayer(BaseTunerLayer):
             result = result + lora_B(lora_A(x_lora)) * self.scaling[name]
         return result if result.dtype == result_dtype else result.to(result_dtype)
 
-    def _check_forward(self) -> bool:
-        """True when the adapters take part in this forward (not disabled, not merged)."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return False
-        return not self.merged
-
 
 class Linear(nn.Module, LoraLayer):
     """LoRA over `nn.Linear` or transformers' `Conv1D` (`fan_in_fan_out=True`, weight stored (in, out)).

@@ -7,15 +7,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..base import BaseTuner, pattern_value, strip_adapter_name
+from ..base import BaseTuner, is_conv1d, pattern_value, strip_adapter_name
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .layer import Conv2d, Embedding, Linear, LoraLayer, warn_fan_in_fan_out
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
 
 
 def _dispatch_default(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> Optional[nn.Module]:
@@ -28,7 +22,7 @@ def _dispatch_default(target: nn.Module, adapter_name: str, config: LoraConfig, 
             warn_fan_in_fan_out(False, "torch.nn.Linear")
             kwargs["fan_in_fan_out"] = config.fan_in_fan_out = False
         return Linear(target, adapter_name, **kwargs)
-    if _is_conv1d(target):
+    if is_conv1d(target):
         if not kwargs["fan_in_fan_out"]:
             warn_fan_in_fan_out(True, "transformers Conv1D")
             kwargs["fan_in_fan_out"] = config.fan_in_fan_out = True
@@ -63,7 +57,7 @@ class LoraModel(BaseTuner):
     def _is_supported_target(self, module: nn.Module) -> bool:
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             return False  # checked here so the error comes before any layer is replaced
-        return isinstance(module, (LoraLayer, nn.Linear, nn.Embedding, nn.Conv2d)) or _is_conv1d(module) or any(
+        return isinstance(module, (LoraLayer, nn.Linear, nn.Embedding, nn.Conv2d)) or is_conv1d(module) or any(
             _dispatch_accepts(d, module) for d in LAYER_DISPATCHERS)
 
     def _create_and_replace(self, config: LoraConfig, adapter_name: str, target: nn.Module, target_name: str,
@@ -179,7 +173,7 @@ def _all_linear_names(model: nn.Module) -> set[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = set()
     for name, module in model.named_modules():
-        if (isinstance(module, nn.Linear) or _is_conv1d(module)) and module is not head:
+        if (isinstance(module, nn.Linear) or is_conv1d(module)) and module is not head:
             names.add(name.rsplit(".", 1)[-1])
     return names
 
