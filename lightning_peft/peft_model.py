@@ -262,11 +262,17 @@ class _HeadTrainingPeftModel(PeftModel):
     head_names: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
-        if hasattr(peft_config, "modules_to_save"):
-            names = list(peft_config.modules_to_save or [])
-            names += [n for n in self.head_names if n not in names]
-            peft_config = dataclasses.replace(peft_config, modules_to_save=names)
-        super().__init__(model, peft_config, adapter_name)
+        super().__init__(model, self._with_head(peft_config), adapter_name)
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        super().add_adapter(adapter_name, self._with_head(peft_config))  # each adapter gets its own head copy
+
+    def _with_head(self, peft_config: PeftConfig) -> PeftConfig:
+        if not hasattr(peft_config, "modules_to_save"):
+            return peft_config
+        names = list(peft_config.modules_to_save or [])
+        names += [n for n in self.head_names if n not in names]
+        return dataclasses.replace(peft_config, modules_to_save=names)
 
 
 class PeftModelForSequenceClassification(_HeadTrainingPeftModel):

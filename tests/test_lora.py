@@ -412,3 +412,12 @@ def test_bias_all_trains_no_parameter_that_never_runs():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "base_model.model.classifier.modules_to_save.default.bias" in trainable
     assert not any(".original_module." in n or ".modules_to_save.other." in n or ".other." in n for n in trainable)
+
+
+def test_every_classification_adapter_gets_its_own_head():
+    model = lp.get_peft_model(tiny_bert_classifier(), lp.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    model.add_adapter("second", lp.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    head = model.base_model.model.classifier
+    assert sorted(head.modules_to_save) == ["default", "second"]
+    model.set_adapter("second")
+    assert head.modules_to_save["second"].weight.requires_grad and not head.modules_to_save["default"].weight.requires_grad
