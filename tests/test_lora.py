@@ -244,7 +244,7 @@ def test_parameter_counts():
     model = lp.get_peft_model(tiny_llama(), lp.LoraConfig(r=4, target_modules=["q_proj"]))
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == 2 * (4 * 32 + 32 * 4)
-    assert total == sum(p.numel() for p in model.parameters())
+    assert total == sum(p.numel() for p in tiny_llama().parameters()) + trainable
 
 
 # ---- bad input: one clear error, the model untouched ----------------------------------------

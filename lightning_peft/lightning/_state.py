@@ -214,11 +214,6 @@ class AdapterState:
                 module.register_load_state_dict_post_hook(functools.partial(_load_post_hook, self)),
             ]
 
-    def remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-
     def describe_counts(self) -> tuple[int, int, float]:
         trainable, total = self.trainable_counts or (0, 0)
         return trainable, total, (100.0 * trainable / total if total else 0.0)
