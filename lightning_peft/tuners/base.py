@@ -166,6 +166,19 @@ class BaseTunerLayer:
             return False
         return not self.merged
 
+    def merged_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The base layer's tensors ("weight", maybe "bias") as merging `adapter_name` would leave them."""
+        raise NotImplementedError
+
+    def check_finite_delta(self, adapter_name: str) -> None:
+        """`safe_merge`: refuse, before any change, a merge that would put NaN/inf into the base layer."""
+        if not all(torch.isfinite(t).all() for t in self.merged_tensors(adapter_name).values()):
+            raise ValueError(
+                f"merging adapter {adapter_name!r} would put NaN/inf into {type(self.get_base_layer()).__name__} "
+                "weights; the merge was aborted and the base weights are unchanged (the adapter is broken: retrain "
+                "or reload it)"
+            )
+
     def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
         names = self.active_adapters if adapter_names is None else adapter_names
         already = [n for n in names if n in self.merged_adapters]

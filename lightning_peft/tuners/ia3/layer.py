@@ -49,32 +49,20 @@ class IA3Layer(BaseTunerLayer):
     def _weight_factor(self, adapter_name: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def _merged(self, adapter_name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def merged_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         base = self.get_base_layer()
-        weight = base.weight.data * self._weight_factor(adapter_name)
-        bias = None
+        merged = {"weight": base.weight.data * self._weight_factor(adapter_name)}
         if not self.is_feedforward and getattr(base, "bias", None) is not None:
-            bias = base.bias.data * self.ia3_l[adapter_name].data.reshape(base.bias.shape)
-        return weight, bias
-
-    def check_finite_delta(self, adapter_name: str) -> None:
-        weight, bias = self._merged(adapter_name)
-        if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
-            raise ValueError(
-                f"merging IA3 adapter {adapter_name!r} would put NaN/inf into {type(self.get_base_layer()).__name__} "
-                "weights; the merge was aborted and the base weights are unchanged (the adapter is broken: retrain "
-                "or reload it)"
-            )
+            merged["bias"] = base.bias.data * self.ia3_l[adapter_name].data.reshape(base.bias.shape)
+        return merged
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         for name in self._adapters_to_merge(adapter_names):
             if safe_merge:
                 self.check_finite_delta(name)
             base = self.get_base_layer()
-            weight, bias = self._merged(name)
-            base.weight.data = weight.to(base.weight.dtype)
-            if bias is not None:
-                base.bias.data = bias.to(base.bias.dtype)
+            for attr, value in self.merged_tensors(name).items():
+                getattr(base, attr).data = value.to(getattr(base, attr).dtype)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:

@@ -208,13 +208,8 @@ class LoraLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         return weight.data + self.get_delta_weight(adapter_name).to(weight.dtype)
 
-    def check_finite_delta(self, adapter_name: str) -> None:
-        if not torch.isfinite(self._merged_weight(adapter_name)).all():
-            raise ValueError(
-                f"merging adapter {adapter_name!r} would put NaN/inf into {type(self.get_base_layer()).__name__} "
-                "weights; the merge was aborted and the base weights are unchanged (the adapter is broken: retrain "
-                "or reload it)"
-            )
+    def merged_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return {"weight": self._merged_weight(adapter_name)}
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         for name in self._adapters_to_merge(adapter_names):
