@@ -24,13 +24,26 @@ from typing import Any, Iterator, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
 
-# The default needs no network; set before transformers/huggingface_hub are imported (they read it
-# once). `HF_HUB_OFFLINE=0 python train.py model.name_or_path=<hub name>` downloads.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from lightning_peft._files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 log = logging.getLogger("lightning_peft.app")
+
+
+def _offline_by_default() -> None:
+    """The app's default needs no network: `HF_HUB_OFFLINE=1` unless set (`HF_HUB_OFFLINE=0 python train.py
+    model.name_or_path=<hub name>` downloads). huggingface_hub reads it once, when first imported (importing
+    Lightning imports it, through torchmetrics and transformers), so `main()` calls this before anything
+    imports them; importing this module imports neither, and leaves the environment alone."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _repo_root_on_path() -> None:
+    """`recipes/` lives next to the package (for the console script): put the repository root on sys.path
+    when the app runs, not when this module is imported."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
 
 # Environment variables Lightning's subprocess launcher sets in the *launching* process; left over,
 # they make the next job of a multirun think its ranks were started externally.
@@ -61,18 +74,51 @@ class TrainSchema:
     strategy: Any = MISSING
 
 
+_SIMPLE = (type(None), bool, int, float, str)
+
+
+def _trainer_arguments() -> list[tuple[str, Any]]:
+    """(name, default) of every `lightning.pytorch.Trainer.__init__` argument, a default that is not a
+    simple value as None. Read from Lightning's source while Lightning is not imported yet: importing it
+    imports huggingface_hub, which must wait for `main()` to set HF_HUB_OFFLINE (`_offline_by_default`)."""
+    if "lightning.pytorch" not in sys.modules:
+        import ast
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec("lightning")
+            source = Path(list(spec.submodule_search_locations)[0], "pytorch", "trainer", "trainer.py")
+            tree = ast.parse(source.read_text())
+            init = next(f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "Trainer"
+                        for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+        except (AttributeError, IndexError, OSError, StopIteration, SyntaxError, TypeError):
+            pass  # another layout: import Lightning after all
+        else:
+            args = init.args
+            positional = args.posonlyargs + args.args
+            defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+            out = []
+            for arg, node in [*zip(positional, defaults), *zip(args.kwonlyargs, args.kw_defaults)]:
+                if arg.arg == "self":
+                    continue
+                try:
+                    default = None if node is None else ast.literal_eval(node)
+                except ValueError:
+                    default = None
+                out.append((arg.arg, default if isinstance(default, _SIMPLE) else None))
+            return out
+    from lightning.pytorch import Trainer
+
+    return [(name, p.default if isinstance(p.default, _SIMPLE) else None)
+            for name, p in inspect.signature(Trainer.__init__).parameters.items()
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
 def _trainer_schema() -> type:
     """A dataclass with one field per `lightning.pytorch.Trainer` argument, so any Trainer argument
     can be overridden (`trainer.max_steps=5`) and a misspelled one is rejected."""
-    from lightning.pytorch import Trainer
-
-    fields = []
-    for name, p in inspect.signature(Trainer.__init__).parameters.items():
-        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        default = p.default if isinstance(p.default, (type(None), bool, int, float, str)) else None
-        fields.append((name, Any, field(default=default)))
-    return make_dataclass("TrainerSchema", fields)
+    return make_dataclass("TrainerSchema", [(name, Any, field(default=default))
+                                            for name, default in _trainer_arguments()])
 
 
 def _pkg_path(package: str, *parts: str) -> str:
@@ -91,8 +137,6 @@ def register_configs() -> None:
 
 
 register_configs()
-if str(REPO_ROOT) not in sys.path:  # `recipes/` lives next to the package (for the console script)
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 # ---------------------------------------------------------------- measurements
@@ -242,6 +286,7 @@ def _flatten(metrics: list[dict[str, Any]]) -> dict[str, float]:
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """The objects one run uses, without a Trainer: tokenizer, model, module, datamodule, tuner config."""
+    _repo_root_on_path()
     from hydra.utils import instantiate
     from recipes.common import build_model, load_tokenizer
 
@@ -263,6 +308,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One training job. Returns (and on rank 0 writes to `<run dir>/metrics.json`) the metrics."""
+    _repo_root_on_path()
     import lightning.pytorch as pl
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -338,7 +384,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for sub in ("adapter", "merged"):
             if (run_dir / sub).is_dir():  # a folder that loads on its own with from_pretrained
                 parts["tokenizer"].save_pretrained(run_dir / sub)
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        # a temporary file renamed into place: a killed job leaves no half-written metrics.json for the report
+        atomic_write_text(str(run_dir / "metrics.json"), json.dumps(metrics, indent=2) + "\n")
         name = monitor.removeprefix("val_")
         if before is not None:
             log.info("validation %s before: %.4f", name, before.get(monitor, float("nan")))
@@ -362,6 +409,8 @@ def _hydra_entry() -> Any:
 def main() -> None:
     """Console entry (`lightning-peft-train`, `python train.py`): validate the command line's keys
     first, so a misspelled key fails at once with the valid ones listed, then hand over to Hydra."""
+    _offline_by_default()  # before anything imports huggingface_hub
+    _repo_root_on_path()
     from lightning_peft.app_checks import UnknownKeyError, check_command_line
 
     try:

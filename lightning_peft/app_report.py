@@ -18,14 +18,28 @@ COLUMNS = ("job", "tuner", "overrides", "trainable_params", "metric_name", "metr
            "peak_memory_mb")
 
 
+def _read_metrics(path: Path) -> dict[str, Any]:
+    """A job's metrics, or {} (a failed job) when the file is missing, unreadable or not a JSON object."""
+    if not path.exists():
+        return {}
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: invalid JSON or UTF-8 (a job killed while writing)
+        log.warning("sweep report: %s is unreadable (%s); the job is listed as failed", path, err)
+        return {}
+    if not isinstance(m, dict):
+        log.warning("sweep report: %s holds no JSON object; the job is listed as failed", path)
+        return {}
+    return m
+
+
 def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per job dir (`<sweep>/<n>/metrics.json`), in job order; a job without metrics (it
-    failed) is listed with empty values so it is not silently dropped."""
+    """One row per job dir (`<sweep>/<n>/metrics.json`), in job order; a job without readable metrics
+    (it failed) is listed with empty values so it is not silently dropped."""
     rows = []
     for job_dir in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()),
                           key=lambda p: int(p.name)):
-        path = job_dir / "metrics.json"
-        m = json.loads(path.read_text()) if path.exists() else {}
+        m = _read_metrics(job_dir / "metrics.json")
         rows.append({
             "job": int(job_dir.name),
             "tuner": m.get("tuner", ""),

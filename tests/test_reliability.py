@@ -83,32 +83,44 @@ def test_capture_restore_round_trip_for_torch_numpy_python():
 def test_rng_states_load_with_weights_only(tmp_path):
     tracker = TrainingRNG()
     tracker.on_train_batch_start()
+    torch.rand(2)
     checkpoint: dict = {}
     tracker.on_save_checkpoint(checkpoint)  # a save inside the batch's end: snapshot taken now
     torch.save(checkpoint, tmp_path / "c.ckpt")
     loaded = torch.load(tmp_path / "c.ckpt", weights_only=True)  # no pickled numpy arrays or other objects
     assert loaded[CHECKPOINT_KEY]["world_size"] == 1 and len(loaded[CHECKPOINT_KEY]["states"]) == 1
-    expected = _draw_all()
+    torch.manual_seed(999), np.random.seed(999), random.seed(999)
+    fresh = _draw_all()
     torch.manual_seed(999), np.random.seed(999), random.seed(999)
     other = TrainingRNG()
     assert other.on_load_checkpoint(loaded) is None
-    assert _draw_all() != expected  # nothing is restored at load time (the iterator would undo it) ...
+    assert _draw_all() == fresh  # nothing is restored at load time (the iterator would undo it) ...
     other.on_train_batch_start()
-    assert _draw_all() == expected  # ... but at the first training batch
+    resumed = _draw_all()
+    other.on_train_batch_end()
+    tracker.on_train_batch_start()  # the run that was never interrupted, at its next batch
+    assert _draw_all() == resumed  # ... but at the first training batch
 
 
 def test_tracker_puts_back_the_end_of_batch_state_and_saves_the_last_finished_batch():
     tracker = TrainingRNG()
     tracker.on_train_batch_start()
+    tracker.on_train_batch_start()  # a second caller (PEFTCallback and PEFTMixin) in the same batch: no-op
     torch.rand(2)
-    tracker.on_train_batch_end()
+    end_of_batch = capture_rng_state()
     after_batch = _draw_all()  # what the next batch would draw with nothing in between ...
-    torch.rand(100), np.random.rand(7), random.random()  # ... validation, a new dataloader iterator
+    restore_rng_state(end_of_batch)
+    tracker.on_train_batch_end()
+    between = _draw_all()  # ... validation, a new dataloader iterator, the next batch's collate:
+    assert between != after_batch  # a stream of their own, not a copy of training's
+    outside = capture_rng_state()
+    next_outside = _draw_all()
+    restore_rng_state(outside)
     tracker.on_train_batch_start()
     assert _draw_all() == after_batch  # ... which does not reach training
     saved: dict = {}
-    tracker.on_save_checkpoint(saved)  # inside the batch: its end state is taken now
-    torch.rand(5)
+    tracker.on_save_checkpoint(saved)  # inside the batch: its end state is taken now, the outside one put back
+    assert _draw_all() == next_outside  # the outside stream goes on where it stopped
     tracker.on_train_batch_end()  # a second snapshot for the same batch is not taken
     again: dict = {}
     tracker.on_save_checkpoint(again)
@@ -215,6 +227,56 @@ def test_validation_in_between_leaves_training_draws_unchanged(tmp_path):
     # the control: without the snapshot, validation's draws change the dropout masks of training
     assert _max_diff(_fit_in_process(tmp_path, "c", None, exact=False),
                      _fit_in_process(tmp_path, "d", 3, exact=False)) > 1e-3
+
+
+def _collate_and_step_draws(out: Path, val_every: int | None) -> tuple[list[float], list[float]]:
+    """torch.rand(1) drawn by a main-process collate_fn for every batch and by every training step."""
+    import lightning.pytorch as pl
+
+    sys.path.insert(0, str(TESTS))
+    import reliability_worker as w
+
+    collated: list[float] = []
+    stepped: list[float] = []
+
+    def collate(rows):
+        collated.append(torch.rand(1).item())  # a random augmentation in the main process
+        return torch.utils.data.default_collate(rows)
+
+    class Drawing(w.Plain):
+        def training_step(self, batch, batch_idx):
+            stepped.append(torch.rand(1).item())  # what dropout would draw first
+            return super().training_step(batch, batch_idx)
+
+    class Loaders(w.Data):
+        def train_dataloader(self):
+            ds = torch.utils.data.TensorDataset(self.x, self.y)
+            return torch.utils.data.DataLoader(ds, batch_size=w.BATCH, sampler=SeedEpochSampler(ds, seed=7),
+                                               collate_fn=collate)
+
+    pl.seed_everything(5, verbose=False)
+    trainer = pl.Trainer(max_steps=12, accelerator="cpu", callbacks=[PEFTCallback(
+                             lp.LoraConfig(**w.LORA), export_dir=str(out), exact_resume=True, merge_on_train_end=False)],
+                         val_check_interval=val_every, limit_val_batches=1 if val_every else 0,
+                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Drawing(), datamodule=Loaders("sampler"))
+    return collated, stepped
+
+
+def test_main_process_collate_draws_are_independent_of_the_training_stream(tmp_path):
+    collated, stepped = _collate_and_step_draws(tmp_path / "a", None)
+    assert len(stepped) == 12 and len(collated) >= 12
+    # Lightning fetches the next batch between the end of a training batch and the start of the next one.
+    # When the training snapshot stayed in place in between, that collate drew from the very state the next
+    # step then drew from again: the "random" augmentation was a copy of the dropout randomness
+    # (collated[k] == stepped[k] for k >= 1 with this loader).
+    assert not set(collated) & set(stepped)
+    assert len(set(collated)) == len(collated)  # and the data stream does not repeat itself
+    # the training stream is still that of the batches alone: validation in between changes no training draw
+    assert _collate_and_step_draws(tmp_path / "b", 3)[1] == stepped
 
 
 # ---------------------------------------------------------------------------------------------

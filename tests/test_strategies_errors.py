@@ -11,17 +11,20 @@ from lightning.pytorch.strategies import DDPStrategy
 from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 from lightning_peft import LoraConfig, get_peft_model
-from lightning_peft.lightning.strategies import (FSDP1_ON_CPU, PeftFSDP1Strategy, PeftFSDP2Strategy, full_tensors,
+from lightning_peft.lightning.strategies import (PeftFSDP1Strategy, PeftFSDP2Strategy, full_tensors,
                                                  make_strategy, resolve_block_classes)
 
 
 def test_fsdp1_on_cpu_says_to_use_fsdp():
-    with pytest.raises(RuntimeError, match=r"on CPU use `fsdp` \(FSDP2"):
+    expected = ("the `fsdp1` strategy (FSDP1, Lightning's FSDPStrategy) runs on CUDA GPUs only; on CPU use `fsdp` "
+                "(FSDP2 through ModelParallelStrategy), e.g. `strategy=fsdp` or make_strategy('fsdp')")
+    with pytest.raises(RuntimeError) as err:
         make_strategy("fsdp1", accelerator="cpu")
+    assert str(err.value) == expected
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="use `fsdp`"):
+        with pytest.raises(RuntimeError) as err:
             make_strategy("fsdp1")  # accelerator auto, no GPU here
-    assert "use `fsdp`" in FSDP1_ON_CPU
+        assert str(err.value) == expected
 
 
 def test_fsdp1_strategy_on_a_cpu_trainer_fails_with_the_same_message():

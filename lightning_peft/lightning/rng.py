@@ -5,18 +5,26 @@ position, but not the random-number generators, so after a resume dropout draws 
 the run that was never interrupted. `TrainingRNG` closes that gap for PEFTCallback and PEFTMixin
 (one implementation, one per LightningModule, see `training_rng`):
 
-- at the end of every training batch it takes a snapshot of the torch (CPU and initialised CUDA),
-  numpy (legacy global) and python `random` states, and at the start of the next training batch
-  it puts that snapshot back. So the training stream is the same whatever ran between two batches
-  (validation, creating a dataloader iterator at an epoch start, a checkpoint being written),
-  which is what makes a resumed run equal to one that was never interrupted: those in-between
-  draws differ between the two (a resumed run creates its iterator mid-epoch, skips the validation
-  that was due) but never reach training;
+- two streams: at the end of every training batch it takes a snapshot of the torch (CPU and
+  initialised CUDA), numpy (legacy global) and python `random` states (the training stream) and
+  puts back the "outside" state it took at that batch's start; at the start of the next training
+  batch it takes the outside state again and puts the training snapshot back. So the training
+  stream is the same whatever ran between two batches (validation, creating a dataloader iterator
+  at an epoch start, a checkpoint being written, Lightning fetching the next batch: a main-process
+  collate / augmentation), which is what makes a resumed run equal to one that was never
+  interrupted: those in-between draws differ between the two (a resumed run creates its iterator
+  mid-epoch, skips the validation that was due) but never reach training. And they come from a
+  stream of their own: with the snapshot left in place between batches, the collate of the next
+  batch drew the very numbers the next step's dropout then drew again. At the first batch of a
+  fit that does not resume both streams would start from the same state, so the outside one
+  forks off it (generators seeded from a hash of that state);
 - a checkpoint stores the snapshot of the last finished training batch (under
   `checkpoint["lightning_peft_rng"]`, one state per process), taken at once if the checkpoint is
   written inside that batch's `on_train_batch_end` before the snapshot was taken;
 - after a restore the loaded snapshot is put back at the first `on_train_batch_start`; earlier
-  would be undone (building the dataloader iterator draws from the global generator).
+  would be undone (building the dataloader iterator draws from the global generator). The outside
+  stream is not saved: after a resume, draws between batches (a main-process augmentation) are the
+  resumed process's own.
 
 Everything stored is a tensor or a plain Python value, so the checkpoint loads with
 `torch.load(weights_only=True)`.
@@ -27,6 +35,7 @@ order of every epoch after a resume is the one the uninterrupted run saw.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from typing import Any, Iterator, Optional, Sized
 
@@ -76,6 +85,34 @@ def restore_rng_state(state: dict[str, Any]) -> None:
                              npy["cached_gaussian"]))
 
 
+def _fork_rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A state of the same parts as `state`, for generators seeded from a hash of it (a stream of its own)."""
+    digest = hashlib.sha256()
+    digest.update(state["torch"].numpy().tobytes())
+    digest.update(state["python"]["state"].numpy().tobytes())
+    if "numpy" in state:
+        digest.update(state["numpy"]["keys"].numpy().tobytes() + int(state["numpy"]["pos"]).to_bytes(4, "little"))
+    for device_state in state.get("cuda", ()):
+        digest.update(device_state.numpy().tobytes())
+    seed = digest.digest()
+    version, internal, gauss_next = random.Random(int.from_bytes(seed, "little")).getstate()
+    forked: dict[str, Any] = {
+        "torch": torch.Generator().manual_seed(int.from_bytes(seed[:8], "little")).get_state(),
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+    }
+    if "cuda" in state:
+        forked["cuda"] = [torch.Generator(device=f"cuda:{i}").manual_seed((int.from_bytes(seed[8:16], "little") + i) % 2**64)
+                          .get_state() for i in range(len(state["cuda"]))]
+    if "numpy" in state:
+        import numpy as np
+
+        words = np.frombuffer(seed[16:32], dtype=np.uint32)
+        name, keys, pos, has_gauss, cached = np.random.RandomState(words).get_state()
+        forked["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                           "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return forked
+
+
 # ---------------------------------------------------------------------------------------------
 # the per-module tracker
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +126,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 class TrainingRNG:
     """Snapshot at each training batch's end, put back at the next one's start; saved in checkpoints.
+    In between, the outside stream (taken at the batch start, put back at its end) is in place.
 
     Every method is idempotent within one batch, so PEFTCallback and PEFTMixin hooks may both call it.
     """
@@ -100,13 +138,19 @@ class TrainingRNG:
         """Forget everything (a new `fit` that does not resume must not inherit the last one's state)."""
         self.snapshot: Optional[dict[str, Any]] = None  # state at the end of the last finished training batch
         self.pending: Optional[dict[str, Any]] = None  # to put back at the next on_train_batch_start
+        self.outside: Optional[dict[str, Any]] = None  # the state outside training batches, during one
         self.batch_open = False  # a training batch started and its snapshot is not taken yet
 
     # ---- per batch ------------------------------------------------------------------------------
     def on_train_batch_start(self) -> None:
+        if self.batch_open:  # the second caller (PEFTCallback and PEFTMixin) within the same batch
+            return
+        self.outside = capture_rng_state()
         if self.pending is not None:
             restore_rng_state(self.pending)
             self.pending = None
+        else:  # training goes on from the current state: the outside stream forks off it
+            self.outside = _fork_rng_state(self.outside)
         self.batch_open = True
 
     def on_train_batch_end(self) -> None:
@@ -114,6 +158,9 @@ class TrainingRNG:
             self.snapshot = capture_rng_state()
             self.pending = self.snapshot
             self.batch_open = False
+            if self.outside is not None:
+                restore_rng_state(self.outside)
+                self.outside = None
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -147,6 +194,7 @@ class TrainingRNG:
                        "differ from the interrupted run")
         self.snapshot = states[min(rank, len(states) - 1)]
         self.pending = self.snapshot
+        self.outside = None
         self.batch_open = False
         return warning
 
