@@ -105,10 +105,10 @@ class PeftModel(PromptLearningMixin, nn.Module):
     def set_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}")
+        self.active_adapter = adapter_name
         if self._prompt_configs is None:
             self.base_model.set_adapter(adapter_name)
-        self.active_adapter = adapter_name
-        if self._prompt_configs is not None:
+        else:
             self._sync_prompt_trainability()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -227,8 +227,6 @@ class PeftModel(PromptLearningMixin, nn.Module):
             self.base_model.unload()
         else:
             self._unwrap_prompt_modules_to_save()
-
-    # ---- prompt learning: the hooks live in tuners/prompt_learning/mixin.py (PromptLearningMixin) ----
 
 
 def _model_name(name_or_path: Optional[str]) -> str:

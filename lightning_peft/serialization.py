@@ -78,8 +78,9 @@ def set_peft_model_state_dict(model: Any, peft_state_dict: dict[str, torch.Tenso
         return
     expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
     missing = sorted(set(expected) - set(peft_state_dict))
-    unexpected = sorted(set(peft_state_dict) - set(expected) - _embedding_base_keys(model))
-    expected.update({k: v for k, v in model.state_dict().items() if k in _embedding_base_keys(model)})
+    embedding_keys = _embedding_base_keys(model)  # HF PEFT may save them; optional when loading
+    unexpected = sorted(set(peft_state_dict) - set(expected) - embedding_keys)
+    expected.update({k: v for k, v in model.state_dict().items() if k in embedding_keys})
     shapes = [f"{k}: file {tuple(peft_state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in expected if k in peft_state_dict and peft_state_dict[k].shape != expected[k].shape]
     problems = []

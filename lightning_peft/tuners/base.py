@@ -384,9 +384,8 @@ class BaseTuner(nn.Module):
             if isinstance(module, BaseTunerLayer) and module.merged:
                 warnings.warn("an adapter is merged; unmerging it before switching adapters")
                 module.unmerge()
-            module.set_adapter(adapter_name)
         self.active_adapter = adapter_name
-        self._mark_only_adapters_as_trainable()
+        self._mark_only_adapters_as_trainable()  # also points every layer at the new adapter
 
     def _mark_only_adapters_as_trainable(self) -> None:
         """Freeze every base weight; the active adapter trains unless it was loaded for inference."""

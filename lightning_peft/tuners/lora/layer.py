@@ -43,13 +43,12 @@ _nn_module_globals = torch.nn.modules.module
 _CONV1D: Optional[type] = None
 
 
-def _conv1d_class() -> Optional[type]:
+def _conv1d_class() -> type:
+    """transformers' Conv1D, looked up once: the fused path checks exact types on every forward."""
     global _CONV1D
     if _CONV1D is None:
-        try:
-            from transformers.pytorch_utils import Conv1D
-        except ImportError:  # transformers absent: nothing is a Conv1D
-            Conv1D = type("NoConv1D", (), {})
+        from transformers.pytorch_utils import Conv1D
+
         _CONV1D = Conv1D
     return _CONV1D
 
