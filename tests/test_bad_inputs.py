@@ -525,13 +525,12 @@ def test_an_adapter_name_that_does_not_exist(call):
     assert _unchanged(model, before) and model.active_adapter == "default"
 
 
-def test_exported_files_are_readable_like_any_other_file(saved_adapter, tmp_path):
+def test_exported_files_are_readable_like_any_other_file(tmp_path):
     import os
     import stat
 
     umask = os.umask(0o022)
     try:
-        _, folder = saved_adapter
         lp.get_peft_model(tiny_gpt2(), lp.LoraConfig(**GPT2_LORA)).save_pretrained(tmp_path / "fresh")
         for name in ("adapter_model.safetensors", "adapter_config.json"):
             assert stat.S_IMODE(os.stat(tmp_path / "fresh" / name).st_mode) == 0o644, name

@@ -71,6 +71,11 @@ def test_compiled_respects_set_adapter_and_disable(token_ids):
                                              target_modules=["q_proj", "v_proj"]))
     compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
+        per_adapter = []
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            per_adapter.append(model(input_ids=token_ids).logits)
+        assert not torch.allclose(per_adapter[0], per_adapter[1])  # the adapters really differ
         for name in ("default", "other"):
             model.set_adapter(name)
             torch.testing.assert_close(compiled(input_ids=token_ids).logits, model(input_ids=token_ids).logits,

@@ -157,7 +157,10 @@ def test_merge_unmerge_roundtrip_and_unload():
     _perturb(model)
     with torch.no_grad():
         adapted = _run(model, x)
+        c_attn = model.base_model.model.transformer.h[0].attn.c_attn
+        before_merge = c_attn.base_layer.weight.clone()
         model.base_model.merge_adapter()
+        assert not torch.equal(c_attn.base_layer.weight, before_merge)  # the vector went into the weight
         torch.testing.assert_close(_run(model, x), adapted, atol=1e-4, rtol=0)
         with pytest.warns(UserWarning, match="inexact"):
             model.base_model.unmerge_adapter()

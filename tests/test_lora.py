@@ -125,6 +125,7 @@ def test_merge_then_unmerge_restores_the_base_and_merge_and_unload_keeps_outputs
     _randomise_adapters(model)
     adapted = model(x)
     model.base_model.merge_adapter()
+    assert not torch.equal(base.conv1.base_layer.weight, before["conv1.weight"])  # the delta went into the weight
     torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=0)
     model.base_model.unmerge_adapter()
     base_weights = {k.replace(".base_layer", ""): v for k, v in base.state_dict().items() if "lora_" not in k}

@@ -80,7 +80,12 @@ def test_fused_dropout_draws_the_same_mask(kind):
 def test_dropout_only_in_training_mode():
     layer = _layer("linear", dropout=0.5).eval()
     x = torch.randn(2, 16)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    no_dropout = layer.base_layer(x) + x @ A.T @ B.T * layer.scaling["default"]
     torch.testing.assert_close(layer(x), layer._forward_with_adapter_modules(x), atol=0, rtol=0)
+    torch.testing.assert_close(layer(x), no_dropout, atol=1e-5, rtol=0)
+    layer.train()
+    assert not torch.allclose(layer(x), no_dropout, atol=1e-3)  # training mode does drop
 
 
 def test_inference_mode_and_frozen_adapter_take_the_graphless_path(monkeypatch):
