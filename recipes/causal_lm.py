@@ -17,7 +17,6 @@ class CausalLMDataModule(TextDataModule):
 
     def __init__(self, path: str, tokenizer: Any = None, text_column: str = "text", **kwargs: Any):
         super().__init__(path, tokenizer, **kwargs)
-        self.save_hyperparameters(ignore=["tokenizer"])
 
     def encode(self, rows: list[dict]) -> list[dict]:
         texts = [r[self.hparams.text_column] for r in rows]
@@ -35,7 +34,6 @@ class CausalLMModule(HFTaskModule):
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, sample_prompt: str = "the food was",
                  max_new_tokens: int = 16, **kwargs: Any):
         super().__init__(model, tokenizer, **kwargs)
-        self.save_hyperparameters(ignore=["model", "tokenizer"])
         self.val_ppl = Perplexity(ignore_index=-100)
         self.sample: Optional[str] = None
 
@@ -64,6 +62,7 @@ class CausalLMModule(HFTaskModule):
         return prompt + " " + self.tokenizer.decode(new, skip_special_tokens=True).strip()
 
     def on_train_end(self) -> None:
-        # runs after the callbacks' on_train_end, i.e. on the final (possibly merged) model
+        # runs after the callbacks' on_train_end but before PEFTCallback merges (on_fit_end): the trained,
+        # still unmerged adapter model
         self.sample = self.generate_sample()
         rank_zero_info(f"generated sample: {self.sample!r}")

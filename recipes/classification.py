@@ -16,7 +16,6 @@ class TextClassificationDataModule(TextDataModule):
     def __init__(self, path: str, tokenizer: Any = None, text_column: str = "text",
                  label_column: str = "label", num_labels: int = 2, **kwargs: Any):
         super().__init__(path, tokenizer, **kwargs)
-        self.save_hyperparameters(ignore=["tokenizer"])
 
     def encode(self, rows: list[dict]) -> list[dict]:
         hp = self.hparams
@@ -39,7 +38,6 @@ class TextClassificationDataModule(TextDataModule):
 class SequenceClassificationModule(HFTaskModule):
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, num_labels: int = 2, **kwargs: Any):
         super().__init__(model, tokenizer, **kwargs)
-        self.save_hyperparameters(ignore=["model", "tokenizer"])
         self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.val_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
 

@@ -16,7 +16,6 @@ class Seq2SeqDataModule(TextDataModule):
     def __init__(self, path: str, tokenizer: Any = None, source_column: str = "source",
                  target_column: str = "target", max_target_length: int = 32, **kwargs: Any):
         super().__init__(path, tokenizer, **kwargs)
-        self.save_hyperparameters(ignore=["tokenizer"])
 
     def encode(self, rows: list[dict]) -> list[dict]:
         hp = self.hparams
@@ -36,7 +35,6 @@ class Seq2SeqDataModule(TextDataModule):
 class Seq2SeqModule(HFTaskModule):
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, max_new_tokens: int = 24, **kwargs: Any):
         super().__init__(model, tokenizer, **kwargs)
-        self.save_hyperparameters(ignore=["model", "tokenizer"])
         self.val_rouge = ROUGEScore(rouge_keys=("rouge1", "rougeL"))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
