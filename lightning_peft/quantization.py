@@ -32,10 +32,9 @@ from torch import nn
 
 from .config import PeftType
 from .tuners.base import (TASK_HEAD_NAMES, BaseTunerLayer, ModulesToSaveWrapper, get_submodule_parent, is_conv1d,
-                          is_linear8bit)
+                          is_linear8bit, resolve_fan_in_fan_out)
 from .tuners.lora import model as lora_model
 from .tuners.lora.layer import Linear as LoraLinear
-from .tuners.lora.layer import warn_fan_in_fan_out
 
 MIN_BITSANDBYTES = (0, 48)
 INSTALL_HINT = "pip install lightning_peft[int8]"
@@ -216,7 +215,7 @@ class Linear8bitLt(LoraLinear):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         kwargs.pop("is_target_conv_1d_layer", None)
-        kwargs["fan_in_fan_out"] = False
+        kwargs["fan_in_fan_out"] = False  # bitsandbytes stores (out, in) whatever the layer it replaced
         super().__init__(base_layer, adapter_name, **kwargs)
 
     def _is_int8(self) -> bool:
@@ -256,16 +255,10 @@ class Linear8bitLt(LoraLinear):
             name = self.merged_adapters.pop()
             self._requantize(dequantize_weight(self.get_base_layer()) - self.get_delta_weight(name).float())
 
-    def __repr__(self) -> str:
-        return "lora." + nn.Module.__repr__(self)
-
-
 def _dispatch_int8(target: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> Optional[nn.Module]:
     if not is_linear8bit(target):
         return None
-    if kwargs.get("fan_in_fan_out"):
-        warn_fan_in_fan_out(False, "bitsandbytes Linear8bitLt")
-        config.fan_in_fan_out = False
+    kwargs["fan_in_fan_out"] = resolve_fan_in_fan_out(config, False, "bitsandbytes Linear8bitLt")
     return Linear8bitLt(target, adapter_name, **kwargs)
 
 

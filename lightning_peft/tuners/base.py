@@ -68,10 +68,50 @@ def is_linear8bit(module: nn.Module) -> bool:
     return any(c.__name__ == "Linear8bitLt" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
 
 
+def resolve_fan_in_fan_out(config: Any, expected: bool, layer_kind: str) -> bool:
+    """The layer type decides how its weight is stored; a config that says otherwise is corrected
+    (in place, so the warning comes once per adapter) with a warning."""
+    if config.fan_in_fan_out != expected:
+        warnings.warn(f"fan_in_fan_out is set to {not expected} but the target is {layer_kind}; "
+                      f"using fan_in_fan_out={expected}")
+        config.fan_in_fan_out = expected
+    return expected
+
+
 def get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
     parent_name, _, child_name = key.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     return parent, getattr(parent, child_name), child_name
+
+
+def check_modules_to_save(model: nn.Module, names: Optional[list[str]]) -> None:
+    """Every `modules_to_save` entry must name a module of `model` (exact dotted name or its last part(s));
+    the usual task-head names are exempt (task wrappers add them all, as HF PEFT does; a model has one)."""
+    for name in names or []:
+        if name in TASK_HEAD_NAMES:
+            continue
+        if not any(k == name or k.endswith("." + name) for k, _ in model.named_modules()):
+            raise ValueError(f"modules_to_save entry {name!r} matches no module; {describe_module_names(model)}")
+
+
+def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_name: str) -> list[nn.Module]:
+    """Give `adapter_name` a trainable copy of every module of `model` matching `names`: a module already wrapped
+    gets the adapter added, any other is replaced by a `ModulesToSaveWrapper`. Modules inside a wrapper (its
+    `original_module` / `modules_to_save` copies) are skipped. Returns the wrappers now holding `adapter_name`."""
+    touched = []
+    for key, module in list(model.named_modules()):
+        if ".modules_to_save." in f".{key}." or ".original_module" in f".{key}":
+            continue
+        if not any(key == n or key.endswith("." + n) for n in names or []):
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            module.add(adapter_name)
+        else:
+            parent, _, child = get_submodule_parent(model, key)
+            module = ModulesToSaveWrapper(module, adapter_name)
+            setattr(parent, child, module)
+        touched.append(module)
+    return touched
 
 
 def describe_module_names(model: nn.Module, limit: int = 8) -> str:

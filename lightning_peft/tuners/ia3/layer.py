@@ -17,7 +17,6 @@ UNMERGE_EPS = 1e-8
 
 class IA3Layer(BaseTunerLayer):
     adapter_layer_names = ("ia3_l",)
-    other_param_names = ()
 
     def _init_ia3_layer(self, base_layer: nn.Module, is_feedforward: bool, in_features: int, out_features: int) -> None:
         self._init_tuner_layer(base_layer)

@@ -5,8 +5,7 @@ from typing import Optional
 
 from torch import nn
 
-from ..base import BaseTuner, describe_module_names, is_conv1d, is_linear8bit
-from ..lora.layer import warn_fan_in_fan_out
+from ..base import BaseTuner, describe_module_names, is_conv1d, is_linear8bit, resolve_fan_in_fan_out
 from .config import DEFAULT_FEEDFORWARD_MODULES, DEFAULT_TARGET_MODULES, IA3Config, check_feedforward_subset
 from .layer import Conv2d, IA3Layer, Linear, Linear8bitLt
 
@@ -70,20 +69,14 @@ class IA3Model(BaseTuner):
         elif isinstance(target, nn.Conv2d):
             new_module = Conv2d(target, adapter_name, **kwargs)
         elif isinstance(target, nn.Linear):
-            if config.fan_in_fan_out:
-                warn_fan_in_fan_out(False, "torch.nn.Linear")
-                config.fan_in_fan_out = False
-            new_module = Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
+            new_module = Linear(target, adapter_name,
+                                fan_in_fan_out=resolve_fan_in_fan_out(config, False, "torch.nn.Linear"), **kwargs)
         elif is_conv1d(target):
-            if not config.fan_in_fan_out:
-                warn_fan_in_fan_out(True, "transformers Conv1D")
-                config.fan_in_fan_out = True
-            new_module = Linear(target, adapter_name, fan_in_fan_out=True, is_target_conv_1d_layer=True, **kwargs)
+            new_module = Linear(target, adapter_name, is_target_conv_1d_layer=True,
+                                fan_in_fan_out=resolve_fan_in_fan_out(config, True, "transformers Conv1D"), **kwargs)
         else:
             raise ValueError(f"cannot apply IA3 to {current_key} of type {type(target).__name__}; "
                              f"supported: Linear, Conv1D, Conv2d, 8-bit Linear. {describe_module_names(self.model)}")
-        if adapter_name != self.active_adapter:
-            new_module.set_adapter(self.active_adapter)  # a new adapter stays inactive until set_adapter()
         setattr(parent, target_name, new_module)
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -439,8 +438,3 @@ class Conv2d(nn.Module, LoraLayer):
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
 
-
-def warn_fan_in_fan_out(expected: bool, layer_kind: str) -> None:
-    warnings.warn(
-        f"fan_in_fan_out is set to {not expected} but the target is {layer_kind}; using fan_in_fan_out={expected}"
-    )

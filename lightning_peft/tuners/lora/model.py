@@ -7,9 +7,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..base import BaseTuner, is_conv1d, pattern_value, strip_adapter_name
+from ..base import BaseTuner, is_conv1d, pattern_value, resolve_fan_in_fan_out, strip_adapter_name
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
-from .layer import Conv2d, Embedding, Linear, LoraLayer, warn_fan_in_fan_out
+from .layer import Conv2d, Embedding, Linear, LoraLayer
 
 
 def _dispatch_default(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> Optional[nn.Module]:
@@ -18,14 +18,10 @@ def _dispatch_default(target: nn.Module, adapter_name: str, config: LoraConfig, 
     if isinstance(target, nn.Conv2d):
         return Conv2d(target, adapter_name, **kwargs)
     if isinstance(target, nn.Linear):
-        if kwargs["fan_in_fan_out"]:
-            warn_fan_in_fan_out(False, "torch.nn.Linear")
-            kwargs["fan_in_fan_out"] = config.fan_in_fan_out = False
+        kwargs["fan_in_fan_out"] = resolve_fan_in_fan_out(config, False, "torch.nn.Linear")
         return Linear(target, adapter_name, **kwargs)
     if is_conv1d(target):
-        if not kwargs["fan_in_fan_out"]:
-            warn_fan_in_fan_out(True, "transformers Conv1D")
-            kwargs["fan_in_fan_out"] = config.fan_in_fan_out = True
+        kwargs["fan_in_fan_out"] = resolve_fan_in_fan_out(config, True, "transformers Conv1D")
         return Linear(target, adapter_name, is_target_conv_1d_layer=True, **kwargs)
     return None
 
@@ -78,8 +74,6 @@ class LoraModel(BaseTuner):
                 break
         else:
             raise ValueError(f"cannot apply LoRA to {current_key} of type {type(target).__name__}")
-        if adapter_name != self.active_adapter:
-            new_module.set_adapter(self.active_adapter)  # a new adapter stays inactive until set_adapter()
         setattr(parent, target_name, new_module)
 
     def _mark_extra_trainable(self, config: LoraConfig) -> None:
