@@ -268,15 +268,6 @@ def _check_strategy(cfg: DictConfig) -> None:
         )
 
 
-def _quantize(model: Any, mode: Optional[Quantize], tuner: Any) -> Any:
-    """8-bit base layers before the tuner is injected (so the adapter stays in full precision)."""
-    if mode is None:
-        return model
-    from lightning_peft import quantization
-
-    return quantization.quantize_model(model, skip=getattr(tuner, "modules_to_save", None) or ())
-
-
 def _flatten(metrics: list[dict[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for d in metrics or []:
@@ -300,7 +291,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(cfg.recipe.auto_class, name_or_path=m.name_or_path,
                         config=OmegaConf.to_container(m.config, resolve=True) if m.get("config") else None,
                         tokenizer=tokenizer, **OmegaConf.to_container(cfg.recipe.model_kwargs, resolve=True))
-    model = _quantize(model, cfg.quantize, tuner)
+    if cfg.quantize is not None:  # 8-bit base layers before the tuner is injected (the adapter stays in full precision)
+        from lightning_peft.quantization import quantize_base_linears
+
+        model = quantize_base_linears(model, skip=getattr(tuner, "modules_to_save", None) or ())
     module = instantiate(cfg.recipe.module, model=model, tokenizer=tokenizer)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     return {"tokenizer": tokenizer, "model": model, "module": module, "datamodule": datamodule, "tuner": tuner}

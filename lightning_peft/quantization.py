@@ -146,11 +146,6 @@ def quantize_base_linears(model: nn.Module, skip: Iterable[str] = (), threshold:
     return model
 
 
-def quantize_model(model: nn.Module, skip: Iterable[str] = (), **kwargs: Any) -> nn.Module:
-    """The app's entry (`quantize: int8`): `quantize_base_linears` with its defaults."""
-    return quantize_base_linears(model, skip=skip, **kwargs)
-
-
 def dequantize_base_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace every `Linear8bitLt` (adapters' base layers included) by an `nn.Linear` holding the
     dequantized weight in `dtype`, in place; returns `model`. Use it before `merge_and_unload()` to
@@ -274,6 +269,6 @@ def register_lora_dispatcher() -> None:
 register_lora_dispatcher()
 
 
-__all__ = ["quantize_base_linears", "quantize_model", "dequantize_base_linears", "dequantize_weight",
+__all__ = ["quantize_base_linears", "dequantize_base_linears", "dequantize_weight",
            "check_int8_compatible", "require_bitsandbytes", "dequantized_copy", "is_linear8bit", "int8_layers", "Linear8bitLt",
            "register_lora_dispatcher", "INSTALL_HINT"]
