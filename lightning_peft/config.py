@@ -7,6 +7,7 @@ import enum
 import json
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -80,6 +81,11 @@ class PeftConfig:
         self.task_type = _coerce_enum(TaskType, self.task_type, "task_type")
         if not isinstance(self.inference_mode, bool):
             raise TypeError(f"inference_mode must be True or False, got {self.inference_mode!r}")
+        names = getattr(self, "modules_to_save", None)  # the field of every tuner that has one
+        if names is not None:
+            if isinstance(names, str) or not isinstance(names, Iterable) or not all(isinstance(m, str) for m in names):
+                raise TypeError(f"modules_to_save must be a list of module names, got {names!r}")
+            self.modules_to_save = list(names)
 
     @property
     def is_prompt_learning(self) -> bool:

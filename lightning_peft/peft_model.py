@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import WEIGHTS_NAME, PeftConfig, TaskType
 from .serialization import atomic_save_file, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
-from .tuners.base import check_adapter_name
+from .tuners.base import check_adapter_name, freeze_adapter
 from .tuners.prompt_learning.mixin import PromptLearningMixin
 from .tuners.registry import get_model_class
 
@@ -176,9 +176,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
                 self.delete_adapter_quietly(adapter_name)
             raise
         if not is_trainable:
-            for n, p in self.named_parameters():
-                if f".{adapter_name}." in n or n.endswith(f".{adapter_name}"):
-                    p.requires_grad_(False)
+            freeze_adapter(self, adapter_name)  # also when the weights went into an existing adapter
             self.eval()
 
     def delete_adapter_quietly(self, adapter_name: str) -> None:
@@ -186,10 +184,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
         if self._prompt_configs is not None:
             self._delete_prompt_adapter(adapter_name, force=True)
             return
-        tuner = self.base_model
-        for _, module in tuner._tuner_layers():
-            module.delete_adapter(adapter_name)
-        del tuner.peft_config[adapter_name]
+        self.base_model.delete_adapter(adapter_name, force=True)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",

@@ -78,6 +78,13 @@ def resolve_fan_in_fan_out(config: Any, expected: bool, layer_kind: str) -> bool
     return expected
 
 
+def freeze_adapter(model: nn.Module, adapter_name: str) -> None:
+    """requires_grad=False for every parameter of `adapter_name` (its name is a part of their names)."""
+    for n, p in model.named_parameters():
+        if f".{adapter_name}." in n or n.endswith(f".{adapter_name}"):
+            p.requires_grad_(False)
+
+
 def get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
     parent_name, _, child_name = key.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -437,15 +444,11 @@ class BaseTuner(nn.Module):
         self._mark_extra_trainable(self.peft_config[self.active_adapter])
         for name, config in self.peft_config.items():
             if config.inference_mode:
-                self._freeze_adapter(name)
+                freeze_adapter(self.model, name)
 
     def _mark_extra_trainable(self, config: Any) -> None:
         """Tuner-specific extras that train with the adapter (e.g. LoRA's biases)."""
 
-    def _freeze_adapter(self, adapter_name: str) -> None:
-        for n, p in self.model.named_parameters():
-            if f".{adapter_name}." in n or n.endswith(f".{adapter_name}"):
-                p.requires_grad_(False)
 
     def _set_adapter_layers(self, enabled: bool) -> None:
         for _, module in self._tuner_layers():
@@ -465,16 +468,17 @@ class BaseTuner(nn.Module):
         finally:
             self.enable_adapter_layers()
 
-    def delete_adapter(self, adapter_name: str) -> None:
+    def delete_adapter(self, adapter_name: str, force: bool = False) -> None:
+        """`force` (for an adapter that failed to load) skips the active / merged checks."""
         self._check_adapter_exists(adapter_name)
-        if adapter_name == self.active_adapter and len(self.peft_config) > 1:
+        if not force and adapter_name == self.active_adapter and len(self.peft_config) > 1:
             raise ValueError(
                 f"{adapter_name!r} is the active adapter; set_adapter() another one "
                 f"({', '.join(n for n in self.peft_config if n != adapter_name)}) before deleting it"
             )
-        for _, module in self._tuner_layers():
-            if isinstance(module, BaseTunerLayer) and adapter_name in module.merged_adapters:
-                raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
+        if not force and any(isinstance(m, BaseTunerLayer) and adapter_name in m.merged_adapters
+                             for _, m in self._tuner_layers()):
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
         for _, module in self._tuner_layers():
             module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]

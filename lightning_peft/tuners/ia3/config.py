@@ -68,8 +68,4 @@ class IA3Config(PeftConfig):
             raise TypeError(f"fan_in_fan_out must be True or False, got {self.fan_in_fan_out!r}")
         if not isinstance(self.init_ia3_weights, bool):
             raise TypeError(f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
-        if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
-                raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
-            self.modules_to_save = list(self.modules_to_save)
         check_feedforward_subset(self)

@@ -69,11 +69,6 @@ class LoraConfig(PeftConfig):
         validate_choice("bias", self.bias, ("none", "all", "lora_only"))
         validate_choice("init_lora_weights", self.init_lora_weights, (True, False, "gaussian"))
         check_target_modules(self)
-        if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not isinstance(self.modules_to_save, Iterable) \
-                    or not all(isinstance(m, str) for m in self.modules_to_save):
-                raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
-            self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a regex string; "
                              "give target_modules as a list")
