@@ -48,35 +48,40 @@ def build_prefix_cache(config: Any, flat: torch.Tensor, encoder_decoder: bool) -
     return EncoderDecoderCache(self_attention, DynamicCache())
 
 
-def _backbone_taking_cache(model: nn.Module) -> tuple[nn.Module, str] | None:
-    for _, child in model.named_children():
+def cache_route(model: nn.Module) -> tuple[str, str] | None:
+    """Where a key/value cache can be handed to `model`: ("", keyword) when its own forward takes one, else
+    (child name, keyword) for the first direct sub-model whose forward does (e.g. BertModel inside
+    BertForSequenceClassification), else None. It reads forward signatures: compute it once per model."""
+    name = cache_arg_name(model)
+    if name is not None:
+        return "", name
+    for child_name, child in model.named_children():
         name = cache_arg_name(child)
         if name is not None:
-            return child, name
+            return child_name, name
     return None
 
 
 @contextmanager
-def prefix_cache_passed(model: nn.Module, cache: Any) -> Iterator[dict]:
-    """Yield the extra forward kwargs that hand `cache` to `model`.
+def prefix_cache_passed(model: nn.Module, cache: Any, route: tuple[str, str] | None) -> Iterator[dict]:
+    """Yield the extra forward kwargs that hand `cache` to `model`, by `route` (`cache_route(model)`).
 
     A task model whose forward takes no cache (e.g. BertForSequenceClassification in transformers 5) still wraps a
     backbone that does (BertModel): a forward pre-hook on that backbone adds the cache for this call only. The
     backbone then prepends the prefix keys/values in every self-attention layer, and its key-side mask covers the
     prefix because the caller extended the 2D attention mask.
     """
-    name = cache_arg_name(model)
-    if name is not None:
-        yield {name: cache}
-        return
-    found = _backbone_taking_cache(model)
-    if found is None:
+    if route is None:
         raise ValueError(
             f"prefix tuning needs attention layers that accept prefix keys/values, but neither {type(model).__name__} "
             "nor any of its direct sub-models takes a key/value cache (`cache` / `past_key_values`); use prompt "
             "tuning or P-tuning for this model"
         )
-    backbone, name = found
+    child_name, name = route
+    if not child_name:
+        yield {name: cache}
+        return
+    backbone = getattr(model, child_name)
 
     def add_cache(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, {**kwargs, name: cache}

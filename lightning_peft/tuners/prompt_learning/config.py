@@ -10,9 +10,9 @@ from ...config import PeftConfig, TaskType
 SIZE_FIELDS = ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers")
 
 
-def _check_positive_int(name: str, value: Any) -> None:
+def _check_positive_int(name: str, value: Any, none_means: str = "filled from the model") -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ValueError(f"{name} must be a positive integer or None (filled from the model), got {value!r}")
+        raise ValueError(f"{name} must be a positive integer or None ({none_means}), got {value!r}")
 
 
 @dataclass
@@ -33,10 +33,6 @@ class PromptLearningConfig(PeftConfig):
         if self.num_transformer_submodules not in (None, 1, 2):
             raise ValueError("num_transformer_submodules must be 1 (decoder-only / encoder-only), 2 (encoder-decoder) "
                              f"or None, got {self.num_transformer_submodules!r}")
-        if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
-                raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
-            self.modules_to_save = list(self.modules_to_save)
 
     @property
     def is_prompt_learning(self) -> bool:

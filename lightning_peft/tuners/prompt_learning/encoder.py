@@ -22,9 +22,6 @@ class PromptEncoderBase(nn.Module):
     def reparameterized(self) -> bool:
         return any(hasattr(self, name) for name in self._heads)
 
-    def _num_rows(self) -> int:
-        return self.embedding.num_embeddings
-
     def output_rows(self) -> torch.Tensor:
         """The encoder's output for every virtual token, shape (rows, width): what HF PEFT saves."""
         if not self.reparameterized:
@@ -32,7 +29,7 @@ class PromptEncoderBase(nn.Module):
         was_training = self.training
         self.eval()  # deterministic (no LSTM dropout) so the saved rows are what inference will use
         try:
-            ids = torch.arange(self._num_rows(), device=self.embedding.weight.device)
+            ids = torch.arange(self.embedding.num_embeddings, device=self.embedding.weight.device)
             return self(ids.unsqueeze(0))[0]
         finally:
             self.train(was_training)

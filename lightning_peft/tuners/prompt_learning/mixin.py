@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ...config import PeftType
-from ..base import TASK_HEAD_NAMES, ModulesToSaveWrapper, describe_module_names
-from .cache import build_prefix_cache, cache_arg_name, prefix_cache_passed
+from ..base import ModulesToSaveWrapper, check_modules_to_save, get_submodule_parent, wrap_modules_to_save
+from .cache import build_prefix_cache, cache_route, prefix_cache_passed
 from .config import PromptLearningConfig, fill_config_from_model
 from .p_tuning import PromptEncoder, PromptEncoderConfig
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
@@ -74,6 +74,13 @@ class PromptLearningMixin:
         self.base_model.requires_grad_(False)
         # kept out of the module tree so the embedding is not registered (and saved) twice
         self._word_embeddings_ref = [find_word_embeddings(self.base_model)]
+        # where a prefix cache goes, read from the forward signatures once (base_model never changes)
+        self._prompt_cache_route = cache_route(self.base_model)
+
+    def _cache_kwarg(self) -> str:
+        """The keyword base_model.forward takes a key/value cache by (`past_key_values` when it takes none)."""
+        route = self._prompt_cache_route
+        return route[1] if route is not None and not route[0] else "past_key_values"
 
     @property
     def word_embeddings(self) -> Optional[nn.Module]:
@@ -105,7 +112,7 @@ class PromptLearningMixin:
         if weight is not None:
             encoder.to(weight.device)
         encoder.requires_grad_(not config.inference_mode)
-        self._check_modules_to_save(config)
+        check_modules_to_save(self.base_model, config.modules_to_save)
         self.prompt_encoder[adapter_name] = encoder
         self.prompt_tokens[adapter_name] = torch.arange(config.num_virtual_tokens * config.num_transformer_submodules)
         self._prompt_configs[adapter_name] = config
@@ -140,45 +147,19 @@ class PromptLearningMixin:
         raise TypeError(f"unsupported prompt-learning config {type(config).__name__}")
 
     # ---- modules_to_save (e.g. the classifier head) -----------------------------------------
-    def _check_modules_to_save(self, config: PromptLearningConfig) -> None:
-        for name in config.modules_to_save or []:
-            if name in TASK_HEAD_NAMES:
-                continue
-            if not any(k == name or k.endswith("." + name) for k, _ in self.base_model.named_modules()):
-                raise ValueError(f"modules_to_save entry {name!r} matches no module; "
-                                 f"{describe_module_names(self.base_model)}")
-
     def _wrap_modules_to_save(self, config: PromptLearningConfig, adapter_name: str) -> None:
-        names = config.modules_to_save or []
-        for key, module in list(self.base_model.named_modules()):
-            if ".modules_to_save." in f".{key}." or ".original_module" in f".{key}":
-                continue
-            if not any(key == n or key.endswith("." + n) for n in names):
-                continue
-            if isinstance(module, ModulesToSaveWrapper):
-                module.add(adapter_name)
-            else:
-                parent_name, _, child = key.rpartition(".")
-                parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-                setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
-        for _, wrapper in self._prompt_wrappers():
-            if adapter_name in wrapper.modules_to_save and config.inference_mode:
+        for wrapper in wrap_modules_to_save(self.base_model, config.modules_to_save, adapter_name):
+            if config.inference_mode:
                 wrapper.modules_to_save[adapter_name].requires_grad_(False)
 
     def _prompt_wrappers(self) -> list[tuple[str, ModulesToSaveWrapper]]:
         return [(n, m) for n, m in self.base_model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
 
-    def _sync_prompt_wrappers(self) -> None:
-        for _, wrapper in self._prompt_wrappers():
-            if wrapper.active_adapter != self.active_adapter and self.active_adapter in wrapper.modules_to_save:
-                trainable = any(p.requires_grad for p in wrapper.modules_to_save[wrapper.active_adapter].parameters())
-                wrapper.set_adapter(self.active_adapter)
-                if not trainable or self._prompt_configs[self.active_adapter].inference_mode:
-                    wrapper.modules_to_save[self.active_adapter].requires_grad_(False)
-
     def _sync_prompt_trainability(self) -> None:
         """Only the active adapter trains (unless loaded for inference): its prompt encoder and its copies of
-        the modules_to_save require grad; every other adapter's are frozen."""
+        the modules_to_save require grad; every other adapter's are frozen. Every wrapper holding the active adapter
+        is pointed at it here, so every path that changes the active adapter (set_adapter, add, delete) must call
+        this; forward and generate do not re-check."""
         for name, encoder in self.prompt_encoder.items():
             encoder.requires_grad_(name == self.active_adapter and not self._prompt_configs[name].inference_mode)
         for _, wrapper in self._prompt_wrappers():
@@ -190,8 +171,7 @@ class PromptLearningMixin:
     def _unwrap_prompt_modules_to_save(self) -> None:
         """Put every wrapped module (e.g. the classifier head) back as the original, e.g. after a failed load."""
         for key, wrapper in self._prompt_wrappers():
-            parent_name, _, child = key.rpartition(".")
-            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            parent, _, child = get_submodule_parent(self.base_model, key)
             setattr(parent, child, wrapper.original_module)
 
     def _delete_prompt_adapter(self, adapter_name: str, force: bool = False) -> None:
@@ -208,8 +188,7 @@ class PromptLearningMixin:
         for key, wrapper in self._prompt_wrappers():
             wrapper.delete_adapter(adapter_name)
             if not wrapper.modules_to_save:  # no adapter uses it any more: put the original back
-                parent_name, _, child = key.rpartition(".")
-                parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+                parent, _, child = get_submodule_parent(self.base_model, key)
                 setattr(parent, child, wrapper.original_module)
         if adapter_name == self.active_adapter:
             self.active_adapter = others[0] if others else ""
@@ -235,7 +214,9 @@ class PromptLearningMixin:
         config = self.active_peft_config
         encoder = self.prompt_encoder[self.active_adapter]
         device = encoder.embedding.weight.device
-        tokens = self.prompt_tokens[self.active_adapter].to(device)
+        tokens = self.prompt_tokens[self.active_adapter]
+        if tokens.device != device:  # moved once (and again only if the encoder moves), not on every call
+            tokens = self.prompt_tokens[self.active_adapter] = tokens.to(device)
         if config.peft_type == PeftType.PREFIX_TUNING:
             flat = encoder(tokens[: config.num_virtual_tokens].unsqueeze(0)).repeat(batch_size, 1, 1)
             dtype = getattr(self.base_model, "dtype", None)
@@ -275,7 +256,6 @@ class PromptLearningMixin:
             kwargs["input_ids"] = args[0]
         if self._prompt_disabled or not self._prompt_configs:
             return self.base_model(**kwargs)
-        self._sync_prompt_wrappers()
         config = self.active_peft_config
         self._check_prefix_ready(config)
         kind = self._prompt_task_kind()
@@ -293,8 +273,7 @@ class PromptLearningMixin:
             attention_mask = _prepend(attention_mask, vt)
         self._adjust_kwargs(config, kwargs, drop_token_type_ids=True)
         if config.peft_type == PeftType.PREFIX_TUNING:
-            name = cache_arg_name(self.base_model) or "past_key_values"
-            kwargs[name] = self.get_prompt(batch)
+            kwargs[self._cache_kwarg()] = self.get_prompt(batch)
             return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                    labels=labels, **kwargs)
         if inputs_embeds is None:
@@ -314,8 +293,7 @@ class PromptLearningMixin:
             # the prefix sits in the decoder's self-attention cache; the encoder is untouched
             if decoder_attention_mask is not None:
                 decoder_attention_mask = _prepend(decoder_attention_mask, vt)
-            name = cache_arg_name(self.base_model) or "past_key_values"
-            kwargs[name] = self.get_prompt(batch)
+            kwargs[self._cache_kwarg()] = self.get_prompt(batch)
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                    decoder_attention_mask=decoder_attention_mask, **kwargs)
         # prompt tuning / P-tuning: the first num_virtual_tokens rows go in front of the encoder input
@@ -335,7 +313,7 @@ class PromptLearningMixin:
             attention_mask = _prepend(attention_mask, vt)
         self._adjust_kwargs(config, kwargs, drop_token_type_ids=False)
         if config.peft_type == PeftType.PREFIX_TUNING:
-            with prefix_cache_passed(self.base_model, self.get_prompt(batch)) as extra:
+            with prefix_cache_passed(self.base_model, self.get_prompt(batch), self._prompt_cache_route) as extra:
                 return self.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                        inputs_embeds=inputs_embeds, **extra, **kwargs)
         if kwargs.get("token_type_ids") is not None:
@@ -355,7 +333,6 @@ class PromptLearningMixin:
         base = self.base_model
         if self._prompt_disabled or not self._prompt_configs:
             return base.generate(**kwargs)
-        self._sync_prompt_wrappers()
         config = self.active_peft_config
         kind = self._prompt_task_kind()
         if kind == ENCODER:
@@ -419,7 +396,7 @@ class PromptLearningMixin:
                 inputs["position_ids"] = inputs["position_ids"] + vt
             if prefill:
                 batch = _batch_size(inputs.get("input_ids"), inputs.get("inputs_embeds"))
-                inputs[name or cache_arg_name(self.base_model) or "past_key_values"] = self.get_prompt(batch)
+                inputs[name or self._cache_kwarg()] = self.get_prompt(batch)
             return inputs
         # prompt tuning / P-tuning: the model numbers virtual + real tokens itself from the cache length
         inputs.pop("position_ids", None)
@@ -441,7 +418,7 @@ class PromptLearningMixin:
             inputs["decoder_attention_mask"] = _prepend(inputs["decoder_attention_mask"], config.num_virtual_tokens)
         if prefill:
             batch = inputs["decoder_input_ids"].shape[0]
-            inputs[name or cache_arg_name(self.base_model) or "past_key_values"] = self.get_prompt(batch)
+            inputs[name or self._cache_kwarg()] = self.get_prompt(batch)
         return inputs
 
     # ---- saving and loading in HF PEFT's format ---------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...config import PeftType, _coerce_enum
-from .config import PromptLearningConfig
+from .config import PromptLearningConfig, _check_positive_int
 from .encoder import PromptEncoderBase
 
 
@@ -38,10 +38,7 @@ class PromptEncoderConfig(PromptLearningConfig):
             PromptEncoderReparameterizationType, self.encoder_reparameterization_type, "encoder_reparameterization_type")
         if self.encoder_reparameterization_type is None:
             raise ValueError("encoder_reparameterization_type must be one of: MLP, LSTM")
-        if self.encoder_hidden_size is not None and (isinstance(self.encoder_hidden_size, bool) or not isinstance(
-                self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0):
-            raise ValueError(f"encoder_hidden_size must be a positive integer or None (token_dim), "
-                             f"got {self.encoder_hidden_size!r}")
+        _check_positive_int("encoder_hidden_size", self.encoder_hidden_size, none_means="token_dim")
         if isinstance(self.encoder_num_layers, bool) or not isinstance(self.encoder_num_layers, int) \
                 or self.encoder_num_layers <= 0:
             raise ValueError(f"encoder_num_layers must be a positive integer, got {self.encoder_num_layers!r}")

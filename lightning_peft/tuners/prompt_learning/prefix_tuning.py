@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ...config import PeftType
-from .config import PromptLearningConfig
+from .config import PromptLearningConfig, _check_positive_int
 from .encoder import PromptEncoderBase
 
 
@@ -23,10 +23,7 @@ class PrefixTuningConfig(PromptLearningConfig):
         super().__post_init__()
         if not isinstance(self.prefix_projection, bool):
             raise TypeError(f"prefix_projection must be True or False, got {self.prefix_projection!r}")
-        if self.encoder_hidden_size is not None and (isinstance(self.encoder_hidden_size, bool) or not isinstance(
-                self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0):
-            raise ValueError(f"encoder_hidden_size must be a positive integer or None (token_dim), "
-                             f"got {self.encoder_hidden_size!r}")
+        _check_positive_int("encoder_hidden_size", self.encoder_hidden_size, none_means="token_dim")
 
 
 class PrefixEncoder(PromptEncoderBase):
