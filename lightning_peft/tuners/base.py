@@ -146,6 +146,7 @@ class BaseTunerLayer:
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
+    merge_refusal: Optional[str] = None  # why this layer can never take a merge (checked before any layer merges)
 
     def _init_tuner_layer(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
@@ -364,7 +365,7 @@ class BaseTuner(nn.Module):
                 f"{type(self).__name__} cannot adapt {unsupported[:4]} (type {', '.join(kinds)}); "
                 "target only supported layer types (Linear, Conv1D, Embedding, Conv2d with groups=1, 8-bit Linear)"
             )
-        self._check_modules_to_save(config)
+        check_modules_to_save(self.model, getattr(config, "modules_to_save", None))
         self.peft_config[adapter_name] = config
         originals: list[tuple[nn.Module, str, nn.Module]] = []
         try:
@@ -375,7 +376,7 @@ class BaseTuner(nn.Module):
         except Exception:
             self._undo_injection(adapter_name, originals)
             raise
-        self._set_modules_to_save(config, adapter_name)
+        wrap_modules_to_save(self.model, getattr(config, "modules_to_save", None), adapter_name)
         self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
 
     def _undo_injection(self, adapter_name: str, originals: list[tuple[nn.Module, str, nn.Module]]) -> None:
@@ -386,28 +387,6 @@ class BaseTuner(nn.Module):
             else:
                 setattr(parent, name, original)
         del self.peft_config[adapter_name]
-
-    def _check_modules_to_save(self, config: Any) -> None:
-        names = getattr(config, "modules_to_save", None) or []
-        for name in names:
-            if name in TASK_HEAD_NAMES:
-                continue  # task wrappers add every usual head name, as HF PEFT does; models have one of them
-            if not any(k == name or k.endswith("." + name) for k, _ in self.model.named_modules()):
-                raise ValueError(
-                    f"modules_to_save entry {name!r} matches no module; {describe_module_names(self.model)}"
-                )
-
-    def _set_modules_to_save(self, config: Any, adapter_name: str) -> None:
-        names = getattr(config, "modules_to_save", None) or []
-        for key, module in list(self.model.named_modules()):
-            if ".modules_to_save." in key or ".original_module" in key:
-                continue
-            if any(key == n or key.endswith("." + n) for n in names):
-                if isinstance(module, ModulesToSaveWrapper):
-                    module.add(adapter_name)
-                else:
-                    parent, _, child = get_submodule_parent(self.model, key)
-                    setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
 
     # ---- adapters by name -----------------------------------------------------------------
     def _tuner_layers(self) -> Iterator[tuple[str, nn.Module]]:
@@ -489,6 +468,10 @@ class BaseTuner(nn.Module):
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         for name in adapter_names or []:
             self._check_adapter_exists(name)
+        refusing = [n for n, m in self._tuner_layers() if isinstance(m, BaseTunerLayer) and m.merge_refusal]
+        if refusing:
+            reason = self.model.get_submodule(refusing[0]).merge_refusal
+            raise ValueError(f"{reason} ({', '.join(refusing[:3])})")
         layers = [m for _, m in self._tuner_layers() if isinstance(m, BaseTunerLayer)]
         if safe_merge:
             # check every layer before touching any, so a bad adapter leaves the whole model untouched

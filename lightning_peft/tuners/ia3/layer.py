@@ -175,17 +175,12 @@ class Linear8bitLt(nn.Module, IA3Layer):
         self.ia3_l[adapter_name] = nn.Parameter(vector.to(self.get_base_layer().weight.device))  # fp32 over int8
         self.set_adapter(self.active_adapters or [adapter_name])
 
-    def _refuse(self) -> None:
-        raise ValueError(
-            "cannot merge an IA3 adapter into a bitsandbytes 8-bit layer (Linear8bitLt): its int8 weight cannot hold "
-            "the scaled values. Use the adapter unmerged, or load the base model in full precision and merge there"
-        )
-
-    def check_finite_delta(self, adapter_name: str) -> None:
-        self._refuse()
+    merge_refusal = ("cannot merge IA3 adapters into bitsandbytes 8-bit layers: their int8 weights cannot hold the "
+                     "scaled values. Use the adapter unmerged, call unload(), or load the base model in full precision "
+                     "to merge")
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        self._refuse()
+        raise ValueError(self.merge_refusal)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         scaling = None if self.disable_adapters else self._scaling()

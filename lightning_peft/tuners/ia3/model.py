@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from torch import nn
 
@@ -78,17 +77,6 @@ class IA3Model(BaseTuner):
             raise ValueError(f"cannot apply IA3 to {current_key} of type {type(target).__name__}; "
                              f"supported: Linear, Conv1D, Conv2d, 8-bit Linear. {describe_module_names(self.model)}")
         setattr(parent, target_name, new_module)
-
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        # refuse before touching any layer, so a model with 8-bit layers is never left half merged
-        eight_bit = [n for n, m in self._tuner_layers() if isinstance(m, Linear8bitLt)]
-        if eight_bit:
-            raise ValueError(
-                f"cannot merge IA3 adapters into bitsandbytes 8-bit layers ({', '.join(eight_bit[:3])}): their int8 "
-                "weights cannot hold the scaled values. Use the adapter unmerged, call unload(), or load the base "
-                "model in full precision to merge"
-            )
-        super().merge_adapter(adapter_names, safe_merge=safe_merge)
 
 
 __all__ = ["IA3Model", "is_feedforward_key"]
