@@ -32,7 +32,7 @@ from torch import nn
 
 from .config import PeftType
 from .tuners.base import (TASK_HEAD_NAMES, BaseTunerLayer, ModulesToSaveWrapper, get_submodule_parent, is_conv1d,
-                          is_linear8bit, resolve_fan_in_fan_out)
+                          is_linear8bit, name_matches, resolve_fan_in_fan_out)
 from .tuners.lora import model as lora_model
 from .tuners.lora.layer import Linear as LoraLinear
 
@@ -104,10 +104,6 @@ def _make_linear8bit(weight: torch.Tensor, bias: Optional[torch.Tensor], thresho
 # quantizing / dequantizing a model
 # ---------------------------------------------------------------------------------------------
 
-def _name_matches(key: str, names: Iterable[str]) -> bool:
-    return any(key == n or key.endswith("." + n) for n in names)
-
-
 def quantize_base_linears(model: nn.Module, skip: Iterable[str] = (), threshold: float = DEFAULT_THRESHOLD,
                           include_conv1d: bool = True) -> nn.Module:
     """Replace the base model's `nn.Linear` (and transformers `Conv1D`, transposed) layers by
@@ -125,7 +121,7 @@ def quantize_base_linears(model: nn.Module, skip: Iterable[str] = (), threshold:
     skip_names = set(skip or ()) | set(TASK_HEAD_NAMES) | {"lm_head"}
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     skipped_prefixes = [name for name, module in model.named_modules()
-                        if name and (module is head or _name_matches(name, skip_names))]
+                        if name and (module is head or name_matches(name, skip_names))]
     replaced = 0
     for name, module in list(model.named_modules()):
         if not name or any(name == p or name.startswith(p + ".") for p in skipped_prefixes):

@@ -32,13 +32,21 @@ def _layer_index(key: str, layers_pattern: Any) -> Optional[int]:
     return None
 
 
+def name_matches(key: str, names: Any) -> bool:
+    """A list of names matches a module whose full dotted name equals one or ends with "." + one;
+    a string is a regex that must match the whole name."""
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return any(key == n or key.endswith("." + n) for n in names)
+
+
 def target_matches(config: Any, key: str) -> bool:
     """Does the module named `key` (full dotted name) belong to the config's targets?"""
     targets = config.target_modules
-    if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
-    if not any(key == t or key.endswith("." + t) for t in targets):
+    if not name_matches(key, targets):
         return False
+    if isinstance(targets, str):
+        return True  # layer filters apply to name lists only, as in HF PEFT
     layers = getattr(config, "layers_to_transform", None)
     if layers is None or (isinstance(layers, list) and len(layers) == 0):
         return True
@@ -97,7 +105,7 @@ def check_modules_to_save(model: nn.Module, names: Optional[list[str]]) -> None:
     for name in names or []:
         if name in TASK_HEAD_NAMES:
             continue
-        if not any(k == name or k.endswith("." + name) for k, _ in model.named_modules()):
+        if not any(name_matches(k, [name]) for k, _ in model.named_modules()):
             raise ValueError(f"modules_to_save entry {name!r} matches no module; {describe_module_names(model)}")
 
 
@@ -109,7 +117,7 @@ def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_n
     for key, module in list(model.named_modules()):
         if ".modules_to_save." in f".{key}." or ".original_module" in f".{key}":
             continue
-        if not any(key == n or key.endswith("." + n) for n in names or []):
+        if not name_matches(key, names or []):
             continue
         if isinstance(module, ModulesToSaveWrapper):
             module.add(adapter_name)
@@ -337,7 +345,7 @@ class BaseTuner(nn.Module):
         for key, module in self.model.named_modules():
             if not key or f".{self.prefix}" in f".{key}" or ".base_layer" in key or ".original_module" in key:
                 continue
-            if any(key == m or key.endswith("." + m) for m in modules_to_save):
+            if name_matches(key, modules_to_save):
                 continue
             if ".modules_to_save." in key:
                 continue

@@ -1,21 +1,15 @@
 from __future__ import annotations
 
-import re
 
 from torch import nn
 
-from ..base import BaseTuner, describe_module_names, is_conv1d, is_linear8bit, resolve_fan_in_fan_out
+from ..base import BaseTuner, describe_module_names, name_matches, is_conv1d, is_linear8bit, resolve_fan_in_fan_out
 from .config import DEFAULT_FEEDFORWARD_MODULES, DEFAULT_TARGET_MODULES, IA3Config, check_feedforward_subset
 from .layer import Conv2d, IA3Layer, Linear, Linear8bitLt
 
 
 def is_feedforward_key(config: IA3Config, key: str) -> bool:
-    ff = config.feedforward_modules
-    if ff is None:
-        return False
-    if isinstance(ff, str):
-        return re.fullmatch(ff, key) is not None
-    return any(key == f or key.endswith("." + f) for f in ff)
+    return config.feedforward_modules is not None and name_matches(key, config.feedforward_modules)
 
 
 class IA3Model(BaseTuner):
