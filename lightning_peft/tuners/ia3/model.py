@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-
 from torch import nn
 
-from ..base import BaseTuner, describe_module_names, name_matches, is_conv1d, is_linear8bit, resolve_fan_in_fan_out
+from ..base import BaseTuner, describe_module_names, is_conv1d, is_linear8bit, name_matches, resolve_fan_in_fan_out
 from .config import DEFAULT_FEEDFORWARD_MODULES, DEFAULT_TARGET_MODULES, IA3Config, check_feedforward_subset
 from .layer import Conv2d, IA3Layer, Linear, Linear8bitLt
 
