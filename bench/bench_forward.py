@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from common import ForwardCase, Timings, batch, build_case, have_peft, interleave
+from common import ForwardCase, Timings, batch, build_case, libraries, interleave
 
 
 def _nonzero_adapters(model: torch.nn.Module) -> torch.nn.Module:
@@ -26,7 +26,7 @@ def _nonzero_adapters(model: torch.nn.Module) -> torch.nn.Module:
 def forward_cases(arch: str) -> dict[str, ForwardCase]:
     data = batch()
     cases = {"base": ForwardCase(build_case("base", arch), data)}
-    for kind in (["ours", "peft"] if have_peft() else ["ours"]):
+    for kind in libraries():
         cases[f"{kind} unmerged"] = ForwardCase(_nonzero_adapters(build_case(kind, arch)), data)
         merged = _nonzero_adapters(build_case(kind, arch))
         merged.base_model.merge_adapter()

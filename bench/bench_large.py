@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from common import _quiet, have_peft
+from common import _quiet, libraries
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -55,7 +55,7 @@ def timed(fn, *args):
 
 
 def run(rounds: int, log=print) -> dict:
-    kinds = ["ours", "peft"] if have_peft() else ["ours"]
+    kinds = libraries()
     meta = llama_1b("meta")
     n_params = sum(p.numel() for p in meta.parameters())
     log(f"[large] Llama {n_params / 1e9:.2f}B parameters")

@@ -58,11 +58,11 @@ def measure(kind: str, arch: str, dropout: float) -> dict:
 
 
 def run(archs: list[str], dropouts: tuple[float, ...] = (0.0, 0.05), log=print) -> dict:
-    from common import have_peft
+    from common import libraries
 
     results = {}
     for arch in archs:
-        cases = [("full", 0.0)] + [(k, d) for d in dropouts for k in (["ours", "peft"] if have_peft() else ["ours"])]
+        cases = [("full", 0.0)] + [(k, d) for d in dropouts for k in libraries()]
         for kind, dropout in cases:
             name = f"{arch} {kind}" + ("" if kind == "full" else f" p={dropout}")
             results[name] = measure(kind, arch, dropout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import MODELS, StepCase, Timings, _quiet, batch, have_peft, interleave
+from common import MODELS, StepCase, Timings, _quiet, batch, libraries, interleave
 
 VIRTUAL_TOKENS = 20
 
@@ -42,7 +42,7 @@ def build(lib: str, method: str, arch: str = "gpt2"):
 
 
 def run(methods: list[str], rounds: int, log=print) -> Timings:
-    libs = ["ours", "peft"] if have_peft() else ["ours"]
+    libs = libraries()
     data = batch()
     cases = {f"{m} {lib}": StepCase(build(lib, m), data) for m in methods for lib in libs}
     log(f"[methods] {', '.join(methods)}")

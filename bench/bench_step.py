@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import Timings, StepCase, batch, build_case, have_peft, interleave
+from common import Timings, StepCase, batch, build_case, libraries, interleave
 
 DROPOUTS = (0.0, 0.05)
 
@@ -18,7 +18,7 @@ DROPOUTS = (0.0, 0.05)
 def step_cases(arch: str) -> dict[str, StepCase]:
     data = batch()
     cases = {"full": StepCase(build_case("full", arch), data)}
-    kinds = ["ours", "peft"] if have_peft() else ["ours"]
+    kinds = libraries()
     for dropout in DROPOUTS:
         for kind in kinds:
             cases[f"{kind} p={dropout}"] = StepCase(build_case(kind, arch, dropout), data)

@@ -8,7 +8,6 @@ and ratios are taken per round (paired) before the median.
 
 from __future__ import annotations
 
-import copy
 import gc
 import importlib.util
 import os
@@ -38,6 +37,11 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 def have_peft() -> bool:
     return importlib.util.find_spec("peft") is not None
+
+
+def libraries() -> list[str]:
+    """The adapter libraries to compare: ours, and HF peft when it is installed."""
+    return ["ours", "peft"] if have_peft() else ["ours"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +229,3 @@ def machine() -> str:
     return (f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"transformers {transformers.__version__}, lightning {lightning.__version__}, peft {peft_version}, "
             f"Python {platform.python_version()}")
-
-
-def fresh_copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
