@@ -50,30 +50,26 @@ _FORMAT = 1
 # ---------------------------------------------------------------------------------------------
 # capture / restore
 # ---------------------------------------------------------------------------------------------
-def capture_rng_state() -> dict[str, Any]:
-    """The torch (CPU, and CUDA when initialised), numpy and python `random` global states, weights-only safe."""
-    version, internal, gauss_next = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
-    }
+# Two forms of one state: the raw one (what the generators' own getters return, cheap to take and
+# put back, used between batches) and the checkpoint one (tensors and plain values only, for
+# `torch.load(weights_only=True)`), converted only when a checkpoint is written or read.
+def _get_raw_state() -> dict[str, Any]:
+    """The torch (CPU, and CUDA when initialised), numpy and python `random` global states, as their getters return them."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
         return state
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state["numpy"] = np.random.get_state()
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Put back what `capture_rng_state` returned (the parts it holds)."""
+def _set_raw_state(state: dict[str, Any]) -> None:
+    """Put back what `_get_raw_state` returned (the parts it holds)."""
     torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+    random.setstate(state["python"])
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
@@ -81,35 +77,77 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if npy is not None:
         import numpy as np
 
-        np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                             npy["cached_gaussian"]))
+        np.random.set_state(npy)
+
+
+def _python_state_dict(py_state: tuple) -> dict[str, Any]:
+    version, internal, gauss_next = py_state
+    return {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next}
+
+
+def _numpy_state_dict(np_state: tuple) -> dict[str, Any]:
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np_state
+    return {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _to_checkpoint_form(raw: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": raw["torch"], "python": _python_state_dict(raw["python"])}
+    if "cuda" in raw:
+        state["cuda"] = raw["cuda"]
+    if "numpy" in raw:
+        state["numpy"] = _numpy_state_dict(raw["numpy"])
+    return state
+
+
+def _from_checkpoint_form(state: dict[str, Any]) -> dict[str, Any]:
+    py = state["python"]
+    raw: dict[str, Any] = {"torch": state["torch"],
+                           "python": (py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"])}
+    if "cuda" in state:
+        raw["cuda"] = state["cuda"]
+    npy = state.get("numpy")
+    if npy is not None:
+        import numpy as np
+
+        raw["numpy"] = (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                        npy["cached_gaussian"])
+    return raw
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The torch (CPU, and CUDA when initialised), numpy and python `random` global states, weights-only safe."""
+    return _to_checkpoint_form(_get_raw_state())
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back what `capture_rng_state` returned (the parts it holds)."""
+    _set_raw_state(_from_checkpoint_form(state))
 
 
 def _fork_rng_state(state: dict[str, Any]) -> dict[str, Any]:
-    """A state of the same parts as `state`, for generators seeded from a hash of it (a stream of its own)."""
+    """A raw state of the same parts as the raw `state`, for generators seeded from a hash of it (a stream of its own)."""
+    import numpy as np
+
     digest = hashlib.sha256()
     digest.update(state["torch"].numpy().tobytes())
-    digest.update(state["python"]["state"].numpy().tobytes())
+    digest.update(np.asarray(state["python"][1], dtype=np.int64).tobytes())
     if "numpy" in state:
-        digest.update(state["numpy"]["keys"].numpy().tobytes() + int(state["numpy"]["pos"]).to_bytes(4, "little"))
+        digest.update(state["numpy"][1].astype(np.int64).tobytes() + int(state["numpy"][2]).to_bytes(4, "little"))
     for device_state in state.get("cuda", ()):
         digest.update(device_state.numpy().tobytes())
     seed = digest.digest()
-    version, internal, gauss_next = random.Random(int.from_bytes(seed, "little")).getstate()
     forked: dict[str, Any] = {
         "torch": torch.Generator().manual_seed(int.from_bytes(seed[:8], "little")).get_state(),
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+        "python": random.Random(int.from_bytes(seed, "little")).getstate(),
     }
     if "cuda" in state:
         forked["cuda"] = [torch.Generator(device=f"cuda:{i}").manual_seed((int.from_bytes(seed[8:16], "little") + i) % 2**64)
                           .get_state() for i in range(len(state["cuda"]))]
     if "numpy" in state:
-        import numpy as np
-
-        words = np.frombuffer(seed[16:32], dtype=np.uint32)
-        name, keys, pos, has_gauss, cached = np.random.RandomState(words).get_state()
-        forked["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                           "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+        forked["numpy"] = np.random.RandomState(np.frombuffer(seed[16:32], dtype=np.uint32)).get_state()
     return forked
 
 
@@ -136,8 +174,9 @@ class TrainingRNG:
 
     def reset(self) -> None:
         """Forget everything (a new `fit` that does not resume must not inherit the last one's state)."""
-        self.snapshot: Optional[dict[str, Any]] = None  # state at the end of the last finished training batch
-        self.pending: Optional[dict[str, Any]] = None  # to put back at the next on_train_batch_start
+        # raw states (`_get_raw_state`); converted for checkpoints only in on_save / on_load_checkpoint
+        self.snapshot: Optional[dict[str, Any]] = None  # state at the end of the last finished training batch,
+        # put back at the next on_train_batch_start
         self.outside: Optional[dict[str, Any]] = None  # the state outside training batches, during one
         self.batch_open = False  # a training batch started and its snapshot is not taken yet
 
@@ -145,28 +184,26 @@ class TrainingRNG:
     def on_train_batch_start(self) -> None:
         if self.batch_open:  # the second caller (PEFTCallback and PEFTMixin) within the same batch
             return
-        self.outside = capture_rng_state()
-        if self.pending is not None:
-            restore_rng_state(self.pending)
-            self.pending = None
+        self.outside = _get_raw_state()
+        if self.snapshot is not None:
+            _set_raw_state(self.snapshot)
         else:  # training goes on from the current state: the outside stream forks off it
             self.outside = _fork_rng_state(self.outside)
         self.batch_open = True
 
     def on_train_batch_end(self) -> None:
         if self.batch_open:
-            self.snapshot = capture_rng_state()
-            self.pending = self.snapshot
+            self.snapshot = _get_raw_state()
             self.batch_open = False
             if self.outside is not None:
-                restore_rng_state(self.outside)
+                _set_raw_state(self.outside)
                 self.outside = None
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the last finished batch's snapshot (one per process) in `checkpoint`. Runs on every rank."""
         self.on_train_batch_end()  # a save inside on_train_batch_end, before our own hook ran
-        state = self.snapshot if self.snapshot is not None else capture_rng_state()
+        state = _to_checkpoint_form(self.snapshot) if self.snapshot is not None else capture_rng_state()
         rank, world = _rank_and_world()
         states = [state]
         if world > 1:
@@ -192,8 +229,7 @@ class TrainingRNG:
             warning = (f"lightning_peft: the checkpoint holds RNG states of {len(states)} process(es), this run has "
                        f"{world}; every process takes the state of rank {min(rank, len(states) - 1)}, so random draws "
                        "differ from the interrupted run")
-        self.snapshot = states[min(rank, len(states) - 1)]
-        self.pending = self.snapshot
+        self.snapshot = _from_checkpoint_form(states[min(rank, len(states) - 1)])
         self.outside = None
         self.batch_open = False
         return warning
@@ -205,6 +241,27 @@ def training_rng(module: Any) -> TrainingRNG:
     if tracker is None:
         tracker = module.__dict__[TRACKER_ATTR] = TrainingRNG()
     return tracker
+
+
+def exact_resume_hook(name: str, trainer: Any, module: Any, checkpoint: Optional[dict[str, Any]] = None) -> None:
+    """The exact-resume part of one Lightning hook (`on_train_start`, `on_train_batch_start`,
+    `on_train_batch_end`, `on_save_checkpoint`, `on_load_checkpoint`), shared by PEFTCallback and PEFTMixin."""
+    if name == "on_train_start":
+        reload_pending_dataloader_states(trainer)  # Lightning #20550: the loader's saved position
+    elif name == "on_train_batch_start":
+        training_rng(module).on_train_batch_start()
+    elif name == "on_train_batch_end":
+        training_rng(module).on_train_batch_end()
+    elif name == "on_save_checkpoint":
+        training_rng(module).on_save_checkpoint(checkpoint)
+    elif name == "on_load_checkpoint":
+        warning = training_rng(module).on_load_checkpoint(checkpoint)
+        if warning:
+            from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+            rank_zero_warn(warning)
+    else:
+        raise ValueError(f"exact_resume_hook: unknown hook {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
