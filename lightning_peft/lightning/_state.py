@@ -34,6 +34,8 @@ from ..config import PeftConfig
 from ..peft_model import PeftModel, get_peft_model
 
 STATE_ATTR = "_lightning_peft_state"
+ADAPTER_SUBDIR = "adapter"  # the export folders under PEFTCallback's export_dir
+MERGED_SUBDIR = "merged"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,13 +132,44 @@ def _children_names(module: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------
 # the state
 # ---------------------------------------------------------------------------------------------
+def validate_model_attr(model_attr: Any) -> None:
+    if not isinstance(model_attr, str) or not model_attr or model_attr.startswith(".") or model_attr.endswith("."):
+        raise ValueError(f"model_attr must name the LightningModule attribute holding the model, got {model_attr!r}")
+
+
+def parameter_counts(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) with DTensor parameters counted at their global size (equal on every rank)."""
+    trainable = total = 0
+    for p in module.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def log_trainable_parameters(trainer: Any, state: "AdapterState") -> None:
+    """Once per module: trainable / total parameters to the console and every logger of the trainer."""
+    if state.logged:
+        return
+    state.logged = True
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    trainable, total, percent = state.describe_counts()
+    rank_zero_info(f"lightning_peft: {state.config.peft_type} adapter {state.adapter_name!r} on "
+                   f"`{state.model_attr}`: trainable params {trainable:,d} of {total:,d} ({percent:.4f}%)")
+    if trainer is None:
+        return
+    metrics = {"peft/trainable_params": float(trainable), "peft/total_params": float(total),
+               "peft/trainable_percent": percent}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
 class AdapterState:
     """The adapter of one LightningModule: config, where the model lives, and checkpoint rules."""
 
     def __init__(self, config: PeftConfig, model_attr: str = "model", adapter_name: str = "default",
                  owner: str = "callback") -> None:
-        if not isinstance(model_attr, str) or not model_attr or model_attr.startswith(".") or model_attr.endswith("."):
-            raise ValueError(f"model_attr must name the LightningModule attribute holding the model, got {model_attr!r}")
+        validate_model_attr(model_attr)
         self.config = config
         self.model_attr = model_attr
         self.adapter_name = adapter_name
@@ -196,6 +229,14 @@ class AdapterState:
         _set_path(module, self.model_attr, peft)
         self._adopt(module, peft)
         return True
+
+    def apply(self, module: nn.Module, trainer: Any, who: str, fitting: bool) -> None:
+        """Inject the tuner (once) and log the parameter counts; after a merge, a new fit first puts the adapter back."""
+        if not self.injected:
+            self.inject(module, who=who)
+            log_trainable_parameters(trainer, self)
+        elif self.merged and fitting:
+            self.restore_unmerged(module)  # train on: the adapter as it was before the merge
 
     def _adopt(self, module: nn.Module, peft: PeftModel) -> None:
         self.peft = peft

@@ -27,28 +27,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from ._state import AdapterState, allow_weights_only_resume, attach_state, get_state, resolve_peft_config, \
-    save_merged_model
-from .rng import reload_pending_dataloader_states, training_rng
-
-ADAPTER_SUBDIR = "adapter"
-MERGED_SUBDIR = "merged"
-
-
-def log_trainable_parameters(trainer: Optional["pl.Trainer"], state: AdapterState) -> None:
-    """Once per module: trainable / total parameters to the console and every logger of the trainer."""
-    if state.logged:
-        return
-    state.logged = True
-    trainable, total, percent = state.describe_counts()
-    rank_zero_info(f"lightning_peft: {state.config.peft_type} adapter {state.adapter_name!r} on "
-                   f"`{state.model_attr}`: trainable params {trainable:,d} of {total:,d} ({percent:.4f}%)")
-    if trainer is None:
-        return
-    metrics = {"peft/trainable_params": float(trainable), "peft/total_params": float(total),
-               "peft/trainable_percent": percent}
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
+from ._state import ADAPTER_SUBDIR, MERGED_SUBDIR, AdapterState, allow_weights_only_resume, attach_state, get_state, \
+    resolve_peft_config, save_merged_model, validate_model_attr
+from .rng import exact_resume_hook, training_rng
 
 
 class PEFTCallback(pl.Callback):
@@ -73,7 +54,7 @@ class PEFTCallback(pl.Callback):
                  merge_on_train_end: bool = True, export_dir: Optional[str] = None, exact_resume: bool = True) -> None:
         super().__init__()
         self.config = resolve_peft_config(config)
-        AdapterState(self.config, model_attr, adapter_name)  # validates model_attr / adapter_name early
+        validate_model_attr(model_attr)  # early, not at setup
         self.model_attr = model_attr
         self.adapter_name = adapter_name
         self.merge_on_train_end = merge_on_train_end
@@ -96,26 +77,19 @@ class PEFTCallback(pl.Callback):
         if stage == "fit":  # before any restore: a fit that does not resume starts from the current RNG state
             training_rng(pl_module).reset()
         state = self._state(pl_module)
-        if not state.injected:
-            if state.find_model(pl_module) is None and _builds_model_later(pl_module):
-                self._inject_after_configure_model(trainer, pl_module, state)
-                return
-            state.inject(pl_module, who="PEFTCallback")
-            log_trainable_parameters(trainer, state)
-        elif state.merged and stage == "fit":
-            state.restore_unmerged(pl_module)  # train on: the adapter as it was before the merge
+        if not state.injected and state.find_model(pl_module) is None and _builds_model_later(pl_module):
+            self._inject_after_configure_model(trainer, pl_module, state)
+            return
+        state.apply(pl_module, trainer, who="PEFTCallback", fitting=stage == "fit")
 
     def _inject_after_configure_model(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                       state: AdapterState) -> None:
-        if getattr(pl_module, "_lightning_peft_after_configure_model", False):
-            return  # a PEFTMixin module injects through its own configure_model wrapper
         original = pl_module.configure_model
 
         def configure_model_then_inject() -> None:
             pl_module.__dict__.pop("configure_model", None)  # one-shot: the class method is back
-            original()
-            state.inject(pl_module, who="PEFTCallback")
-            log_trainable_parameters(trainer, state)
+            original()  # a PEFTMixin module has injected already (its configure_model wrapper): then a no-op
+            state.apply(pl_module, trainer, who="PEFTCallback", fitting=False)
 
         pl_module.__dict__["configure_model"] = configure_model_then_inject
 
@@ -131,29 +105,27 @@ class PEFTCallback(pl.Callback):
     # ---- exact resume: RNG states (rng.py) ----------------------------------------------------
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.exact_resume:
-            reload_pending_dataloader_states(trainer)  # Lightning #20550: the loader's saved position
+            exact_resume_hook("on_train_start", trainer, pl_module)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
         if self.exact_resume:
-            training_rng(pl_module).on_train_batch_start()
+            exact_resume_hook("on_train_batch_start", trainer, pl_module)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.exact_resume:  # before ModelCheckpoint's own on_train_batch_end (Lightning moves it last)
-            training_rng(pl_module).on_train_batch_end()
+            exact_resume_hook("on_train_batch_end", trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            checkpoint: dict[str, Any]) -> None:
         if self.exact_resume and trainer.state.fn == "fit":
-            training_rng(pl_module).on_save_checkpoint(checkpoint)
+            exact_resume_hook("on_save_checkpoint", trainer, pl_module, checkpoint)
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            checkpoint: dict[str, Any]) -> None:
         if self.exact_resume and trainer.state.fn == "fit":
-            warning = training_rng(pl_module).on_load_checkpoint(checkpoint)
-            if warning:
-                rank_zero_warn(warning)
+            exact_resume_hook("on_load_checkpoint", trainer, pl_module, checkpoint)
 
     # ---- end of fit ---------------------------------------------------------------------------
     def resolve_export_dir(self, trainer: "pl.Trainer") -> str:

@@ -29,7 +29,7 @@ from torch import nn
 from ..peft_model import PeftModel
 from ..serialization import get_peft_model_state_dict
 from ._state import AdapterState, allow_weights_only_resume, attach_state, get_state, resolve_peft_config
-from .rng import reload_pending_dataloader_states, training_rng
+from .rng import exact_resume_hook, training_rng
 
 _RNG_HOOKS = ("on_train_start", "on_train_batch_start", "on_train_batch_end", "on_save_checkpoint", "on_load_checkpoint")
 
@@ -41,7 +41,6 @@ class PEFTMixin:
     peft_model_attr: str = "model"
     peft_adapter_name: str = "default"
     peft_exact_resume: bool = True
-    _lightning_peft_after_configure_model = True  # tells PEFTCallback not to patch configure_model
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -79,13 +78,8 @@ class PEFTMixin:
         trainer = getattr(self, "_trainer", None)
         if state.owner == "mixin" and trainer is not None and trainer.state.fn == "fit":
             training_rng(self).reset()  # before any restore: a fit that does not resume keeps the current RNG
-        if not state.injected:
-            state.inject(self, who=type(self).__name__ if state.owner == "mixin" else "PEFTCallback")
-            from .callback import log_trainable_parameters
-
-            log_trainable_parameters(trainer, state)
-        elif state.merged and trainer is not None and trainer.state.fn == "fit":
-            state.restore_unmerged(self)
+        state.apply(self, trainer, who=type(self).__name__ if state.owner == "mixin" else "PEFTCallback",
+                    fitting=trainer is not None and trainer.state.fn == "fit")
 
     def _peft_require(self, action: str) -> AdapterState:
         state = self._peft_state()
@@ -140,23 +134,8 @@ class PEFTMixin:
             trainer = getattr(self, "_trainer", None)
             if trainer is not None and trainer.state.fn == "fit" and get_state(self) is not None:
                 allow_weights_only_resume(args[0])
-        if not self._peft_rng_active():
-            return
-        tracker = training_rng(self)
-        if name == "on_train_start":
-            reload_pending_dataloader_states(self._trainer)  # Lightning #20550: the loader's saved position
-        elif name == "on_train_batch_start":
-            tracker.on_train_batch_start()
-        elif name == "on_train_batch_end":
-            tracker.on_train_batch_end()
-        elif name == "on_save_checkpoint":
-            tracker.on_save_checkpoint(args[0])
-        else:
-            warning = tracker.on_load_checkpoint(args[0])
-            if warning:
-                from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-
-                rank_zero_warn(warning)
+        if self._peft_rng_active():
+            exact_resume_hook(name, self._trainer, self, *args)
 
     def on_train_start(self) -> None:
         self._peft_hook("on_train_start")
