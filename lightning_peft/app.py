@@ -309,8 +309,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.loggers import CSVLogger
 
     from lightning_peft.lightning import PEFTCallback
-
-    from recipes.common import count_parameters
+    from lightning_peft.lightning.strategies import parameter_counts
 
     start = time.perf_counter()
     run_dir = _run_dir(cfg)
@@ -327,14 +326,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         class _CountParams(pl.Callback):  # after injection, before the optimizer sees the params
             def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-                counts["trainable"], counts["total"] = count_parameters(pl_module)
+                counts["trainable"], counts["total"] = parameter_counts(pl_module)
 
         monitor, mode = cfg.recipe.monitor, cfg.recipe.mode
         checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=monitor, mode=mode,
                                      save_top_k=1, save_last=True,
                                      filename="best-{epoch}-{step}")
-        callbacks = [PEFTCallback(parts["tuner"], model_attr="model", merge_on_train_end=cfg.merge,
-                                  export_dir=str(run_dir)), _CountParams(), checkpoint]
+        peft_callback = PEFTCallback(parts["tuner"], model_attr="model", merge_on_train_end=cfg.merge,
+                                     export_dir=str(run_dir))
+        callbacks = [peft_callback, _CountParams(), checkpoint]
         trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
         if trainer_kwargs.get("callbacks"):
             callbacks += [instantiate(c) for c in trainer_kwargs["callbacks"]]
@@ -375,9 +375,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "sample": getattr(module, "sample", None),
     }
     if trainer.is_global_zero:
-        for sub in ("adapter", "merged"):
-            if (run_dir / sub).is_dir():  # a folder that loads on its own with from_pretrained
-                parts["tokenizer"].save_pretrained(run_dir / sub)
+        for export in (peft_callback.adapter_dir, peft_callback.merged_dir):
+            if export and os.path.isdir(export):  # a folder that loads on its own with from_pretrained
+                parts["tokenizer"].save_pretrained(export)
         # a temporary file renamed into place: a killed job leaves no half-written metrics.json for the report
         atomic_write_text(str(run_dir / "metrics.json"), json.dumps(metrics, indent=2) + "\n")
         name = monitor.removeprefix("val_")

@@ -82,17 +82,6 @@ def build_model(
     return model
 
 
-def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total); DTensor shards report their global size."""
-    trainable = total = 0
-    for p in module.parameters():
-        n = p.numel()
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
-
-
 class ListDataset(Dataset):
     def __init__(self, items: list[dict]):
         self.items = items

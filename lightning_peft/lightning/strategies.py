@@ -2,8 +2,9 @@
 
     trainer = Trainer(strategy=make_strategy("fsdp"), accelerator="cpu", devices=2, callbacks=[PEFTCallback(cfg)])
 
-- `single` / `int8`: Lightning's default single-device strategy (`int8` also quantizes the base model's
-  linear layers before injection: `lightning_peft.quantization`).
+- `single` / `int8`: Lightning's default single-device strategy (`int8` only checks that bitsandbytes is
+  installed; the app (`quantize: int8`) quantizes the base model's linear layers before injection, through
+  `lightning_peft.quantization.quantize_base_linears`).
 - `ddp`: Lightning's `DDPStrategy` with `find_unused_parameters=False`. Every tuner keeps each parameter
   that requires grad in the graph (frozen originals of `modules_to_save`, inactive adapters and the
   frozen word embeddings do not require grad), so DDP needs no unused-parameter search.
@@ -28,6 +29,8 @@ from torch import nn
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from ._state import parameter_counts  # noqa: F401 - re-exported (one implementation, in _state.py)
 
 FSDP1_ON_CPU = ("the `fsdp1` strategy (FSDP1, Lightning's FSDPStrategy) runs on CUDA GPUs only; on CPU use `fsdp` "
                 "(FSDP2 through ModelParallelStrategy), e.g. `strategy=fsdp` or make_strategy('fsdp')")
@@ -247,13 +250,9 @@ class StrategyAdapter:
 
     name = "single"
     requires_gpu = False
-    quantize: Optional[str] = None
-    distributed = False
 
     def check(self, accelerator: str) -> None:
-        if self.requires_gpu and accelerator == "cpu":
-            raise RuntimeError(FSDP1_ON_CPU)
-        if self.requires_gpu and accelerator == "auto" and not torch.cuda.is_available():
+        if self.requires_gpu and (accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())):
             raise RuntimeError(FSDP1_ON_CPU)
 
     def build(self, **kwargs: Any) -> Union[str, Strategy]:
@@ -266,7 +265,6 @@ class SingleAdapter(StrategyAdapter):
 
 class Int8Adapter(StrategyAdapter):
     name = "int8"
-    quantize = "int8"
 
     def check(self, accelerator: str) -> None:
         from ..quantization import require_bitsandbytes
@@ -276,7 +274,6 @@ class Int8Adapter(StrategyAdapter):
 
 class DDPAdapter(StrategyAdapter):
     name = "ddp"
-    distributed = True
 
     def build(self, **kwargs: Any) -> Strategy:
         kwargs.setdefault("find_unused_parameters", False)
@@ -285,7 +282,6 @@ class DDPAdapter(StrategyAdapter):
 
 class FSDP2Adapter(StrategyAdapter):
     name = "fsdp"
-    distributed = True
 
     def build(self, **kwargs: Any) -> Strategy:
         return PeftFSDP2Strategy(**kwargs)
@@ -294,7 +290,6 @@ class FSDP2Adapter(StrategyAdapter):
 class FSDP1Adapter(StrategyAdapter):
     name = "fsdp1"
     requires_gpu = True
-    distributed = True
 
     def build(self, **kwargs: Any) -> Strategy:
         return PeftFSDP1Strategy(**kwargs)
@@ -328,15 +323,13 @@ def export_sharded(trainer: "pl.Trainer", pl_module: "pl.LightningModule", state
     undone by FSDP's next all-gather); `merged/` is built on rank 0 from a fresh, unsharded copy of
     the base model (HF models: `from_config`) with the gathered weights, then merged and saved.
     """
-    from ._state import atomic_directory, save_merged_model
+    from ._state import ADAPTER_SUBDIR, MERGED_SUBDIR, save_merged_model
 
-    adapter_dir = os.path.join(export_dir, "adapter")
-    merged_dir = os.path.join(export_dir, "merged") if merge and not state.is_prompt_learning else None
+    adapter_dir = os.path.join(export_dir, ADAPTER_SUBDIR)
+    merged_dir = os.path.join(export_dir, MERGED_SUBDIR) if merge and not state.is_prompt_learning else None
     peft = state.require_peft("export the adapter")
     with full_tensors(pl_module):
-        if trainer.is_global_zero:
-            with atomic_directory(adapter_dir) as tmp:
-                peft.save_pretrained(tmp, selected_adapters=[state.adapter_name])
+        state.save_adapter(adapter_dir, is_main_process=trainer.is_global_zero)
         full = {k: v.detach().cpu() for k, v in peft.state_dict().items()} if merged_dir and trainer.is_global_zero \
             else None
     if merged_dir and trainer.is_global_zero:
@@ -363,15 +356,6 @@ def _unsharded_merged_copy(peft: Any, state: Any, full: dict[str, torch.Tensor])
     copy_ = get_peft_model(fresh, state.config, state.adapter_name)
     copy_.load_state_dict(full, strict=True)
     return copy_.merge_and_unload()
-
-
-def parameter_counts(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) with DTensor parameters counted at their global size (equal on every rank)."""
-    trainable = total = 0
-    for p in module.parameters():
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
 
 
 __all__ = ["make_strategy", "get_adapter", "STRATEGIES", "PeftFSDP2Strategy", "PeftFSDP1Strategy", "full_tensors",
