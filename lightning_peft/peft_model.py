@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import WEIGHTS_NAME, PeftConfig, TaskType
 from .serialization import atomic_save_file, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
-from .tuners.base import check_adapter_name, freeze_adapter
+from .tuners.base import check_adapter_name, freeze_adapter, parameter_counts
 from .tuners.prompt_learning.mixin import PromptLearningMixin
 from .tuners.registry import get_model_class
 
@@ -120,12 +120,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
 
     # ---- parameters -------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = total = 0
-        for p in self.parameters():
-            total += p.numel()
-            if p.requires_grad:
-                trainable += p.numel()
-        return trainable, total
+        return parameter_counts(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

@@ -137,15 +137,6 @@ def validate_model_attr(model_attr: Any) -> None:
         raise ValueError(f"model_attr must name the LightningModule attribute holding the model, got {model_attr!r}")
 
 
-def parameter_counts(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) with DTensor parameters counted at their global size (equal on every rank)."""
-    trainable = total = 0
-    for p in module.parameters():
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
-
-
 def log_trainable_parameters(trainer: Any, state: "AdapterState") -> None:
     """Once per module: trainable / total parameters to the console and every logger of the trainer."""
     if state.logged:

@@ -30,7 +30,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from ._state import parameter_counts  # noqa: F401 - re-exported (one implementation, in _state.py)
+from ..tuners.base import parameter_counts  # noqa: F401 - re-exported for strategy users
 
 FSDP1_ON_CPU = ("the `fsdp1` strategy (FSDP1, Lightning's FSDPStrategy) runs on CUDA GPUs only; on CPU use `fsdp` "
                 "(FSDP2 through ModelParallelStrategy), e.g. `strategy=fsdp` or make_strategy('fsdp')")

@@ -93,6 +93,15 @@ def freeze_adapter(model: nn.Module, adapter_name: str) -> None:
             p.requires_grad_(False)
 
 
+def parameter_counts(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total); DTensor parameters count at their global size, so every rank agrees."""
+    trainable = total = 0
+    for p in module.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
 def get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
     parent_name, _, child_name = key.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
