@@ -6,7 +6,7 @@
 What makes it worth learning: negation flips polarity ("not great"), contrast clauses put the
 verdict after "but"/"although", and the validation split uses adjectives and products that
 never occur in training, so only transfer from the pretrained encoder gets those right.
-Run: python data/make_reviews.py   (rewrites both files; commit them)
+Run: python data/make_reviews.py   (rewrites both files in lightning_peft/app/data/; commit them)
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import os
 import random
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# the data files ship inside the package (the app's default job reads them from there)
+DATA_DIR = os.path.join(os.path.dirname(HERE), "lightning_peft", "app", "data")
 
 # (train words, held-out words for validation)
 POSITIVE = (
@@ -77,7 +79,7 @@ def make_example(rng: random.Random, held_out: bool) -> tuple[str, int, list[tup
     return f"{text} ({domain}).", label, aspects
 
 
-def main(out_dir: str = HERE, n_train: int = 1600, n_val: int = 400, seed: int = 0) -> None:
+def main(out_dir: str = DATA_DIR, n_train: int = 1600, n_val: int = 400, seed: int = 0) -> None:
     rng = random.Random(seed)
     rows, seen = [], set()
     for split, n in (("train", n_train), ("val", n_val)):

@@ -11,7 +11,7 @@ from .common import HFTaskModule, TextDataModule, pad_labels
 
 
 class Seq2SeqDataModule(TextDataModule):
-    """Rows with a source and a target column (the shipped `data/aspects.jsonl`)."""
+    """Rows with a source and a target column (the shipped `lightning_peft/app/data/aspects.jsonl`)."""
 
     def __init__(self, path: str, tokenizer: Any = None, source_column: str = "source",
                  target_column: str = "target", max_target_length: int = 32, **kwargs: Any):

@@ -19,20 +19,11 @@ try:  # resumable mid-epoch when torchdata is installed (Lightning saves its sta
 except ImportError:  # pragma: no cover - torchdata is optional
     _Loader = DataLoader
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def resolve_path(path: str | os.PathLike) -> Path:
-    """Paths in configs are relative to the repo root, so runs work from any working directory."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    return REPO_ROOT / p
-
-
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a .csv (with header) or .jsonl file as dicts."""
-    p = resolve_path(path)
+    """Rows of a .csv (with header) or .jsonl file as dicts; a relative path is relative to the working
+    directory (the app's configs point at the data shipped in `lightning_peft/app/data/` with an absolute
+    path, `${pkg_path:lightning_peft.app,data,reviews.csv}`)."""
+    p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"data file {str(p)!r} does not exist")
     with open(p, newline="") as f:

