@@ -1,5 +1,6 @@
-"""The Hydra app: config composition for every tuner x strategy, fail-fast key checks, the sweep
-report, and `train.py` runs end to end on a tiny BERT (single run, resume, multirun, DDP multirun)."""
+"""The Hydra app (`lightning_peft.app`): config composition for every tuner x strategy, fail-fast key
+checks, the sweep report, and `train.py` runs end to end on a tiny BERT (single run, resume, multirun,
+DDP multirun). The installed wheel and importing without Hydra: tests/test_app_package.py."""
 
 from __future__ import annotations
 
@@ -17,12 +18,17 @@ from omegaconf import OmegaConf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lightning_peft.app import CONFIG_DIR, REPO_ROOT, TrainSchema  # noqa: E402
-from lightning_peft.app_checks import UnknownKeyError, check_overrides  # noqa: E402
-from lightning_peft.app_report import COLUMNS, write_report  # noqa: E402
+from lightning_peft.app import CONFIG_DIR, DATA_DIR  # noqa: E402
+from lightning_peft.app.report import COLUMNS, write_report  # noqa: E402
+from lightning_peft.app.schema import TrainSchema, UnknownKeyError, check_overrides, register_configs  # noqa: E402
+from lightning_peft.app.train import tuner_config  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent  # for train.py, the checkout's entry point
 
 TUNERS = ["lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
 STRATEGIES = ["single", "ddp", "fsdp", "fsdp1", "int8"]
+# each tuner's YAML carries its optimiser defaults (tuner.optim.*)
+LEARNING_RATE = {"lora": 2e-3, "ia3": 1e-2, "prompt_tuning": 3e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
 CONFIG_CLASS = {"lora": "LoraConfig", "ia3": "IA3Config", "prompt_tuning": "PromptTuningConfig",
                 "p_tuning": "PromptEncoderConfig", "prefix_tuning": "PrefixTuningConfig"}
 STRATEGY_CLASS = {"ddp": "DDPStrategy", "fsdp": "ModelParallelStrategy", "fsdp1": "FSDPStrategy"}
@@ -35,13 +41,14 @@ def compose(overrides=()):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    register_configs()  # main() does this; importing the app does not
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose("train", overrides=list(overrides))
 
 
 def run_train(args, cwd, timeout=600):
     """`python train.py ...` in a subprocess, from `cwd` (not the repo root, to prove paths resolve)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -72,7 +79,8 @@ def test_default_is_minilm_classification_with_lora():
     cfg = compose()
     assert cfg.tuner._target_ == "lightning_peft.LoraConfig" and cfg.tuner.task_type == "SEQ_CLS"
     assert Path(cfg.model.name_or_path, "model.safetensors").is_file()  # the pip package's files
-    assert cfg.recipe.monitor == "val_acc" and cfg.data.path == "data/reviews.csv"
+    assert cfg.recipe.monitor == "val_acc" and Path(cfg.data.path).resolve() == DATA_DIR / "reviews.csv"
+    assert Path(cfg.data.path).is_file()  # the data ships in the package
     assert cfg.trainer.strategy == "auto" and cfg.trainer.devices == 1 and cfg.quantize is None
 
 
@@ -84,10 +92,12 @@ def test_every_tuner_and_strategy_composes_and_instantiates(tuner, strategy):
     from hydra.utils import instantiate
 
     cfg = compose([f"tuner={tuner}", f"strategy={strategy}"])
-    peft_config = instantiate(cfg.tuner, _convert_="all")
+    peft_config = tuner_config(cfg)
     assert type(peft_config) is getattr(lightning_peft, CONFIG_CLASS[tuner])
     assert str(peft_config.task_type) == "SEQ_CLS"
-    assert cfg.optim.lr == compose([f"tuner={tuner}"]).optim.lr  # the tuner picks its optim defaults
+    # the tuner's YAML carries its optimiser defaults, and the recipe's module gets them
+    assert cfg.tuner.optim.lr == cfg.recipe.module.learning_rate == LEARNING_RATE[tuner]
+    assert (cfg.recipe.module.weight_decay, cfg.recipe.module.warmup_ratio) == (0.0, 0.06)
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     if strategy in STRATEGY_CLASS:
         obj = instantiate(trainer["strategy"])
@@ -108,7 +118,21 @@ def test_tuner_yaml_keys():
         "prefix_tuning": {"num_virtual_tokens", "prefix_projection"},
     }
     for tuner, keys in expected.items():
-        assert set(compose([f"tuner={tuner}"]).tuner) == keys | {"_target_", "task_type"}, tuner
+        assert set(compose([f"tuner={tuner}"]).tuner) == keys | {"_target_", "task_type", "optim"}, tuner
+        assert (CONFIG_DIR / "tuner" / f"{tuner}.yaml").is_file()
+    assert not (CONFIG_DIR / "optim").exists()  # no optim/ group mirroring tuner/ any more
+
+
+def test_optimiser_overrides_are_spelled_tuner_optim():
+    cfg = compose(["tuner=ia3", "tuner.optim.lr=0.5", "tuner.optim.warmup_ratio=0"])
+    assert cfg.recipe.module.learning_rate == 0.5 and cfg.recipe.module.warmup_ratio == 0
+    assert tuner_config(cfg).to_dict()["peft_type"] == "IA3"  # `optim` is no argument of the tuner config
+    check_overrides(["tuner.optim.lr=1e-3", "tuner=lora,ia3", "tuner.optim.weight_decay=0.01"])
+    with pytest.raises(UnknownKeyError) as err:
+        check_overrides(["optim.lr=1e-3"])  # the old spelling says where the key went
+    assert str(err.value).startswith("Unknown key 'optim.lr'. Did you mean 'tuner.optim.lr'?")
+    with pytest.raises(UnknownKeyError, match="Did you mean 'tuner.optim.lr'. Valid keys of tuner.optim: lr, "):
+        check_overrides(["tuner.optim.lrr=1e-3"])
 
 
 def test_recipes_choose_their_model_and_data_but_the_command_line_wins():
@@ -126,7 +150,7 @@ def test_recipes_choose_their_model_and_data_but_the_command_line_wins():
     ("trainer.max_stepz=5", "Unknown key 'trainer.max_stepz'. Did you mean 'trainer.max_steps'? Valid keys of trainer: "),
     ("tuner.rr=4", "Unknown key 'tuner.rr'. Did you mean 'tuner.r'? Valid keys of tuner: "),
     ("seedd=1", "Unknown key 'seedd'. Did you mean 'seed'? Valid keys of the top level: ckpt_path, data, merge, "
-                "model, optim, quantize, recipe, seed, strategy, trainer, tuner, validate_before"),
+                "model, quantize, recipe, seed, strategy, trainer, tuner, validate_before"),
     ("+tuner.foo=1", "Unknown key 'tuner.foo'. Valid keys of tuner: _target_, "),
     ("+trainer.foo=1", "Unknown key 'trainer.foo'. Valid keys of trainer: accelerator, "),
     ("tuner.fan_in_fan_out=true", "'tuner.fan_in_fan_out' is a parameter of lightning_peft.LoraConfig but not "
@@ -177,6 +201,21 @@ def test_fsdp1_on_cpu_says_to_use_fsdp(tmp_path):
     proc = run_train(["strategy=fsdp1", f"hydra.run.dir={tmp_path / 'run'}", *FAST], cwd=tmp_path)
     assert proc.returncode == 1
     assert "needs CUDA GPUs and none is available; on CPU use `strategy=fsdp`" in proc.stderr
+
+
+def test_importing_the_app_registers_nothing_with_hydra():
+    """The ConfigStore entries (and the pkg_path resolver) are registered by main(), not on import."""
+    code = ("import lightning_peft.app.train, lightning_peft.app.schema, lightning_peft.app.report, "
+            "lightning_peft.app.multirun\n"
+            "from hydra.core.config_store import ConfigStore\n"
+            "from omegaconf import OmegaConf\n"
+            "assert 'train_schema.yaml' not in ConfigStore.instance().repo, list(ConfigStore.instance().repo)\n"
+            "assert not OmegaConf.has_resolver('pkg_path')\n"
+            "from lightning_peft.app.schema import register_configs\n"
+            "register_configs()\n"
+            "assert 'train_schema.yaml' in ConfigStore.instance().repo and OmegaConf.has_resolver('pkg_path')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
 
 
 # ---------------------------------------------------------------- report
@@ -230,11 +269,27 @@ def test_single_run_leaves_adapter_merged_checkpoints_and_metrics(tmp_path):
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
+def test_lightning_log_lines_print_once(tmp_path):
+    """Hydra gives the root logger a console handler and Lightning's `lightning` logger has one of its
+    own, so each Lightning INFO line used to print twice (`INFO: GPU available: ...` and
+    `[...][lightning.pytorch.utilities.rank_zero][INFO] - GPU available: ...`)."""
+    run = tmp_path / "run"
+    proc = ok(run_train([f"hydra.run.dir={run}", "model=tiny_bert", "trainer.max_steps=1", "validate_before=false",
+                         "merge=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
+                        cwd=tmp_path))
+    out = proc.stdout + proc.stderr
+    for line in ("GPU available: ", "`Trainer.fit` stopped: `max_steps=1` reached."):
+        assert out.count(line) == 1, out
+        assert (run / "train.log").read_text().count(line) == 1  # and into the job's log file, once
+    assert "INFO: GPU available" not in out  # Lightning's own console handler is not used under Hydra
+    assert "][lightning.pytorch.utilities.rank_zero][INFO] - GPU available: " in out  # Hydra's format
+
+
 def test_model_name_or_path_swaps_in_any_hf_model(tmp_path):
     """A local folder here (no network in tests); a hub name works the same with HF_HUB_OFFLINE=0."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from lightning_peft.app import _pkg_path
+    from lightning_peft.app.schema import _pkg_path
 
     folder = tmp_path / "my-bert"
     model = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=1,

