@@ -18,7 +18,7 @@ VIRTUAL_TOKENS = 20
 def configs(lib) -> dict:
     if lib == "ours":
         from lightning_peft import IA3Config
-        from lightning_peft.tuners.prompt_learning import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+        from lightning_peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
     else:
         from peft import IA3Config, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
     return {

@@ -17,17 +17,9 @@ from .peft_model import (
 from .serialization import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .tuners.ia3 import IA3Config, IA3Model
 from .tuners.lora import LoraConfig, LoraModel
-from .tuners.prompt_learning import (
-    PrefixEncoder,
-    PrefixTuningConfig,
-    PromptEmbedding,
-    PromptEncoder,
-    PromptEncoderConfig,
-    PromptEncoderReparameterizationType,
-    PromptTuningConfig,
-    PromptTuningInit,
-)
-from . import quantization as _quantization  # noqa: F401  registers LoRA's 8-bit layer (bitsandbytes imported lazily)
+from .tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+from .tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from .tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 
 __version__ = "0.1.0"
 

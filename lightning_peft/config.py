@@ -9,20 +9,64 @@ import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from ._files import atomic_write_text
+from .tuners.registry import get_config_class
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 class PeftType(str, enum.Enum):
-    LORA = "LORA"
-    IA3 = "IA3"
+    """HF PEFT 0.21's tuner names (so configs and code naming any of them read); `tuners.registry` says which
+    lightning_peft implements."""
+
     PROMPT_TUNING = "PROMPT_TUNING"
+    MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
     P_TUNING = "P_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+    LORA = "LORA"
+    ADALORA = "ADALORA"
+    ADAMSS = "ADAMSS"
+    BOFT = "BOFT"
+    ADAPTION_PROMPT = "ADAPTION_PROMPT"
+    IA3 = "IA3"
+    BEFT = "BEFT"
+    LILY = "LILY"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    OFT = "OFT"
+    POLY = "POLY"
+    LN_TUNING = "LN_TUNING"
+    VERA = "VERA"
+    FROD = "FROD"
+    PVERA = "PVERA"
+    FOURIERFT = "FOURIERFT"
+    GLORA = "GLORA"
+    XLORA = "XLORA"
+    HRA = "HRA"
+    VBLORA = "VBLORA"
+    UNILORA = "UNILORA"
+    CPT = "CPT"
+    MISS = "MISS"
+    RANDLORA = "RANDLORA"
+    ROAD = "ROAD"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+    HIRA = "HIRA"
+    SHIRA = "SHIRA"
+    C3A = "C3A"
+    WAVEFT = "WAVEFT"
+    OSF = "OSF"
+    DELORA = "DELORA"
+    GRALORA = "GRALORA"
+    CARTRIDGE = "CARTRIDGE"
+    TINYLORA = "TINYLORA"
+    PSOFT = "PSOFT"
+    PEANUT = "PEANUT"
+    SHADOW = "SHADOW"
+    SUPERTUNING = "SUPERTUNING"
+    DEFT = "DEFT"
 
     def __str__(self) -> str:
         return self.value
@@ -69,6 +113,8 @@ def _is_neutral(value: Any) -> bool:
 class PeftConfig:
     """Fields every tuner config has. Subclasses validate their own fields in `__post_init__`."""
 
+    PEFT_TYPE: ClassVar[Optional[PeftType]] = None  # each tuner's config class names its tuner
+
     peft_type: Optional[Union[str, PeftType]] = field(default=None, metadata={"help": "the tuner"})
     task_type: Optional[Union[str, TaskType]] = field(default=None, metadata={"help": "the model's task"})
     inference_mode: bool = False
@@ -77,7 +123,8 @@ class PeftConfig:
     auto_mapping: Optional[dict] = None
 
     def __post_init__(self) -> None:
-        self.peft_type = _coerce_enum(PeftType, self.peft_type, "peft_type")
+        own = type(self).PEFT_TYPE
+        self.peft_type = own if own is not None else _coerce_enum(PeftType, self.peft_type, "peft_type")
         self.task_type = _coerce_enum(TaskType, self.task_type, "task_type")
         if not isinstance(self.inference_mode, bool):
             raise TypeError(f"inference_mode must be True or False, got {self.inference_mode!r}")
@@ -116,17 +163,15 @@ class PeftConfig:
         """Build the right config class from a dict (the `peft_type` picks it when called on the base)."""
         data = dict(data)
         target_cls = cls
-        if cls._own_peft_type() is None:  # called on a base class: the file's peft_type picks the class
-            from .tuners.registry import get_config_class
-
+        if cls.PEFT_TYPE is None:  # called on a base class: the file's peft_type picks the class
             if "peft_type" not in data:
                 raise ValueError("the config has no 'peft_type'; say which tuner it is for (e.g. LORA)")
             target_cls = get_config_class(data["peft_type"])
-        own = target_cls._own_peft_type()
+        own = target_cls.PEFT_TYPE
         if own is not None and "peft_type" in data and _coerce_enum(PeftType, data["peft_type"], "peft_type") != own:
             raise ValueError(
                 f"this config is for peft_type={data['peft_type']}, not {own.value}; "
-                f"load it with {get_config_class_name(data['peft_type'])} or PeftConfig.from_pretrained"
+                f"load it with {get_config_class(data['peft_type']).__name__} or PeftConfig.from_pretrained"
             )
         known = {f.name for f in dataclasses.fields(target_cls) if f.init}
         unknown = {k: v for k, v in data.items() if k not in known}
@@ -160,18 +205,6 @@ class PeftConfig:
         data.update(kwargs)
         return cls.from_dict(data)
 
-    @classmethod
-    def _own_peft_type(cls) -> Optional[PeftType]:
-        """The tuner this class configures (None for the base class)."""
-        from .tuners.registry import get_config_class, registered_peft_types
-
-        return next((t for t in registered_peft_types() if get_config_class(t) is cls), None)
-
-
-def get_config_class_name(peft_type: Any) -> str:
-    from .tuners.registry import get_config_class
-
-    return get_config_class(peft_type).__name__
 
 
 def validate_choice(name: str, value: Any, allowed: tuple) -> None:

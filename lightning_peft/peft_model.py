@@ -14,16 +14,19 @@ from torch import nn
 from .config import WEIGHTS_NAME, PeftConfig, TaskType
 from .serialization import atomic_save_file, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .tuners.base import check_adapter_name, freeze_adapter, parameter_counts
-from .tuners.prompt_learning.mixin import PromptLearningMixin
 from .tuners.registry import get_model_class
 
 
-class PeftModel(PromptLearningMixin, nn.Module):
+class PeftModel(nn.Module):
     """A base model plus one or more named adapters of one tuner type.
 
-    For LoRA / IA3 `base_model` is the tuner (whose `.model` is the user's model); for prompt
-    learning `base_model` is the user's model and the prompt encoders live in `prompt_encoder`.
+    `tuner` (`LoraModel`, `IA3Model`, `PromptTuningModel`, ...) holds the adapters and the user's model
+    (`tuner.model`); every adapter operation is the tuner's, whatever its kind. The modules sit where HF PEFT puts
+    them (`peft_model_modules`): `base_model` is the tuner for LoRA / IA3, the user's model for prompt learning
+    (with the encoders in `prompt_encoder`), so state-dict keys and attribute paths are HF PEFT's.
     """
+
+    tuner: Any
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
@@ -31,33 +34,30 @@ class PeftModel(PromptLearningMixin, nn.Module):
         if not isinstance(peft_config, PeftConfig):
             raise TypeError(f"peft_config must be a tuner config (e.g. LoraConfig), got {type(peft_config).__name__}")
         peft_config = copy.deepcopy(peft_config)  # the model owns its config; the caller's stays as given
-        self.active_adapter = adapter_name
         self.peft_type = peft_config.peft_type
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        if peft_config.is_prompt_learning:
-            self._prompt_configs: Optional[dict[str, PeftConfig]] = {}
-            self.base_model = model
-            self._init_prompt_learning()
-            self.add_adapter(adapter_name, peft_config)
-        else:
-            self._prompt_configs = None
-            self.base_model = get_model_class(peft_config.peft_type)(model, peft_config, adapter_name)
+        tuner = get_model_class(peft_config.peft_type)(model, peft_config, adapter_name)
+        self.__dict__["tuner"] = tuner  # not a child itself: its modules are, under HF PEFT's attribute names
+        for name, module in tuner.peft_model_modules().items():
+            setattr(self, name, module)
 
     # ---- attributes -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name in ("base_model", "tuner"):
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.tuner, name)
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
-        if self._prompt_configs is not None:
-            return self._prompt_configs
-        return self.base_model.peft_config
+        return self.tuner.peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        return self.tuner.active_adapter
 
     @property
     def active_peft_config(self) -> PeftConfig:
@@ -68,28 +68,20 @@ class PeftModel(PromptLearningMixin, nn.Module):
         return [self.active_adapter]
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model if self._prompt_configs is not None else self.base_model.model
+        return self.tuner.model
 
     # ---- running ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._prompt_configs is not None:
-            return self._prompt_forward(*args, **kwargs)
-        return self.base_model(*args, **kwargs)
+        return self.tuner(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        if self._prompt_configs is not None:
-            return self._prompt_generate(*args, **kwargs)
-        return self.get_base_model().generate(*args, **kwargs)
+        return self.tuner.generate(*args, **kwargs)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the block."""
-        if self._prompt_configs is not None:
-            with self._prompt_learning_disabled():
-                yield
-        else:
-            with self.base_model.disable_adapter():
-                yield
+        with self.tuner.disable_adapter():
+            yield
 
     # ---- adapters by name -------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
@@ -97,26 +89,13 @@ class PeftModel(PromptLearningMixin, nn.Module):
         if peft_config.peft_type != self.peft_type:
             raise ValueError(f"cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; "
                              "one PeftModel holds adapters of one tuner type")
-        if self._prompt_configs is not None:
-            self._add_prompt_adapter(adapter_name, peft_config)
-        else:
-            self.base_model.add_adapter(adapter_name, peft_config)
+        self.tuner.add_adapter(adapter_name, peft_config)
 
     def set_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}")
-        self.active_adapter = adapter_name
-        if self._prompt_configs is None:
-            self.base_model.set_adapter(adapter_name)
-        else:
-            self._sync_prompt_trainability()
+        self.tuner.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if self._prompt_configs is not None:
-            self._delete_prompt_adapter(adapter_name)
-        else:
-            self.base_model.delete_adapter(adapter_name)
-            self.active_adapter = self.base_model.active_adapter
+        self.tuner.delete_adapter(adapter_name)
 
     # ---- parameters -------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -167,19 +146,12 @@ class PeftModel(PromptLearningMixin, nn.Module):
         try:
             set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
         except Exception:
-            if created:
-                self.delete_adapter_quietly(adapter_name)
+            if created:  # even when it is the only or the active one
+                self.tuner.delete_adapter(adapter_name, force=True)
             raise
         if not is_trainable:
             freeze_adapter(self, adapter_name)  # also when the weights went into an existing adapter
             self.eval()
-
-    def delete_adapter_quietly(self, adapter_name: str) -> None:
-        """Remove an adapter that failed to load, even when it is the only or the active one."""
-        if self._prompt_configs is not None:
-            self._delete_prompt_adapter(adapter_name, force=True)
-            return
-        self.base_model.delete_adapter(adapter_name, force=True)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -201,7 +173,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
             set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
         except Exception:
             if peft_model is not None:
-                peft_model.unload_quietly()
+                peft_model.tuner.unload()  # the user's model back as it was
             for n, p in model.named_parameters():  # wrapping froze the model: give back the user's flags
                 if n in requires_grad:
                     p.requires_grad_(requires_grad[n])
@@ -210,13 +182,6 @@ class PeftModel(PromptLearningMixin, nn.Module):
             peft_model.requires_grad_(False)
             peft_model.eval()
         return peft_model
-
-    def unload_quietly(self) -> None:
-        """Give the user's model back untouched after a failed load."""
-        if self._prompt_configs is None:
-            self.base_model.unload()
-        else:
-            self._unwrap_prompt_modules_to_save()
 
 
 def _model_name(name_or_path: Optional[str]) -> str:

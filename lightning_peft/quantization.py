@@ -1,4 +1,4 @@
-"""8-bit base models (bitsandbytes `Linear8bitLt`) under LoRA / IA3 / prompt learning.
+"""8-bit base models (bitsandbytes `Linear8bitLt`): quantizing a base model before a tuner is injected.
 
 The base model's linear layers are quantized *before* the tuner is injected, so the adapter's own
 layers (LoRA's A / B, IA3 vectors, prompt encoders), the output head and the task heads stay in full
@@ -16,10 +16,10 @@ Merging (see the README, "8-bit base"):
   compute dtype; a merge after it is an exact floating-point add. This is how a merged model is
   exported (`save_pretrained` of a plain model that loads without bitsandbytes).
 IA3 cannot be merged into 8-bit layers at all (its layer refuses); `check_int8_compatible` says so
-before training starts.
+before training starts. Each tuner's own 8-bit layer lives in its folder (`tuners/lora/bnb.py`,
+`tuners/ia3/bnb.py`) and is declared where the tuner registers itself.
 
-Importing this module registers the LoRA 8-bit layer in `tuners.lora.model.LAYER_DISPATCHERS`;
-bitsandbytes itself is imported only when a model is quantized (or an 8-bit layer is wrapped).
+bitsandbytes is imported only when a model is quantized (or an 8-bit layer is wrapped).
 """
 
 from __future__ import annotations
@@ -30,21 +30,13 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from .config import PeftType
 from .tuners.base import (TASK_HEAD_NAMES, BaseTunerLayer, ModulesToSaveWrapper, get_submodule_parent, is_conv1d,
-                          is_linear8bit, name_matches, resolve_fan_in_fan_out)
-from .tuners.lora import model as lora_model
-from .tuners.lora.layer import Linear as LoraLinear
+                          is_linear8bit, name_matches)
+from .tuners.registry import registered_tuners
 
 MIN_BITSANDBYTES = (0, 48)
 INSTALL_HINT = "pip install lightning_peft[int8]"
 DEFAULT_THRESHOLD = 6.0  # LLM.int8() outlier threshold (0 disables the mixed-precision decomposition)
-
-# tuners that run over Linear8bitLt layers (prompt learning never touches the base layers)
-INT8_TUNERS = frozenset({PeftType.LORA, PeftType.IA3, PeftType.PROMPT_TUNING, PeftType.P_TUNING,
-                         PeftType.PREFIX_TUNING})
-# tuners whose adapter can be merged into (or exported merged over) an 8-bit base
-INT8_MERGEABLE = frozenset({PeftType.LORA})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,93 +170,18 @@ def int8_layers(model: nn.Module) -> list[str]:
 def check_int8_compatible(config: Any, merge: bool = False) -> None:
     """Refuse, before training, a tuner that cannot run (or, with `merge`, be merged) over an 8-bit base."""
     peft_type = getattr(config, "peft_type", None)
-    try:
-        peft_type = PeftType(str(peft_type).upper()) if peft_type is not None else None
-    except ValueError:
-        pass
-    if peft_type not in INT8_TUNERS:
-        supported = ", ".join(t.value for t in sorted(INT8_TUNERS, key=lambda t: t.value))
-        raise ValueError(f"the {peft_type} tuner cannot run over 8-bit (bitsandbytes) base layers; with quantize=int8 "
-                         f"use one of: {supported}, or drop quantize=int8")
-    if merge and not config.is_prompt_learning and peft_type not in INT8_MERGEABLE:
-        raise ValueError(f"{peft_type} adapters cannot be merged into 8-bit base layers (their int8 weights cannot "
-                         "hold the scaled values); with quantize=int8 set merge=false (merge_on_train_end=False) and "
-                         "export the adapter only, or use LoRA, or train on a full-precision base")
+    tuners = registered_tuners()
+    spec = tuners.get(str(getattr(peft_type, "value", peft_type)).upper())
+    if spec is None or not spec.runs_over("int8"):
+        supported = ", ".join(sorted(t for t, s in tuners.items() if s.runs_over("int8")))
+        raise ValueError(f"the {peft_type} tuner cannot run over 8-bit (bitsandbytes) base layers; with "
+                         f"quantize=int8 use one of: {supported}, or drop quantize=int8")
+    if merge and spec.can_merge and not spec.merges_into_quantized:
+        raise ValueError(f"{peft_type} adapters cannot be merged into 8-bit base layers (their int8 weights "
+                         "cannot hold the scaled values); with quantize=int8 set merge=false (merge_on_train_end=False) "
+                         "and export the adapter only, or use LoRA, or train on a full-precision base")
 
 
-# ---------------------------------------------------------------------------------------------
-# LoRA over Linear8bitLt
-# ---------------------------------------------------------------------------------------------
-class Linear8bitLt(LoraLinear):
-    """LoRA over a bitsandbytes `Linear8bitLt`: the int8 base runs as is, A and B train in fp32.
-
-    Merging dequantizes the base weight, adds the delta and requantizes (one warning about rounding);
-    `dequantize_base_linears` before merging gives an exact merge in the compute dtype instead.
-    """
-
-    _warned_rounding = False
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
-        kwargs.pop("is_target_conv_1d_layer", None)
-        kwargs["fan_in_fan_out"] = False  # bitsandbytes stores (out, in) whatever the layer it replaced
-        super().__init__(base_layer, adapter_name, **kwargs)
-
-    def _is_int8(self) -> bool:
-        return is_linear8bit(self.get_base_layer())  # False after dequantize_base_linears: a plain LoRA merge
-
-    def _merged_weight(self, adapter_name: str) -> torch.Tensor:
-        if not self._is_int8():
-            return super()._merged_weight(adapter_name)
-        return dequantize_weight(self.get_base_layer()) + self.get_delta_weight(adapter_name).float()
-
-    def _requantize(self, weight: torch.Tensor) -> None:
-        base = self.get_base_layer()
-        base.weight = quantize_weight(weight, device=base.weight.device)
-        if hasattr(base, "state"):  # bitsandbytes caches the weight's statistics in the layer state
-            base.state.CB, base.state.SCB = None, None
-        if not Linear8bitLt._warned_rounding:
-            Linear8bitLt._warned_rounding = True
-            warnings.warn("merging LoRA into 8-bit base layers dequantizes, adds and requantizes the weights: the "
-                          "merged model's outputs differ slightly from the unmerged one (int8 rounding). To export a "
-                          "merged model without rounding, call lightning_peft.quantization.dequantize_base_linears() "
-                          "on the model before merging")
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        if not self._is_int8():
-            return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        for name in self._adapters_to_merge(adapter_names):
-            merged = self._merged_weight(name)
-            if safe_merge and not torch.isfinite(merged).all():
-                self.check_finite_delta(name)
-            self._requantize(merged)
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        if not self._is_int8():
-            return super().unmerge()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            self._requantize(dequantize_weight(self.get_base_layer()) - self.get_delta_weight(name).float())
-
-def _dispatch_int8(target: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> Optional[nn.Module]:
-    if not is_linear8bit(target):
-        return None
-    kwargs["fan_in_fan_out"] = resolve_fan_in_fan_out(config, False, "bitsandbytes Linear8bitLt")
-    return Linear8bitLt(target, adapter_name, **kwargs)
-
-
-_dispatch_int8.accepts = is_linear8bit
-
-
-def register_lora_dispatcher() -> None:
-    """Put the 8-bit LoRA layer first in LoRA's dispatch list (idempotent; done at import)."""
-    if _dispatch_int8 not in lora_model.LAYER_DISPATCHERS:
-        lora_model.LAYER_DISPATCHERS.insert(0, _dispatch_int8)
-
-
-register_lora_dispatcher()
-
-
-__all__ = ["quantize_base_linears", "dequantize_base_linears", "dequantize_weight",
-           "check_int8_compatible", "require_bitsandbytes", "dequantized_copy", "is_linear8bit", "int8_layers", "Linear8bitLt",
-           "register_lora_dispatcher", "INSTALL_HINT"]
+__all__ = ["quantize_base_linears", "dequantize_base_linears", "dequantize_weight", "quantize_weight",
+           "check_int8_compatible", "require_bitsandbytes", "dequantized_copy", "is_linear8bit", "int8_layers",
+           "INSTALL_HINT"]

@@ -32,6 +32,7 @@ from torch import nn
 from .._files import default_mode
 from ..config import PeftConfig
 from ..peft_model import PeftModel, get_peft_model
+from ..tuners.registry import get_tuner
 
 STATE_ATTR = "_lightning_peft_state"
 ADAPTER_SUBDIR = "adapter"  # the export folders under PEFTCallback's export_dir
@@ -179,8 +180,9 @@ class AdapterState:
         return self.model_attr + "."
 
     @property
-    def is_prompt_learning(self) -> bool:
-        return bool(self.config.is_prompt_learning)
+    def can_merge(self) -> bool:
+        """Whether the tuner has weights to fold into the model (prompt learning has none)."""
+        return get_tuner(self.config.peft_type).can_merge
 
     @property
     def injected(self) -> bool:
@@ -260,9 +262,6 @@ class AdapterState:
         if self.merged:
             return _get_path(module, self.model_attr)
         peft = self.require_peft("merge")
-        if self.is_prompt_learning:
-            raise ValueError(f"{self.config.peft_type} is prompt learning: there are no weights to merge (the "
-                             "prompt is fed through the wrapped model's forward); keep the PeftModel")
         snapshot = _merge_snapshot(peft)
         merged = peft.merge_and_unload()
         _set_path(module, self.model_attr, merged)

@@ -151,7 +151,7 @@ class PEFTCallback(pl.Callback):
         state.save_adapter(self.adapter_dir, is_main_process=is_main)
         rank_zero_info(f"lightning_peft: adapter written to {self.adapter_dir}")
         if self.merge_on_train_end:
-            if state.is_prompt_learning:
+            if not state.can_merge:
                 rank_zero_info(f"lightning_peft: {state.config.peft_type} has no weights to merge; "
                                f"`{state.model_attr}` stays the wrapped model")
             else:

@@ -326,7 +326,7 @@ def export_sharded(trainer: "pl.Trainer", pl_module: "pl.LightningModule", state
     from ._state import ADAPTER_SUBDIR, MERGED_SUBDIR, save_merged_model
 
     adapter_dir = os.path.join(export_dir, ADAPTER_SUBDIR)
-    merged_dir = os.path.join(export_dir, MERGED_SUBDIR) if merge and not state.is_prompt_learning else None
+    merged_dir = os.path.join(export_dir, MERGED_SUBDIR) if merge and state.can_merge else None
     peft = state.require_peft("export the adapter")
     with full_tensors(pl_module):
         state.save_adapter(adapter_dir, is_main_process=trainer.is_global_zero)

@@ -1,1 +1,1 @@
-"""Tuners: one sub-package each, found through `registry`."""
+"""Tuners: one sub-package each, registering itself with `registry.register_tuner` when imported."""

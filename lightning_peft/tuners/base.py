@@ -16,7 +16,11 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from .registry import get_tuner
+
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+SAVED_KEY_PREFIX = "base_model."  # every adapter key in HF PEFT's files starts with it (its PeftModel's attribute)
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 TASK_HEAD_NAMES = frozenset({"classifier", "score", "qa_outputs"})
 
 
@@ -298,16 +302,63 @@ class ModulesToSaveWrapper(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# model-level tuner
+# model-level tuners
 # ---------------------------------------------------------------------------------------------
-class BaseTuner(nn.Module):
+class TunerAttributes:
+    """What every tuner model class (`BaseTuner`, `PromptLearningModel`) shares: it holds the user's model as
+    `model`, its configs by adapter name as `peft_config`, and answers for the model's own attributes."""
+
+    model: nn.Module
+    peft_config: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # type: ignore[misc]  # nn.Module's, for parameters and children
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def _check_adapter_exists(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(
+                f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config) or 'none'}"
+            )
+
+
+def _describe_mismatches(items: list[str], what: str, limit: int = 5) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return f"{what}: {', '.join(items[:limit])}{more}"
+
+
+def check_tensors_fit(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], adapter_name: str,
+                      optional: frozenset[str] = frozenset()) -> None:
+    """Refuse, before anything is written, adapter tensors whose keys or shapes differ from `expected`
+    (keys in `optional` may be absent)."""
+    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(shape)}" for k, shape in expected.items()
+              if k in tensors and tuple(tensors[k].shape) != tuple(shape)]
+    missing = sorted(set(expected) - set(tensors) - optional)
+    unexpected = sorted(set(tensors) - set(expected))
+    problems = [_describe_mismatches(items, what) for what, items in
+                (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)) if items]
+    if problems:
+        raise ValueError(
+            f"the adapter weights do not fit adapter {adapter_name!r} of this model ({'; '.join(problems)}). "
+            "Load the adapter into the base model (and config) it was trained for."
+        )
+
+
+class BaseTuner(TunerAttributes, nn.Module):
     """Injects a tuner's layers into `model` and manages named adapters.
 
-    Subclasses set `prefix` (the name stem of their parameters, e.g. "lora_") and implement
-    `_create_and_replace`.
+    Subclasses set `prefix` (the name stem of their parameters, e.g. "lora_") and `peft_type`, and
+    implement `_create_and_replace`.
     """
 
     prefix: str = ""
+    peft_type: Any = None
+    can_merge = True  # the adapter has weights to fold into the base model
+    wraps_base_layers = True  # it replaces base layers (so it needs its own layer for a quantized one)
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default") -> None:
         super().__init__()
@@ -319,13 +370,9 @@ class BaseTuner(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+    def peft_model_modules(self) -> dict[str, nn.Module]:
+        """The modules a `PeftModel` registers for this tuner, by attribute (HF PEFT's layout: the tuner itself)."""
+        return {"base_model": self}
 
     # ---- hooks for subclasses --------------------------------------------------------------
     def _check_new_adapter_config(self, config: Any) -> None:
@@ -346,6 +393,13 @@ class BaseTuner(nn.Module):
     def _is_supported_target(self, module: nn.Module) -> bool:
         """Whether a matched module can be wrapped (or already is)."""
         return True
+
+    def quantized_layer_for(self, module: nn.Module) -> Optional[type]:
+        """This tuner's layer class for a quantized base layer (as registered), or None."""
+        for layer_cls in get_tuner(self.peft_type).quantized_layers.values():
+            if layer_cls.accepts(module):
+                return layer_cls
+        return None
 
     # ---- injection ------------------------------------------------------------------------
     def _matching_keys(self, config: Any) -> list[str]:
@@ -410,12 +464,6 @@ class BaseTuner(nn.Module):
         for name, module in self.model.named_modules():
             if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
                 yield name, module
-
-    def _check_adapter_exists(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(
-                f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config) or 'none'}"
-            )
 
     @property
     def active_adapters(self) -> list[str]:
@@ -534,8 +582,51 @@ class BaseTuner(nn.Module):
         return self._unload_and_optionally_merge(False, False, False, None)
 
     # ---- state dict in HF PEFT's saved format ---------------------------------------------
+    def peft_state_dict(self, adapter_name: str, state_dict: Optional[dict[str, torch.Tensor]] = None,
+                        save_embedding_layers: bool | str = False) -> dict[str, torch.Tensor]:
+        """The adapter's tensors keyed as HF PEFT saves them (adapter name stripped). `state_dict` is the
+        PeftModel's (keys `base_model.…`) when given, else this tuner's own.
+
+        `save_embedding_layers` ("auto": when `embed_tokens` / `lm_head` are targets, as HF PEFT does) adds the
+        full base weights of the targeted input / output embeddings."""
+        if state_dict is None:
+            inner = self.state_dict()
+        else:
+            inner = {k[len(SAVED_KEY_PREFIX):]: v for k, v in state_dict.items() if k.startswith(SAVED_KEY_PREFIX)}
+        out = {SAVED_KEY_PREFIX + k: v for k, v in self.adapter_state_dict(inner, adapter_name).items()}
+        if save_embedding_layers == "auto":
+            targets = self.peft_config[adapter_name].target_modules
+            save_embedding_layers = not isinstance(targets, str) and any(n in targets for n in EMBEDDING_LAYER_NAMES)
+        if save_embedding_layers:
+            embedding_keys = self._embedding_base_keys()
+            out.update({SAVED_KEY_PREFIX + k: v for k, v in inner.items() if k in embedding_keys})
+        return out
+
+    def _embedding_base_keys(self) -> set[str]:
+        """Keys of the base weights of the targeted input / output embeddings (HF PEFT may save them)."""
+        layers = [getattr(self.model, f)() for f in ("get_input_embeddings", "get_output_embeddings")
+                  if hasattr(self.model, f)]
+        return {f"model.{name}.base_layer.weight" for name, module in self.model.named_modules()
+                if any(module is layer for layer in layers if layer is not None) and hasattr(module, "base_layer")}
+
+    def load_peft_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+        """Load adapter tensors saved in HF PEFT's format into `adapter_name`; every key and shape is checked
+        before anything is written, so a wrong file leaves the model untouched."""
+        own = self.state_dict()
+        embedding_keys = self._embedding_base_keys()
+        expected = {k: tuple(v.shape) for k, v in self.peft_state_dict(adapter_name).items()}
+        expected.update({SAVED_KEY_PREFIX + k: tuple(own[k].shape) for k in embedding_keys})
+        check_tensors_fit(expected, tensors, adapter_name,
+                          optional=frozenset(SAVED_KEY_PREFIX + k for k in embedding_keys))
+        targets = dict(self.named_parameters())
+        targets.update(dict(self.named_buffers()))
+        with torch.no_grad():
+            for key, value in tensors.items():
+                target = targets[self.adapter_key_to_model_key(key[len(SAVED_KEY_PREFIX):], adapter_name)]
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
+
     def adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
-        """Keys as HF PEFT saves them, relative to this tuner (caller prefixes `base_model.`)."""
+        """Keys as HF PEFT saves them, relative to this tuner (`peft_state_dict` prefixes `base_model.`)."""
         config = self.peft_config[adapter_name]
         out = {}
         for key, value in state_dict.items():

@@ -1,45 +1,99 @@
-"""peft_type -> (config class, model class). Adding a tuner is one folder plus one entry in `_TUNERS`.
+"""The tuners lightning_peft implements, by peft type.
 
-The entry names the tuner's module; that module exposes `CONFIG_CLASS` and `MODEL_CLASS`
-(for prompt-learning tuners `MODEL_CLASS` is the prompt encoder). Modules are imported lazily so
-that an unused tuner costs nothing at import time.
+A tuner is one folder under `tuners/` whose `__init__.py` calls `register_tuner(...)` with its config
+class, its model class and the layers it has for quantized bases. Every folder is imported on the first
+lookup, so adding a tuner touches nothing outside its folder (and its app YAML). This module imports
+nothing else of lightning_peft, so configs can look tuners up without an import cycle.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+import pkgutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import PeftType
 
-_TUNERS: dict[PeftType, str] = {
-    PeftType.LORA: "lightning_peft.tuners.lora",
-    PeftType.IA3: "lightning_peft.tuners.ia3",
-    PeftType.PROMPT_TUNING: "lightning_peft.tuners.prompt_learning.prompt_tuning",
-    PeftType.P_TUNING: "lightning_peft.tuners.prompt_learning.p_tuning",
-    PeftType.PREFIX_TUNING: "lightning_peft.tuners.prompt_learning.prefix_tuning",
-}
+@dataclass(frozen=True)
+class TunerSpec:
+    """What the rest of the package may know about a tuner."""
+
+    config_class: type
+    model_class: type
+    # quantization kind ("int8") -> the tuner layer wrapping such a base layer; a tuner that never wraps base
+    # layers (prompt learning) runs over any quantized base and needs none
+    quantized_layers: Mapping[str, type] = field(default_factory=dict)
+    # whether its adapters can be merged into quantized base layers (dequantize, add, requantize)
+    merges_into_quantized: bool = False
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config_class.PEFT_TYPE)
+
+    @property
+    def can_merge(self) -> bool:
+        """Whether the adapter has weights to fold into the base model (`merge_and_unload`)."""
+        return bool(getattr(self.model_class, "can_merge", False))
+
+    @property
+    def wraps_base_layers(self) -> bool:
+        return bool(getattr(self.model_class, "wraps_base_layers", True))
+
+    def runs_over(self, quantization: str) -> bool:
+        return not self.wraps_base_layers or quantization in self.quantized_layers
 
 
-def _tuner_module(peft_type: Any) -> ModuleType:
-    try:
-        key = PeftType(str(peft_type).upper()) if not isinstance(peft_type, PeftType) else peft_type
-    except ValueError:
-        key = None
-    if key not in _TUNERS:
-        known = ", ".join(t.value for t in _TUNERS)
-        raise ValueError(f"unknown peft_type {peft_type!r}; lightning_peft knows: {known}")
-    return importlib.import_module(_TUNERS[key])
+_TUNERS: dict[str, TunerSpec] = {}
+_discovered = False
+
+
+def register_tuner(config_class: type, model_class: type, quantized_layers: Mapping[str, type] | None = None,
+                   merges_into_quantized: bool = False) -> TunerSpec:
+    """Called once by each tuner folder; the config class says which peft type it is (`PEFT_TYPE`)."""
+    spec = TunerSpec(config_class, model_class, dict(quantized_layers or {}), merges_into_quantized)
+    known = _TUNERS.get(spec.peft_type)
+    if known is not None and known != spec:
+        raise ValueError(f"peft_type {spec.peft_type} is registered twice ({known.config_class.__name__} and "
+                         f"{config_class.__name__})")
+    _TUNERS[spec.peft_type] = spec
+    return spec
+
+
+def _discover() -> None:
+    """Import every tuner folder (each registers itself)."""
+    global _discovered
+    if _discovered:
+        return
+    from lightning_peft import tuners
+
+    for info in pkgutil.iter_modules(tuners.__path__):
+        if info.ispkg:
+            importlib.import_module(f"{tuners.__name__}.{info.name}")
+    _discovered = True
+
+
+def _key(peft_type: Any) -> str:
+    return str(getattr(peft_type, "value", peft_type)).upper()
+
+
+def get_tuner(peft_type: Any) -> TunerSpec:
+    _discover()
+    spec = _TUNERS.get(_key(peft_type))
+    if spec is None:
+        raise ValueError(f"unknown peft_type {peft_type!r}; lightning_peft knows: {', '.join(_TUNERS)}")
+    return spec
 
 
 def get_config_class(peft_type: Any) -> type:
-    return _tuner_module(peft_type).CONFIG_CLASS
+    return get_tuner(peft_type).config_class
 
 
 def get_model_class(peft_type: Any) -> type:
-    return _tuner_module(peft_type).MODEL_CLASS
+    return get_tuner(peft_type).model_class
 
 
-def registered_peft_types() -> list[PeftType]:
-    return list(_TUNERS)
+def registered_tuners() -> dict[str, TunerSpec]:
+    """peft type -> spec, for every tuner lightning_peft implements."""
+    _discover()
+    return dict(_TUNERS)

@@ -1,8 +1,11 @@
+"""(IA)^3: learned vectors scaling the outputs (or, for feedforward layers, the inputs) of targeted layers."""
+
+from ..registry import register_tuner
+from .bnb import Linear8bitLt
 from .config import IA3Config
-from .layer import Conv2d, IA3Layer, Linear, Linear8bitLt
+from .layer import Conv2d, IA3Layer, Linear
 from .model import IA3Model
 
-CONFIG_CLASS = IA3Config
-MODEL_CLASS = IA3Model
+register_tuner(IA3Config, IA3Model, quantized_layers={"int8": Linear8bitLt})
 
 __all__ = ["IA3Config", "IA3Model", "IA3Layer", "Linear", "Conv2d", "Linear8bitLt"]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from ...config import PeftConfig, PeftType
 from ..lora.config import check_target_modules
@@ -44,6 +44,8 @@ def check_feedforward_subset(config: "IA3Config") -> None:
 class IA3Config(PeftConfig):
     """(IA)^3: a learned vector scales a target's output, or its input for feedforward targets."""
 
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.IA3
+
     target_modules: Optional[Union[list[str], str]] = None
     feedforward_modules: Optional[Union[list[str], str]] = None
     fan_in_fan_out: bool = False
@@ -51,7 +53,6 @@ class IA3Config(PeftConfig):
     init_ia3_weights: bool = True
 
     def __post_init__(self) -> None:
-        self.peft_type = PeftType.IA3
         super().__post_init__()
         check_target_modules(self)
         ff = self.feedforward_modules

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..base import BaseTuner, describe_module_names, is_conv1d, is_linear8bit, name_matches, resolve_fan_in_fan_out
+from ..base import BaseTuner, describe_module_names, is_conv1d, name_matches, resolve_fan_in_fan_out
 from .config import DEFAULT_FEEDFORWARD_MODULES, DEFAULT_TARGET_MODULES, IA3Config, check_feedforward_subset
-from .layer import Conv2d, IA3Layer, Linear, Linear8bitLt
+from .layer import Conv2d, IA3Layer, Linear
 
 
 def is_feedforward_key(config: IA3Config, key: str) -> bool:
@@ -15,6 +15,7 @@ class IA3Model(BaseTuner):
     """Injects (IA)^3 layers into `model` (see `IA3Config`)."""
 
     prefix = "ia3_"
+    peft_type = IA3Config.PEFT_TYPE
 
     def _prepare_adapter_config(self, config: IA3Config, model: nn.Module) -> IA3Config:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -44,7 +45,8 @@ class IA3Model(BaseTuner):
                                  f"target_modules: {stray[:4]}; feedforward_modules must be a subset of target_modules")
 
     def _is_supported_target(self, module: nn.Module) -> bool:
-        return isinstance(module, (IA3Layer, nn.Linear, nn.Conv2d)) or is_conv1d(module) or is_linear8bit(module)
+        return isinstance(module, (IA3Layer, nn.Linear, nn.Conv2d)) or is_conv1d(module) \
+            or self.quantized_layer_for(module) is not None
 
     def _create_and_replace(self, config: IA3Config, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str) -> None:
@@ -56,8 +58,9 @@ class IA3Model(BaseTuner):
             target.update_layer(adapter_name, config.init_ia3_weights)
             return
         kwargs = dict(is_feedforward=is_feedforward, init_ia3_weights=config.init_ia3_weights)
-        if is_linear8bit(target):
-            new_module: nn.Module = Linear8bitLt(target, adapter_name, **kwargs)
+        quantized = self.quantized_layer_for(target)
+        if quantized is not None:
+            new_module: nn.Module = quantized(target, adapter_name, **kwargs)
         elif isinstance(target, nn.Conv2d):
             new_module = Conv2d(target, adapter_name, **kwargs)
         elif isinstance(target, nn.Linear):

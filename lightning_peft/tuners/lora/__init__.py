@@ -1,8 +1,11 @@
+"""LoRA: low-rank updates B·A added to Linear / Conv1D / Embedding / Conv2d (and 8-bit Linear) layers."""
+
+from ..registry import register_tuner
+from .bnb import Linear8bitLt
 from .config import LoraConfig
 from .layer import Conv2d, Embedding, Linear, LoraLayer
 from .model import LoraModel
 
-CONFIG_CLASS = LoraConfig
-MODEL_CLASS = LoraModel
+register_tuner(LoraConfig, LoraModel, quantized_layers={"int8": Linear8bitLt}, merges_into_quantized=True)
 
-__all__ = ["LoraConfig", "LoraModel", "LoraLayer", "Linear", "Embedding", "Conv2d"]
+__all__ = ["LoraConfig", "LoraModel", "LoraLayer", "Linear", "Embedding", "Conv2d", "Linear8bitLt"]

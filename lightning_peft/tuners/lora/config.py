@@ -3,7 +3,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from ...config import PeftConfig, PeftType, validate_choice
 
@@ -43,6 +43,8 @@ def check_target_modules(config: PeftConfig) -> None:
 class LoraConfig(PeftConfig):
     """Low-rank adaptation: output = base(x) + B(A(dropout(x))) * lora_alpha / r."""
 
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
+
     r: int = 8
     target_modules: Optional[Union[list[str], str]] = None
     lora_alpha: float = 8
@@ -57,7 +59,6 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.peft_type = PeftType.LORA
         super().__post_init__()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer (the LoRA rank), got {self.r!r}")

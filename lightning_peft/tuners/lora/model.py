@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .layer import Conv2d, Embedding, Linear, LoraLayer
 
 
-def _dispatch_default(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> Optional[nn.Module]:
+def _new_layer(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> Optional[nn.Module]:
     if isinstance(target, nn.Embedding):
         return Embedding(target, adapter_name, **kwargs)
     if isinstance(target, nn.Conv2d):
@@ -26,14 +26,11 @@ def _dispatch_default(target: nn.Module, adapter_name: str, config: LoraConfig, 
     return None
 
 
-# Layer factories tried in order; other modules (e.g. 8-bit support) prepend theirs.
-LAYER_DISPATCHERS: list[Callable[..., Optional[nn.Module]]] = [_dispatch_default]
-
-
 class LoraModel(BaseTuner):
     """Injects LoRA layers into `model` (see `LoraConfig`)."""
 
     prefix = "lora_"
+    peft_type = LoraConfig.PEFT_TYPE
 
     def _prepare_adapter_config(self, config: LoraConfig, model: nn.Module) -> LoraConfig:
         if config.target_modules is None:
@@ -53,8 +50,8 @@ class LoraModel(BaseTuner):
     def _is_supported_target(self, module: nn.Module) -> bool:
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             return False  # checked here so the error comes before any layer is replaced
-        return isinstance(module, (LoraLayer, nn.Linear, nn.Embedding, nn.Conv2d)) or is_conv1d(module) or any(
-            _dispatch_accepts(d, module) for d in LAYER_DISPATCHERS)
+        return isinstance(module, (LoraLayer, nn.Linear, nn.Embedding, nn.Conv2d)) or is_conv1d(module) \
+            or self.quantized_layer_for(module) is not None
 
     def _create_and_replace(self, config: LoraConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str) -> None:
@@ -68,11 +65,13 @@ class LoraModel(BaseTuner):
             target.update_layer(adapter_name, **kwargs)
             return
         kwargs["fan_in_fan_out"] = config.fan_in_fan_out
-        for dispatch in LAYER_DISPATCHERS:
-            new_module = dispatch(target, adapter_name, config, **kwargs)
-            if new_module is not None:
-                break
+        quantized = self.quantized_layer_for(target)
+        if quantized is not None:
+            kwargs["fan_in_fan_out"] = resolve_fan_in_fan_out(config, False, f"bitsandbytes {type(target).__name__}")
+            new_module = quantized(target, adapter_name, **kwargs)
         else:
+            new_module = _new_layer(target, adapter_name, config, **kwargs)
+        if new_module is None:
             raise ValueError(f"cannot apply LoRA to {current_key} of type {type(target).__name__}")
         setattr(parent, target_name, new_module)
 
@@ -155,11 +154,6 @@ class LoraModel(BaseTuner):
                 target_A, target_B = _factors(module, adapter_name)
                 target_A.data.copy_(new_A.to(target_A.dtype))
                 target_B.data.copy_(new_B.to(target_B.dtype))
-
-
-def _dispatch_accepts(dispatch: Callable, module: nn.Module) -> bool:
-    accepts = getattr(dispatch, "accepts", None)
-    return bool(accepts and accepts(module))
 
 
 def _all_linear_names(model: nn.Module) -> set[str]:

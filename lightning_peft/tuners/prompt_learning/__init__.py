@@ -1,11 +1,7 @@
-"""Prompt learning tuners: prompt tuning, P-tuning and prefix tuning (configs, encoders, model glue)."""
+"""What prompt tuning, P-tuning and prefix tuning share: the config base, the encoder base, the model class with
+the adapter API, and the two ways virtual tokens reach a model. It registers no tuner itself."""
 
 from .config import PromptLearningConfig
-from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
-from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
-from .prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .model import PromptLearningModel
 
-__all__ = [
-    "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit", "PromptEmbedding", "PromptEncoderConfig",
-    "PromptEncoderReparameterizationType", "PromptEncoder", "PrefixTuningConfig", "PrefixEncoder",
-]
+__all__ = ["PromptLearningConfig", "PromptLearningModel"]

@@ -46,7 +46,7 @@ def _text_config(model: Any) -> Any:
     return config
 
 
-def _first(config: Any, names: tuple[str, ...]) -> Optional[int]:
+def first_int(config: Any, names: tuple[str, ...]) -> Optional[int]:
     for name in names:
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
@@ -54,9 +54,9 @@ def _first(config: Any, names: tuple[str, ...]) -> Optional[int]:
     return None
 
 
-def fill_config_from_model(config: PromptLearningConfig, model: Any) -> PromptLearningConfig:
-    """Fill the `None` sizes from the model's config (HF PEFT's rules), or say which field to set."""
-    from ...config import PeftType
+def fill_config_from_model(config: PromptLearningConfig, model: Any, injection: Any) -> PromptLearningConfig:
+    """Fill the `None` sizes from the model's config (HF PEFT's rules), or say which field to set; the injection
+    (`injection.py`) then fits them to how its virtual tokens enter the model."""
 
     kind = type(config).__name__
     if config.num_virtual_tokens is None:
@@ -73,17 +73,13 @@ def fill_config_from_model(config: PromptLearningConfig, model: Any) -> PromptLe
     }
     for field_name, names in lookups.items():
         if getattr(config, field_name) is None:
-            value = _first(model_config, names) if model_config is not None else None
+            value = first_int(model_config, names) if model_config is not None else None
             if value is None:
                 raise ValueError(f"{kind}.{field_name} is None and cannot be filled from {where}: it has none of "
                                  f"{', '.join(names)}. Set {field_name} in the config")
             setattr(config, field_name, value)
-    kv_heads = _first(model_config, ("num_key_value_heads",)) if model_config is not None else None
-    if config.peft_type == PeftType.PREFIX_TUNING and kv_heads is not None:
-        # grouped-query attention: the cache holds num_key_value_heads heads of head_dim each
-        head_dim = _first(model_config, ("head_dim",)) or config.token_dim // config.num_attention_heads
-        config.token_dim = head_dim * kv_heads
-        config.num_attention_heads = kv_heads
+    if model_config is not None:
+        injection.fit_to_model(config, model_config)
     if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
     return config

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 from torch import nn
 
-from ...config import PeftType
-from .config import PromptLearningConfig, _check_positive_int
-from .encoder import PromptEncoderBase
-
-
-@dataclass
-class PrefixTuningConfig(PromptLearningConfig):
-    encoder_hidden_size: Optional[int] = None
-    prefix_projection: bool = False
-
-    def __post_init__(self) -> None:
-        self.peft_type = PeftType.PREFIX_TUNING
-        super().__post_init__()
-        if not isinstance(self.prefix_projection, bool):
-            raise TypeError(f"prefix_projection must be True or False, got {self.prefix_projection!r}")
-        _check_positive_int("encoder_hidden_size", self.encoder_hidden_size, none_means="token_dim")
+from ..prompt_learning.encoder import PromptEncoderBase
+from ..prompt_learning.injection import KeyValuePrefix
+from ..prompt_learning.model import PromptLearningModel
+from .config import PrefixTuningConfig
 
 
 class PrefixEncoder(PromptEncoderBase):
@@ -53,5 +38,10 @@ class PrefixEncoder(PromptEncoderBase):
         return out
 
 
-CONFIG_CLASS = PrefixTuningConfig
-MODEL_CLASS = PrefixEncoder
+
+class PrefixTuningModel(PromptLearningModel):
+    peft_type = PrefixTuningConfig.PEFT_TYPE
+    injection = KeyValuePrefix()
+
+    def build_encoder(self, config: PrefixTuningConfig) -> nn.Module:
+        return PrefixEncoder(config)

@@ -2,49 +2,15 @@
 
 from __future__ import annotations
 
-import enum
 import warnings
-from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from ...config import PeftType, _coerce_enum
-from .config import PromptLearningConfig, _check_positive_int
-from .encoder import PromptEncoderBase
-
-
-class PromptEncoderReparameterizationType(str, enum.Enum):
-    MLP = "MLP"
-    LSTM = "LSTM"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass
-class PromptEncoderConfig(PromptLearningConfig):
-    encoder_reparameterization_type: Union[str, PromptEncoderReparameterizationType] = \
-        PromptEncoderReparameterizationType.MLP
-    encoder_hidden_size: Optional[int] = None
-    encoder_num_layers: int = 2
-    encoder_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.peft_type = PeftType.P_TUNING
-        super().__post_init__()
-        self.encoder_reparameterization_type = _coerce_enum(
-            PromptEncoderReparameterizationType, self.encoder_reparameterization_type, "encoder_reparameterization_type")
-        if self.encoder_reparameterization_type is None:
-            raise ValueError("encoder_reparameterization_type must be one of: MLP, LSTM")
-        _check_positive_int("encoder_hidden_size", self.encoder_hidden_size, none_means="token_dim")
-        if isinstance(self.encoder_num_layers, bool) or not isinstance(self.encoder_num_layers, int) \
-                or self.encoder_num_layers <= 0:
-            raise ValueError(f"encoder_num_layers must be a positive integer, got {self.encoder_num_layers!r}")
-        if isinstance(self.encoder_dropout, bool) or not isinstance(self.encoder_dropout, (int, float)) \
-                or not 0.0 <= self.encoder_dropout < 1.0:
-            raise ValueError(f"encoder_dropout must be a number in [0, 1), got {self.encoder_dropout!r}")
+from ..prompt_learning.encoder import PromptEncoderBase
+from ..prompt_learning.injection import PrependEmbeddings
+from ..prompt_learning.model import PromptLearningModel
+from .config import PromptEncoderConfig, PromptEncoderReparameterizationType
 
 
 class PromptEncoder(PromptEncoderBase):
@@ -86,5 +52,10 @@ class PromptEncoder(PromptEncoderBase):
         return embeds
 
 
-CONFIG_CLASS = PromptEncoderConfig
-MODEL_CLASS = PromptEncoder
+
+class PTuningModel(PromptLearningModel):
+    peft_type = PromptEncoderConfig.PEFT_TYPE
+    injection = PrependEmbeddings()
+
+    def build_encoder(self, config: PromptEncoderConfig) -> nn.Module:
+        return PromptEncoder(config)

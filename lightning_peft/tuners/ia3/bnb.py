@@ -1,0 +1,52 @@
+"""(IA)^3 over a bitsandbytes 8-bit base layer (`Linear8bitLt`)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..base import is_linear8bit
+from .layer import IA3Layer
+
+
+class Linear8bitLt(nn.Module, IA3Layer):
+    """(IA)^3 over a bitsandbytes `Linear8bitLt`; runs and trains, but cannot be merged into the int8 weight."""
+
+    accepts = staticmethod(is_linear8bit)  # which base layers this class wraps
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, is_feedforward: bool = False,
+                 init_ia3_weights: bool = True, **kwargs: Any) -> None:
+        super().__init__()
+        self._init_ia3_layer(base_layer, is_feedforward, base_layer.in_features, base_layer.out_features)
+        self.fan_in_fan_out = False
+        self._active_adapters = [adapter_name]
+        self.update_layer(adapter_name, init_ia3_weights)
+
+    def update_layer(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
+        vector = torch.ones(self._vector_shape()) if init_ia3_weights else torch.randn(self._vector_shape())
+        self.ia3_l[adapter_name] = nn.Parameter(vector.to(self.get_base_layer().weight.device))  # fp32 over int8
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    merge_refusal = ("cannot merge IA3 adapters into bitsandbytes 8-bit layers: their int8 weights cannot hold the "
+                     "scaled values. Use the adapter unmerged, call unload(), or load the base model in full precision "
+                     "to merge")
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(self.merge_refusal)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        scaling = None if self.disable_adapters else self._scaling()
+        if scaling is None:
+            return self.base_layer(x, *args, **kwargs)
+        scaling = scaling.flatten()
+        previous_dtype = x.dtype
+        if self.is_feedforward:
+            result = self.base_layer(x.to(scaling.dtype) * scaling, *args, **kwargs)
+        else:
+            result = self.base_layer(x, *args, **kwargs) * scaling
+        return result.to(previous_dtype)
+
+    def __repr__(self) -> str:
+        return "ia3." + super().__repr__()

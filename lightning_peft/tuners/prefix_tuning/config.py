@@ -1,0 +1,23 @@
+"""Prefix tuning's config: the virtual tokens and the optional projection that produces their keys and values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+from ...config import PeftType
+from ..prompt_learning.config import PromptLearningConfig, _check_positive_int
+
+
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.PREFIX_TUNING
+
+    encoder_hidden_size: Optional[int] = None
+    prefix_projection: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.prefix_projection, bool):
+            raise TypeError(f"prefix_projection must be True or False, got {self.prefix_projection!r}")
+        _check_positive_int("encoder_hidden_size", self.encoder_hidden_size, none_means="token_dim")

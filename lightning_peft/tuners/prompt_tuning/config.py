@@ -1,0 +1,45 @@
+"""Prompt tuning's config: how many virtual tokens, and how they start (random, sampled words, or a text)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Union
+
+from ...config import PeftType, _coerce_enum
+from ..prompt_learning.config import PromptLearningConfig
+
+
+class PromptTuningInit(str, enum.Enum):
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+    RANDOM = "RANDOM"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """`prompt_tuning_init="TEXT"` copies the word embeddings of `prompt_tuning_init_text` (tokenized with the
+    local tokenizer at `tokenizer_name_or_path`), repeated or cut to the number of virtual tokens."""
+
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.PROMPT_TUNING
+
+    prompt_tuning_init: Union[PromptTuningInit, str] = PromptTuningInit.RANDOM
+    prompt_tuning_init_text: Optional[str] = None
+    tokenizer_name_or_path: Optional[str] = None
+    tokenizer_kwargs: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.prompt_tuning_init = _coerce_enum(PromptTuningInit, self.prompt_tuning_init, "prompt_tuning_init")
+        if self.prompt_tuning_init == PromptTuningInit.TEXT:
+            if not self.tokenizer_name_or_path:
+                raise ValueError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a local tokenizer folder) to "
+                                 f"tokenize prompt_tuning_init_text; got tokenizer_name_or_path={self.tokenizer_name_or_path!r}")
+            if not self.prompt_tuning_init_text:
+                raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text, the text whose word embeddings "
+                                 f"start the virtual tokens; got {self.prompt_tuning_init_text!r}")
+        if self.tokenizer_kwargs and self.prompt_tuning_init != PromptTuningInit.TEXT:
+            raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'")
