@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lightning_peft as lp
-from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from helpers import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 GPT2_LORA = dict(target_modules=["c_attn"], fan_in_fan_out=True)
 
@@ -326,13 +326,15 @@ def _compose(override):
     from hydra import compose, initialize_config_dir
 
     from lightning_peft.app import CONFIG_DIR
+    from lightning_peft.app.schema import register_configs
 
+    register_configs()  # main() does this; importing the app does not
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=[override])
 
 
 def test_misspelled_config_group_names_the_group():
-    from lightning_peft.app_checks import UnknownKeyError, check_overrides
+    from lightning_peft.app.schema import UnknownKeyError, check_overrides
 
     with pytest.raises(UnknownKeyError) as err:
         check_overrides(["tunr=lora"])
@@ -370,11 +372,12 @@ def test_top_level_values_of_the_wrong_type(override, cause):
 ])
 def test_tuner_values_from_the_command_line_are_checked(override, message):
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+
+    from lightning_peft.app.train import tuner_config
 
     cfg = _compose(override)
     with pytest.raises(InstantiationException) as err:
-        instantiate(cfg.tuner, _convert_="all")
+        tuner_config(cfg)  # as the app builds it (the tuner's `optim` defaults left out)
     assert message in str(err.value)
 
 

@@ -9,7 +9,7 @@ import torch
 
 import lightning_peft as lp
 
-from conftest import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 
 CASES = {
     "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),

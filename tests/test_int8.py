@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from helpers import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 pytest.importorskip("bitsandbytes")
 
 from lightning_peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model  # noqa: E402
 from lightning_peft import quantization as q  # noqa: E402
+from lightning_peft.tuners.lora import Linear8bitLt  # noqa: E402
 from lightning_peft.serialization import get_peft_model_state_dict  # noqa: E402
 
 LLAMA_LINEARS = {f"model.layers.{i}.{m}" for i in range(2) for m in
@@ -60,7 +61,7 @@ def test_refuses_a_model_that_already_has_adapters():
 def test_lora_over_int8_trains_only_fp32_adapters(token_ids):
     peft = get_peft_model(q.quantize_base_linears(tiny_llama()), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     layer = peft.base_model.model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, q.Linear8bitLt) and q.is_linear8bit(layer.base_layer)
+    assert isinstance(layer, Linear8bitLt) and q.is_linear8bit(layer.base_layer)
     trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert all(p.dtype == torch.float32 for n, p in peft.named_parameters() if p.requires_grad)
@@ -80,7 +81,7 @@ def test_merge_into_int8_requantizes_with_one_warning(token_ids):
     peft = _trained_lora_over_int8()
     with torch.no_grad():
         unmerged = peft(input_ids=token_ids).logits
-    q.Linear8bitLt._warned_rounding = False
+    Linear8bitLt._warned_rounding = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         merged = peft.merge_and_unload()
@@ -188,7 +189,7 @@ def test_lightning_run_over_int8_exports_an_adapter_that_loads_back(tmp_path, to
         assert (adapter_out - merged_out).abs().max() < 0.05
         # merged/ was written dequantized (fp32): it loads as a plain model, without bitsandbytes
         plain = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
-        assert all(type(m) is not q.Linear8bitLt and not q.is_linear8bit(m) for m in plain.modules())
+        assert all(type(m) is not Linear8bitLt and not q.is_linear8bit(m) for m in plain.modules())
         assert (plain(input_ids=token_ids).logits - adapter_out).abs().max() < 0.05
     loaded_keys = get_peft_model_state_dict(reloaded)
     for key, value in exported.items():

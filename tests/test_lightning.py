@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import warnings
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 from lightning_peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from lightning_peft.lightning import PEFTCallback, PEFTMixin
 
-from lightning_peft.tuners.prompt_learning import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from lightning_peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -191,93 +192,184 @@ CASES = [(k, t) for k in ("gpt2", "t5", "bert", "mlp") for t in TUNERS if not (k
 
 
 # ---------------------------------------------------------------------------------------------
-# the whole life cycle, every model x every tuner
+# the whole life cycle, every model x every tuner: one run each (fit with checkpoints and exports, the merge
+# at fit end, then trainer.test(ckpt_path="best")), shared by one test per stage
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,tuner", CASES)
-def test_fit_checkpoints_merge_and_test_best(kind, tuner, tmp_path):
+def _train_merge_and_test_best(kind: str, tuner: str, tmp_path) -> SimpleNamespace:
     model = build(kind)
-    original_class = type(model)
-    base = dict(model.named_parameters())
-    probe_batch = next(iter(DataLoader(batches(kind, seed=7), batch_size=4)))
-    probe = Probe(base, probe_batch)
-    module = TaskModule(model)
-    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss", mode="min", save_top_k=1)
-    weights = ModelCheckpoint(dirpath=tmp_path / "weights", save_weights_only=True, every_n_train_steps=4)
-    last = ModelCheckpoint(dirpath=tmp_path / "last", save_last=True, save_top_k=0, every_n_train_steps=1000)
-    callback = PEFTCallback(config_for(tuner, kind), export_dir=str(tmp_path / "export"))
-    trainer = make_trainer(tmp_path, [callback, probe, best, weights, last], val_check_interval=1,
-                           limit_val_batches=1)
-    trainer.fit(module, loader(kind), loader(kind, seed=2))
-    assert trainer.global_step == 4
+    run = SimpleNamespace(kind=kind, tuner=tuner, root=tmp_path, original_class=type(model),
+                          base=dict(model.named_parameters()),
+                          probe_batch=next(iter(DataLoader(batches(kind, seed=7), batch_size=4))))
+    run.probe = Probe(run.base, run.probe_batch)
+    run.module = TaskModule(model)
+    run.best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss", mode="min", save_top_k=1)
+    run.weights = ModelCheckpoint(dirpath=tmp_path / "weights", save_weights_only=True, every_n_train_steps=4)
+    run.last = ModelCheckpoint(dirpath=tmp_path / "last", save_last=True, save_top_k=0, every_n_train_steps=1000)
+    run.callback = PEFTCallback(config_for(tuner, kind), export_dir=str(tmp_path / "export"))
+    run.trainer = make_trainer(tmp_path, [run.callback, run.probe, run.best, run.weights, run.last],
+                               val_check_interval=1, limit_val_batches=1)
+    run.trainer.fit(run.module, loader(kind), loader(kind, seed=2))
+    run.adapter_keys = set(run.probe.start)
+    # trainer.test(ckpt_path="best") below restores the checkpoint callbacks' states of that checkpoint: their
+    # paths as they are now
+    run.weights_path = run.weights.best_model_path or glob.glob(str(tmp_path / "weights" / "*.ckpt"))[0]
+    run.best_path, run.last_path = run.best.best_model_path, run.last.last_model_path
+    # the merge at fit end, as it stood before trainer.test() below put the best adapter back on
+    merged = run.module.model
+    run.after_fit = SimpleNamespace(model_class=type(merged), parameter_names=[n for n, _ in merged.named_parameters()],
+                                    output=model_output(merged, run.probe_batch),
+                                    module_state_keys=set(run.module.state_dict()))
+    run.best_state = ckpt_state(run.best_path)["state_dict"]
+    run.test_result = run.trainer.test(run.module, loader(kind, seed=3), ckpt_path="best", verbose=False)
+    return run
 
+
+@pytest.fixture(scope="module")
+def lifecycle(tmp_path_factory):
+    """lifecycle(kind, tuner): the run of that case, trained on first use (each stage test of a case shares it)."""
+    runs: dict[tuple[str, str], SimpleNamespace] = {}
+
+    def get(kind: str, tuner: str) -> SimpleNamespace:
+        if (kind, tuner) not in runs:
+            runs[kind, tuner] = _train_merge_and_test_best(kind, tuner, tmp_path_factory.mktemp(f"{kind}-{tuner}"))
+        return runs[kind, tuner]
+
+    return get
+
+
+@pytest.mark.parametrize("kind,tuner", CASES)
+def test_fit_trains_every_adapter_tensor_over_a_frozen_base(lifecycle, kind, tuner):
+    run = lifecycle(kind, tuner)
+    assert run.trainer.global_step == 4
     # injected before configure_optimizers: the optimizer saw a frozen base
-    n_adapter = sum(t.numel() for t in probe.start.values())
-    assert module.optimizer_saw == (n_adapter, module.optimizer_saw[1]) and module.optimizer_saw[1] > 2 * n_adapter
+    n_adapter = sum(t.numel() for t in run.probe.start.values())
+    saw = run.module.optimizer_saw
+    assert saw == (n_adapter, saw[1]) and saw[1] > 2 * n_adapter
     # base bit-identical, every adapter tensor trained
-    assert probe.base_changed == []
-    assert sorted(n for n in probe.start if torch.equal(probe.start[n], probe.end[n])) == []
+    assert run.probe.base_changed == []
+    assert sorted(n for n in run.probe.start if torch.equal(run.probe.start[n], run.probe.end[n])) == []
 
-    # checkpoints hold exactly the trainable tensors
-    adapter_keys = set(probe.start)
-    weights_ckpt = ckpt_state(weights.best_model_path or glob.glob(str(tmp_path / "weights" / "*.ckpt"))[0])
-    assert set(weights_ckpt["state_dict"]) == adapter_keys
+
+@pytest.mark.parametrize("kind,tuner", CASES)
+def test_checkpoints_hold_exactly_the_trainable_tensors(lifecycle, kind, tuner):
+    run = lifecycle(kind, tuner)
+    weights_ckpt = ckpt_state(run.weights_path)
+    assert set(weights_ckpt["state_dict"]) == run.adapter_keys
     assert "optimizer_states" not in weights_ckpt
-    full_ckpt = ckpt_state(best.best_model_path)
-    assert set(full_ckpt["state_dict"]) == adapter_keys and len(full_ckpt["optimizer_states"]) == 1
-    size = os.path.getsize(glob.glob(str(tmp_path / "weights" / "*.ckpt"))[0])
-    adapter_bytes = tensor_bytes(probe.start.values())
-    base_bytes = tensor_bytes(base.values())
-    assert adapter_bytes < size < adapter_bytes + 10_000 + 1000 * len(adapter_keys), (size, adapter_bytes)
+    full_ckpt = ckpt_state(run.best_path)
+    assert set(full_ckpt["state_dict"]) == run.adapter_keys and len(full_ckpt["optimizer_states"]) == 1
+    size = os.path.getsize(glob.glob(str(run.root / "weights" / "*.ckpt"))[0])
+    adapter_bytes = tensor_bytes(run.probe.start.values())
+    base_bytes = tensor_bytes(run.base.values())
+    assert adapter_bytes < size < adapter_bytes + 10_000 + 1000 * len(run.adapter_keys), (size, adapter_bytes)
     assert kind == "mlp" or size < base_bytes / 2  # the MLP base is smaller than the pickle overhead
-
     # last.ckpt is written by ModelCheckpoint.on_train_end, before the merge: the final adapter
-    last_ckpt = ckpt_state(last.last_model_path)
-    assert set(last_ckpt["state_dict"]) == adapter_keys
-    assert all(torch.equal(last_ckpt["state_dict"][k], probe.end[k]) for k in adapter_keys)
+    last_ckpt = ckpt_state(run.last_path)
+    assert set(last_ckpt["state_dict"]) == run.adapter_keys
+    assert all(torch.equal(last_ckpt["state_dict"][k], run.probe.end[k]) for k in run.adapter_keys)
 
-    # exports: the adapter in HF PEFT format reproduces the trained model on a fresh base
-    adapter_dir = tmp_path / "export" / "adapter"
-    assert callback.adapter_dir == str(adapter_dir)
+
+# the checkpoint's state_dict written out: GPT-2 (2 layers, n_embd 32, c_attn 32 -> 96, mlp 128), LoRA r=4 on
+# c_attn, IA3 with the CAUSAL_LM defaults (c_attn, mlp.c_proj), prompt learning with 4 virtual tokens
+# (P-tuning's MLP encoder: 32 -> 16 -> 16 -> 32); the MLP with LoRA on fc1, fc2 and its head saved whole
+CHECKPOINT_KEYS = {
+    ("gpt2", "lora"): {
+        "model.base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight": (4, 32),
+        "model.base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight": (96, 4),
+        "model.base_model.model.transformer.h.1.attn.c_attn.lora_A.default.weight": (4, 32),
+        "model.base_model.model.transformer.h.1.attn.c_attn.lora_B.default.weight": (96, 4),
+    },
+    ("gpt2", "ia3"): {
+        "model.base_model.model.transformer.h.0.attn.c_attn.ia3_l.default": (96, 1),
+        "model.base_model.model.transformer.h.0.mlp.c_proj.ia3_l.default": (1, 128),
+        "model.base_model.model.transformer.h.1.attn.c_attn.ia3_l.default": (96, 1),
+        "model.base_model.model.transformer.h.1.mlp.c_proj.ia3_l.default": (1, 128),
+    },
+    ("gpt2", "prompt_tuning"): {
+        "model.prompt_encoder.default.embedding.weight": (4, 32),
+    },
+    ("gpt2", "p_tuning"): {
+        "model.prompt_encoder.default.embedding.weight": (4, 32),
+        "model.prompt_encoder.default.mlp_head.0.weight": (16, 32),
+        "model.prompt_encoder.default.mlp_head.0.bias": (16,),
+        "model.prompt_encoder.default.mlp_head.2.weight": (16, 16),
+        "model.prompt_encoder.default.mlp_head.2.bias": (16,),
+        "model.prompt_encoder.default.mlp_head.4.weight": (32, 16),
+        "model.prompt_encoder.default.mlp_head.4.bias": (32,),
+    },
+    ("gpt2", "prefix_tuning"): {
+        "model.prompt_encoder.default.embedding.weight": (4, 128),  # 2 layers x (k, v) x 32
+    },
+    ("mlp", "lora"): {
+        "model.base_model.model.fc1.lora_A.default.weight": (4, 8),
+        "model.base_model.model.fc1.lora_B.default.weight": (16, 4),
+        "model.base_model.model.fc2.lora_A.default.weight": (4, 16),
+        "model.base_model.model.fc2.lora_B.default.weight": (16, 4),
+        "model.base_model.model.head.modules_to_save.default.weight": (4, 16),
+        "model.base_model.model.head.modules_to_save.default.bias": (4,),
+    },
+}
+
+
+@pytest.mark.parametrize("kind,tuner", list(CHECKPOINT_KEYS))
+def test_checkpoint_state_dict_keys_are_exactly(lifecycle, kind, tuner):
+    run = lifecycle(kind, tuner)
+    state = ckpt_state(run.last_path)["state_dict"]
+    assert {k: tuple(v.shape) for k, v in state.items()} == CHECKPOINT_KEYS[kind, tuner]
+
+
+@pytest.mark.parametrize("kind,tuner", CASES)
+def test_exported_adapter_reproduces_the_trained_model_on_a_fresh_base(lifecycle, kind, tuner):
+    run = lifecycle(kind, tuner)
+    adapter_dir = run.root / "export" / "adapter"
+    assert run.callback.adapter_dir == str(adapter_dir)
     assert sorted(os.listdir(adapter_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
     reloaded = PeftModel.from_pretrained(build(kind), str(adapter_dir))
-    torch.testing.assert_close(model_output(reloaded, probe_batch), probe.reference, rtol=0, atol=1e-5)
-    assert not [p for p in os.listdir(tmp_path / "export") if p.startswith(".")]  # no temporary folders left
+    torch.testing.assert_close(model_output(reloaded, run.probe_batch), run.probe.reference, rtol=0, atol=1e-5)
+    assert not [p for p in os.listdir(run.root / "export") if p.startswith(".")]  # no temporary folders left
 
+
+@pytest.mark.parametrize("kind,tuner", CASES)
+def test_merge_at_fit_end_and_merged_export(lifecycle, kind, tuner):
+    run = lifecycle(kind, tuner)
+    after_fit, merged_dir = run.after_fit, run.root / "export" / "merged"
     if tuner in PROMPT_TUNERS:  # nothing to merge: the wrapped model stays, no merged export
-        assert isinstance(module.model, PeftModel)
-        assert not (tmp_path / "export" / "merged").exists()
+        assert issubclass(after_fit.model_class, PeftModel)
+        assert not merged_dir.exists()
+        return
+    assert after_fit.model_class is run.original_class
+    assert not any("lora_" in n or "ia3_" in n or "modules_to_save" in n for n in after_fit.parameter_names)
+    torch.testing.assert_close(after_fit.output, run.probe.reference, rtol=0, atol=1e-5)
+    if kind == "mlp":
+        fresh = MLP()
+        fresh.load_state_dict(load_file(str(merged_dir / "model.safetensors")))
     else:
-        assert type(module.model) is original_class
-        assert not any("lora_" in n or "ia3_" in n or "modules_to_save" in n for n, _ in module.model.named_parameters())
-        torch.testing.assert_close(model_output(module.model, probe_batch), probe.reference, rtol=0, atol=1e-5)
-        merged_dir = tmp_path / "export" / "merged"
-        if kind == "mlp":
-            fresh = MLP()
-            fresh.load_state_dict(load_file(str(merged_dir / "model.safetensors")))
-        else:
-            fresh = original_class.from_pretrained(str(merged_dir))
-        torch.testing.assert_close(model_output(fresh, probe_batch), probe.reference, rtol=0, atol=1e-5)
-        # the merged module's own state dict is the plain model (nothing filtered any more)
-        assert set(module.state_dict()) == {"model." + k for k in fresh.state_dict()}
+        fresh = run.original_class.from_pretrained(str(merged_dir))
+    torch.testing.assert_close(model_output(fresh, run.probe_batch), run.probe.reference, rtol=0, atol=1e-5)
+    # the merged module's own state dict is the plain model (nothing filtered any more)
+    assert after_fit.module_state_keys == {"model." + k for k in fresh.state_dict()}
 
-    # trainer.test(ckpt_path="best") after the merge evaluates the best adapter on the untouched base
-    best_state = ckpt_state(best.best_model_path)["state_dict"]
-    result = trainer.test(module, loader(kind, seed=3), ckpt_path="best", verbose=False)
+
+@pytest.mark.parametrize("kind,tuner", CASES)
+def test_test_with_best_checkpoint_after_the_merge_uses_the_best_adapter_on_the_untouched_base(lifecycle, kind,
+                                                                                                tuner):
+    run = lifecycle(kind, tuner)
+    module = run.module
     assert isinstance(module.model, PeftModel)
     now_base = {n.replace(".base_layer", "").replace(".original_module", ""): p
                 for n, p in module.model.get_base_model().named_parameters()}  # base weights under their wrappers
-    assert set(probe.base_values) <= set(now_base)
-    assert all(torch.equal(now_base[n], v) for n, v in probe.base_values.items())
-    now = {n: p for n, p in module.named_parameters() if n in adapter_keys}
-    assert set(now) == adapter_keys and all(torch.equal(now[k], best_state[k]) for k in adapter_keys)
+    assert set(run.probe.base_values) <= set(now_base)
+    assert all(torch.equal(now_base[n], v) for n, v in run.probe.base_values.items())
+    now = {n: p for n, p in module.named_parameters() if n in run.adapter_keys}
+    assert set(now) == run.adapter_keys and all(torch.equal(now[k], run.best_state[k]) for k in run.adapter_keys)
     expected_model = get_peft_model(build(kind), config_for(tuner, kind))
-    missing, unexpected = expected_model.load_state_dict({k[len("model."):]: v for k, v in best_state.items()},
+    missing, unexpected = expected_model.load_state_dict({k[len("model."):]: v for k, v in run.best_state.items()},
                                                          strict=False)
     assert unexpected == []
     expected_model.eval()
     with torch.no_grad():
         expected = torch.stack([forward_loss(expected_model, b) for b in loader(kind, seed=3)]).mean()
-    assert abs(result[0]["test_loss"] - expected.item()) < 1e-5
+    assert abs(run.test_result[0]["test_loss"] - expected.item()) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,51 +385,76 @@ def _optimizer_tensors(trainer: pl.Trainer) -> list[torch.Tensor]:
     return out
 
 
+def _resume_run(kind: str, tuner: str, root, max_epochs: int, ckpt_path=None, extra=()):
+    module = TaskModule(build(kind))
+    probe = Probe(dict(module.model.named_parameters()), next(iter(loader(kind))))
+    trainer = make_trainer(root, [PEFTCallback(config_for(tuner, kind), merge_on_train_end=False), probe, *extra],
+                           max_steps=-1, max_epochs=max_epochs)
+    trainer.fit(module, loader(kind), ckpt_path=ckpt_path)
+    return module, trainer, probe
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """interrupted(kind, tuner): a straight 3-epoch run and a 2-epoch one that saved a full and a weights-only
+    checkpoint at its end (step 4), made on first use and shared by the resume tests of that case."""
+    runs: dict[tuple[str, str], SimpleNamespace] = {}
+
+    def get(kind: str, tuner: str) -> SimpleNamespace:
+        if (kind, tuner) not in runs:
+            root = tmp_path_factory.mktemp(f"resume-{kind}-{tuner}")
+            straight, straight_trainer, _ = _resume_run(kind, tuner, root, 3)  # 2 batches per epoch: 6 steps
+            full = ModelCheckpoint(dirpath=root / "full", every_n_epochs=1, save_on_train_epoch_end=True,
+                                   save_top_k=-1)
+            weights = ModelCheckpoint(dirpath=root / "weights", every_n_epochs=2, save_on_train_epoch_end=True,
+                                      save_top_k=-1, save_weights_only=True)
+            first, _, _ = _resume_run(kind, tuner, root, 2, extra=(full, weights))
+            runs[kind, tuner] = SimpleNamespace(
+                straight=trainable(straight), straight_optimizer=_optimizer_tensors(straight_trainer),
+                first=trainable(first), full_path=str(root / "full" / "epoch=1-step=4.ckpt"),
+                weights_path=str(root / "weights" / "epoch=1-step=4.ckpt"))
+        return runs[kind, tuner]
+
+    return get
+
+
 @pytest.mark.parametrize("kind,tuner", RESUME_CASES)
-def test_resume_from_full_and_weights_only_checkpoints(kind, tuner, tmp_path):
-    cfg = config_for(tuner, kind)
-
-    def run(max_epochs, ckpt_path=None, extra=()):
-        module = TaskModule(build(kind))
-        probe = Probe(dict(module.model.named_parameters()), next(iter(loader(kind))))
-        trainer = make_trainer(tmp_path, [PEFTCallback(cfg, merge_on_train_end=False), probe, *extra],
-                               max_steps=-1, max_epochs=max_epochs)
-        trainer.fit(module, loader(kind), ckpt_path=ckpt_path)
-        return module, trainer, probe
-
-    straight, straight_trainer, _ = run(3)  # 2 batches per epoch: 6 steps
-    full = ModelCheckpoint(dirpath=tmp_path / "full", every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=-1)
-    weights = ModelCheckpoint(dirpath=tmp_path / "weights", every_n_epochs=2, save_on_train_epoch_end=True,
-                              save_top_k=-1, save_weights_only=True)
-    first, _, _ = run(2, extra=(full, weights))
-    full_path = str(tmp_path / "full" / "epoch=1-step=4.ckpt")
-    weights_path = str(tmp_path / "weights" / "epoch=1-step=4.ckpt")
-
-    resumed, resumed_trainer, probe = run(3, ckpt_path=full_path)
+def test_resume_from_a_full_checkpoint_equals_the_straight_run(interrupted, kind, tuner, tmp_path):
+    runs = interrupted(kind, tuner)
+    resumed, resumed_trainer, probe = _resume_run(kind, tuner, tmp_path, 3, ckpt_path=runs.full_path)
     assert (probe.start_step, resumed_trainer.global_step) == (4, 6)
     assert probe.base_changed == []
-    assert all(torch.equal(probe.start[k], v) for k, v in trainable(first).items())
-    expected = trainable(straight)
+    assert all(torch.equal(probe.start[k], v) for k, v in runs.first.items())
+    expected = runs.straight
     assert all(torch.equal(v, expected[k]) for k, v in trainable(resumed).items()) and len(expected) > 0
-    assert all(torch.equal(a, b) for a, b in zip(_optimizer_tensors(resumed_trainer),
-                                                 _optimizer_tensors(straight_trainer)))
+    assert all(torch.equal(a, b) for a, b in zip(_optimizer_tensors(resumed_trainer), runs.straight_optimizer))
 
+
+@pytest.mark.parametrize("kind,tuner", RESUME_CASES)
+def test_resume_from_a_weights_only_checkpoint_warns_and_starts_a_fresh_optimizer(interrupted, kind, tuner,
+                                                                                   tmp_path):
+    runs = interrupted(kind, tuner)
     with pytest.warns(UserWarning, match="resuming from a weights-only checkpoint"):
-        from_weights, weights_trainer, probe = run(3, ckpt_path=weights_path)
+        from_weights, weights_trainer, probe = _resume_run(kind, tuner, tmp_path, 3, ckpt_path=runs.weights_path)
     assert (probe.start_step, weights_trainer.global_step) == (4, 6)
     assert probe.optimizer_state_at_start == {}  # fresh optimizer
-    assert all(torch.equal(probe.start[k], v) for k, v in trainable(first).items())
+    assert all(torch.equal(probe.start[k], v) for k, v in runs.first.items())
     assert probe.base_changed == []
+    expected = runs.straight
     assert not all(torch.equal(v, expected[k]) for k, v in trainable(from_weights).items())  # fresh Adam moments
 
-    # a checkpoint missing one adapter tensor is refused before anything is loaded
-    bad = ckpt_state(full_path)
+
+@pytest.mark.parametrize("kind,tuner", RESUME_CASES)
+def test_resume_from_a_checkpoint_missing_one_adapter_tensor_is_refused(interrupted, kind, tuner, tmp_path):
+    """... before anything is loaded."""
+    runs = interrupted(kind, tuner)
+    bad = ckpt_state(runs.full_path)
     dropped = sorted(bad["state_dict"])[-1]
     del bad["state_dict"][dropped]
     torch.save(bad, tmp_path / "bad.ckpt")
-    n = len(expected)
+    n = len(runs.straight)
     with pytest.raises(ValueError, match=re.escape(f"1 of {n} adapter tensors are missing: {dropped}")):
-        run(3, ckpt_path=str(tmp_path / "bad.ckpt"))
+        _resume_run(kind, tuner, tmp_path, 3, ckpt_path=str(tmp_path / "bad.ckpt"))
 
 
 def test_bad_checkpoint_is_never_loaded_half(tmp_path):

@@ -11,12 +11,8 @@ import torch
 from transformers import GPT2LMHeadModel
 
 import lightning_peft as lp
-from conftest import tiny_bert_classifier, tiny_convnet, tiny_gpt2, tiny_llama
+from helpers import ids, tiny_bert_classifier, tiny_convnet, tiny_gpt2, tiny_llama
 from lightning_peft.tuners.lora import LoraLayer
-
-
-def _ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(seed))
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -43,7 +39,7 @@ GPT2_TARGETS = dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=
 
 @pytest.mark.parametrize("init", [True, "gaussian"])
 def test_fresh_lora_model_equals_its_base(init):
-    base, x = tiny_gpt2(), _ids()
+    base, x = tiny_gpt2(), ids()
     expected = base(x).logits
     model = lp.get_peft_model(base, lp.LoraConfig(init_lora_weights=init, **GPT2_TARGETS))
     assert torch.equal(model(x).logits, expected)
@@ -148,7 +144,7 @@ def test_merging_twice_is_refused_with_a_warning():
 
 
 def test_disable_adapter_context_gives_the_base_output():
-    base, x = tiny_gpt2(), _ids()
+    base, x = tiny_gpt2(), ids()
     expected = base(x).logits
     model = lp.get_peft_model(base, lp.LoraConfig(**GPT2_TARGETS))
     _randomise_adapters(model)
@@ -175,7 +171,7 @@ def test_only_the_adapter_trains_and_bias_modes():
 
 
 def test_named_adapters_add_set_delete():
-    base, x = tiny_gpt2(), _ids()
+    base, x = tiny_gpt2(), ids()
     model = lp.get_peft_model(base, lp.LoraConfig(**GPT2_TARGETS), adapter_name="first")
     model.add_adapter("second", lp.LoraConfig(r=2, **GPT2_TARGETS))
     _randomise_adapters(model)
@@ -197,7 +193,7 @@ def test_named_adapters_add_set_delete():
 
 
 def test_save_and_load_round_trip_named_adapters(tmp_path):
-    base, x = tiny_gpt2(), _ids()
+    base, x = tiny_gpt2(), ids()
     model = lp.get_peft_model(copy.deepcopy(base), lp.LoraConfig(**GPT2_TARGETS))
     model.add_adapter("other", lp.LoraConfig(r=2, **GPT2_TARGETS))
     _randomise_adapters(model)
@@ -371,7 +367,7 @@ def test_adapter_names_sharing_a_prefix_save_and_load_apart(tmp_path):
     assert len(load_file(tmp_path / "a" / "adapter_model.safetensors")) == 2 * 8
     loaded = lp.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     loaded.load_adapter(tmp_path / "a", adapter_name="a")
-    x = _ids()
+    x = ids()
     for name in ("default", "a"):
         model.set_adapter(name)
         loaded.set_adapter(name)

@@ -7,71 +7,43 @@ import copy
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import lightning_peft as lp
-from conftest import tiny_bert_classifier, tiny_convnet, tiny_gpt2, tiny_llama
+from helpers import fresh_saved_shapes, ids, image, logits, perturb, save_and_reload, tiny_bert_classifier, tiny_convnet, tiny_gpt2, tiny_llama
 
 ATOL = 1e-5
 
 
-def _ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(seed))
-
-
-def _image(seed: int = 1) -> torch.Tensor:
-    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(model, x):
-    out = model(x)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
 # name -> (model factory, input factory, LoraConfig kwargs)
 CASES = {
-    "gpt2-conv1d": (tiny_gpt2, _ids, dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+    "gpt2-conv1d": (tiny_gpt2, ids, dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
                                            lora_alpha=16, task_type="CAUSAL_LM")),
-    "gpt2-regex-layers": (tiny_gpt2, _ids, dict(target_modules=r".*\.h\.1\.attn\.c_attn", fan_in_fan_out=True)),
-    "gpt2-layers-to-transform": (tiny_gpt2, _ids, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+    "gpt2-regex-layers": (tiny_gpt2, ids, dict(target_modules=r".*\.h\.1\.attn\.c_attn", fan_in_fan_out=True)),
+    "gpt2-layers-to-transform": (tiny_gpt2, ids, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
                                                         layers_to_transform=[1], layers_pattern="h")),
-    "llama-linear-patterns": (tiny_llama, _ids, dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+    "llama-linear-patterns": (tiny_llama, ids, dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                      "gate_proj", "down_proj"],
                                                      r=4, rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
                                                      alpha_pattern={"v_proj": 32})),
-    "llama-embedding": (tiny_llama, _ids, dict(target_modules=["embed_tokens", "q_proj"], r=4)),
-    "bert-cls-lora-only-bias": (tiny_bert_classifier, _ids, dict(task_type="SEQ_CLS", target_modules=["query", "value"],
+    "llama-embedding": (tiny_llama, ids, dict(target_modules=["embed_tokens", "q_proj"], r=4)),
+    "bert-cls-lora-only-bias": (tiny_bert_classifier, ids, dict(task_type="SEQ_CLS", target_modules=["query", "value"],
                                                                   bias="lora_only")),
-    "bert-cls-all-bias-modules": (tiny_bert_classifier, _ids, dict(task_type="SEQ_CLS", target_modules=["query", "key"],
+    "bert-cls-all-bias-modules": (tiny_bert_classifier, ids, dict(task_type="SEQ_CLS", target_modules=["query", "key"],
                                                                     bias="all", modules_to_save=["pooler"])),
-    "conv2d": (tiny_convnet, _image, dict(target_modules=["conv1", "conv2", "head"], r=4, lora_alpha=8)),
+    "conv2d": (tiny_convnet, image, dict(target_modules=["conv1", "conv2", "head"], r=4, lora_alpha=8)),
 }
-
-
-def _perturb_trainable(model: torch.nn.Module, seed: int = 3) -> None:
-    """Give every trainable tensor (A, B, biases, saved modules) a non-trivial value."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_our_files_load_in_peft_with_equal_logits(case, tmp_path):
     factory, inputs, kwargs = CASES[case]
     base, x = factory(), inputs()
-    ours = lp.get_peft_model(copy.deepcopy(base), lp.LoraConfig(**kwargs)).eval()
-    _perturb_trainable(ours)
-    ours.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    with torch.no_grad():
-        expected, got, plain = _logits(ours, x), _logits(theirs, x), _logits(base, x)
+    ours, theirs = save_and_reload(lp, peft, base, "LoraConfig", kwargs, tmp_path)
+    expected, got, plain = logits(ours, x), logits(theirs, x), logits(base, x)
     assert not torch.allclose(expected, plain, atol=1e-3), "the adapter must change the output"
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
-    with torch.no_grad():
-        merged_ours = _logits(ours.merge_and_unload(), x)
-        merged_theirs = _logits(theirs.merge_and_unload(), x)
+    merged_ours = logits(ours.merge_and_unload(), x)
+    merged_theirs = logits(theirs.merge_and_unload(), x)
     torch.testing.assert_close(merged_ours, expected, atol=1e-4, rtol=0)  # float rounding of W + dW
     torch.testing.assert_close(merged_theirs, merged_ours, atol=ATOL, rtol=0)
 
@@ -80,30 +52,56 @@ def test_our_files_load_in_peft_with_equal_logits(case, tmp_path):
 def test_peft_files_load_in_ours_with_equal_logits(case, tmp_path):
     factory, inputs, kwargs = CASES[case]
     base, x = factory(), inputs()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs)).eval()
-    _perturb_trainable(theirs)
-    theirs.save_pretrained(tmp_path)
-    ours = lp.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(_logits(ours, x), _logits(theirs, x), atol=ATOL, rtol=0)
+    theirs, ours = save_and_reload(peft, lp, base, "LoraConfig", kwargs, tmp_path)
+    torch.testing.assert_close(logits(ours, x), logits(theirs, x), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_saved_key_sets_and_shapes_identical(case, tmp_path):
     factory, _, kwargs = CASES[case]
     base = factory()
-    lp.get_peft_model(copy.deepcopy(base), lp.LoraConfig(**kwargs)).save_pretrained(tmp_path / "ours")
-    peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs)).save_pretrained(tmp_path / "peft")
-    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    assert sorted(ours) == sorted(theirs)
-    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    ours = fresh_saved_shapes(lp, base, lp.LoraConfig(**kwargs), tmp_path / "ours")
+    assert ours == fresh_saved_shapes(peft, base, peft.LoraConfig(**kwargs), tmp_path / "peft")
+
+
+# the files' contents written out: tiny GPT-2 (n_embd 32, c_attn 32 -> 96) and BERT classifier (hidden 32, 3 labels)
+SAVED_KEYS = {
+    "gpt2-c_attn-r8": (tiny_gpt2, dict(target_modules=["c_attn"], fan_in_fan_out=True), {
+        "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": (8, 32),
+        "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": (96, 8),
+        "base_model.model.transformer.h.1.attn.c_attn.lora_A.weight": (8, 32),
+        "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight": (96, 8),
+    }),
+    "bert-cls-query-r4-pooler-saved": (tiny_bert_classifier, dict(task_type="SEQ_CLS", target_modules=["query"], r=4,
+                                                                  modules_to_save=["pooler"]), {
+        "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": (4, 32),
+        "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight": (32, 4),
+        "base_model.model.bert.encoder.layer.1.attention.self.query.lora_A.weight": (4, 32),
+        "base_model.model.bert.encoder.layer.1.attention.self.query.lora_B.weight": (32, 4),
+        "base_model.model.bert.pooler.dense.weight": (32, 32),  # modules_to_save: whole modules, plain names
+        "base_model.model.bert.pooler.dense.bias": (32,),
+        "base_model.model.classifier.weight": (3, 32),  # SEQ_CLS saves the head too
+        "base_model.model.classifier.bias": (3,),
+    }),
+    "llama-embedding-r4": (tiny_llama, dict(target_modules=["embed_tokens"], r=4), {
+        "base_model.model.model.embed_tokens.lora_embedding_A": (4, 64),  # (r, vocab)
+        "base_model.model.model.embed_tokens.lora_embedding_B": (32, 4),  # (hidden, r)
+        # a targeted embedding is saved whole as well (peft's save_embedding_layers="auto")
+        "base_model.model.model.embed_tokens.base_layer.weight": (64, 32),
+    }),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVED_KEYS))
+def test_saved_keys_and_shapes_are_exactly(case, tmp_path):
+    factory, kwargs, expected = SAVED_KEYS[case]
+    assert fresh_saved_shapes(lp, factory(), lp.LoraConfig(**kwargs), tmp_path) == expected
 
 
 COMBINE_CASES = {
-    "gpt2": (tiny_gpt2, _ids, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
-    "llama-embedding": (tiny_llama, _ids, dict(target_modules=["embed_tokens", "q_proj", "v_proj"])),
-    "conv2d": (tiny_convnet, _image, dict(target_modules=["conv1", "conv2"])),
+    "gpt2": (tiny_gpt2, ids, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+    "llama-embedding": (tiny_llama, ids, dict(target_modules=["embed_tokens", "q_proj", "v_proj"])),
+    "conv2d": (tiny_convnet, image, dict(target_modules=["conv1", "conv2"])),
 }
 COMBINATIONS = [
     ("svd", {}), ("svd", dict(svd_rank=3, svd_clamp=0.95, svd_full_matrices=False)),
@@ -119,7 +117,7 @@ def test_add_weighted_adapter_matches_peft(case, combination_type, options, tmp_
     second_r = 4 if combination_type == "linear" else 2
     for name, seed, r, alpha in (("a", 5, 4, 8), ("b", 6, second_r, 16)):
         m = lp.get_peft_model(copy.deepcopy(base), lp.LoraConfig(r=r, lora_alpha=alpha, **kwargs))
-        _perturb_trainable(m, seed)
+        perturb(m, seed)
         m.save_pretrained(tmp_path / name)
     outputs = []
     for lib in (lp, peft):
@@ -127,8 +125,7 @@ def test_add_weighted_adapter_matches_peft(case, combination_type, options, tmp_
         m.load_adapter(tmp_path / "b", adapter_name="b")
         m.add_weighted_adapter(["a", "b"], [0.7, -0.4], "mix", combination_type=combination_type, **options)
         m.set_adapter("mix")
-        with torch.no_grad():
-            outputs.append(_logits(m.eval(), x))
+        outputs.append(logits(m.eval(), x))
     torch.testing.assert_close(outputs[0], outputs[1], atol=ATOL, rtol=0)
 
 
@@ -137,9 +134,9 @@ def test_exact_combinations_equal_the_weighted_sum_of_deltas(combination_type):
     """cat is exact; linear too when one adapter has weight 0 (then it is a rescaling)."""
     model = lp.get_peft_model(tiny_llama(), lp.LoraConfig(r=4, target_modules=["q_proj"]), adapter_name="a")
     model.add_adapter("b", lp.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"]))
-    _perturb_trainable(model)
+    perturb(model)
     model.set_adapter("b")
-    _perturb_trainable(model, seed=9)
+    perturb(model, seed=9)
     weights = [0.5, 2.0] if combination_type == "cat" else [1.5, 0.0]
     model.add_weighted_adapter(["a", "b"], weights, "mix", combination_type=combination_type)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj

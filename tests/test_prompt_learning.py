@@ -3,7 +3,6 @@ BERT: same weights -> same logits, files both ways, greedy generate(), BERT pref
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import lightning_peft as lp
-from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5
+from helpers import logits, perturb, quiet, saved_shapes, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5
 
 ATOL = 1e-4
 VT = 3
@@ -46,19 +45,10 @@ def _inputs(kind: str) -> dict:
     return out
 
 
-def _quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
-
-
 def _lively_t5():
     """The tiny T5 from its config greedily emits only token 0; noisier weights make decoding informative."""
     model = tiny_t5()
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    perturb(model, seed=4, scale=0.3, trainable_only=False)
     return model
 
 
@@ -66,45 +56,36 @@ def _pair(kind: str, method: str, seed: int = 5, factory=None):
     """(peft model, our model) on identical base weights, ours given peft's encoder (and head) weights."""
     task, factory = TASKS[kind], factory or FACTORIES[kind]
     torch.manual_seed(seed)
-    theirs = _quiet(peft.get_peft_model, factory(), _config(peft, method, task)).eval()
-    ours = _quiet(lp.get_peft_model, factory(), _config(lp, method, task)).eval()
+    theirs = quiet(peft.get_peft_model, factory(), _config(peft, method, task)).eval()
+    ours = quiet(lp.get_peft_model, factory(), _config(lp, method, task)).eval()
     # the factories reseed the global RNG, so both start equal: move peft's weights away from that start
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(theirs.named_parameters()):
-            if p.requires_grad:
-                p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    perturb(theirs, seed=seed, scale=0.5)
     ours.prompt_encoder.load_state_dict(theirs.prompt_encoder.state_dict())
     if kind == "bert":
         ours.base_model.classifier.load_state_dict(theirs.base_model.classifier.state_dict())
     return theirs, ours
 
 
-def _logits(model, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
 @pytest.mark.parametrize("kind,method", PAIRS)
-def test_same_weights_same_logits(kind, method):
+def test_same_weights_samelogits(kind, method):
     theirs, ours = _pair(kind, method)
     inputs = _inputs(kind)
-    expected = _logits(theirs, inputs)
-    torch.testing.assert_close(_logits(ours, inputs), expected, atol=ATOL, rtol=0)
+    expected = logits(theirs, inputs)
+    torch.testing.assert_close(logits(ours, inputs), expected, atol=ATOL, rtol=0)
     # the prompt matters: a different encoder gives different numbers
     base = FACTORIES[kind]()
     torch.manual_seed(11)
-    other = _quiet(lp.get_peft_model, base, _config(lp, method, TASKS[kind])).eval()
-    assert (_logits(other, inputs) - expected).abs().max() > 10 * ATOL
+    other = quiet(lp.get_peft_model, base, _config(lp, method, TASKS[kind])).eval()
+    assert (logits(other, inputs) - expected).abs().max() > 10 * ATOL
 
 
 @pytest.mark.parametrize("kind,method", PAIRS)
 def test_peft_files_load_in_ours(kind, method, tmp_path):
     theirs, _ = _pair(kind, method)
     theirs.save_pretrained(tmp_path)
-    ours = _quiet(lp.PeftModel.from_pretrained, FACTORIES[kind](), tmp_path).eval()
+    ours = quiet(lp.PeftModel.from_pretrained, FACTORIES[kind](), tmp_path).eval()
     inputs = _inputs(kind)
-    torch.testing.assert_close(_logits(ours, inputs), _logits(theirs, inputs), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=ATOL, rtol=0)
     encoder = ours.prompt_encoder["default"]
     assert not encoder.reparameterized  # a loaded P-tuning / projected prefix runs without its MLP
     assert [n for n, _ in encoder.named_parameters()] == ["embedding.weight"]
@@ -115,17 +96,39 @@ def test_peft_files_load_in_ours(kind, method, tmp_path):
 def test_our_files_load_in_peft_and_keys_match(kind, method, tmp_path):
     _, ours = _pair(kind, method)
     ours.save_pretrained(tmp_path / "ours")
-    theirs = _quiet(peft.PeftModel.from_pretrained, FACTORIES[kind](), tmp_path / "ours").eval()
+    theirs = quiet(peft.PeftModel.from_pretrained, FACTORIES[kind](), tmp_path / "ours").eval()
     inputs = _inputs(kind)
-    torch.testing.assert_close(_logits(theirs, inputs), _logits(ours, inputs), atol=ATOL, rtol=0)
-    fresh = _quiet(peft.get_peft_model, FACTORIES[kind](), _config(peft, method, TASKS[kind]))
+    torch.testing.assert_close(logits(theirs, inputs), logits(ours, inputs), atol=ATOL, rtol=0)
+    fresh = quiet(peft.get_peft_model, FACTORIES[kind](), _config(peft, method, TASKS[kind]))
     fresh.save_pretrained(tmp_path / "peft")
-    ours_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    peft_file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    assert {k: tuple(v.shape) for k, v in ours_file.items()} == {k: tuple(v.shape) for k, v in peft_file.items()}
-    expected_keys = {"prompt_embeddings"} | ({"base_model.classifier.weight", "base_model.classifier.bias"}
-                                              if kind == "bert" else set())
-    assert set(ours_file) == expected_keys
+    assert saved_shapes(tmp_path / "ours") == saved_shapes(tmp_path / "peft") == SAVED[kind, method]
+
+
+# the files' contents written out (VT = 3 virtual tokens). Every method saves one tensor, `prompt_embeddings`: the
+# prompt (P-tuning: its encoder's output) as (virtual tokens, hidden), or for prefix tuning the keys and values of
+# every layer (virtual tokens, layers x 2 x kv width); an encoder-decoder (T5) has a prompt for each of its two
+# stacks, so twice the tokens; a classifier (BERT, SEQ_CLS) saves its head too.
+_BERT_HEAD = {"base_model.classifier.weight": (3, 32), "base_model.classifier.bias": (3,)}
+SAVED = {
+    ("gpt2", "prompt"): {"prompt_embeddings": (3, 32)},
+    ("gpt2", "ptuning-mlp"): {"prompt_embeddings": (3, 32)},
+    ("gpt2", "ptuning-lstm"): {"prompt_embeddings": (3, 32)},
+    ("gpt2", "prefix"): {"prompt_embeddings": (3, 128)},  # 2 layers x (k, v) x 32
+    ("gpt2", "prefix-proj"): {"prompt_embeddings": (3, 128)},
+    ("llama", "prompt"): {"prompt_embeddings": (3, 32)},
+    ("llama", "ptuning-mlp"): {"prompt_embeddings": (3, 32)},
+    ("llama", "ptuning-lstm"): {"prompt_embeddings": (3, 32)},
+    ("llama", "prefix"): {"prompt_embeddings": (3, 64)},  # 2 layers x (k, v) x 2 kv heads x 8
+    ("llama", "prefix-proj"): {"prompt_embeddings": (3, 64)},
+    ("t5", "prompt"): {"prompt_embeddings": (6, 32)},
+    ("t5", "ptuning-mlp"): {"prompt_embeddings": (6, 32)},
+    ("t5", "ptuning-lstm"): {"prompt_embeddings": (6, 32)},
+    ("t5", "prefix"): {"prompt_embeddings": (3, 128)},  # one prefix of 3 tokens: 2 layers x (k, v) x 32
+    ("t5", "prefix-proj"): {"prompt_embeddings": (3, 128)},
+    ("bert", "prompt"): {"prompt_embeddings": (3, 32), **_BERT_HEAD},
+    ("bert", "ptuning-mlp"): {"prompt_embeddings": (3, 32), **_BERT_HEAD},
+    ("bert", "ptuning-lstm"): {"prompt_embeddings": (3, 32), **_BERT_HEAD},
+}
 
 
 def test_saved_prompt_embeddings_are_the_encoder_output(tmp_path):
@@ -223,8 +226,8 @@ def _bert_with_prefix_by_hand(bert, layers_kv, ids, mask) -> torch.Tensor:
 @pytest.mark.parametrize("method", ["prefix", "prefix-proj"])
 def test_bert_classifier_prefix_matches_hand_reference(method, tmp_path):
     with pytest.raises(ValueError, match="does not support past key values"):  # what HF peft 0.21 does
-        _quiet(peft.get_peft_model, tiny_bert_classifier(), _config(peft, method, "SEQ_CLS"))(**_inputs("bert"))
-    model = _quiet(lp.get_peft_model, tiny_bert_classifier(), _config(lp, method, "SEQ_CLS")).eval()
+        quiet(peft.get_peft_model, tiny_bert_classifier(), _config(peft, method, "SEQ_CLS"))(**_inputs("bert"))
+    model = quiet(lp.get_peft_model, tiny_bert_classifier(), _config(lp, method, "SEQ_CLS")).eval()
     inputs = _inputs("bert")
     config = model.peft_config["default"]
     with torch.no_grad():
@@ -238,8 +241,8 @@ def test_bert_classifier_prefix_matches_hand_reference(method, tmp_path):
     assert not torch.allclose(got, plain, atol=1e-3)
     # and the saved adapter (projected prefix saved as its output) reloads to the same numbers
     model.save_pretrained(tmp_path)
-    loaded = _quiet(lp.PeftModel.from_pretrained, tiny_bert_classifier(), tmp_path).eval()
-    torch.testing.assert_close(_logits(loaded, inputs), got, atol=ATOL, rtol=0)
+    loaded = quiet(lp.PeftModel.from_pretrained, tiny_bert_classifier(), tmp_path).eval()
+    torch.testing.assert_close(logits(loaded, inputs), got, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["prompt", "ptuning-mlp", "prefix"])
@@ -254,8 +257,8 @@ def test_bert_feature_extraction_matches_peft(method, tmp_path):
     theirs_base, ours_base = backbone(), backbone()
     theirs_base.load_state_dict(base_state)
     ours_base.load_state_dict(base_state)
-    theirs = _quiet(peft.get_peft_model, theirs_base, _config(peft, method, "FEATURE_EXTRACTION")).eval()
-    ours = _quiet(lp.get_peft_model, ours_base, _config(lp, method, "FEATURE_EXTRACTION")).eval()
+    theirs = quiet(peft.get_peft_model, theirs_base, _config(peft, method, "FEATURE_EXTRACTION")).eval()
+    ours = quiet(lp.get_peft_model, ours_base, _config(lp, method, "FEATURE_EXTRACTION")).eval()
     ours.prompt_encoder.load_state_dict(theirs.prompt_encoder.state_dict())
     inputs = {k: v for k, v in _inputs("bert").items()}
     with torch.no_grad():
@@ -272,7 +275,7 @@ def test_bert_feature_extraction_matches_peft(method, tmp_path):
 # ---- training ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,method", [(k, m) for k in ("gpt2", "t5", "bert") for m in METHODS])
 def test_training_reaches_only_the_prompt_parameters(kind, method):
-    model = _quiet(lp.get_peft_model, FACTORIES[kind](), _config(lp, method, TASKS[kind])).train()
+    model = quiet(lp.get_peft_model, FACTORIES[kind](), _config(lp, method, TASKS[kind])).train()
     inputs = _inputs(kind)
     if kind == "gpt2":
         inputs["labels"] = inputs["input_ids"]
@@ -297,9 +300,9 @@ def test_training_reaches_only_the_prompt_parameters(kind, method):
 
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 def test_only_the_active_prompt_adapter_trains(method):
-    model = _quiet(lp.get_peft_model, tiny_bert_classifier(), _config(lp, method, "SEQ_CLS"), adapter_name="a")
+    model = quiet(lp.get_peft_model, tiny_bert_classifier(), _config(lp, method, "SEQ_CLS"), adapter_name="a")
     # add_adapter (unlike the constructor) does not add the head itself: name it, so that both adapters have a copy
-    _quiet(model.add_adapter, "b", _config(lp, method, "SEQ_CLS", modules_to_save=["classifier"]))
+    quiet(model.add_adapter, "b", _config(lp, method, "SEQ_CLS", modules_to_save=["classifier"]))
 
     def trainable(name):
         return {n for n, p in model.named_parameters() if p.requires_grad and f".{name}." in n}
@@ -320,14 +323,14 @@ def test_only_the_active_prompt_adapter_trains(method):
 
 
 def test_an_inference_mode_prompt_adapter_stays_frozen_when_set_active():
-    model = _quiet(lp.get_peft_model, tiny_bert_classifier(), _config(lp, "prompt", "SEQ_CLS"), adapter_name="a")
-    _quiet(model.add_adapter, "b", _config(lp, "prompt", "SEQ_CLS", inference_mode=True))
+    model = quiet(lp.get_peft_model, tiny_bert_classifier(), _config(lp, "prompt", "SEQ_CLS"), adapter_name="a")
+    quiet(model.add_adapter, "b", _config(lp, "prompt", "SEQ_CLS", inference_mode=True))
     model.set_adapter("b")
     assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_causal_labels_are_padded_for_the_virtual_tokens():
-    model = _quiet(lp.get_peft_model, tiny_gpt2(), _config(lp, "prompt", "CAUSAL_LM")).eval()
+    model = quiet(lp.get_peft_model, tiny_gpt2(), _config(lp, "prompt", "CAUSAL_LM")).eval()
     ids = _inputs("gpt2")["input_ids"]
     with torch.no_grad():
         out = model(input_ids=ids, labels=ids)
@@ -338,7 +341,7 @@ def test_causal_labels_are_padded_for_the_virtual_tokens():
 
 
 def test_disable_adapter_runs_the_base_model():
-    model = _quiet(lp.get_peft_model, tiny_bert_classifier(), _config(lp, "prefix", "SEQ_CLS")).eval()
+    model = quiet(lp.get_peft_model, tiny_bert_classifier(), _config(lp, "prefix", "SEQ_CLS")).eval()
     inputs = _inputs("bert")
     with torch.no_grad():
         with model.disable_adapter():
@@ -348,7 +351,7 @@ def test_disable_adapter_runs_the_base_model():
 
 
 def test_gqa_prefix_sizes_come_from_the_kv_heads():
-    model = _quiet(lp.get_peft_model, tiny_llama(), _config(lp, "prefix", "CAUSAL_LM"))
+    model = quiet(lp.get_peft_model, tiny_llama(), _config(lp, "prefix", "CAUSAL_LM"))
     config = model.peft_config["default"]
     assert (config.num_attention_heads, config.token_dim, config.num_layers) == (2, 16, 2)  # 2 kv heads x 8
     assert model.prompt_encoder["default"].embedding.weight.shape == (VT, 2 * 2 * 16)
@@ -365,7 +368,7 @@ def test_trainable_load_of_a_reparameterised_adapter_continues_on_its_output(tmp
     encoder = ours.prompt_encoder["default"]
     assert not encoder.reparameterized and encoder.embedding.weight.requires_grad
     inputs = _inputs("gpt2")
-    torch.testing.assert_close(_logits(ours.eval(), inputs), _logits(theirs, inputs), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(ours.eval(), inputs), logits(theirs, inputs), atol=ATOL, rtol=0)
 
 
 # ---- TEXT init ----------------------------------------------------------------------------------
@@ -385,7 +388,7 @@ def test_text_init_copies_the_word_embeddings_of_the_text(tmp_path):
     kwargs = dict(task_type="CAUSAL_LM", num_virtual_tokens=8, prompt_tuning_init="TEXT",
                   prompt_tuning_init_text="classify the sentiment", tokenizer_name_or_path=path)
     ours = lp.get_peft_model(tiny_gpt2(), lp.PromptTuningConfig(**kwargs))
-    theirs = _quiet(peft.get_peft_model, tiny_gpt2(), peft.PromptTuningConfig(**kwargs))
+    theirs = quiet(peft.get_peft_model, tiny_gpt2(), peft.PromptTuningConfig(**kwargs))
     rows = ours.prompt_encoder["default"].embedding.weight
     expected = ours.word_embeddings.weight[torch.tensor([1, 2, 3, 1, 2, 3, 1, 2])]  # repeated, cut to 8
     torch.testing.assert_close(rows, expected, atol=0, rtol=0)
@@ -454,5 +457,5 @@ def test_loading_a_file_of_the_wrong_shape_is_refused(tmp_path):
         lp.PeftModel.from_pretrained(tiny_gpt2(), tmp_path, config=wrong)
     model = lp.get_peft_model(tiny_gpt2(), _config(lp, "prompt", "CAUSAL_LM"))
     with pytest.raises(ValueError, match=r"unexpected keys: base_model.classifier.weight"):
-        model.load_prompt_embeddings({"prompt_embeddings": torch.zeros(VT, 32),
-                                      "base_model.classifier.weight": torch.zeros(2, 32)}, "default")
+        lp.set_peft_model_state_dict(model, {"prompt_embeddings": torch.zeros(VT, 32),
+                                             "base_model.classifier.weight": torch.zeros(2, 32)}, "default")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from helpers import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 from lightning_peft import LoraConfig, get_peft_model
 from lightning_peft.lightning.strategies import (PeftFSDP1Strategy, PeftFSDP2Strategy, full_tensors,

@@ -1,0 +1,144 @@
+"""Helpers shared by the test files: tiny models built from configs (no downloads), seeded inputs, logits,
+perturbing the trainable tensors, silencing a call, reading a saved adapter's key set.
+
+Import as `from helpers import ...`: pytest puts tests/ on sys.path when it imports tests/conftest.py (which
+imports this module first, so the offline switches below are set before any test file loads transformers), and
+the worker scripts run from tests/.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+VOCAB = 64
+
+
+# ---- tiny models ---------------------------------------------------------------------------------
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
+                        eos_token_id=0, pad_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0,
+                         eos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bert_classifier(seed: int = 0, num_labels: int = 3) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                        vocab_size=VOCAB, max_position_embeddings=64, num_labels=num_labels)
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_t5(seed: int = 0) -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(num_layers=2, num_decoder_layers=2, d_model=32, d_ff=64, num_heads=4, d_kv=8, vocab_size=VOCAB,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(config).eval()
+
+
+class TinyConvNet(nn.Module):
+    """A small Conv2d net with a 3x3 and a 1x1 convolution and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def tiny_convnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyConvNet().eval()
+
+
+# ---- inputs and outputs --------------------------------------------------------------------------
+def ids(seed: int = 1, length: int = 12) -> torch.Tensor:
+    """A (2, length) batch of token ids in [1, VOCAB), the same for the same seed."""
+    return torch.randint(1, VOCAB, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+def image(seed: int = 1) -> torch.Tensor:
+    """A (2, 3, 8, 8) batch for TinyConvNet."""
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: nn.Module, x) -> torch.Tensor:
+    """The model's logits (no autograd) for a tensor input or a dict of keyword inputs; plain tensors pass through."""
+    with torch.no_grad():
+        out = model(**x) if isinstance(x, dict) else model(x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+# ---- weights ---------------------------------------------------------------------------------------
+def perturb(model: nn.Module, seed: int = 3, scale: float = 0.2, trainable_only: bool = True) -> None:
+    """Add scale * N(0, 1) noise (seeded, in sorted name order) to every trainable tensor (or every tensor), so
+    that adapters (A, B, vectors, biases, saved modules, prompt encoders) have non-trivial values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad or not trainable_only:
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def quiet(fn, *args, **kwargs):
+    """fn(*args, **kwargs) with every warning silenced (HF peft's and transformers' chatter)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def saved_shapes(folder) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of the tensors in folder/adapter_model.safetensors."""
+    from safetensors.torch import load_file
+
+    return {k: tuple(v.shape) for k, v in load_file(Path(folder) / "adapter_model.safetensors").items()}
+
+
+def save_and_reload(writer, reader, base: nn.Module, config_name: str, kwargs: dict, folder, scale: float = 0.2,
+                    silence: bool = False):
+    """Build writer.get_peft_model(copy of base, writer.<config_name>(**kwargs)), perturb its trainable tensors,
+    save it to folder and load that with reader.PeftModel.from_pretrained(another copy of base, folder).
+    writer / reader are the modules `lightning_peft` or `peft`. Returns (written, read), both in eval mode."""
+    import copy
+
+    call = quiet if silence else (lambda fn, *a, **k: fn(*a, **k))
+    written = call(writer.get_peft_model, copy.deepcopy(base), getattr(writer, config_name)(**kwargs)).eval()
+    perturb(written, scale=scale)
+    written.save_pretrained(folder)
+    read = call(reader.PeftModel.from_pretrained, copy.deepcopy(base), folder).eval()
+    return written, read
+
+
+def fresh_saved_shapes(lib, base: nn.Module, config, folder) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of what lib.get_peft_model(copy of base, config).save_pretrained(folder) writes."""
+    import copy
+
+    quiet(lib.get_peft_model, copy.deepcopy(base), config).save_pretrained(folder)
+    return saved_shapes(folder)
