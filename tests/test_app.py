@@ -88,8 +88,9 @@ def test_default_is_minilm_classification_with_lora():
 @pytest.mark.parametrize("tuner", TUNERS)
 def test_every_tuner_and_strategy_composes_and_instantiates(tuner, strategy):
     import lightning.pytorch.strategies
-    import lightning_peft
     from hydra.utils import instantiate
+
+    import lightning_peft
 
     cfg = compose([f"tuner={tuner}", f"strategy={strategy}"])
     peft_config = tuner_config(cfg)

@@ -4,7 +4,6 @@ its torchmetrics on a tiny model built from a config (no downloads)."""
 from __future__ import annotations
 
 import collections
-import csv
 import itertools
 import json
 import os

@@ -26,6 +26,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lightning_peft.app import CONFIG_DIR
 
+
 # ---------------------------------------------------------------- schema (structured configs)
 class Quantize(Enum):
     int8 = "int8"
