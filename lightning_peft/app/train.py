@@ -127,6 +127,7 @@ def tuner_config(cfg: DictConfig) -> Any:
     from hydra.utils import instantiate
 
     node = OmegaConf.to_container(cfg.tuner, resolve=True)
+    assert isinstance(node, dict)
     node.pop("optim", None)
     return instantiate(node, _convert_="all")
 
