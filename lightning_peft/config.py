@@ -132,7 +132,7 @@ class PeftConfig:
         if names is not None:
             if isinstance(names, str) or not isinstance(names, Iterable) or not all(isinstance(m, str) for m in names):
                 raise TypeError(f"modules_to_save must be a list of module names, got {names!r}")
-            self.modules_to_save = list(names)
+            self.modules_to_save: Optional[list[str]] = list(names)
 
     @property
     def is_prompt_learning(self) -> bool:

@@ -11,7 +11,7 @@ import copy
 import re
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional, cast
 
 import torch
 from torch import nn
@@ -126,7 +126,7 @@ def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_n
     """Give `adapter_name` a trainable copy of every module of `model` matching `names`: a module already wrapped
     gets the adapter added, any other is replaced by a `ModulesToSaveWrapper`. Modules inside a wrapper (its
     `original_module` / `modules_to_save` copies) are skipped. Returns the wrappers now holding `adapter_name`."""
-    touched = []
+    touched: list[nn.Module] = []
     for key, module in list(model.named_modules()):
         if ".modules_to_save." in f".{key}." or ".original_module" in f".{key}":
             continue
@@ -169,10 +169,21 @@ class BaseTunerLayer:
     other_param_names: tuple[str, ...] = ()
     merge_refusal: Optional[str] = None  # why this layer can never take a merge (checked before any layer merges)
 
+    base_layer: nn.Module
+    _active_adapters: list[str]
+    merged_adapters: list[str]
+    _disable_adapters: bool
+
+    if TYPE_CHECKING:
+        # every concrete layer is also an nn.Module (`class Linear(nn.Module, LoraLayer)`) and implements these
+        def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None: ...
+
+        def unmerge(self) -> None: ...
+
     def _init_tuner_layer(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
-        self._active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
+        self._active_adapters = []
+        self.merged_adapters = []
         self._disable_adapters = False
 
     def get_base_layer(self) -> nn.Module:
@@ -180,7 +191,7 @@ class BaseTunerLayer:
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        return cast(torch.Tensor, self.base_layer.weight)
 
     @property
     def bias(self) -> Optional[torch.Tensor]:
@@ -460,7 +471,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         del self.peft_config[adapter_name]
 
     # ---- adapters by name -----------------------------------------------------------------
-    def _tuner_layers(self) -> Iterator[tuple[str, nn.Module]]:
+    def _tuner_layers(self) -> Iterator[tuple[str, BaseTunerLayer | ModulesToSaveWrapper]]:
         for name, module in self.model.named_modules():
             if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
                 yield name, module
@@ -618,7 +629,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         expected.update({SAVED_KEY_PREFIX + k: tuple(own[k].shape) for k in embedding_keys})
         check_tensors_fit(expected, tensors, adapter_name,
                           optional=frozenset(SAVED_KEY_PREFIX + k for k in embedding_keys))
-        targets = dict(self.named_parameters())
+        targets: dict[str, torch.Tensor] = dict(self.named_parameters())
         targets.update(dict(self.named_buffers()))
         with torch.no_grad():
             for key, value in tensors.items():

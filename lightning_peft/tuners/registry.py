@@ -19,11 +19,11 @@ from typing import Any
 class TunerSpec:
     """What the rest of the package may know about a tuner."""
 
-    config_class: type
+    config_class: type[Any]  # a PeftConfig subclass (not imported here: no import cycle)
     model_class: type
     # quantization kind ("int8") -> the tuner layer wrapping such a base layer; a tuner that never wraps base
     # layers (prompt learning) runs over any quantized base and needs none
-    quantized_layers: Mapping[str, type] = field(default_factory=dict)
+    quantized_layers: Mapping[str, type[Any]] = field(default_factory=dict)
     # whether its adapters can be merged into quantized base layers (dequantize, add, requantize)
     merges_into_quantized: bool = False
 

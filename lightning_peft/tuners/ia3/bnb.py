@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -19,14 +19,16 @@ class Linear8bitLt(nn.Module, IA3Layer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, is_feedforward: bool = False,
                  init_ia3_weights: bool = True, **kwargs: Any) -> None:
         super().__init__()
-        self._init_ia3_layer(base_layer, is_feedforward, base_layer.in_features, base_layer.out_features)
+        self._init_ia3_layer(base_layer, is_feedforward, cast(int, base_layer.in_features),
+                             cast(int, base_layer.out_features))
         self.fan_in_fan_out = False
         self._active_adapters = [adapter_name]
         self.update_layer(adapter_name, init_ia3_weights)
 
     def update_layer(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
         vector = torch.ones(self._vector_shape()) if init_ia3_weights else torch.randn(self._vector_shape())
-        self.ia3_l[adapter_name] = nn.Parameter(vector.to(self.get_base_layer().weight.device))  # fp32 over int8
+        weight = cast(torch.Tensor, self.get_base_layer().weight)
+        self.ia3_l[adapter_name] = nn.Parameter(vector.to(weight.device))  # fp32 over int8
         self.set_adapter(self.active_adapters or [adapter_name])
 
     merge_refusal = ("cannot merge IA3 adapters into bitsandbytes 8-bit layers: their int8 weights cannot hold the "

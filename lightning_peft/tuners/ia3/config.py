@@ -46,8 +46,8 @@ class IA3Config(PeftConfig):
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.IA3
 
-    target_modules: Optional[Union[list[str], str]] = None
-    feedforward_modules: Optional[Union[list[str], str]] = None
+    target_modules: Optional[Union[list[str], set[str], str]] = None  # a list becomes a set
+    feedforward_modules: Optional[Union[list[str], set[str], str]] = None  # a list becomes a set
     fan_in_fan_out: bool = False
     modules_to_save: Optional[list[str]] = None
     init_ia3_weights: bool = True

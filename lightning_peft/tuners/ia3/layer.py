@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -17,6 +17,12 @@ UNMERGE_EPS = 1e-8
 
 class IA3Layer(BaseTunerLayer):
     adapter_layer_names = ("ia3_l",)
+
+    ia3_l: nn.ParameterDict
+    is_feedforward: bool
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool
 
     def _init_ia3_layer(self, base_layer: nn.Module, is_feedforward: bool, in_features: int, out_features: int) -> None:
         self._init_tuner_layer(base_layer)
@@ -32,7 +38,7 @@ class IA3Layer(BaseTunerLayer):
         vector = torch.randn(self._vector_shape())  # random only when init_ia3_weights=False (tests)
         if init_ia3_weights:
             vector = torch.ones_like(vector)
-        weight = self.get_base_layer().weight
+        weight = cast(torch.Tensor, self.get_base_layer().weight)
         self.ia3_l[adapter_name] = nn.Parameter(vector.to(device=weight.device, dtype=adapter_dtype(weight)))
         self.set_adapter(self.active_adapters or [adapter_name])
 
@@ -50,9 +56,10 @@ class IA3Layer(BaseTunerLayer):
 
     def merged_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         base = self.get_base_layer()
-        merged = {"weight": base.weight.data * self._weight_factor(adapter_name)}
+        merged = {"weight": cast(torch.Tensor, base.weight).data * self._weight_factor(adapter_name)}
         if not self.is_feedforward and getattr(base, "bias", None) is not None:
-            merged["bias"] = base.bias.data * self.ia3_l[adapter_name].data.reshape(base.bias.shape)
+            bias = cast(torch.Tensor, base.bias)
+            merged["bias"] = bias.data * self.ia3_l[adapter_name].data.reshape(bias.shape)
         return merged
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -72,10 +79,12 @@ class IA3Layer(BaseTunerLayer):
             name = self.merged_adapters.pop()
             base = self.get_base_layer()
             factor = self._weight_factor(name) + UNMERGE_EPS
-            base.weight.data = (base.weight.data / factor).to(base.weight.dtype)
+            weight = cast(torch.Tensor, base.weight)
+            weight.data = (weight.data / factor).to(weight.dtype)
             if not self.is_feedforward and getattr(base, "bias", None) is not None:
-                scale = self.ia3_l[name].data.reshape(base.bias.shape) + UNMERGE_EPS
-                base.bias.data = (base.bias.data / scale).to(base.bias.dtype)
+                bias = cast(torch.Tensor, base.bias)
+                scale = self.ia3_l[name].data.reshape(bias.shape) + UNMERGE_EPS
+                bias.data = (bias.data / scale).to(bias.dtype)
 
 
 class Linear(nn.Module, IA3Layer):
@@ -86,9 +95,9 @@ class Linear(nn.Module, IA3Layer):
                  **kwargs: Any) -> None:
         super().__init__()
         if hasattr(base_layer, "in_features") and not fan_in_fan_out:
-            in_features, out_features = base_layer.in_features, base_layer.out_features
+            in_features, out_features = cast(int, base_layer.in_features), cast(int, base_layer.out_features)
         else:
-            rows, cols = base_layer.weight.shape
+            rows, cols = cast(torch.Tensor, base_layer.weight).shape
             in_features, out_features = (rows, cols) if fan_in_fan_out else (cols, rows)
         self._init_ia3_layer(base_layer, is_feedforward, in_features, out_features)
         self.fan_in_fan_out = fan_in_fan_out
@@ -134,7 +143,7 @@ class Conv2d(nn.Module, IA3Layer):
         vector = self.ia3_l[adapter_name].data
         if not self.is_feedforward:
             return vector.transpose(0, 1)  # (out, 1, 1, 1): one factor per output channel
-        base = self.get_base_layer()
+        base = cast(nn.Conv2d, self.get_base_layer())
         if base.groups == 1:
             return vector
         # grouped conv: weight is (out, in/groups, kh, kw); give each group's filters its own input channels
@@ -149,7 +158,7 @@ class Conv2d(nn.Module, IA3Layer):
             return self.base_layer(x, *args, **kwargs)
         previous_dtype = x.dtype
         if self.is_feedforward:
-            weight_dtype = self.get_base_layer().weight.dtype
+            weight_dtype = cast(torch.Tensor, self.get_base_layer().weight).dtype
             result = self.base_layer((x.to(scaling.dtype) * scaling).to(weight_dtype), *args, **kwargs)
         else:
             result = self.base_layer(x, *args, **kwargs).to(scaling.dtype) * scaling

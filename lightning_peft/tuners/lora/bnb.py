@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -38,9 +38,10 @@ class Linear8bitLt(Linear):
 
     def _requantize(self, weight: torch.Tensor) -> None:
         base = self.get_base_layer()
-        base.weight = quantize_weight(weight, device=base.weight.device)
+        base.weight = quantize_weight(weight, device=cast(torch.Tensor, base.weight).device)
         if hasattr(base, "state"):  # bitsandbytes caches the weight's statistics in the layer state
-            base.state.CB, base.state.SCB = None, None
+            state: Any = base.state  # a bitsandbytes MatmulLtState
+            state.CB, state.SCB = None, None
         if not Linear8bitLt._warned_rounding:
             Linear8bitLt._warned_rounding = True
             warnings.warn("merging LoRA into 8-bit base layers dequantizes, adds and requantizes the weights: the "

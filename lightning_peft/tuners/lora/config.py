@@ -3,9 +3,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Union
+from typing import TYPE_CHECKING, ClassVar, Optional, Union
 
 from ...config import PeftConfig, PeftType, validate_choice
+
+if TYPE_CHECKING:
+    from ..ia3.config import IA3Config
 
 # Used when target_modules is None, keyed by the transformers `model_type` (HF PEFT's defaults).
 DEFAULT_TARGET_MODULES = {
@@ -19,7 +22,7 @@ DEFAULT_TARGET_MODULES = {
 }
 
 
-def check_target_modules(config: PeftConfig) -> None:
+def check_target_modules(config: LoraConfig | IA3Config) -> None:
     """Shared by LoRA and IA3: list entries are names, a string is a regex over the full name."""
     targets = config.target_modules
     if targets is None:
@@ -46,7 +49,7 @@ class LoraConfig(PeftConfig):
     PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
 
     r: int = 8
-    target_modules: Optional[Union[list[str], str]] = None
+    target_modules: Optional[Union[list[str], set[str], str]] = None  # a list becomes a set
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     fan_in_fan_out: bool = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -151,13 +151,25 @@ class LoraLayer(BaseTunerLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
 
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool
+    r: dict[str, int]
+    lora_alpha: dict[str, float]
+    scaling: dict[str, float]
+    lora_dropout: nn.ModuleDict
+    lora_A: nn.ModuleDict  # adapter name -> nn.Linear / nn.Conv2d
+    lora_B: nn.ModuleDict
+    lora_embedding_A: nn.ParameterDict
+    lora_embedding_B: nn.ParameterDict
+
     def _init_lora_layer(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         self._init_tuner_layer(base_layer)
         self.in_features = in_features
         self.out_features = out_features
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
+        self.r = {}
+        self.lora_alpha = {}
+        self.scaling = {}
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -174,7 +186,7 @@ class LoraLayer(BaseTunerLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self._create_adapter_weights(adapter_name, r)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
-        weight = self.get_base_layer().weight
+        weight = cast(torch.Tensor, self.get_base_layer().weight)
         for attr in self.adapter_layer_names:
             holder = getattr(self, attr)
             if adapter_name in holder:
@@ -189,11 +201,12 @@ class LoraLayer(BaseTunerLayer):
         if init_lora_weights is False:
             return
         if adapter_name in self.lora_A:
+            weight_A = cast(torch.Tensor, self.lora_A[adapter_name].weight)
             if init_lora_weights is True:
-                nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(weight_A, a=math.sqrt(5))
             else:  # "gaussian"
-                nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
-            nn.init.zeros_(self.lora_B[adapter_name].weight)
+                nn.init.normal_(weight_A, std=1 / self.r[adapter_name])
+            nn.init.zeros_(cast(torch.Tensor, self.lora_B[adapter_name].weight))
         if adapter_name in self.lora_embedding_A:
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
             nn.init.normal_(self.lora_embedding_B[adapter_name])
@@ -203,7 +216,7 @@ class LoraLayer(BaseTunerLayer):
         raise NotImplementedError
 
     def _merged_weight(self, adapter_name: str) -> torch.Tensor:
-        weight = self.get_base_layer().weight
+        weight = cast(torch.Tensor, self.get_base_layer().weight)
         return weight.data + self.get_delta_weight(adapter_name).to(weight.dtype)
 
     def merged_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -214,7 +227,7 @@ class LoraLayer(BaseTunerLayer):
             if safe_merge:
                 self.check_finite_delta(name)
             if not self._add_delta_in_place(name, 1.0):
-                weight = self.get_base_layer().weight
+                weight = cast(torch.Tensor, self.get_base_layer().weight)
                 weight.data = self._merged_weight(name)
             self.merged_adapters.append(name)
 
@@ -222,7 +235,7 @@ class LoraLayer(BaseTunerLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if not self._add_delta_in_place(name, -1.0):
-                weight = self.get_base_layer().weight
+                weight = cast(torch.Tensor, self.get_base_layer().weight)
                 weight.data -= self.get_delta_weight(name).to(weight.dtype)
 
     _MERGE_ROWS = 128  # rows of a half-precision weight merged per block (the fp32 block stays in cache)
@@ -234,7 +247,7 @@ class LoraLayer(BaseTunerLayer):
         computed in fp32 and rounded once into the weight. False: not handled here."""
         if type(self) is not Linear or adapter_name not in self.lora_A:  # subclasses (8-bit) merge their own way
             return False
-        weight = self.get_base_layer().weight
+        weight = cast(torch.Tensor, self.get_base_layer().weight)
         lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
         if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or weight.dim() != 2:
             return False
@@ -266,7 +279,8 @@ class LoraLayer(BaseTunerLayer):
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             dropout = self.lora_dropout[name]
-            x_lora = x if x.dtype == lora_A.weight.dtype else x.to(lora_A.weight.dtype)
+            weight_A = cast(torch.Tensor, lora_A.weight)
+            x_lora = x if x.dtype == weight_A.dtype else x.to(weight_A.dtype)
             if not isinstance(dropout, nn.Identity):  # p == 0 keeps nn.Identity: no call, no copy
                 x_lora = dropout(x_lora)
             result = result + lora_B(lora_A(x_lora)) * self.scaling[name]
@@ -293,14 +307,16 @@ class Linear(nn.Module, LoraLayer):
         fan_in_fan_out = positional.get("fan_in_fan_out", fan_in_fan_out)
         is_target_conv_1d_layer = positional.get("is_target_conv_1d_layer", is_target_conv_1d_layer)
         if legacy:
-            in_features, out_features = adapter_name, args[0]
-            adapter_name, base_layer = base_layer, nn.Linear(in_features, out_features)
+            in_features, out_features = cast(int, adapter_name), args[0]
+            adapter_name, base_layer = cast(str, base_layer), nn.Linear(in_features, out_features)
             if fan_in_fan_out:  # stored (in, out) like Conv1D
                 base_layer.weight = nn.Parameter(base_layer.weight.data.T.contiguous())
-        weight = base_layer.weight
+        # from here on the (possibly legacy) arguments are in their place
+        base_layer, adapter_name = cast(nn.Module, base_layer), cast(str, adapter_name)
+        weight = cast(torch.Tensor, base_layer.weight)
         in_features, out_features = (weight.shape if fan_in_fan_out else weight.shape[::-1])
         if hasattr(base_layer, "in_features") and not fan_in_fan_out:
-            in_features, out_features = base_layer.in_features, base_layer.out_features
+            in_features, out_features = cast(int, base_layer.in_features), cast(int, base_layer.out_features)
         self._init_lora_layer(base_layer, in_features, out_features)
         self.fan_in_fan_out = fan_in_fan_out
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
@@ -308,7 +324,7 @@ class Linear(nn.Module, LoraLayer):
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight
+        delta = cast(torch.Tensor, self.lora_B[adapter_name].weight) @ cast(torch.Tensor, self.lora_A[adapter_name].weight)
         return transpose(delta, self.fan_in_fan_out) * self.scaling[adapter_name]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -350,7 +366,8 @@ class Linear(nn.Module, LoraLayer):
 
     def _fused_forward(self, x: torch.Tensor, base: nn.Module, weight_A: torch.Tensor, weight_B: torch.Tensor,
                        scaling: float, p: float) -> torch.Tensor:
-        weight, bias = base.weight, base.bias
+        # `base` is a plain nn.Linear / Conv1D (`_fused_inputs` checked it)
+        weight, bias = cast(torch.Tensor, base.weight), cast(Optional[torch.Tensor], base.bias)
         if torch.is_grad_enabled() and (x.requires_grad or weight_A.requires_grad or weight_B.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _LoraLinearFunction.apply(x, weight, bias, weight_A, weight_B, scaling, p, self.fan_in_fan_out)
@@ -384,7 +401,7 @@ class Embedding(nn.Module, LoraLayer):
         return delta.T * self.scaling[adapter_name]
 
     def _embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        base = self.get_base_layer()
+        base = cast(nn.Embedding, self.get_base_layer())
         return F.embedding(ids, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
                            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
 
@@ -418,15 +435,17 @@ class Conv2d(nn.Module, LoraLayer):
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
-        base = self.get_base_layer()
-        self.lora_A[adapter_name] = nn.Conv2d(self.in_features, r, base.kernel_size, base.stride, base.padding,
-                                              bias=False)
+        base = cast(nn.Conv2d, self.get_base_layer())
+        # nn.Conv2d holds 2-tuples (or a padding string); its annotations say tuple[int, ...]
+        kernel_size, stride = cast(tuple[int, int], base.kernel_size), cast(tuple[int, int], base.stride)
+        padding = cast("str | tuple[int, int]", base.padding)
+        self.lora_A[adapter_name] = nn.Conv2d(self.in_features, r, kernel_size, stride, padding, bias=False)
         self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), bias=False)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        weight_A = self.lora_A[adapter_name].weight
-        weight_B = self.lora_B[adapter_name].weight
-        if self.get_base_layer().weight.shape[2:4] == (1, 1):
+        weight_A = cast(torch.Tensor, self.lora_A[adapter_name].weight)
+        weight_B = cast(torch.Tensor, self.lora_B[adapter_name].weight)
+        if cast(nn.Conv2d, self.get_base_layer()).weight.shape[2:4] == (1, 1):
             delta = (weight_B.squeeze(3).squeeze(2) @ weight_A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
         else:
             delta = F.conv2d(weight_A.permute(1, 0, 2, 3), weight_B).permute(1, 0, 2, 3)

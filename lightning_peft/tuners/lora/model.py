@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -158,7 +158,7 @@ class LoraModel(BaseTuner):
 
 def _all_linear_names(model: nn.Module) -> set[str]:
     """HF PEFT's 'all-linear': every Linear / Conv1D except the output head."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = getattr(model, "get_output_embeddings")() if hasattr(model, "get_output_embeddings") else None
     names = set()
     for name, module in model.named_modules():
         if (isinstance(module, nn.Linear) or is_conv1d(module)) and module is not head:
@@ -169,12 +169,14 @@ def _all_linear_names(model: nn.Module) -> set[str]:
 def _factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) as stored: Linear/Conv2d weights, or the embedding's raw parameters."""
     if adapter in layer.lora_A:
-        return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        return cast(torch.Tensor, layer.lora_A[adapter].weight), cast(torch.Tensor, layer.lora_B[adapter].weight)
     return layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
 
 
 def _factor_combination(layer: LoraLayer, present: list[tuple[str, float]], combination_type: str,
                         new_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    A: Optional[torch.Tensor]
+    B: Optional[torch.Tensor]
     if combination_type == "cat":
         As = [_factors(layer, a)[0] * w * layer.scaling[a] for a, w in present]
         Bs = [_factors(layer, a)[1] for a, _ in present]
@@ -193,12 +195,12 @@ def _factor_combination(layer: LoraLayer, present: list[tuple[str, float]], comb
         fa, fb = _factors(layer, a)
         A = fa * (root if ws >= 0 else -root) if A is None else A + fa * (root if ws >= 0 else -root)
         B = fb * root if B is None else B + fb * root
-    return A, B
+    return cast(torch.Tensor, A), cast(torch.Tensor, B)  # not None: `present` is never empty
 
 
 def _svd_combination(layer: LoraLayer, present: list[tuple[str, float]], new_rank: int, clamp: Optional[float],
                      full_matrices: bool, driver: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    delta = sum(layer.get_delta_weight(a) * w for a, w in present)
+    delta = cast(torch.Tensor, sum(layer.get_delta_weight(a) * w for a, w in present))  # `present` is never empty
     is_embedding = present[0][0] in layer.lora_embedding_A
     target_A, target_B = _factors(layer, present[0][0])
     conv2d = isinstance(layer, Conv2d)
@@ -213,7 +215,7 @@ def _svd_combination(layer: LoraLayer, present: list[tuple[str, float]], new_ran
         high = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
         U, Vh = U.clamp(-high, high), Vh.clamp(-high, high)
     if conv2d:
-        kernel_A = layer.lora_A[present[0][0]].weight.shape[1:]
+        kernel_A = cast(torch.Tensor, layer.lora_A[present[0][0]].weight).shape[1:]
         U = U.reshape(U.shape[0], new_rank, 1, 1)
         Vh = Vh.reshape((new_rank,) + tuple(kernel_A))
     return Vh, U
