@@ -192,11 +192,12 @@ def check_base_model(config: PeftConfig, model: nn.Module, model_id: Any) -> Non
     """Refuse an adapter recorded for another base model (names compared without their folders, so
     the same model at another path or hub id passes); shapes alone cannot catch a same-sized model."""
     saved = _model_name(config.base_model_name_or_path)
-    actual = _model_name(getattr(getattr(model, "config", None), "_name_or_path", None))
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    actual = _model_name(name_or_path)
     if saved and actual and saved != actual:
         raise ValueError(
             f"the adapter in {model_id} was trained on {config.base_model_name_or_path!r}, but this model is "
-            f"{model.config._name_or_path!r}; load the matching base model, or pass "
+            f"{name_or_path!r}; load the matching base model, or pass "
             "ignore_base_model_mismatch=True if you know the adapter fits"
         )
 
@@ -225,7 +226,8 @@ class _HeadTrainingPeftModel(PeftModel):
             return peft_config
         names = list(peft_config.modules_to_save or [])
         names += [n for n in self.head_names if n not in names]
-        return dataclasses.replace(peft_config, modules_to_save=names)
+        config: Any = peft_config  # a tuner config: its dataclass fields include modules_to_save (checked above)
+        return dataclasses.replace(config, modules_to_save=names)
 
 
 class PeftModelForSequenceClassification(_HeadTrainingPeftModel):
@@ -244,7 +246,8 @@ class PeftModelForFeatureExtraction(PeftModel):
     pass
 
 
-MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType, type[PeftModel]] = {
+# keyed by TaskType (a str enum); looked up with a config's task_type, which may be None
+MODEL_TYPE_TO_PEFT_MODEL: dict[Optional[str], type[PeftModel]] = {
     TaskType.CAUSAL_LM: PeftModelForCausalLM,
     TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
     TaskType.SEQ_CLS: PeftModelForSequenceClassification,

@@ -25,7 +25,7 @@ bitsandbytes is imported only when a model is quantized (or an 8-bit layer is wr
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, cast
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ def require_bitsandbytes() -> Any:
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     """The fp32 weight (out, in) of a `Linear8bitLt` (int8 row-wise absmax: W = CB * SCB / 127)."""
-    weight = layer.weight
+    weight = cast(torch.Tensor, layer.weight)
     if weight.dtype != torch.int8:  # not quantized yet (still on the meta device or has_fp16_weights)
         return weight.data.float()
     scb = getattr(weight, "SCB", None)
@@ -111,13 +111,15 @@ def quantize_base_linears(model: nn.Module, skip: Iterable[str] = (), threshold:
         raise ValueError("quantize_base_linears: this model already holds adapters; quantize the base model first, "
                          "then inject the tuner (so the adapter's own layers stay in full precision)")
     skip_names = set(skip or ()) | set(TASK_HEAD_NAMES) | {"lm_head"}
-    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = get_output_embeddings() if callable(get_output_embeddings) else None
     skipped_prefixes = [name for name, module in model.named_modules()
                         if name and (module is head or name_matches(name, skip_names))]
     replaced = 0
     for name, module in list(model.named_modules()):
         if not name or any(name == p or name.startswith(p + ".") for p in skipped_prefixes):
             continue
+        bias: Optional[torch.Tensor]
         if type(module) is nn.Linear:  # exact type: subclasses (and 8-bit layers) keep their own behaviour
             weight, bias = module.weight.data, module.bias.data if module.bias is not None else None
         elif include_conv1d and is_conv1d(module):
@@ -130,7 +132,7 @@ def quantize_base_linears(model: nn.Module, skip: Iterable[str] = (), threshold:
     if replaced == 0:
         warnings.warn("quantize_base_linears: the model has no Linear / Conv1D layer to quantize (outside the "
                       "output head and skipped modules); it stays in full precision")
-    model._lightning_peft_quantized = "int8"
+    setattr(model, "_lightning_peft_quantized", "int8")  # a plain attribute (not a tensor or module)
     return model
 
 
@@ -151,7 +153,7 @@ def dequantize_base_linears(model: nn.Module, dtype: torch.dtype = torch.float32
         parent, _, child = get_submodule_parent(model, name)
         setattr(parent, child, linear)
     if getattr(model, "_lightning_peft_quantized", None):
-        model._lightning_peft_quantized = None
+        setattr(model, "_lightning_peft_quantized", None)
     return model
 
 

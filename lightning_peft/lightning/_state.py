@@ -24,7 +24,7 @@ import functools
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, cast
 
 import torch
 from torch import nn
@@ -104,7 +104,7 @@ def save_merged_model(model: nn.Module, directory: str) -> None:
         model = dequantized_copy(model)
     with atomic_directory(directory) as tmp:
         if callable(getattr(model, "save_pretrained", None)):
-            model.save_pretrained(tmp)
+            cast(Any, model).save_pretrained(tmp)  # a transformers model
         else:
             from safetensors.torch import save_model
 

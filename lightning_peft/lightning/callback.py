@@ -135,7 +135,7 @@ class PEFTCallback(pl.Callback):
         state = get_state(pl_module)
         if state is None or state.peft is None:
             return
-        if trainer.fast_dev_run:
+        if trainer.fast_dev_run:  # type: ignore[attr-defined]  # Lightning sets it; Trainer does not declare it
             rank_zero_info("lightning_peft: fast_dev_run: not exporting or merging the adapter")
             return
         export_dir = self.resolve_export_dir(trainer)

@@ -21,7 +21,7 @@ subclass that overrides one of these hooks keeps this without calling `super()` 
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
@@ -31,10 +31,16 @@ from ..serialization import get_peft_model_state_dict
 from ._state import AdapterState, allow_weights_only_resume, attach_state, get_state, resolve_peft_config
 from .rng import exact_resume_hook, training_rng
 
+if TYPE_CHECKING:
+    # what the mixin is used with: the type checker sees a LightningModule (its hooks, `_trainer`, an nn.Module)
+    from lightning.pytorch import LightningModule as _MixinBase
+else:
+    _MixinBase = object
+
 _RNG_HOOKS = ("on_train_start", "on_train_batch_start", "on_train_batch_end", "on_save_checkpoint", "on_load_checkpoint")
 
 
-class PEFTMixin:
+class PEFTMixin(_MixinBase):
     """Mix in before `LightningModule`; set `self.peft_config` (a tuner config, dict or DictConfig)."""
 
     peft_config: Any = None
@@ -52,8 +58,8 @@ class PEFTMixin:
                 self._peft_apply()
                 return out
 
-            configure_model._lightning_peft_wrapped = True
-            cls.configure_model = configure_model
+            setattr(configure_model, "_lightning_peft_wrapped", True)
+            setattr(cls, "configure_model", configure_model)
         for name in _RNG_HOOKS:  # our part first, then the subclass's own hook (idempotent if it calls super())
             hook = cls.__dict__.get(name)
             if hook is not None and not getattr(hook, "_lightning_peft_wrapped", False):
@@ -179,5 +185,5 @@ def _with_rng_hook(name: str, hook: Any) -> Any:
             self._peft_hook(name, first)
         return hook(self, *args, **kwargs)
 
-    wrapped._lightning_peft_wrapped = True
+    setattr(wrapped, "_lightning_peft_wrapped", True)
     return wrapped

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Iterator, Optional, Sized
+from typing import Any, Iterator, Optional, Sized, cast
 
 import torch
 from torch.utils.data import Sampler
@@ -205,7 +205,7 @@ class TrainingRNG:
         self.on_train_batch_end()  # a save inside on_train_batch_end, before our own hook ran
         state = _to_checkpoint_form(self.snapshot) if self.snapshot is not None else capture_rng_state()
         rank, world = _rank_and_world()
-        states = [state]
+        states: list[Optional[dict[str, Any]]] = [state]
         if world > 1:
             import torch.distributed as dist
 
@@ -253,9 +253,9 @@ def exact_resume_hook(name: str, trainer: Any, module: Any, checkpoint: Optional
     elif name == "on_train_batch_end":
         training_rng(module).on_train_batch_end()
     elif name == "on_save_checkpoint":
-        training_rng(module).on_save_checkpoint(checkpoint)
+        training_rng(module).on_save_checkpoint(cast(dict[str, Any], checkpoint))  # the checkpoint hooks pass it
     elif name == "on_load_checkpoint":
-        warning = training_rng(module).on_load_checkpoint(checkpoint)
+        warning = training_rng(module).on_load_checkpoint(cast(dict[str, Any], checkpoint))
         if warning:
             from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -161,7 +161,7 @@ class PeftFSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def shard(self) -> None:
-        module = self.lightning_module
+        module = cast(pl.LightningModule, self.lightning_module)  # set: the trainer connected the model
         if any(_is_fsdp2(m) for m in module.modules()):
             return  # already sharded (e.g. validate / test after fit) or sharded by the user's configure_model
         classes = resolve_block_classes(module, self.block_classes)
@@ -196,7 +196,7 @@ class PeftFSDP2Strategy(ModelParallelStrategy):
         from ._state import get_state
 
         path = Path(self.broadcast(checkpoint_path))
-        module = self.lightning_module
+        module = cast(pl.LightningModule, self.lightning_module)  # set: the trainer connected the model
         state = get_state(module)
         strict = module.strict_loading
         if state is not None and state.adapter_keys and _is_full_checkpoint(path):
@@ -237,8 +237,8 @@ class PeftFSDP1Strategy(FSDPStrategy):
         if "auto_wrap_policy" not in self.kwargs:
             from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-            self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(resolve_block_classes(self.lightning_module,
-                                                                                     self.block_classes))
+            module = cast(pl.LightningModule, self.lightning_module)  # set: the trainer connected the model
+            self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(resolve_block_classes(module, self.block_classes))
         super().setup(trainer)
 
 
@@ -333,7 +333,7 @@ def export_sharded(trainer: "pl.Trainer", pl_module: "pl.LightningModule", state
         full = {k: v.detach().cpu() for k, v in peft.state_dict().items()} if merged_dir and trainer.is_global_zero \
             else None
     if merged_dir and trainer.is_global_zero:
-        merged = _unsharded_merged_copy(peft, state, full)
+        merged = _unsharded_merged_copy(peft, state, cast(dict[str, torch.Tensor], full))  # gathered: same condition
         if merged is None:
             rank_zero_warn("lightning_peft: under FSDP the merged model is rebuilt from the model's config, which "
                            f"{type(peft.get_base_model()).__name__} lacks; only the adapter was exported")

@@ -122,11 +122,11 @@ def check_modules_to_save(model: nn.Module, names: Optional[list[str]]) -> None:
             raise ValueError(f"modules_to_save entry {name!r} matches no module; {describe_module_names(model)}")
 
 
-def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_name: str) -> list[nn.Module]:
+def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_name: str) -> list[ModulesToSaveWrapper]:
     """Give `adapter_name` a trainable copy of every module of `model` matching `names`: a module already wrapped
     gets the adapter added, any other is replaced by a `ModulesToSaveWrapper`. Modules inside a wrapper (its
     `original_module` / `modules_to_save` copies) are skipped. Returns the wrappers now holding `adapter_name`."""
-    touched: list[nn.Module] = []
+    touched = []
     for key, module in list(model.named_modules()):
         if ".modules_to_save." in f".{key}." or ".original_module" in f".{key}":
             continue

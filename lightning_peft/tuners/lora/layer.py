@@ -324,7 +324,8 @@ class Linear(nn.Module, LoraLayer):
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        delta = cast(torch.Tensor, self.lora_B[adapter_name].weight) @ cast(torch.Tensor, self.lora_A[adapter_name].weight)
+        weight_B = cast(torch.Tensor, self.lora_B[adapter_name].weight)
+        delta = weight_B @ cast(torch.Tensor, self.lora_A[adapter_name].weight)
         return transpose(delta, self.fan_in_fan_out) * self.scaling[adapter_name]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import TYPE_CHECKING, ClassVar, Optional, Union
 
 from ...config import PeftType, _coerce_enum
 from ..prompt_learning.config import PromptLearningConfig, _check_positive_int
@@ -41,3 +41,10 @@ class PromptEncoderConfig(PromptLearningConfig):
         if isinstance(self.encoder_dropout, bool) or not isinstance(self.encoder_dropout, (int, float)) \
                 or not 0.0 <= self.encoder_dropout < 1.0:
             raise ValueError(f"encoder_dropout must be a number in [0, 1), got {self.encoder_dropout!r}")
+
+
+if TYPE_CHECKING:
+    from ..prompt_learning.config import FilledPromptLearningConfig
+
+    class FilledPromptEncoderConfig(FilledPromptLearningConfig, PromptEncoderConfig):
+        """For the type checker: a PromptEncoderConfig after `fill_config_from_model` (every size set)."""

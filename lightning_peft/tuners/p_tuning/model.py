@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -11,6 +12,10 @@ from ..prompt_learning.encoder import PromptEncoderBase
 from ..prompt_learning.injection import PrependEmbeddings
 from ..prompt_learning.model import PromptLearningModel
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType
+
+if TYPE_CHECKING:
+    from ..prompt_learning.config import FilledPromptLearningConfig
+    from .config import FilledPromptEncoderConfig
 
 
 class PromptEncoder(PromptEncoderBase):
@@ -21,7 +26,7 @@ class PromptEncoder(PromptEncoderBase):
 
     _heads = ("mlp_head", "lstm_head")
 
-    def __init__(self, config: PromptEncoderConfig) -> None:
+    def __init__(self, config: FilledPromptEncoderConfig) -> None:
         super().__init__()
         self.token_dim = config.token_dim
         self.hidden_size = config.encoder_hidden_size or config.token_dim
@@ -57,5 +62,5 @@ class PTuningModel(PromptLearningModel):
     peft_type = PromptEncoderConfig.PEFT_TYPE
     injection = PrependEmbeddings()
 
-    def build_encoder(self, config: PromptEncoderConfig) -> nn.Module:
-        return PromptEncoder(config)
+    def build_encoder(self, config: FilledPromptLearningConfig) -> nn.Module:
+        return PromptEncoder(cast("FilledPromptEncoderConfig", config))  # add_adapter checked the config's type

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 from ...config import PeftType
 from ..prompt_learning.config import PromptLearningConfig, _check_positive_int
@@ -21,3 +21,10 @@ class PrefixTuningConfig(PromptLearningConfig):
         if not isinstance(self.prefix_projection, bool):
             raise TypeError(f"prefix_projection must be True or False, got {self.prefix_projection!r}")
         _check_positive_int("encoder_hidden_size", self.encoder_hidden_size, none_means="token_dim")
+
+
+if TYPE_CHECKING:
+    from ..prompt_learning.config import FilledPromptLearningConfig
+
+    class FilledPrefixTuningConfig(FilledPromptLearningConfig, PrefixTuningConfig):
+        """For the type checker: a PrefixTuningConfig after `fill_config_from_model` (every size set)."""

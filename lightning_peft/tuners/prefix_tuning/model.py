@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import nn
 
@@ -9,6 +11,10 @@ from ..prompt_learning.encoder import PromptEncoderBase
 from ..prompt_learning.injection import KeyValuePrefix
 from ..prompt_learning.model import PromptLearningModel
 from .config import PrefixTuningConfig
+
+if TYPE_CHECKING:
+    from ..prompt_learning.config import FilledPromptLearningConfig
+    from .config import FilledPrefixTuningConfig
 
 
 class PrefixEncoder(PromptEncoderBase):
@@ -20,7 +26,7 @@ class PrefixEncoder(PromptEncoderBase):
 
     _heads = ("transform",)
 
-    def __init__(self, config: PrefixTuningConfig) -> None:
+    def __init__(self, config: FilledPrefixTuningConfig) -> None:
         super().__init__()
         self.prefix_projection = config.prefix_projection
         width = config.num_layers * 2 * config.token_dim
@@ -43,5 +49,5 @@ class PrefixTuningModel(PromptLearningModel):
     peft_type = PrefixTuningConfig.PEFT_TYPE
     injection = KeyValuePrefix()
 
-    def build_encoder(self, config: PrefixTuningConfig) -> nn.Module:
-        return PrefixEncoder(config)
+    def build_encoder(self, config: FilledPromptLearningConfig) -> nn.Module:
+        return PrefixEncoder(cast("FilledPrefixTuningConfig", config))  # add_adapter checked the config's type

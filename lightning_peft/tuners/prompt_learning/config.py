@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 from ...config import PeftConfig, TaskType
 
@@ -39,6 +39,16 @@ class PromptLearningConfig(PeftConfig):
         return True
 
 
+if TYPE_CHECKING:
+    class FilledPromptLearningConfig(PromptLearningConfig):
+        """For the type checker: a config after `fill_config_from_model`, every size set."""
+
+        num_virtual_tokens: int
+        token_dim: int
+        num_transformer_submodules: int
+        num_attention_heads: int
+        num_layers: int
+
 def _text_config(model: Any) -> Any:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
@@ -54,7 +64,7 @@ def first_int(config: Any, names: tuple[str, ...]) -> Optional[int]:
     return None
 
 
-def fill_config_from_model(config: PromptLearningConfig, model: Any, injection: Any) -> PromptLearningConfig:
+def fill_config_from_model(config: PromptLearningConfig, model: Any, injection: Any) -> FilledPromptLearningConfig:
     """Fill the `None` sizes from the model's config (HF PEFT's rules), or say which field to set; the injection
     (`injection.py`) then fits them to how its virtual tokens enter the model."""
 
@@ -82,4 +92,4 @@ def fill_config_from_model(config: PromptLearningConfig, model: Any, injection: 
         injection.fit_to_model(config, model_config)
     if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
-    return config
+    return cast("FilledPromptLearningConfig", config)  # every size is set (or a ValueError was raised)

@@ -8,13 +8,16 @@ CAUSAL, SEQ2SEQ, ENCODER (see `PromptLearningModel.task_kind`).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
 from .cache import build_prefix_cache, prefix_cache_passed
-from .config import PromptLearningConfig, first_int
+from .config import first_int
+
+if TYPE_CHECKING:
+    from .config import FilledPromptLearningConfig
 
 CAUSAL, SEQ2SEQ, ENCODER = "causal", "seq2seq", "encoder"
 
@@ -49,7 +52,7 @@ def _drop_token_type_ids(kwargs: dict) -> None:
 class PrependEmbeddings:
     """Prompt tuning / P-tuning: the encoder's rows go in front of the input embeddings (and masks, labels)."""
 
-    def check_config(self, tuner: Any, config: PromptLearningConfig) -> None:
+    def check_config(self, tuner: Any, config: FilledPromptLearningConfig) -> None:
         words = tuner.word_embeddings
         if words is None:
             raise ValueError(f"{type(config).__name__} prepends embeddings to the input, but no input embedding layer "
@@ -59,17 +62,17 @@ class PrependEmbeddings:
             raise ValueError(f"{type(config).__name__}.token_dim={config.token_dim} but the model's input embeddings "
                              f"are {width} wide; the virtual tokens must have the same width (leave token_dim=None)")
 
-    def fit_to_model(self, config: PromptLearningConfig, model_config: Any) -> None:
+    def fit_to_model(self, config: FilledPromptLearningConfig, model_config: Any) -> None:
         """Sizes filled from the model's config fit prepended embeddings as they are."""
 
     def check_ready(self, tuner: Any) -> None:
         """Checks that can only be made at run time (nothing for prepended embeddings)."""
 
-    def saved_shape(self, config: PromptLearningConfig) -> tuple[int, int]:
+    def saved_shape(self, config: FilledPromptLearningConfig) -> tuple[int, int]:
         """Shape of `prompt_embeddings` in HF PEFT's file: one row per virtual token of every sub-module."""
         return config.num_virtual_tokens * config.num_transformer_submodules, config.token_dim
 
-    def prompt(self, tuner: Any, config: PromptLearningConfig, encoder: nn.Module, tokens: torch.Tensor,
+    def prompt(self, tuner: Any, config: FilledPromptLearningConfig, encoder: nn.Module, tokens: torch.Tensor,
                batch_size: int) -> torch.Tensor:
         return encoder(tokens.unsqueeze(0)).expand(batch_size, -1, -1)
 
@@ -87,7 +90,7 @@ class PrependEmbeddings:
                           "virtual tokens and the input together)")
             kwargs["position_ids"] = None
 
-    def causal_forward(self, tuner: Any, config: PromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
+    def causal_forward(self, tuner: Any, config: FilledPromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
                        attention_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
                        labels: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
         vt = config.num_virtual_tokens
@@ -100,7 +103,7 @@ class PrependEmbeddings:
         return tuner.model(inputs_embeds=self._prompts_and_embeds(tuner, input_ids, inputs_embeds),
                            attention_mask=attention_mask, labels=labels, **kwargs)
 
-    def seq2seq_forward(self, tuner: Any, config: PromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
+    def seq2seq_forward(self, tuner: Any, config: FilledPromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
                         attention_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
                         **kwargs: Any) -> Any:
         # the first num_virtual_tokens rows go in front of the encoder input; the decoder is untouched
@@ -112,7 +115,7 @@ class PrependEmbeddings:
         return tuner.model(inputs_embeds=self._prompts_and_embeds(tuner, input_ids, inputs_embeds, rows=vt),
                            attention_mask=attention_mask, **kwargs)
 
-    def encoder_forward(self, tuner: Any, config: PromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
+    def encoder_forward(self, tuner: Any, config: FilledPromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
                         attention_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
                         **kwargs: Any) -> Any:
         vt = config.num_virtual_tokens
@@ -124,7 +127,7 @@ class PrependEmbeddings:
         return tuner.model(inputs_embeds=self._prompts_and_embeds(tuner, input_ids, inputs_embeds),
                            attention_mask=attention_mask, **kwargs)
 
-    def generate(self, tuner: Any, config: PromptLearningConfig, kind: str, kwargs: dict) -> Any:
+    def generate(self, tuner: Any, config: FilledPromptLearningConfig, kind: str, kwargs: dict) -> Any:
         if kind != SEQ2SEQ:
             return tuner.generate_with_step_hook(self.causal_step, kwargs)
         # seq2seq: the prompt goes in front of the encoder input once; decoding is untouched
@@ -137,7 +140,7 @@ class PrependEmbeddings:
             kwargs["attention_mask"] = prepend(kwargs["attention_mask"], config.num_virtual_tokens)
         return tuner.model.generate(**kwargs)
 
-    def causal_step(self, tuner: Any, config: PromptLearningConfig, inputs: dict, cache_name: str,
+    def causal_step(self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict, cache_name: str,
                     prefill: bool) -> None:
         # the model numbers virtual + real tokens itself from the cache length
         inputs.pop("position_ids", None)
@@ -150,7 +153,7 @@ class PrependEmbeddings:
 class KeyValuePrefix:
     """Prefix tuning: learned keys and values in front of every attention layer's own, passed as a cache."""
 
-    def fit_to_model(self, config: PromptLearningConfig, model_config: Any) -> None:
+    def fit_to_model(self, config: FilledPromptLearningConfig, model_config: Any) -> None:
         kv_heads = first_int(model_config, ("num_key_value_heads",))
         if kv_heads is not None:
             # grouped-query attention: the cache holds num_key_value_heads heads of head_dim each
@@ -158,7 +161,7 @@ class KeyValuePrefix:
             config.token_dim = head_dim * kv_heads
             config.num_attention_heads = kv_heads
 
-    def check_config(self, tuner: Any, config: PromptLearningConfig) -> None:
+    def check_config(self, tuner: Any, config: FilledPromptLearningConfig) -> None:
         self.check_ready(tuner)
         if config.token_dim % config.num_attention_heads:
             raise ValueError(f"PrefixTuningConfig: token_dim={config.token_dim} is not a multiple of "
@@ -173,11 +176,11 @@ class KeyValuePrefix:
         if gradient_checkpointing_on(tuner.model):
             raise ValueError(GRADIENT_CHECKPOINTING_ERROR)
 
-    def saved_shape(self, config: PromptLearningConfig) -> tuple[int, int]:
+    def saved_shape(self, config: FilledPromptLearningConfig) -> tuple[int, int]:
         """Shape of `prompt_embeddings` in HF PEFT's file: every layer's keys and values per virtual token."""
         return config.num_virtual_tokens, config.num_layers * 2 * config.token_dim
 
-    def prompt(self, tuner: Any, config: PromptLearningConfig, encoder: nn.Module, tokens: torch.Tensor,
+    def prompt(self, tuner: Any, config: FilledPromptLearningConfig, encoder: nn.Module, tokens: torch.Tensor,
                batch_size: int) -> Any:
         flat = encoder(tokens[: config.num_virtual_tokens].unsqueeze(0)).repeat(batch_size, 1, 1)
         dtype = getattr(tuner.model, "dtype", None)
@@ -186,11 +189,11 @@ class KeyValuePrefix:
         return build_prefix_cache(config, flat, tuner.task_kind() == SEQ2SEQ)
 
     @staticmethod
-    def _shift_position_ids(config: PromptLearningConfig, kwargs: dict) -> None:
+    def _shift_position_ids(config: FilledPromptLearningConfig, kwargs: dict) -> None:
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + config.num_virtual_tokens
 
-    def causal_forward(self, tuner: Any, config: PromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
+    def causal_forward(self, tuner: Any, config: FilledPromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
                        attention_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
                        **kwargs: Any) -> Any:
         if attention_mask is not None:
@@ -200,7 +203,7 @@ class KeyValuePrefix:
         kwargs[tuner.cache_kwarg()] = tuner.get_prompt(batch_size_of(input_ids, inputs_embeds))
         return tuner.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
-    def seq2seq_forward(self, tuner: Any, config: PromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
+    def seq2seq_forward(self, tuner: Any, config: FilledPromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
                         inputs_embeds: Optional[torch.Tensor] = None,
                         decoder_attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
         # the prefix sits in the decoder's self-attention cache; the encoder is untouched
@@ -212,7 +215,7 @@ class KeyValuePrefix:
         return tuner.model(input_ids=input_ids, inputs_embeds=inputs_embeds,
                            decoder_attention_mask=decoder_attention_mask, **kwargs)
 
-    def encoder_forward(self, tuner: Any, config: PromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
+    def encoder_forward(self, tuner: Any, config: FilledPromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
                         attention_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
                         **kwargs: Any) -> Any:
         if attention_mask is not None:
@@ -223,18 +226,18 @@ class KeyValuePrefix:
             return tuner.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                **extra, **kwargs)
 
-    def generate(self, tuner: Any, config: PromptLearningConfig, kind: str, kwargs: dict) -> Any:
+    def generate(self, tuner: Any, config: FilledPromptLearningConfig, kind: str, kwargs: dict) -> Any:
         self.check_ready(tuner)
         return tuner.generate_with_step_hook(self.seq2seq_step if kind == SEQ2SEQ else self.causal_step, kwargs)
 
-    def causal_step(self, tuner: Any, config: PromptLearningConfig, inputs: dict, cache_name: str,
+    def causal_step(self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict, cache_name: str,
                     prefill: bool) -> None:
         self._shift_position_ids(config, inputs)
         if prefill:
             batch = batch_size_of(inputs.get("input_ids"), inputs.get("inputs_embeds"))
             inputs[cache_name] = tuner.get_prompt(batch)
 
-    def seq2seq_step(self, tuner: Any, config: PromptLearningConfig, inputs: dict, cache_name: str,
+    def seq2seq_step(self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict, cache_name: str,
                      prefill: bool) -> None:
         if inputs.get("decoder_attention_mask") is not None:
             inputs["decoder_attention_mask"] = prepend(inputs["decoder_attention_mask"], config.num_virtual_tokens)

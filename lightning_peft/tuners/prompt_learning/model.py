@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -22,7 +22,11 @@ from ..base import (SAVED_KEY_PREFIX, ModulesToSaveWrapper, TunerAttributes, che
                     get_submodule_parent, wrap_modules_to_save)
 from .cache import cache_route
 from .config import PromptLearningConfig, fill_config_from_model
+from .encoder import PromptEncoderBase
 from .injection import CAUSAL, ENCODER, SEQ2SEQ, KeyValuePrefix, PrependEmbeddings
+
+if TYPE_CHECKING:
+    from .config import FilledPromptLearningConfig
 
 PROMPT_KEY = "prompt_embeddings"  # HF PEFT's name for the saved encoder output
 
@@ -64,7 +68,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
     def __init__(self, model: nn.Module, config: PromptLearningConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.model = model
-        self.peft_config: dict[str, PromptLearningConfig] = {}
+        self.peft_config: dict[str, FilledPromptLearningConfig] = {}
         self.active_adapter = adapter_name
         self.prompt_encoder = nn.ModuleDict()
         self.prompt_tokens: dict[str, torch.Tensor] = {}
@@ -81,7 +85,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         return {"base_model": self.model, "prompt_encoder": self.prompt_encoder}
 
     # ---- what each tuner provides -----------------------------------------------------------
-    def build_encoder(self, config: PromptLearningConfig) -> nn.Module:
+    def build_encoder(self, config: FilledPromptLearningConfig) -> nn.Module:
         raise NotImplementedError
 
     # ---- lookups ----------------------------------------------------------------------------
@@ -211,7 +215,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
     # ---- the virtual tokens -----------------------------------------------------------------
     def get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> Any:
         """Prompt tuning / P-tuning: (batch, tokens, token_dim) embeddings. Prefix tuning: a cache object."""
-        encoder = self.prompt_encoder[self.active_adapter]
+        encoder = cast(PromptEncoderBase, self.prompt_encoder[self.active_adapter])
         device = encoder.embedding.weight.device
         tokens = self.prompt_tokens[self.active_adapter]
         if tokens.device != device:  # moved once (and again only if the encoder moves), not on every call
@@ -233,7 +237,8 @@ class PromptLearningModel(TunerAttributes, nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = keyword_inputs(args, kwargs, "generate()")
         if self._disabled or not self.peft_config:
-            return self.model.generate(**kwargs)
+            model: Any = self.model  # a transformers model that generates
+            return model.generate(**kwargs)
         config = self.peft_config[self.active_adapter]
         kind = self.task_kind()
         if kind == ENCODER:
@@ -244,7 +249,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
     def generate_with_step_hook(self, step: Callable[..., None], kwargs: dict) -> Any:
         """`model.generate(**kwargs)` with `step(tuner, config, inputs, cache_name, prefill)` applied to the inputs
         of every decoding step (the model's `prepare_inputs_for_generation`, replaced for this call only)."""
-        model = self.model
+        model: Any = self.model  # a transformers model (generate, prepare_inputs_for_generation)
         had_own = "prepare_inputs_for_generation" in model.__dict__
         original = model.prepare_inputs_for_generation
         model.prepare_inputs_for_generation = functools.partial(self._prepare_step, original, step)
@@ -278,7 +283,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
     # ---- the adapter's tensors in HF PEFT's format ------------------------------------------
     def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
         """The encoder's output for the virtual tokens (what HF PEFT saves as `prompt_embeddings`)."""
-        return self.prompt_encoder[adapter_name].output_rows().detach().cpu()
+        return cast(PromptEncoderBase, self.prompt_encoder[adapter_name]).output_rows().detach().cpu()
 
     def _modules_to_save_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """`base_model.<module>.<param>` for the adapter's trainable copies (e.g. the classifier head)."""
@@ -298,10 +303,10 @@ class PromptLearningModel(TunerAttributes, nn.Module):
     def load_peft_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
         """Load `prompt_embeddings` (+ modules_to_save weights); everything is checked before anything is written."""
         extra = self._modules_to_save_tensors(adapter_name)
-        expected = {PROMPT_KEY: self.injection.saved_shape(self.peft_config[adapter_name])}
+        expected: dict[str, tuple[int, ...]] = {PROMPT_KEY: self.injection.saved_shape(self.peft_config[adapter_name])}
         expected.update({k: tuple(v.shape) for k, v in extra.items()})
         check_tensors_fit(expected, tensors, adapter_name)
-        self.prompt_encoder[adapter_name].load_output_rows(tensors[PROMPT_KEY])
+        cast(PromptEncoderBase, self.prompt_encoder[adapter_name]).load_output_rows(tensors[PROMPT_KEY])
         with torch.no_grad():
             for key, value in extra.items():
                 value.copy_(tensors[key].to(device=value.device, dtype=value.dtype))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import TYPE_CHECKING, ClassVar, Optional, Union
 
 from ...config import PeftType, _coerce_enum
 from ..prompt_learning.config import PromptLearningConfig
@@ -43,3 +43,12 @@ class PromptTuningConfig(PromptLearningConfig):
                                  f"start the virtual tokens; got {self.prompt_tuning_init_text!r}")
         if self.tokenizer_kwargs and self.prompt_tuning_init != PromptTuningInit.TEXT:
             raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'")
+
+
+if TYPE_CHECKING:
+    from ..prompt_learning.config import FilledPromptLearningConfig
+
+    class FilledPromptTuningConfig(FilledPromptLearningConfig, PromptTuningConfig):
+        """For the type checker: a PromptTuningConfig after `__post_init__` and `fill_config_from_model`."""
+
+        prompt_tuning_init: PromptTuningInit

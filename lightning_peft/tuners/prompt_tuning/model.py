@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import torch
 from torch import nn
@@ -12,6 +12,10 @@ from ..prompt_learning.encoder import PromptEncoderBase
 from ..prompt_learning.injection import PrependEmbeddings
 from ..prompt_learning.model import PromptLearningModel
 from .config import PromptTuningConfig, PromptTuningInit
+
+if TYPE_CHECKING:
+    from ..prompt_learning.config import FilledPromptLearningConfig
+    from .config import FilledPromptTuningConfig
 
 
 def _text_init_ids(config: PromptTuningConfig, total: int) -> list[int]:
@@ -34,7 +38,7 @@ def _text_init_ids(config: PromptTuningConfig, total: int) -> list[int]:
 class PromptEmbedding(PromptEncoderBase):
     """(batch, total_virtual_tokens) ids -> (batch, total_virtual_tokens, token_dim) embeddings."""
 
-    def __init__(self, config: PromptTuningConfig, word_embeddings: Optional[nn.Module]) -> None:
+    def __init__(self, config: FilledPromptTuningConfig, word_embeddings: Optional[nn.Module]) -> None:
         super().__init__()
         total = config.num_virtual_tokens * (config.num_transformer_submodules or 1)
         self.embedding = nn.Embedding(total, config.token_dim)
@@ -42,7 +46,7 @@ class PromptEmbedding(PromptEncoderBase):
             return
         if word_embeddings is None:
             raise ValueError(f"prompt_tuning_init={config.prompt_tuning_init.value} needs the model's word embeddings")
-        weight = word_embeddings.weight
+        weight = cast(torch.Tensor, word_embeddings.weight)
         if config.prompt_tuning_init == PromptTuningInit.SAMPLE_VOCAB:
             ids = torch.randint(0, weight.shape[0], (total,), device=weight.device)
         else:
@@ -57,5 +61,5 @@ class PromptTuningModel(PromptLearningModel):
     peft_type = PromptTuningConfig.PEFT_TYPE
     injection = PrependEmbeddings()
 
-    def build_encoder(self, config: PromptTuningConfig) -> nn.Module:
-        return PromptEmbedding(config, self.word_embeddings)
+    def build_encoder(self, config: FilledPromptLearningConfig) -> nn.Module:
+        return PromptEmbedding(cast("FilledPromptTuningConfig", config), self.word_embeddings)  # add_adapter checked
