@@ -52,6 +52,7 @@ def test_fresh_ia3_model_equals_base(case):
     assert any(isinstance(m, IA3Layer) for m in model.modules())
 
 
+@pytest.mark.parity("IA3")
 @pytest.mark.parametrize("case", list(CASES))
 def test_our_files_load_in_peft_with_equal_logits_and_merge(case, tmp_path):
     factory, inputs, kwargs = CASES[case]

@@ -34,6 +34,7 @@ CASES = {
 }
 
 
+@pytest.mark.parity("LORA")
 @pytest.mark.parametrize("case", list(CASES))
 def test_our_files_load_in_peft_with_equal_logits(case, tmp_path):
     factory, inputs, kwargs = CASES[case]

@@ -430,7 +430,8 @@ def _call_text(text: str, start: int) -> str:
 
 
 def test_no_unsafe_loading_in_the_package():
-    """Every torch.load in the package and the recipes is weights-only; nothing enables remote code or unpickles."""
+    """Every torch.load in the package and the recipes is weights-only and nothing enables remote code (ruff has no
+    rule for either; pickle and exec are ruff's S301 / S403 / S102 in CI)."""
     offenders = []
     for folder in ("lightning_peft",):  # the recipes and the app's configs are package data in there
         assert (REPO / folder).is_dir(), folder
@@ -446,7 +447,5 @@ def test_no_unsafe_loading_in_the_package():
             for number, line in enumerate(text.splitlines(), 1):
                 code = line.split("#", 1)[0]
                 if "trust_remote_code" in code and ("True" in code or "true" in code):
-                    offenders.append(f"{where}:{number}: {line.strip()}")
-                if "import pickle" in code or "pickle.load" in code or "dill" in code:
                     offenders.append(f"{where}:{number}: {line.strip()}")
     assert offenders == []
