@@ -23,7 +23,8 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 
-def bow_accuracy(path: str = os.path.join(DATA_DIR, "reviews.csv"), steps: int = 500, seed: int = 0) -> dict[str, float]:
+def bow_accuracy(path: str = os.path.join(DATA_DIR, "reviews.csv"), steps: int = 500,
+                 seed: int = 0) -> dict[str, float]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     train = [r for r in rows if r["split"] == "train"]

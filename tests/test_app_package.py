@@ -108,7 +108,8 @@ def test_wheel_runs_the_default_job_from_an_empty_folder(tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], timeout=120)
     python = venv / "bin" / "python"
-    purelib = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    purelib = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+                   .stdout.strip())
     ours = [p for p in {*site.getsitepackages(), sysconfig.get_paths()["purelib"]} if os.path.isdir(p)]
     (purelib / "_dev_dependencies.pth").write_text("\n".join(sorted(ours)) + "\n")
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
@@ -133,7 +134,8 @@ def test_wheel_runs_the_default_job_from_an_empty_folder(tmp_path):
     run = work / "run"
     m = json.loads((run / "metrics.json").read_text())
     assert m["model"] == "minilm" and m["tuner"] == "lora" and m["global_step"] == 2
-    assert (run / "adapter" / "adapter_config.json").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "merged" / "config.json").is_file()
     # Hydra read the configs from the installed package
     hydra_yaml = (run / ".hydra" / "hydra.yaml").read_text()

@@ -127,7 +127,8 @@ def tuner_config(cfg: DictConfig) -> Any:
     from hydra.utils import instantiate
 
     node = OmegaConf.to_container(cfg.tuner, resolve=True)
-    assert isinstance(node, dict)
+    if not isinstance(node, dict):
+        raise TypeError(f"tuner: expected a config node with _target_, got {node!r}")
     node.pop("optim", None)
     return instantiate(node, _convert_="all")
 

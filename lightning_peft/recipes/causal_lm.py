@@ -22,7 +22,8 @@ class CausalLMDataModule(TextDataModule):
         texts = [r[self.hparams.text_column] for r in rows]
         enc = self.tokenizer(texts, truncation=True, max_length=self.hparams.max_length,
                              return_token_type_ids=False)
-        return [{"input_ids": ids, "attention_mask": mask} for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+        return [{"input_ids": ids, "attention_mask": mask}
+                for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = dict(self.pad(examples))
