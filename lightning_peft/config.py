@@ -18,7 +18,14 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-class PeftType(str, enum.Enum):
+class StrEnum(str, enum.Enum):
+    """An enum of strings that prints as its value (HF PEFT's enums compare and print as plain strings)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PeftType(StrEnum):
     """HF PEFT 0.21's tuner names (so configs and code naming any of them read); `tuners.registry` says which
     lightning_peft implements."""
 
@@ -68,20 +75,14 @@ class PeftType(str, enum.Enum):
     SUPERTUNING = "SUPERTUNING"
     DEFT = "DEFT"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class TaskType(str, enum.Enum):
+class TaskType(StrEnum):
     CAUSAL_LM = "CAUSAL_LM"
     SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
     SEQ_CLS = "SEQ_CLS"
     TOKEN_CLS = "TOKEN_CLS"
     QUESTION_ANS = "QUESTION_ANS"
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def _coerce_enum(enum_cls: type[enum.Enum], value: Any, field_name: str) -> Any:

@@ -205,6 +205,10 @@ class BaseTunerLayer:
     def active_adapter(self) -> list[str]:
         return self._active_adapters
 
+    def active_adapters_in(self, holder: Any) -> list[str]:
+        """The active adapters that have an entry in `holder` (e.g. `lora_A`), in order."""
+        return [name for name in self.active_adapters if name in holder]
+
     @property
     def disable_adapters(self) -> bool:
         return self._disable_adapters

@@ -176,6 +176,15 @@ class LoraLayer(BaseTunerLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
+    def lora_repr(self) -> str:
+        return "lora." + nn.Module.__repr__(self)  # type: ignore[arg-type]  # mixed into nn.Module subclasses
+
+    def _add_first_adapter(self, adapter_name: str, fan_in_fan_out: bool, r: int, lora_alpha: float,
+                           lora_dropout: float, init_lora_weights: bool | str) -> None:
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapters = [adapter_name]
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
+
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights: bool | str) -> None:
         if r <= 0:
@@ -274,9 +283,7 @@ class LoraLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
+        for name in self.active_adapters_in(self.lora_A):
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             dropout = self.lora_dropout[name]
             weight_A = cast(torch.Tensor, lora_A.weight)
@@ -318,10 +325,8 @@ class Linear(nn.Module, LoraLayer):
         if hasattr(base_layer, "in_features") and not fan_in_fan_out:
             in_features, out_features = cast(int, base_layer.in_features), cast(int, base_layer.out_features)
         self._init_lora_layer(base_layer, in_features, out_features)
-        self.fan_in_fan_out = fan_in_fan_out
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
-        self._active_adapters = [adapter_name]
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
+        self._add_first_adapter(adapter_name, fan_in_fan_out, r, lora_alpha, lora_dropout, init_lora_weights)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         weight_B = cast(torch.Tensor, self.lora_B[adapter_name].weight)
@@ -378,8 +383,7 @@ class Linear(nn.Module, LoraLayer):
                 return _lora_linear_no_grad(x, weight, bias, weight_A, weight_B, scaling, self.fan_in_fan_out)
             return _lora_linear(x, weight, bias, weight_A, weight_B, scaling, p, self.fan_in_fan_out)[0]
 
-    def __repr__(self) -> str:
-        return "lora." + super().__repr__()
+    __repr__ = LoraLayer.lora_repr
 
 
 class Embedding(nn.Module, LoraLayer):
@@ -389,9 +393,7 @@ class Embedding(nn.Module, LoraLayer):
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, **kwargs: Any) -> None:
         super().__init__()
         self._init_lora_layer(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
-        self.fan_in_fan_out = False
-        self._active_adapters = [adapter_name]
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
+        self._add_first_adapter(adapter_name, False, r, lora_alpha, lora_dropout, init_lora_weights)
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
@@ -411,15 +413,12 @@ class Embedding(nn.Module, LoraLayer):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
-        for name in self.active_adapters:
-            if name not in self.lora_embedding_A:
-                continue
+        for name in self.active_adapters_in(self.lora_embedding_A):
             after_A = self._embed(x, self.lora_embedding_A[name].T)
             result = result + (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
         return result.to(result_dtype)
 
-    def __repr__(self) -> str:
-        return "lora." + super().__repr__()
+    __repr__ = LoraLayer.lora_repr
 
 
 class Conv2d(nn.Module, LoraLayer):
@@ -431,9 +430,7 @@ class Conv2d(nn.Module, LoraLayer):
         if base_layer.groups != 1:
             raise ValueError(f"LoRA supports Conv2d with groups=1 only, got groups={base_layer.groups}")
         self._init_lora_layer(base_layer, base_layer.in_channels, base_layer.out_channels)
-        self.fan_in_fan_out = False
-        self._active_adapters = [adapter_name]
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
+        self._add_first_adapter(adapter_name, False, r, lora_alpha, lora_dropout, init_lora_weights)
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         base = cast(nn.Conv2d, self.get_base_layer())
@@ -455,6 +452,5 @@ class Conv2d(nn.Module, LoraLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._forward_with_adapter_modules(x, *args, **kwargs)
 
-    def __repr__(self) -> str:
-        return "lora." + super().__repr__()
+    __repr__ = LoraLayer.lora_repr
 

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional, Union
 
-from ...config import PeftType, _coerce_enum
+from ...config import PeftType, StrEnum, _coerce_enum
 from ..prompt_learning.config import PromptLearningConfig, _check_positive_int
 
 
-class PromptEncoderReparameterizationType(str, enum.Enum):
+class PromptEncoderReparameterizationType(StrEnum):
     MLP = "MLP"
     LSTM = "LSTM"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass

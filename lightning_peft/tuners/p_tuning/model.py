@@ -24,7 +24,7 @@ class PromptEncoder(PromptEncoderBase):
     Built for inference (`inference_mode=True`) it is the bare embedding, which then holds the saved output.
     """
 
-    _heads = ("mlp_head", "lstm_head")
+    _heads = ("lstm_head", "mlp_head")
 
     def __init__(self, config: FilledPromptEncoderConfig) -> None:
         super().__init__()
@@ -47,14 +47,6 @@ class PromptEncoder(PromptEncoderBase):
                               f"3 Linear layers (got encoder_num_layers={config.encoder_num_layers})")
             self.mlp_head = nn.Sequential(nn.Linear(self.token_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
                                           nn.ReLU(), nn.Linear(hidden, self.token_dim))
-
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        embeds = self.embedding(indices)
-        if hasattr(self, "lstm_head"):
-            embeds = self.lstm_head(embeds)[0]
-        if hasattr(self, "mlp_head"):
-            embeds = self.mlp_head(embeds)
-        return embeds
 
 
 

@@ -37,12 +37,6 @@ class PrefixEncoder(PromptEncoderBase):
         else:
             self.embedding = nn.Embedding(config.num_virtual_tokens, width)
 
-    def forward(self, prefix: torch.Tensor) -> torch.Tensor:
-        out = self.embedding(prefix)
-        if hasattr(self, "transform"):
-            out = self.transform(out)
-        return out
-
 
 
 class PrefixTuningModel(PromptLearningModel):

@@ -9,7 +9,8 @@ from torch import nn
 
 
 class PromptEncoderBase(nn.Module):
-    """An `embedding` over virtual-token ids, optionally reparameterised by extra layers (`_heads`).
+    """An `embedding` over virtual-token ids, optionally reparameterised by extra layers (`_heads`, applied in
+    that order).
 
     HF PEFT saves only the encoder's output for the virtual tokens, so a loaded adapter is "direct":
     its embedding holds the output and no reparameterisation runs.
@@ -51,4 +52,12 @@ class PromptEncoderBase(nn.Module):
             self.embedding.weight.copy_(rows.to(self.embedding.weight.dtype))
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.embedding(indices)
+        """The embedding, then each reparameterisation layer present, in `_heads` order."""
+        out = self.embedding(indices)
+        for name in self._heads:
+            head = getattr(self, name, None)
+            if head is not None:
+                out = head(out)
+                if isinstance(out, tuple):  # an LSTM returns (output, state)
+                    out = out[0]
+        return out

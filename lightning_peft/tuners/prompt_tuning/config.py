@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional, Union
 
-from ...config import PeftType, _coerce_enum
+from ...config import PeftType, StrEnum, _coerce_enum
 from ..prompt_learning.config import PromptLearningConfig
 
 
-class PromptTuningInit(str, enum.Enum):
+class PromptTuningInit(StrEnum):
     TEXT = "TEXT"
     SAMPLE_VOCAB = "SAMPLE_VOCAB"
     RANDOM = "RANDOM"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass
