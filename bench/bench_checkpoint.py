@@ -17,9 +17,8 @@ import os
 import tempfile
 
 import torch
-from torch.utils.data import DataLoader
-
 from common import BATCH, MODELS, _quiet, build_case, have_peft, lora_kwargs, make_optimizer
+from torch.utils.data import DataLoader
 
 KIB = 1024
 
@@ -29,24 +28,27 @@ def adapter_bytes(model: torch.nn.Module) -> int:
 
 
 def folder_bytes(path: str) -> int:
-    return sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-               if os.path.isfile(f))
+    return sum(
+        os.path.getsize(f) for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(f)
+    )
 
 
 def saved(kind: str, arch: str) -> dict:
     model = build_case(kind, arch)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        return {"params": adapter_bytes(model),
-                "safetensors": os.path.getsize(os.path.join(tmp, "adapter_model.safetensors")),
-                "folder": folder_bytes(tmp)}
+        return {
+            "params": adapter_bytes(model),
+            "safetensors": os.path.getsize(os.path.join(tmp, "adapter_model.safetensors")),
+            "folder": folder_bytes(tmp),
+        }
 
 
 def lightning_checkpoints(arch: str) -> dict:
     import lightning.pytorch as pl
+    from bench_trainer import dataset
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from bench_trainer import dataset
     from lightning_peft import LoraConfig
     from lightning_peft.lightning import PEFTCallback
 
@@ -65,12 +67,20 @@ def lightning_checkpoints(arch: str) -> dict:
     for name, weights_only in (("weights", True), ("full", False)):
         with tempfile.TemporaryDirectory() as tmp, _quiet():
             module = LM()
-            checkpoint = ModelCheckpoint(dirpath=os.path.join(tmp, "ckpt"), save_weights_only=weights_only,
-                                         every_n_train_steps=1)
+            checkpoint = ModelCheckpoint(
+                dirpath=os.path.join(tmp, "ckpt"), save_weights_only=weights_only, every_n_train_steps=1
+            )
             config = LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(arch, 0.0))
-            trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                                 enable_model_summary=False, default_root_dir=tmp,
-                                 callbacks=[PEFTCallback(config, merge_on_train_end=False, export_dir=tmp), checkpoint])
+            trainer = pl.Trainer(
+                max_steps=1,
+                accelerator="cpu",
+                devices=1,
+                logger=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                default_root_dir=tmp,
+                callbacks=[PEFTCallback(config, merge_on_train_end=False, export_dir=tmp), checkpoint],
+            )
             trainer.fit(module, DataLoader(dataset(1), batch_size=BATCH))
             out["params"] = adapter_bytes(module)
             (path,) = glob.glob(os.path.join(tmp, "ckpt", "*.ckpt"))
@@ -90,9 +100,16 @@ def rows(arch: str, r: dict) -> list[dict]:
     out = []
 
     def add(metric: str, size: int, params: int, target: bool, detail: str = "") -> None:
-        out.append(dict(section="checkpoint", metric=f"{arch} {metric} bytes / adapter bytes", value=size / params,
-                        unit="x", target=(1.01 + 64 * KIB / params) if target else None,
-                        detail=f"{size:,d} B for {params:,d} B of adapter parameters; {detail}".rstrip("; ")))
+        out.append(
+            dict(
+                section="checkpoint",
+                metric=f"{arch} {metric} bytes / adapter bytes",
+                value=size / params,
+                unit="x",
+                target=(1.01 + 64 * KIB / params) if target else None,
+                detail=f"{size:,d} B for {params:,d} B of adapter parameters; {detail}".rstrip("; "),
+            )
+        )
 
     add("save_pretrained adapter_model.safetensors (ours)", r["ours"]["safetensors"], r["ours"]["params"], True)
     add("save_pretrained folder (ours)", r["ours"]["folder"], r["ours"]["params"], True, "with adapter_config.json")
@@ -100,8 +117,13 @@ def rows(arch: str, r: dict) -> list[dict]:
         add("save_pretrained adapter_model.safetensors (peft)", r["peft"]["safetensors"], r["peft"]["params"], False)
     lt = r["lightning"]
     add("Lightning weights-only .ckpt (PEFTCallback)", lt["weights"], lt["params"], True)
-    add("Lightning full .ckpt (PEFTCallback)", lt["full"], lt["params"], False,
-        "holds AdamW's exp_avg and exp_avg_sq too (resume state)")
+    add(
+        "Lightning full .ckpt (PEFTCallback)",
+        lt["full"],
+        lt["params"],
+        False,
+        "holds AdamW's exp_avg and exp_avg_sq too (resume state)",
+    )
     return out
 
 

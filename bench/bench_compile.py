@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import _quiet, batch, build_case, have_peft
 
 
@@ -36,8 +35,10 @@ def run(archs: list[str], log=print) -> dict:
             for labels in (False, True):
                 name = f"{arch} {kind}" + (" with labels" if labels else "")
                 results[name] = explain(kind, arch, labels)
-                log(f"[compile] {name}: graphs {results[name][0]}, breaks {results[name][1]}, "
-                    f"in lightning_peft {results[name][2]}")
+                log(
+                    f"[compile] {name}: graphs {results[name][0]}, breaks {results[name][1]}, "
+                    f"in lightning_peft {results[name][2]}"
+                )
     return results
 
 
@@ -45,11 +46,19 @@ def rows(results: dict) -> list[dict]:
     out = []
     for name, (graphs, breaks, ours) in results.items():
         is_ours = " ours" in name
-        out.append(dict(section="compile", metric=f"{name}: graph breaks (dynamo.explain)", value=breaks, unit="",
-                        detail=f"{graphs} graph(s); breaks in lightning_peft code: {ours}"))
+        out.append(
+            dict(
+                section="compile",
+                metric=f"{name}: graph breaks (dynamo.explain)",
+                value=breaks,
+                unit="",
+                detail=f"{graphs} graph(s); breaks in lightning_peft code: {ours}",
+            )
+        )
         if is_ours:
-            out.append(dict(section="compile", metric=f"{name}: graph breaks in our layers", value=ours, unit="",
-                            target=0))
+            out.append(
+                dict(section="compile", metric=f"{name}: graph breaks in our layers", value=ours, unit="", target=0)
+            )
     return out
 
 

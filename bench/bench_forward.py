@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-
-from common import ForwardCase, Timings, batch, build_case, libraries, interleave
+from common import ForwardCase, Timings, batch, build_case, interleave, libraries
 
 
 def _nonzero_adapters(model: torch.nn.Module) -> torch.nn.Module:
@@ -40,17 +39,39 @@ def run(arch: str, rounds: int, steps: int = 3, log=print) -> Timings:
 
 
 def rows(arch: str, t: Timings) -> list[dict]:
-    out = [dict(section="forward", metric=f"{arch} forward time, {name}", value=t.median(name), unit="s",
-                detail=f"spread {t.spread(name):.0%}") for name in t.samples]
+    out = [
+        dict(
+            section="forward",
+            metric=f"{arch} forward time, {name}",
+            value=t.median(name),
+            unit="s",
+            detail=f"spread {t.spread(name):.0%}",
+        )
+        for name in t.samples
+    ]
     for kind in ("ours", "peft"):
         if f"{kind} unmerged" not in t.samples:
             continue
-        out.append(dict(section="forward", metric=f"{arch} unmerged / base forward ({kind})",
-                        value=t.ratio(f"{kind} unmerged", "base"), unit="x", target=1.02 if kind == "ours" else None,
-                        detail=f"best rounds: {t.best_ratio(f'{kind} unmerged', 'base'):.3f}"))
-        out.append(dict(section="forward", metric=f"{arch} merged / base forward ({kind})",
-                        value=t.ratio(f"{kind} merged", "base"), unit="x", target=1.01 if kind == "ours" else None,
-                        detail=f"best rounds: {t.best_ratio(f'{kind} merged', 'base'):.3f}"))
+        out.append(
+            dict(
+                section="forward",
+                metric=f"{arch} unmerged / base forward ({kind})",
+                value=t.ratio(f"{kind} unmerged", "base"),
+                unit="x",
+                target=1.02 if kind == "ours" else None,
+                detail=f"best rounds: {t.best_ratio(f'{kind} unmerged', 'base'):.3f}",
+            )
+        )
+        out.append(
+            dict(
+                section="forward",
+                metric=f"{arch} merged / base forward ({kind})",
+                value=t.ratio(f"{kind} merged", "base"),
+                unit="x",
+                target=1.01 if kind == "ours" else None,
+                detail=f"best rounds: {t.best_ratio(f'{kind} merged', 'base'):.3f}",
+            )
+        )
     return out
 
 

@@ -18,7 +18,6 @@ import statistics
 import time
 
 import torch
-
 from common import _quiet, libraries
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -27,8 +26,15 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def llama_1b(device: str = "meta") -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+    config = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     if device != "meta":
@@ -61,7 +67,7 @@ def run(rounds: int, log=print) -> dict:
     log(f"[large] Llama {n_params / 1e9:.2f}B parameters")
     meta_times = {k: [] for k in kinds}
     for r in range(rounds):
-        for kind in (kinds if r % 2 == 0 else kinds[::-1]):
+        for kind in kinds if r % 2 == 0 else kinds[::-1]:
             model = copy.deepcopy(meta)
             _, seconds = timed(inject, kind, model)
             meta_times[kind].append(seconds)
@@ -83,19 +89,40 @@ def rows(r: dict) -> list[dict]:
     size = f"{r['params'] / 1e9:.2f}B"
     out = []
     for kind, seconds in r["meta_inject"].items():
-        out.append(dict(section="large", metric=f"Llama {size} on meta: injection time ({kind})", value=seconds,
-                        unit="s"))
+        out.append(
+            dict(section="large", metric=f"Llama {size} on meta: injection time ({kind})", value=seconds, unit="s")
+        )
     for kind in ("ours", "peft"):
         if f"bf16 {kind}" in r:
             for what, seconds in r[f"bf16 {kind}"].items():
-                out.append(dict(section="large", metric=f"Llama {size} bf16 on CPU: {what} time ({kind})",
-                                value=seconds, unit="s"))
+                out.append(
+                    dict(
+                        section="large",
+                        metric=f"Llama {size} bf16 on CPU: {what} time ({kind})",
+                        value=seconds,
+                        unit="s",
+                    )
+                )
     if "peft" in r["meta_inject"]:
-        out.append(dict(section="large", metric=f"Llama {size} on meta: injection ours / peft",
-                        value=r["meta_inject"]["ours"] / r["meta_inject"]["peft"], unit="x", target=1.0))
+        out.append(
+            dict(
+                section="large",
+                metric=f"Llama {size} on meta: injection ours / peft",
+                value=r["meta_inject"]["ours"] / r["meta_inject"]["peft"],
+                unit="x",
+                target=1.0,
+            )
+        )
         for what in ("inject", "merge_and_unload"):
-            out.append(dict(section="large", metric=f"Llama {size} bf16: {what} ours / peft",
-                            value=r["bf16 ours"][what] / r["bf16 peft"][what], unit="x", target=1.0))
+            out.append(
+                dict(
+                    section="large",
+                    metric=f"Llama {size} bf16: {what} ours / peft",
+                    value=r["bf16 ours"][what] / r["bf16 peft"][what],
+                    unit="x",
+                    target=1.0,
+                )
+            )
     return out
 
 

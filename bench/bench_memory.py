@@ -43,15 +43,19 @@ def child(kind: str, arch: str, dropout: float) -> dict:
         reset = False
     case.run(2)
     step_peak = _status_kib("VmHWM")
-    return {"rss_before_step_mib": before / 1024, "step_peak_mib": step_peak / 1024,
-            "step_growth_mib": (step_peak - before) / 1024, "build_peak_mib": build_peak / 1024,
-            "process_peak_mib": max(step_peak, build_peak) / 1024, "hwm_reset": reset}
+    return {
+        "rss_before_step_mib": before / 1024,
+        "step_peak_mib": step_peak / 1024,
+        "step_growth_mib": (step_peak - before) / 1024,
+        "build_peak_mib": build_peak / 1024,
+        "process_peak_mib": max(step_peak, build_peak) / 1024,
+        "hwm_reset": reset,
+    }
 
 
 def measure(kind: str, arch: str, dropout: float) -> dict:
     cmd = [sys.executable, os.path.join(HERE, "bench_memory.py"), "--child", kind, arch, str(dropout)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -67,26 +71,42 @@ def run(archs: list[str], dropouts: tuple[float, ...] = (0.0, 0.05), log=print) 
             name = f"{arch} {kind}" + ("" if kind == "full" else f" p={dropout}")
             results[name] = measure(kind, arch, dropout)
             r = results[name]
-            log(f"[memory] {name}: step peak {r['step_peak_mib']:.0f} MiB (+{r['step_growth_mib']:.0f} over "
-                f"{r['rss_before_step_mib']:.0f} before the steps)")
+            log(
+                f"[memory] {name}: step peak {r['step_peak_mib']:.0f} MiB (+{r['step_growth_mib']:.0f} over "
+                f"{r['rss_before_step_mib']:.0f} before the steps)"
+            )
     return results
 
 
 def rows(results: dict) -> list[dict]:
     out = []
     for name, r in results.items():
-        out.append(dict(section="memory", metric=f"{name}: peak RSS of a training step", value=r["step_peak_mib"],
-                        unit="MiB", detail=f"the steps add {r['step_growth_mib']:.0f} MiB to "
-                                           f"{r['rss_before_step_mib']:.0f} MiB (imports + model)"))
+        out.append(
+            dict(
+                section="memory",
+                metric=f"{name}: peak RSS of a training step",
+                value=r["step_peak_mib"],
+                unit="MiB",
+                detail=f"the steps add {r['step_growth_mib']:.0f} MiB to "
+                f"{r['rss_before_step_mib']:.0f} MiB (imports + model)",
+            )
+        )
     for name in results:
         if " ours " in name:
             peft_name = name.replace(" ours ", " peft ")
             if peft_name in results:
-                out.append(dict(section="memory", metric=f"{name.replace(' ours', '')}: step peak RSS ours / peft",
-                                value=results[name]["step_peak_mib"] / results[peft_name]["step_peak_mib"], unit="x",
-                                target=1.0, detail=f"added by the steps: ours "
-                                f"{results[name]['step_growth_mib']:.0f} MiB, peft "
-                                f"{results[peft_name]['step_growth_mib']:.0f} MiB"))
+                out.append(
+                    dict(
+                        section="memory",
+                        metric=f"{name.replace(' ours', '')}: step peak RSS ours / peft",
+                        value=results[name]["step_peak_mib"] / results[peft_name]["step_peak_mib"],
+                        unit="x",
+                        target=1.0,
+                        detail=f"added by the steps: ours "
+                        f"{results[name]['step_growth_mib']:.0f} MiB, peft "
+                        f"{results[peft_name]['step_growth_mib']:.0f} MiB",
+                    )
+                )
     return out
 
 

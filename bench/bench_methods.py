@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import argparse
 
-from common import MODELS, StepCase, Timings, _quiet, batch, libraries, interleave
+from common import MODELS, StepCase, Timings, _quiet, batch, interleave, libraries
 
 VIRTUAL_TOKENS = 20
 
 
 def configs(lib) -> dict:
     if lib == "ours":
-        from lightning_peft import IA3Config
-        from lightning_peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+        from lightning_peft import IA3Config, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
     else:
         from peft import IA3Config, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
     return {
-        "ia3": IA3Config(task_type="CAUSAL_LM", target_modules=["c_attn", "mlp.c_proj"],
-                         feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True),
+        "ia3": IA3Config(
+            task_type="CAUSAL_LM",
+            target_modules=["c_attn", "mlp.c_proj"],
+            feedforward_modules=["mlp.c_proj"],
+            fan_in_fan_out=True,
+        ),
         "prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS),
-        "p-tuning": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS,
-                                        encoder_hidden_size=128),
+        "p-tuning": PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS, encoder_hidden_size=128
+        ),
         "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS),
     }
 
@@ -50,14 +54,29 @@ def run(methods: list[str], rounds: int, log=print) -> Timings:
 
 
 def rows(t: Timings) -> list[dict]:
-    out = [dict(section="methods", metric=f"gpt2 {name} step time", value=t.median(name), unit="s",
-                detail=f"spread {t.spread(name):.0%}") for name in t.samples]
+    out = [
+        dict(
+            section="methods",
+            metric=f"gpt2 {name} step time",
+            value=t.median(name),
+            unit="s",
+            detail=f"spread {t.spread(name):.0%}",
+        )
+        for name in t.samples
+    ]
     for name in t.samples:
         if name.endswith(" ours") and name.replace(" ours", " peft") in t.samples:
             method = name[: -len(" ours")]
-            out.append(dict(section="methods", metric=f"gpt2 {method} step ours/peft",
-                            value=t.ratio(name, f"{method} peft"), unit="x", target=1.0,
-                            detail=f"best rounds: {t.best_ratio(name, f'{method} peft'):.3f}"))
+            out.append(
+                dict(
+                    section="methods",
+                    metric=f"gpt2 {method} step ours/peft",
+                    value=t.ratio(name, f"{method} peft"),
+                    unit="x",
+                    target=1.0,
+                    detail=f"best rounds: {t.best_ratio(name, f'{method} peft'):.3f}",
+                )
+            )
     return out
 
 

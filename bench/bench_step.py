@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import Timings, StepCase, batch, build_case, libraries, interleave
+from common import StepCase, Timings, batch, build_case, interleave, libraries
 
 DROPOUTS = (0.0, 0.05)
 
@@ -31,21 +31,49 @@ def run(arch: str, rounds: int, steps: int = 1, log=print) -> Timings:
 
 
 def rows(arch: str, t: Timings) -> list[dict]:
-    out = [dict(section="step", metric=f"{arch} step time, {name}", value=t.median(name), unit="s",
-                detail=f"spread {t.spread(name):.0%}") for name in t.samples]
+    out = [
+        dict(
+            section="step",
+            metric=f"{arch} step time, {name}",
+            value=t.median(name),
+            unit="s",
+            detail=f"spread {t.spread(name):.0%}",
+        )
+        for name in t.samples
+    ]
     for dropout in DROPOUTS:
         ours = f"ours p={dropout}"
         target = 0.90 if dropout > 0 else 1.00
         if f"peft p={dropout}" in t.samples:
-            out.append(dict(section="step", metric=f"{arch} LoRA step ours/peft, dropout {dropout}",
-                            value=t.ratio(ours, f"peft p={dropout}"), unit="x", target=target,
-                            detail=f"best rounds: {t.best_ratio(ours, f'peft p={dropout}'):.3f}"))
-        out.append(dict(section="step", metric=f"{arch} LoRA step / full FT step (ours), dropout {dropout}",
-                        value=t.ratio(ours, "full"), unit="x", target=0.75 if dropout > 0 else None,
-                        detail=f"best rounds: {t.best_ratio(ours, 'full'):.3f}"))
+            out.append(
+                dict(
+                    section="step",
+                    metric=f"{arch} LoRA step ours/peft, dropout {dropout}",
+                    value=t.ratio(ours, f"peft p={dropout}"),
+                    unit="x",
+                    target=target,
+                    detail=f"best rounds: {t.best_ratio(ours, f'peft p={dropout}'):.3f}",
+                )
+            )
+        out.append(
+            dict(
+                section="step",
+                metric=f"{arch} LoRA step / full FT step (ours), dropout {dropout}",
+                value=t.ratio(ours, "full"),
+                unit="x",
+                target=0.75 if dropout > 0 else None,
+                detail=f"best rounds: {t.best_ratio(ours, 'full'):.3f}",
+            )
+        )
         if f"peft p={dropout}" in t.samples:
-            out.append(dict(section="step", metric=f"{arch} LoRA step / full FT step (peft), dropout {dropout}",
-                            value=t.ratio(f"peft p={dropout}", "full"), unit="x"))
+            out.append(
+                dict(
+                    section="step",
+                    metric=f"{arch} LoRA step / full FT step (peft), dropout {dropout}",
+                    value=t.ratio(f"peft p={dropout}", "full"),
+                    unit="x",
+                )
+            )
     return out
 
 

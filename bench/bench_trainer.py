@@ -18,9 +18,8 @@ import tempfile
 import time
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
-
 from common import BATCH, MODELS, SEQ, VOCAB, _quiet, lora_kwargs, make_optimizer, wrap_ours
+from torch.utils.data import DataLoader, TensorDataset
 
 
 def dataset(n_batches: int) -> TensorDataset:
@@ -77,7 +76,9 @@ def run(arch: str, rounds: int, dropout: float = 0.05, log=print) -> dict:
             if self.last_start is not None and batch_idx > warmup:
                 times["trainer"].append(now - self.last_start - self.bare_time)
                 times["bare"].append(self.bare_time)
-                log(f"  step {batch_idx}: trainer {times['trainer'][-1] * 1e3:.0f}ms, bare {self.bare_time * 1e3:.0f}ms")
+                log(
+                    f"  step {batch_idx}: trainer {times['trainer'][-1] * 1e3:.0f}ms, bare {self.bare_time * 1e3:.0f}ms"
+                )
             self.last_start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -85,22 +86,39 @@ def run(arch: str, rounds: int, dropout: float = 0.05, log=print) -> dict:
 
     config = LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(arch, dropout))
     with tempfile.TemporaryDirectory() as tmp, _quiet():
-        trainer = pl.Trainer(max_steps=steps + 1, accelerator="cpu", devices=1, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             default_root_dir=tmp,
-                             callbacks=[PEFTCallback(config, merge_on_train_end=False, export_dir=tmp), Alternate()])
+        trainer = pl.Trainer(
+            max_steps=steps + 1,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp,
+            callbacks=[PEFTCallback(config, merge_on_train_end=False, export_dir=tmp), Alternate()],
+        )
         trainer.fit(LM(), DataLoader(data, batch_size=BATCH))
     ratios = [a / b for a, b in zip(times["trainer"], times["bare"])]
-    return {"trainer": statistics.median(times["trainer"]), "bare": statistics.median(times["bare"]),
-            "ratio": statistics.median(ratios), "n": len(ratios)}
+    return {
+        "trainer": statistics.median(times["trainer"]),
+        "bare": statistics.median(times["bare"]),
+        "ratio": statistics.median(ratios),
+        "n": len(ratios),
+    }
 
 
 def rows(arch: str, result: dict) -> list[dict]:
     return [
         dict(section="trainer", metric=f"{arch} Trainer+PEFTCallback step", value=result["trainer"], unit="s"),
         dict(section="trainer", metric=f"{arch} bare torch loop step", value=result["bare"], unit="s"),
-        dict(section="trainer", metric=f"{arch} Trainer+PEFTCallback / bare loop step", value=result["ratio"],
-             unit="x", target=1.05, detail=f"median of {result['n']} paired steps"),
+        dict(
+            section="trainer",
+            metric=f"{arch} Trainer+PEFTCallback / bare loop step",
+            value=result["ratio"],
+            unit="x",
+            target=1.05,
+            detail=f"median of {result['n']} paired steps",
+        ),
     ]
 
 

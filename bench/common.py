@@ -51,8 +51,16 @@ def build_gpt2(seed: int = 0, vocab: int = VOCAB) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=LAYERS, n_embd=WIDTH, n_head=HEADS, n_positions=2 * SEQ, vocab_size=vocab,
-                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = GPT2Config(
+        n_layer=LAYERS,
+        n_embd=WIDTH,
+        n_head=HEADS,
+        n_positions=2 * SEQ,
+        vocab_size=vocab,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -60,9 +68,18 @@ def build_llama(seed: int = 0, vocab: int = VOCAB) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(num_hidden_layers=LAYERS, hidden_size=WIDTH, intermediate_size=1376,
-                         num_attention_heads=HEADS, num_key_value_heads=HEADS, vocab_size=vocab,
-                         max_position_embeddings=2 * SEQ, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = LlamaConfig(
+        num_hidden_layers=LAYERS,
+        hidden_size=WIDTH,
+        intermediate_size=1376,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        vocab_size=vocab,
+        max_position_embeddings=2 * SEQ,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -78,8 +95,13 @@ def batch(vocab: int = VOCAB, seed: int = 1) -> dict[str, torch.Tensor]:
 
 
 def lora_kwargs(arch: str, dropout: float) -> dict[str, Any]:
-    return dict(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=list(MODELS[arch][1]),
-                fan_in_fan_out=arch == "gpt2")
+    return dict(
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=dropout,
+        target_modules=list(MODELS[arch][1]),
+        fan_in_fan_out=arch == "gpt2",
+    )
 
 
 def wrap_ours(model: nn.Module, arch: str, dropout: float) -> nn.Module:
@@ -190,8 +212,9 @@ class Timings:
         return (max(xs) - min(xs)) / statistics.median(xs) if len(xs) > 1 else 0.0
 
 
-def interleave(cases: dict[str, Any], rounds: int, steps: int, warmup: int = 2,
-               log: Optional[Callable[[str], None]] = None) -> Timings:
+def interleave(
+    cases: dict[str, Any], rounds: int, steps: int, warmup: int = 2, log: Optional[Callable[[str], None]] = None
+) -> Timings:
     """Time every case `rounds` times, `steps` steps each, cycling through the cases every round
     (the order rotates so no case always runs right after the same neighbour)."""
     for case in cases.values():
@@ -199,7 +222,7 @@ def interleave(cases: dict[str, Any], rounds: int, steps: int, warmup: int = 2,
     timings = Timings({name: [] for name in cases})
     names = list(cases)
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             gc.collect()
             timings.samples[name].append(cases[name].run(steps))
@@ -226,6 +249,8 @@ def machine() -> str:
         import peft
 
         peft_version = peft.__version__
-    return (f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"transformers {transformers.__version__}, lightning {lightning.__version__}, peft {peft_version}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}, lightning {lightning.__version__}, peft {peft_version}, "
+        f"Python {platform.python_version()}"
+    )

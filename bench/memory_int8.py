@@ -42,15 +42,26 @@ def case(quantize: bool, width: int, layers: int, vocab: int) -> dict:
     gc.collect()
     baseline = rss_mb()
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=width, intermediate_size=int(width * 2.75), num_hidden_layers=layers,
-                         num_attention_heads=width // 64, num_key_value_heads=width // 64, vocab_size=vocab,
-                         max_position_embeddings=256)
+    config = LlamaConfig(
+        hidden_size=width,
+        intermediate_size=int(width * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=width // 64,
+        num_key_value_heads=width // 64,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+    )
     model = LlamaForCausalLM(config)
     if quantize:
         q.quantize_base_linears(model)
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                 "o_proj", "gate_proj", "up_proj",
-                                                                                 "down_proj"]))
+    peft = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     gc.collect()
     model_bytes = sum(t.numel() * t.element_size() for t in list(peft.parameters()) + list(peft.buffers()))
     scb = sum(m.weight.SCB.numel() * 4 for m in peft.modules() if q.is_linear8bit(m) and m.weight.SCB is not None)
@@ -62,10 +73,15 @@ def case(quantize: bool, width: int, layers: int, vocab: int) -> dict:
     loss.backward()
     step_s = time.perf_counter() - start
     gc.collect()
-    return {"case": "int8 base" if quantize else "fp32 base", "model_mb": round((model_bytes + scb) / 2**20, 1),
-            "rss_built_mb": round(built, 1), "rss_after_step_mb": round(rss_mb() - baseline, 1),
-            "step_s": round(step_s, 2), "int8_layers": len(q.int8_layers(peft)),
-            "trainable": sum(p.numel() for p in peft.parameters() if p.requires_grad)}
+    return {
+        "case": "int8 base" if quantize else "fp32 base",
+        "model_mb": round((model_bytes + scb) / 2**20, 1),
+        "rss_built_mb": round(built, 1),
+        "rss_after_step_mb": round(rss_mb() - baseline, 1),
+        "step_s": round(step_s, 2),
+        "int8_layers": len(q.int8_layers(peft)),
+        "trainable": sum(p.numel() for p in peft.parameters() if p.requires_grad),
+    }
 
 
 def main() -> None:
@@ -82,20 +98,46 @@ def main() -> None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     rows = []
     for name in ("fp32", "int8"):
-        out = subprocess.run([sys.executable, __file__, "--case", name, "--width", str(args.width), "--layers",
-                              str(args.layers), "--vocab", str(args.vocab)], env=env, capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--case",
+                name,
+                "--width",
+                str(args.width),
+                "--layers",
+                str(args.layers),
+                "--vocab",
+                str(args.vocab),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    header = (f"Llama-style model, width {args.width}, {args.layers} layers, vocab {args.vocab}; LoRA r=8 on all "
-              "projections; one CPU training step on a (2, 64) batch")
-    lines = [header, "", "| base | model MB | RSS built MB | RSS after step MB | step s | 8-bit layers | trainable |",
-             "|---|---|---|---|---|---|---|"]
+    header = (
+        f"Llama-style model, width {args.width}, {args.layers} layers, vocab {args.vocab}; LoRA r=8 on all "
+        "projections; one CPU training step on a (2, 64) batch"
+    )
+    lines = [
+        header,
+        "",
+        "| base | model MB | RSS built MB | RSS after step MB | step s | 8-bit layers | trainable |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['model_mb']} | {r['rss_built_mb']} | {r['rss_after_step_mb']} | "
-                     f"{r['step_s']} | {r['int8_layers']} | {r['trainable']:,d} |")
+        lines.append(
+            f"| {r['case']} | {r['model_mb']} | {r['rss_built_mb']} | {r['rss_after_step_mb']} | "
+            f"{r['step_s']} | {r['int8_layers']} | {r['trainable']:,d} |"
+        )
     fp32, int8 = rows
-    lines += ["", f"int8 / fp32: model bytes {int8['model_mb'] / fp32['model_mb']:.2f}x, resident after build "
-                  f"{int8['rss_built_mb'] / fp32['rss_built_mb']:.2f}x"]
+    lines += [
+        "",
+        f"int8 / fp32: model bytes {int8['model_mb'] / fp32['model_mb']:.2f}x, resident after build "
+        f"{int8['rss_built_mb'] / fp32['rss_built_mb']:.2f}x",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.out:

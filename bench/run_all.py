@@ -31,13 +31,19 @@ def collect(section: str, quick: bool, log) -> list[dict]:
     if section == "step":
         import bench_step
 
-        return [row for arch in ("gpt2", "llama")
-                for row in bench_step.rows(arch, bench_step.run(arch, 3 if quick else 7, log=log))]
+        return [
+            row
+            for arch in ("gpt2", "llama")
+            for row in bench_step.rows(arch, bench_step.run(arch, 3 if quick else 7, log=log))
+        ]
     if section == "forward":
         import bench_forward
 
-        return [row for arch in ("gpt2", "llama")
-                for row in bench_forward.rows(arch, bench_forward.run(arch, 5 if quick else 11, log=log))]
+        return [
+            row
+            for arch in ("gpt2", "llama")
+            for row in bench_forward.rows(arch, bench_forward.run(arch, 5 if quick else 11, log=log))
+        ]
     if section == "trainer":
         import bench_trainer
 
@@ -61,8 +67,9 @@ def collect(section: str, quick: bool, log) -> list[dict]:
     if section == "methods":
         import bench_methods
 
-        return bench_methods.rows(bench_methods.run(["ia3", "prompt", "p-tuning", "prefix"], 3 if quick else 5,
-                                                    log=log))
+        return bench_methods.rows(
+            bench_methods.run(["ia3", "prompt", "p-tuning", "prefix"], 3 if quick else 5, log=log)
+        )
     raise ValueError(section)
 
 
@@ -94,8 +101,10 @@ def fmt_target(row: dict) -> str:
 def table(rows: list[dict]) -> str:
     lines = ["| section | measure | value | target | | notes |", "|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['section']} | {row['metric']} | {fmt(row)} | {fmt_target(row)} | {verdict(row)} | "
-                     f"{row.get('detail', '')} |")
+        lines.append(
+            f"| {row['section']} | {row['metric']} | {fmt(row)} | {fmt_target(row)} | {verdict(row)} | "
+            f"{row.get('detail', '')} |"
+        )
     return "\n".join(lines)
 
 
@@ -113,15 +122,25 @@ def main() -> None:
         print(f"[{section}] done in {time.time() - t0:.0f}s", flush=True)
         with open(args.out, "w") as f:  # after every section: a later failure keeps what was measured
             json.dump({"meta": {"partial": True}, "rows": rows}, f, indent=1)
-    command = "python bench/run_all.py" + (" --quick" if args.quick else "") + (
-        f" --only {' '.join(args.only)}" if args.only else "")
-    meta = {"command": command, "machine": common.machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "seconds": round(time.time() - started), "load_average": os.getloadavg()}
+    command = (
+        "python bench/run_all.py"
+        + (" --quick" if args.quick else "")
+        + (f" --only {' '.join(args.only)}" if args.only else "")
+    )
+    meta = {
+        "command": command,
+        "machine": common.machine(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "seconds": round(time.time() - started),
+        "load_average": os.getloadavg(),
+    }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print()
     print(table(rows))
-    print(f"\n{meta['command']} on {meta['machine']}; {meta['seconds']}s; load average at the end {meta['load_average']}")
+    print(
+        f"\n{meta['command']} on {meta['machine']}; {meta['seconds']}s; load average at the end {meta['load_average']}"
+    )
 
 
 if __name__ == "__main__":

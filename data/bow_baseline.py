@@ -23,8 +23,9 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 
-def bow_accuracy(path: str = os.path.join(DATA_DIR, "reviews.csv"), steps: int = 500,
-                 seed: int = 0) -> dict[str, float]:
+def bow_accuracy(
+    path: str = os.path.join(DATA_DIR, "reviews.csv"), steps: int = 500, seed: int = 0
+) -> dict[str, float]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     train = [r for r in rows if r["split"] == "train"]
@@ -49,8 +50,10 @@ def bow_accuracy(path: str = os.path.join(DATA_DIR, "reviews.csv"), steps: int =
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return {"train_acc": (linear(xt).argmax(1) == yt).float().mean().item(),
-                "val_acc": (linear(xv).argmax(1) == yv).float().mean().item()}
+        return {
+            "train_acc": (linear(xt).argmax(1) == yt).float().mean().item(),
+            "val_acc": (linear(xv).argmax(1) == yv).float().mean().item(),
+        }
 
 
 if __name__ == "__main__":

@@ -22,13 +22,37 @@ DATA_DIR = os.path.join(os.path.dirname(HERE), "lightning_peft", "app", "data")
 
 # (train words, held-out words for validation)
 POSITIVE = (
-    ["great", "excellent", "wonderful", "lovely", "fantastic", "delightful", "superb", "pleasant",
-     "impressive", "enjoyable", "solid", "charming"],
+    [
+        "great",
+        "excellent",
+        "wonderful",
+        "lovely",
+        "fantastic",
+        "delightful",
+        "superb",
+        "pleasant",
+        "impressive",
+        "enjoyable",
+        "solid",
+        "charming",
+    ],
     ["outstanding", "brilliant", "terrific", "marvelous"],
 )
 NEGATIVE = (
-    ["terrible", "awful", "horrible", "disappointing", "dreadful", "poor", "bland", "annoying",
-     "mediocre", "unpleasant", "clumsy", "boring"],
+    [
+        "terrible",
+        "awful",
+        "horrible",
+        "disappointing",
+        "dreadful",
+        "poor",
+        "bland",
+        "annoying",
+        "mediocre",
+        "unpleasant",
+        "clumsy",
+        "boring",
+    ],
     ["atrocious", "abysmal", "dismal", "lousy"],
 )
 ASPECTS = {
@@ -38,10 +62,14 @@ ASPECTS = {
     "a phone": (["battery", "screen", "camera", "speaker", "keyboard", "case"], ["charger", "display"]),
 }
 INTENSIFIERS = ["", "", "really ", "very ", "quite ", "truly ", "rather "]
-POS_VERDICTS = (["i would recommend it", "worth every penny", "i will come back", "five stars"],
-                ["a real gem", "exceeded my hopes"])
-NEG_VERDICTS = (["i would not recommend it", "a waste of money", "never again", "one star"],
-                ["a total letdown", "avoid at all costs"])
+POS_VERDICTS = (
+    ["i would recommend it", "worth every penny", "i will come back", "five stars"],
+    ["a real gem", "exceeded my hopes"],
+)
+NEG_VERDICTS = (
+    ["i would not recommend it", "a waste of money", "never again", "one star"],
+    ["a total letdown", "avoid at all costs"],
+)
 
 
 def _pick(rng: random.Random, pools: tuple[list[str], list[str]], held_out: bool) -> str:

@@ -80,7 +80,7 @@ class TaskType(StrEnum):
     CAUSAL_LM = "CAUSAL_LM"
     SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
     SEQ_CLS = "SEQ_CLS"
-    TOKEN_CLS = "TOKEN_CLS"
+    TOKEN_CLS = "TOKEN_CLS"  # noqa: S105  (a task name, not a password)
     QUESTION_ANS = "QUESTION_ANS"
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
@@ -99,9 +99,20 @@ def _coerce_enum(enum_cls: type[enum.Enum], value: Any, field_name: str) -> Any:
 # (None/False/empty) they are dropped silently; any other value changes the math, so we refuse.
 MATH_CHANGING_KEYS = frozenset(
     {
-        "use_dora", "use_rslora", "lora_bias", "layer_replication", "exclude_modules",
-        "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
-        "loftq_config", "corda_config", "arrow_config", "ensure_weight_tying", "use_bdlora",
+        "use_dora",
+        "use_rslora",
+        "lora_bias",
+        "layer_replication",
+        "exclude_modules",
+        "target_parameters",
+        "trainable_token_indices",
+        "use_qalora",
+        "alora_invocation_tokens",
+        "loftq_config",
+        "corda_config",
+        "arrow_config",
+        "ensure_weight_tying",
+        "use_bdlora",
     }
 )
 
@@ -188,14 +199,17 @@ class PeftConfig:
         return target_cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
-                        **kwargs: Any) -> "PeftConfig":
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> "PeftConfig":
         path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         config_file = os.path.join(path, CONFIG_NAME)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"adapter folder {path!s} does not exist; pass the folder save_pretrained wrote")
         if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"{config_file} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+            raise FileNotFoundError(
+                f"{config_file} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+            )
         try:
             with open(config_file, encoding="utf-8") as fh:
                 data = json.load(fh)
@@ -205,7 +219,6 @@ class PeftConfig:
             raise ValueError(f"{config_file} must hold a JSON object")
         data.update(kwargs)
         return cls.from_dict(data)
-
 
 
 def validate_choice(name: str, value: Any, allowed: tuple) -> None:

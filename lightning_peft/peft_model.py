@@ -8,7 +8,6 @@ import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
-import torch
 from torch import nn
 
 from .config import WEIGHTS_NAME, PeftConfig, TaskType
@@ -87,8 +86,10 @@ class PeftModel(nn.Module):
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         check_adapter_name(adapter_name)
         if peft_config.peft_type != self.peft_type:
-            raise ValueError(f"cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; "
-                             "one PeftModel holds adapters of one tuner type")
+            raise ValueError(
+                f"cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; "
+                "one PeftModel holds adapters of one tuner type"
+            )
         self.tuner.add_adapter(adapter_name, peft_config)
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -103,12 +104,19 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ---- files ------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Optional[list[str]] = None,
-                        is_main_process: bool = True, save_embedding_layers: bool | str = "auto",
-                        **kwargs: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: Optional[list[str]] = None,
+        is_main_process: bool = True,
+        save_embedding_layers: bool | str = "auto",
+        **kwargs: Any,
+    ) -> None:
         """Write `adapter_config.json` + `adapter_model.safetensors` per adapter (non-default ones in a
         sub-folder named after them)."""
         if os.path.isfile(save_directory):
@@ -132,8 +140,15 @@ class PeftModel(nn.Module):
             finally:
                 config.inference_mode = inference_mode
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False, ignore_base_model_mismatch: bool = False, **kwargs: Any) -> None:
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+        ignore_base_model_mismatch: bool = False,
+        **kwargs: Any,
+    ) -> None:
         """Add `adapter_name` from a folder written by `save_pretrained` (ours or HF PEFT's)."""
         config = PeftConfig.from_pretrained(model_id, **kwargs)
         if not ignore_base_model_mismatch:
@@ -154,10 +169,17 @@ class PeftModel(nn.Module):
             self.eval()
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: Optional[PeftConfig] = None,
-                        allow_pickle: bool = False, ignore_base_model_mismatch: bool = False,
-                        **kwargs: Any) -> "PeftModel":
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: Optional[PeftConfig] = None,
+        allow_pickle: bool = False,
+        ignore_base_model_mismatch: bool = False,
+        **kwargs: Any,
+    ) -> "PeftModel":
         """Wrap `model` with the adapter saved in `model_id`."""
         if config is None:
             config = PeftConfig.from_pretrained(model_id, **kwargs)

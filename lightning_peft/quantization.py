@@ -30,8 +30,15 @@ from typing import Any, Iterable, Optional, cast
 import torch
 from torch import nn
 
-from .tuners.base import (TASK_HEAD_NAMES, BaseTunerLayer, ModulesToSaveWrapper, get_submodule_parent, is_conv1d,
-                          is_linear8bit, name_matches)
+from .tuners.base import (
+    TASK_HEAD_NAMES,
+    BaseTunerLayer,
+    ModulesToSaveWrapper,
+    get_submodule_parent,
+    is_conv1d,
+    is_linear8bit,
+    name_matches,
+)
 from .tuners.registry import registered_tuners
 
 MIN_BITSANDBYTES = (0, 48)
@@ -84,8 +91,9 @@ def quantize_weight(weight: torch.Tensor, device: Optional[torch.device] = None)
 def _make_linear8bit(weight: torch.Tensor, bias: Optional[torch.Tensor], threshold: float) -> nn.Module:
     bnb = require_bitsandbytes()
     out_features, in_features = weight.shape
-    layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
-                                threshold=threshold, device="meta")
+    layer = bnb.nn.Linear8bitLt(
+        in_features, out_features, bias=bias is not None, has_fp16_weights=False, threshold=threshold, device="meta"
+    )
     layer.weight = quantize_weight(weight, device=weight.device)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -96,8 +104,10 @@ def _make_linear8bit(weight: torch.Tensor, bias: Optional[torch.Tensor], thresho
 # quantizing / dequantizing a model
 # ---------------------------------------------------------------------------------------------
 
-def quantize_base_linears(model: nn.Module, skip: Iterable[str] = (), threshold: float = DEFAULT_THRESHOLD,
-                          include_conv1d: bool = True) -> nn.Module:
+
+def quantize_base_linears(
+    model: nn.Module, skip: Iterable[str] = (), threshold: float = DEFAULT_THRESHOLD, include_conv1d: bool = True
+) -> nn.Module:
     """Replace the base model's `nn.Linear` (and transformers `Conv1D`, transposed) layers by
     bitsandbytes `Linear8bitLt` with int8 weights, in place; returns `model`.
 
@@ -108,13 +118,16 @@ def quantize_base_linears(model: nn.Module, skip: Iterable[str] = (), threshold:
     """
     require_bitsandbytes()
     if any(isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)) for m in model.modules()):
-        raise ValueError("quantize_base_linears: this model already holds adapters; quantize the base model first, "
-                         "then inject the tuner (so the adapter's own layers stay in full precision)")
+        raise ValueError(
+            "quantize_base_linears: this model already holds adapters; quantize the base model first, "
+            "then inject the tuner (so the adapter's own layers stay in full precision)"
+        )
     skip_names = set(skip or ()) | set(TASK_HEAD_NAMES) | {"lm_head"}
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     head = get_output_embeddings() if callable(get_output_embeddings) else None
-    skipped_prefixes = [name for name, module in model.named_modules()
-                        if name and (module is head or name_matches(name, skip_names))]
+    skipped_prefixes = [
+        name for name, module in model.named_modules() if name and (module is head or name_matches(name, skip_names))
+    ]
     replaced = 0
     for name, module in list(model.named_modules()):
         if not name or any(name == p or name.startswith(p + ".") for p in skipped_prefixes):
@@ -130,8 +143,10 @@ def quantize_base_linears(model: nn.Module, skip: Iterable[str] = (), threshold:
         setattr(parent, child, _make_linear8bit(weight, bias, threshold))
         replaced += 1
     if replaced == 0:
-        warnings.warn("quantize_base_linears: the model has no Linear / Conv1D layer to quantize (outside the "
-                      "output head and skipped modules); it stays in full precision")
+        warnings.warn(
+            "quantize_base_linears: the model has no Linear / Conv1D layer to quantize (outside the "
+            "output head and skipped modules); it stays in full precision"
+        )
     setattr(model, "_lightning_peft_quantized", "int8")  # a plain attribute (not a tensor or module)
     return model
 
@@ -143,8 +158,13 @@ def dequantize_base_linears(model: nn.Module, dtype: torch.dtype = torch.float32
     for name, module in list(model.named_modules()):
         if not name or not is_linear8bit(module):
             continue
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device=module.weight.device, dtype=dtype)
+        linear = nn.Linear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device=module.weight.device,
+            dtype=dtype,
+        )
         with torch.no_grad():
             linear.weight.copy_(dequantize_weight(module).to(dtype))
             if module.bias is not None:
@@ -176,14 +196,27 @@ def check_int8_compatible(config: Any, merge: bool = False) -> None:
     spec = tuners.get(str(getattr(peft_type, "value", peft_type)).upper())
     if spec is None or not spec.runs_over("int8"):
         supported = ", ".join(sorted(t for t, s in tuners.items() if s.runs_over("int8")))
-        raise ValueError(f"the {peft_type} tuner cannot run over 8-bit (bitsandbytes) base layers; with "
-                         f"quantize=int8 use one of: {supported}, or drop quantize=int8")
+        raise ValueError(
+            f"the {peft_type} tuner cannot run over 8-bit (bitsandbytes) base layers; with "
+            f"quantize=int8 use one of: {supported}, or drop quantize=int8"
+        )
     if merge and spec.can_merge and not spec.merges_into_quantized:
-        raise ValueError(f"{peft_type} adapters cannot be merged into 8-bit base layers (their int8 weights "
-                         "cannot hold the scaled values); with quantize=int8 set merge=false (merge_on_train_end=False) "
-                         "and export the adapter only, or use LoRA, or train on a full-precision base")
+        raise ValueError(
+            f"{peft_type} adapters cannot be merged into 8-bit base layers (their int8 weights "
+            "cannot hold the scaled values); with quantize=int8 set merge=false (merge_on_train_end=False) "
+            "and export the adapter only, or use LoRA, or train on a full-precision base"
+        )
 
 
-__all__ = ["quantize_base_linears", "dequantize_base_linears", "dequantize_weight", "quantize_weight",
-           "check_int8_compatible", "require_bitsandbytes", "dequantized_copy", "is_linear8bit", "int8_layers",
-           "INSTALL_HINT"]
+__all__ = [
+    "quantize_base_linears",
+    "dequantize_base_linears",
+    "dequantize_weight",
+    "quantize_weight",
+    "check_int8_compatible",
+    "require_bitsandbytes",
+    "dequantized_copy",
+    "is_linear8bit",
+    "int8_layers",
+    "INSTALL_HINT",
+]

@@ -16,39 +16,51 @@ from .config import CONFIG_NAME, WEIGHTS_NAME
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 
-def get_peft_model_state_dict(model: Any, state_dict: Optional[dict] = None, adapter_name: str = "default",
-                              save_embedding_layers: bool | str = False) -> dict[str, torch.Tensor]:
+def get_peft_model_state_dict(
+    model: Any,
+    state_dict: Optional[dict] = None,
+    adapter_name: str = "default",
+    save_embedding_layers: bool | str = False,
+) -> dict[str, torch.Tensor]:
     """The adapter's tensors keyed as HF PEFT saves them (adapter name stripped); see the tuner's
     `peft_state_dict` for `save_embedding_layers`."""
     return model.tuner.peft_state_dict(adapter_name, state_dict, save_embedding_layers)
 
 
-def set_peft_model_state_dict(model: Any, peft_state_dict: dict[str, torch.Tensor],
-                              adapter_name: str = "default") -> None:
+def set_peft_model_state_dict(
+    model: Any, peft_state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
+) -> None:
     """Load adapter weights saved in HF PEFT's format into `adapter_name`. Every key, and every shape, is
     checked before anything is written, so a wrong file leaves the model untouched."""
     model.tuner.load_peft_state_dict(peft_state_dict, adapter_name)
 
 
-def load_peft_weights(model_id: str | os.PathLike, device: str = "cpu",
-                      allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+def load_peft_weights(
+    model_id: str | os.PathLike, device: str = "cpu", allow_pickle: bool = False
+) -> dict[str, torch.Tensor]:
     """Read `adapter_model.safetensors`; a pickled `.bin` only with `allow_pickle=True` (weights only)."""
     path = os.path.join(model_id, WEIGHTS_NAME)
     if os.path.isfile(path):
         try:
             return load_file(path, device=device)
         except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{path} is not a readable safetensors file ({err}); it may be truncated or "
-                             "corrupt: export the adapter again") from err
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({err}); it may be truncated or "
+                "corrupt: export the adapter again"
+            ) from err
     bin_path = os.path.join(model_id, PICKLE_WEIGHTS_NAME)
     if os.path.isfile(bin_path):
         if not allow_pickle:
-            raise ValueError(f"{model_id} holds only a pickled {PICKLE_WEIGHTS_NAME}; pickles can run code, so it is "
-                             "refused. Convert it to safetensors, or pass allow_pickle=True if you trust the file.")
+            raise ValueError(
+                f"{model_id} holds only a pickled {PICKLE_WEIGHTS_NAME}; pickles can run code, so it is "
+                "refused. Convert it to safetensors, or pass allow_pickle=True if you trust the file."
+            )
         return torch.load(bin_path, map_location=device, weights_only=True)
     if not os.path.isdir(model_id):
         raise FileNotFoundError(f"adapter folder {model_id!s} does not exist")
-    raise FileNotFoundError(f"{model_id} has no {WEIGHTS_NAME}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    raise FileNotFoundError(
+        f"{model_id} has no {WEIGHTS_NAME}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+    )
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

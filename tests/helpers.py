@@ -26,8 +26,9 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
-                        eos_token_id=0, pad_token_id=0)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0, pad_token_id=0
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -35,9 +36,18 @@ def tiny_llama(seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0,
-                         eos_token_id=0, pad_token_id=0)
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -45,8 +55,15 @@ def tiny_bert_classifier(seed: int = 0, num_labels: int = 3) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                        vocab_size=VOCAB, max_position_embeddings=64, num_labels=num_labels)
+    config = BertConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
     return BertForSequenceClassification(config).eval()
 
 
@@ -54,8 +71,18 @@ def tiny_t5(seed: int = 0) -> nn.Module:
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = T5Config(num_layers=2, num_decoder_layers=2, d_model=32, d_ff=64, num_heads=4, d_kv=8, vocab_size=VOCAB,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    config = T5Config(
+        num_layers=2,
+        num_decoder_layers=2,
+        d_model=32,
+        d_ff=64,
+        num_heads=4,
+        d_kv=8,
+        vocab_size=VOCAB,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return T5ForConditionalGeneration(config).eval()
 
 
@@ -121,8 +148,9 @@ def saved_shapes(folder) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in load_file(Path(folder) / "adapter_model.safetensors").items()}
 
 
-def save_and_reload(writer, reader, base: nn.Module, config_name: str, kwargs: dict, folder, scale: float = 0.2,
-                    silence: bool = False):
+def save_and_reload(
+    writer, reader, base: nn.Module, config_name: str, kwargs: dict, folder, scale: float = 0.2, silence: bool = False
+):
     """Build writer.get_peft_model(copy of base, writer.<config_name>(**kwargs)), perturb its trainable tensors,
     save it to folder and load that with reader.PeftModel.from_pretrained(another copy of base, folder).
     writer / reader are the modules `lightning_peft` or `peft`. Returns (written, read), both in eval mode."""

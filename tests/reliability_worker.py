@@ -139,8 +139,9 @@ def main() -> None:
 
     pl.seed_everything(123, verbose=False)
     exact = not args.no_exact_resume
-    callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), save_last=True,
-                                                    every_n_train_steps=4, save_top_k=-1)]
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), save_last=True, every_n_train_steps=4, save_top_k=-1)
+    ]
     if args.api == "callback":
         module: Plain = Plain()
         peft = PEFTCallback(lp.LoraConfig(**LORA), export_dir=args.out, exact_resume=exact)
@@ -153,9 +154,18 @@ def main() -> None:
         callbacks.append(Kill(args.kill_at_step))
     if args.kill_in_export:
         callbacks.insert(0, KillInExport(args.kill_in_export))  # its on_fit_end runs before PEFTCallback's
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=callbacks,
-                         val_check_interval=4, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=args.out)
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        val_check_interval=4,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=args.out,
+    )
     trainer.fit(module, datamodule=Data(args.loader), ckpt_path=args.ckpt)
     if peft is None:
         module.save_adapter(os.path.join(args.out, "adapter"))

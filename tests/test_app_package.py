@@ -67,8 +67,13 @@ try:
 except ModuleNotFoundError:
     print("ok")
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
 
 
@@ -90,15 +95,34 @@ def test_wheel_runs_the_default_job_from_an_empty_folder(tmp_path):
         shutil.copy2(REPO_ROOT / name, src / name)
     shutil.copytree(PACKAGE, src / "lightning_peft", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     wheels = tmp_path / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-          "-w", str(wheels), str(src)], timeout=300)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(wheels),
+            str(src),
+        ],
+        timeout=300,
+    )
     (wheel,) = wheels.glob("lightning_peft-*.whl")
     import zipfile
 
     names = set(zipfile.ZipFile(wheel).namelist())
-    for shipped in ("lightning_peft/app/configs/train.yaml", "lightning_peft/app/configs/tuner/lora.yaml",
-                    "lightning_peft/app/data/reviews.csv", "lightning_peft/app/data/aspects.jsonl",
-                    "lightning_peft/recipes/classification.py", "lightning_peft/app/train.py"):
+    for shipped in (
+        "lightning_peft/app/configs/train.yaml",
+        "lightning_peft/app/configs/tuner/lora.yaml",
+        "lightning_peft/app/data/reviews.csv",
+        "lightning_peft/app/data/aspects.jsonl",
+        "lightning_peft/recipes/classification.py",
+        "lightning_peft/app/train.py",
+    ):
         assert shipped in names, shipped
     assert not any(n.startswith(("configs/", "recipes/", "data/")) for n in names)
 
@@ -108,27 +132,49 @@ def test_wheel_runs_the_default_job_from_an_empty_folder(tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], timeout=120)
     python = venv / "bin" / "python"
-    purelib = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
-                   .stdout.strip())
+    purelib = Path(
+        _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    )
     ours = [p for p in {*site.getsitepackages(), sysconfig.get_paths()["purelib"]} if os.path.isdir(p)]
     (purelib / "_dev_dependencies.pth").write_text("\n".join(sorted(ours)) + "\n")
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-          str(wheel)], timeout=300)
+    _run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        timeout=300,
+    )
 
     work = tmp_path / "empty"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", PYTHONNOUSERSITE="1")
-    where = _run([str(python), "-c", "import json, lightning_peft, lightning_peft.app, lightning_peft.recipes, hydra; "
-                  "print(json.dumps([lightning_peft.__file__, str(lightning_peft.app.CONFIG_DIR), "
-                  "lightning_peft.recipes.__file__]))"], cwd=work, env=env, timeout=300)
+    where = _run(
+        [
+            str(python),
+            "-c",
+            "import json, lightning_peft, lightning_peft.app, lightning_peft.recipes, hydra; "
+            "print(json.dumps([lightning_peft.__file__, str(lightning_peft.app.CONFIG_DIR), "
+            "lightning_peft.recipes.__file__]))",
+        ],
+        cwd=work,
+        env=env,
+        timeout=300,
+    )
     for path in json.loads(where.stdout):
         assert Path(path).resolve().is_relative_to(purelib.resolve()), path  # the wheel's copy, not the checkout
 
     script = venv / "bin" / "lightning-peft-train"
     assert script.read_text().startswith(f"#!{python}")
-    proc = _run([str(script), "hydra.run.dir=run", "trainer.max_steps=2", "data.limit_val_rows=50",
-                 "trainer.enable_progress_bar=false"], cwd=work, env=env, timeout=300)
+    proc = _run(
+        [
+            str(script),
+            "hydra.run.dir=run",
+            "trainer.max_steps=2",
+            "data.limit_val_rows=50",
+            "trainer.enable_progress_bar=false",
+        ],
+        cwd=work,
+        env=env,
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     assert "validation acc after: " in out and out.count("GPU available: ") == 1
     run = work / "run"

@@ -9,27 +9,32 @@ import shutil
 
 import pytest
 import torch
+from helpers import tiny_bert_classifier, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 
 import lightning_peft as lp
-from helpers import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 GPT2_LORA = dict(target_modules=["c_attn"], fan_in_fan_out=True)
 
 
 def _snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool], dict[str, type]]:
     """The weights, which parameters require grad, and the module types (wrappers left behind show there)."""
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            {n: type(m) for n, m in model.named_modules()})
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        {n: type(m) for n, m in model.named_modules()},
+    )
 
 
 def _unchanged(model: torch.nn.Module, before: tuple) -> bool:
     weights, requires_grad, types = before
     after = model.state_dict()
-    return (sorted(after) == sorted(weights) and all(torch.equal(after[k], v) for k, v in weights.items())
-            and {n: p.requires_grad for n, p in model.named_parameters()} == requires_grad
-            and {n: type(m) for n, m in model.named_modules()} == types)
+    return (
+        sorted(after) == sorted(weights)
+        and all(torch.equal(after[k], v) for k, v in weights.items())
+        and {n: p.requires_grad for n, p in model.named_parameters()} == requires_grad
+        and {n: type(m) for n, m in model.named_modules()} == types
+    )
 
 
 @pytest.fixture
@@ -64,18 +69,21 @@ def test_config_without_peft_type():
         lp.PeftConfig.from_dict({"r": 8})
 
 
-@pytest.mark.parametrize("kwargs,error,message", [
-    (dict(r="8"), ValueError, "r must be a positive integer"),
-    (dict(lora_alpha="16"), TypeError, "lora_alpha must be a number"),
-    (dict(lora_dropout=-0.1), ValueError, r"lora_dropout must be a number in \[0, 1\)"),
-    (dict(target_modules=[3]), TypeError, "target_modules must be a list of module names or a regex"),
-    (dict(target_modules=""), ValueError, "target_modules is an empty string"),
-    (dict(modules_to_save="classifier"), TypeError, "modules_to_save must be a list"),
-    (dict(layers_to_transform=["0"], target_modules=["q"]), TypeError, "layers_to_transform must be a layer index"),
-    (dict(rank_pattern=["q"]), TypeError, "rank_pattern must be a dict"),
-    (dict(alpha_pattern={"[": 2}), ValueError, "alpha_pattern key '\\[' is not a valid regex"),
-    (dict(inference_mode="yes"), TypeError, "inference_mode must be True or False"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(r="8"), ValueError, "r must be a positive integer"),
+        (dict(lora_alpha="16"), TypeError, "lora_alpha must be a number"),
+        (dict(lora_dropout=-0.1), ValueError, r"lora_dropout must be a number in \[0, 1\)"),
+        (dict(target_modules=[3]), TypeError, "target_modules must be a list of module names or a regex"),
+        (dict(target_modules=""), ValueError, "target_modules is an empty string"),
+        (dict(modules_to_save="classifier"), TypeError, "modules_to_save must be a list"),
+        (dict(layers_to_transform=["0"], target_modules=["q"]), TypeError, "layers_to_transform must be a layer index"),
+        (dict(rank_pattern=["q"]), TypeError, "rank_pattern must be a dict"),
+        (dict(alpha_pattern={"[": 2}), ValueError, "alpha_pattern key '\\[' is not a valid regex"),
+        (dict(inference_mode="yes"), TypeError, "inference_mode must be True or False"),
+    ],
+)
 def test_wrong_types_and_values(kwargs, error, message):
     with pytest.raises(error, match=message):
         lp.LoraConfig(**kwargs)
@@ -158,8 +166,10 @@ def test_pickled_weights_are_refused_unless_opted_in(saved_adapter):
     torch.save(tensors, folder / "adapter_model.bin")
     _load_fails(base, folder, "pickles can run code, so it is refused.*allow_pickle=True")
     loaded = lp.PeftModel.from_pretrained(base, folder, allow_pickle=True)
-    assert torch.equal(loaded.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight,
-                       tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"])
+    assert torch.equal(
+        loaded.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight,
+        tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"],
+    )
 
 
 def test_a_pickle_with_code_is_not_executed_even_when_opted_in(saved_adapter, tmp_path):
@@ -264,21 +274,33 @@ def test_get_peft_model_needs_a_config_object():
 # more of the catalogue (issue 8): each case checks the message says what to do and nothing changed
 # =============================================================================================
 # ---- configs ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(r=0), "r must be a positive integer (the LoRA rank), got 0"),
-    (dict(r=-2), "r must be a positive integer (the LoRA rank), got -2"),
-    (dict(lora_dropout=1.0), "lora_dropout must be a number in [0, 1), got 1.0"),
-    (dict(target_modules="(q"), "target_modules='(q' is not a valid regex (missing ), unterminated subpattern at "
-                                "position 0)"),
-    (dict(target_modules=[]), "target_modules is empty; name at least one module (e.g. ['q_proj', 'v_proj'])"),
-    (dict(target_modules=".*q_proj", layers_to_transform=[0]),
-     "layers_to_transform cannot be used when target_modules is a regex string; give target_modules as a list"),
-    (dict(target_modules=["q_proj"], layers_pattern="layers"),
-     "layers_pattern only has an effect together with layers_to_transform; set both"),
-    (dict(bias="some"), "bias='some' is not valid; use one of: 'none', 'all', 'lora_only'"),
-    (dict(task_type="NOPE"), "task_type='NOPE' is not valid; use one of: CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, "
-                             "TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(r=0), "r must be a positive integer (the LoRA rank), got 0"),
+        (dict(r=-2), "r must be a positive integer (the LoRA rank), got -2"),
+        (dict(lora_dropout=1.0), "lora_dropout must be a number in [0, 1), got 1.0"),
+        (
+            dict(target_modules="(q"),
+            "target_modules='(q' is not a valid regex (missing ), unterminated subpattern at position 0)",
+        ),
+        (dict(target_modules=[]), "target_modules is empty; name at least one module (e.g. ['q_proj', 'v_proj'])"),
+        (
+            dict(target_modules=".*q_proj", layers_to_transform=[0]),
+            "layers_to_transform cannot be used when target_modules is a regex string; give target_modules as a list",
+        ),
+        (
+            dict(target_modules=["q_proj"], layers_pattern="layers"),
+            "layers_pattern only has an effect together with layers_to_transform; set both",
+        ),
+        (dict(bias="some"), "bias='some' is not valid; use one of: 'none', 'all', 'lora_only'"),
+        (
+            dict(task_type="NOPE"),
+            "task_type='NOPE' is not valid; use one of: CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, "
+            "TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION",
+        ),
+    ],
+)
 def test_lora_config_values_out_of_range_or_conflicting(kwargs, message):
     with pytest.raises(ValueError) as err:
         lp.LoraConfig(**kwargs)
@@ -288,9 +310,11 @@ def test_lora_config_values_out_of_range_or_conflicting(kwargs, message):
 def test_ia3_feedforward_modules_outside_the_targets():
     with pytest.raises(ValueError) as err:
         lp.IA3Config(target_modules=["q_proj"], feedforward_modules=["down_proj"])
-    assert str(err.value) == ("feedforward_modules must be a subset of target_modules; ['down_proj'] are not in "
-                              "target_modules=['q_proj']. Add them to target_modules or drop them from "
-                              "feedforward_modules")
+    assert str(err.value) == (
+        "feedforward_modules must be a subset of target_modules; ['down_proj'] are not in "
+        "target_modules=['q_proj']. Add them to target_modules or drop them from "
+        "feedforward_modules"
+    )
 
 
 def test_targets_that_match_no_module_name_the_ones_there():
@@ -298,21 +322,37 @@ def test_targets_that_match_no_module_name_the_ones_there():
     before = _snapshot(base)
     with pytest.raises(ValueError) as err:
         lp.get_peft_model(base, lp.LoraConfig(target_modules=["nope"]))
-    assert str(err.value).startswith("target_modules={'nope'} matched no module of the model; leaf module names end "
-                                     "in: embed_tokens, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
+    assert str(err.value).startswith(
+        "target_modules={'nope'} matched no module of the model; leaf module names end "
+        "in: embed_tokens, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+    )
     assert _unchanged(base, before)
     assert not any("lora" in n for n, _ in base.named_modules())
 
 
-@pytest.mark.parametrize("config,error,message", [
-    (5, TypeError, "config must be a tuner config (e.g. LoraConfig(...)) or a dict / DictConfig with 'peft_type' or "
-                   "'_target_', got int"),
-    ({"_target_": "torch.nn.Identity"}, TypeError,
-     "_target_='torch.nn.Identity' built a Identity, not a tuner config (e.g. lightning_peft.LoraConfig)"),
-    ({"peft_type": "LORA", "r": -1}, ValueError, "r must be a positive integer (the LoRA rank), got -1"),
-    ({"r": 8}, ValueError, "the tuner config {'r': 8} has neither 'peft_type' (e.g. LORA) nor '_target_' "
-                           "(e.g. lightning_peft.LoraConfig); say which tuner it is for"),
-])
+@pytest.mark.parametrize(
+    "config,error,message",
+    [
+        (
+            5,
+            TypeError,
+            "config must be a tuner config (e.g. LoraConfig(...)) or a dict / DictConfig with 'peft_type' or "
+            "'_target_', got int",
+        ),
+        (
+            {"_target_": "torch.nn.Identity"},
+            TypeError,
+            "_target_='torch.nn.Identity' built a Identity, not a tuner config (e.g. lightning_peft.LoraConfig)",
+        ),
+        ({"peft_type": "LORA", "r": -1}, ValueError, "r must be a positive integer (the LoRA rank), got -1"),
+        (
+            {"r": 8},
+            ValueError,
+            "the tuner config {'r': 8} has neither 'peft_type' (e.g. LORA) nor '_target_' "
+            "(e.g. lightning_peft.LoraConfig); say which tuner it is for",
+        ),
+    ],
+)
 def test_peft_callback_config_errors(config, error, message):
     from lightning_peft.lightning import PEFTCallback
 
@@ -341,10 +381,13 @@ def test_misspelled_config_group_names_the_group():
     assert str(err.value).startswith("Unknown key 'tunr'. Did you mean 'tuner'? Valid keys of the top level: ")
 
 
-@pytest.mark.parametrize("override,options", [
-    ("tuner=loha", "Available options in 'tuner':\n\tia3\n\tlora\n\tp_tuning\n\tprefix_tuning\n\tprompt_tuning"),
-    ("strategy=fsdp3", "Available options in 'strategy':\n\tddp\n\tfsdp\n\tfsdp1\n\tint8\n\tsingle"),
-])
+@pytest.mark.parametrize(
+    "override,options",
+    [
+        ("tuner=loha", "Available options in 'tuner':\n\tia3\n\tlora\n\tp_tuning\n\tprefix_tuning\n\tprompt_tuning"),
+        ("strategy=fsdp3", "Available options in 'strategy':\n\tddp\n\tfsdp\n\tfsdp1\n\tint8\n\tsingle"),
+    ],
+)
 def test_unknown_group_choice_lists_the_available_ones(override, options):
     from hydra.errors import MissingConfigException
 
@@ -353,10 +396,13 @@ def test_unknown_group_choice_lists_the_available_ones(override, options):
     assert f"Could not find '{override.replace('=', '/')}'" in str(err.value) and options in str(err.value)
 
 
-@pytest.mark.parametrize("override,cause", [
-    ("seed=abc", "Value 'abc' of type 'str' could not be converted to Integer\n    full_key: seed"),
-    ("quantize=int4", "Invalid value 'int4', expected one of [int8]\n    full_key: quantize"),
-])
+@pytest.mark.parametrize(
+    "override,cause",
+    [
+        ("seed=abc", "Value 'abc' of type 'str' could not be converted to Integer\n    full_key: seed"),
+        ("quantize=int4", "Invalid value 'int4', expected one of [int8]\n    full_key: quantize"),
+    ],
+)
 def test_top_level_values_of_the_wrong_type(override, cause):
     from hydra.errors import ConfigCompositionException
 
@@ -366,10 +412,13 @@ def test_top_level_values_of_the_wrong_type(override, cause):
     assert str(err.value.__cause__).startswith(cause)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("tuner.r=abc", "r must be a positive integer (the LoRA rank), got 'abc'"),
-    ("tuner.lora_dropout=1.5", "lora_dropout must be a number in [0, 1), got 1.5"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("tuner.r=abc", "r must be a positive integer (the LoRA rank), got 'abc'"),
+        ("tuner.lora_dropout=1.5", "lora_dropout must be a number in [0, 1), got 1.5"),
+    ],
+)
 def test_tuner_values_from_the_command_line_are_checked(override, message):
     from hydra.errors import InstantiationException
 
@@ -392,9 +441,13 @@ def _edit_config(folder, **changes):
 def test_config_whose_rank_does_not_match_the_weights(saved_adapter):
     base, folder = saved_adapter
     _edit_config(folder, r=4)
-    _load_fails(base, folder, r"shape mismatches: base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_A\.weight: "
-                              r"file \(8, 32\) vs model \(4, 32\).*Load the adapter into the base model \(and config\) "
-                              "it was trained for")
+    _load_fails(
+        base,
+        folder,
+        r"shape mismatches: base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_A\.weight: "
+        r"file \(8, 32\) vs model \(4, 32\).*Load the adapter into the base model \(and config\) "
+        "it was trained for",
+    )
 
 
 def test_weights_file_missing_a_tensor(saved_adapter):
@@ -403,8 +456,12 @@ def test_weights_file_missing_a_tensor(saved_adapter):
     tensors = load_file(path)
     del tensors["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"]
     save_file(tensors, path)
-    _load_fails(base, folder, r"missing keys: base_model\.model\.transformer\.h\.1\.attn\.c_attn\.lora_B\.weight\)\. "
-                              "Load the adapter into the base model")
+    _load_fails(
+        base,
+        folder,
+        r"missing keys: base_model\.model\.transformer\.h\.1\.attn\.c_attn\.lora_B\.weight\)\. "
+        "Load the adapter into the base model",
+    )
 
 
 def test_config_recorded_for_another_peft_type_than_its_weights(saved_adapter):
@@ -453,9 +510,15 @@ def _fit(callback, root, ckpt_path=None, steps=2, holder=None):
     module = Module()
     if holder is not None:
         holder["module"] = module
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=root,
-                         callbacks=[callback, ModelCheckpoint(dirpath=root, save_last=True)])
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[callback, ModelCheckpoint(dirpath=root, save_last=True)],
+    )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4), ckpt_path=ckpt_path)
     return module, trainer
 
@@ -463,18 +526,30 @@ def _fit(callback, root, ckpt_path=None, steps=2, holder=None):
 def test_checkpoint_from_another_tuner_is_refused_and_nothing_is_loaded(tmp_path):
     from lightning_peft.lightning import PEFTCallback
 
-    _fit(PEFTCallback(lp.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
-                      merge_on_train_end=False), tmp_path / "ia3")
+    _fit(
+        PEFTCallback(
+            lp.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+            merge_on_train_end=False,
+        ),
+        tmp_path / "ia3",
+    )
     holder = {}
     with pytest.raises(ValueError) as err:
-        _fit(PEFTCallback(lp.LoraConfig(target_modules=["q_proj"]), merge_on_train_end=False), tmp_path / "lora",
-             ckpt_path=str(tmp_path / "ia3" / "last.ckpt"), holder=holder)
+        _fit(
+            PEFTCallback(lp.LoraConfig(target_modules=["q_proj"]), merge_on_train_end=False),
+            tmp_path / "lora",
+            ckpt_path=str(tmp_path / "ia3" / "last.ckpt"),
+            holder=holder,
+        )
     message = str(err.value)
-    assert message.startswith("refusing to load this state into Module: it does not hold the adapter 'default' (LORA) "
-                              "of `self.model` (4 of 4 adapter tensors are missing: model.base_model.model.model."
-                              "layers.0.self_attn.q_proj.lora_A.default.weight")
-    assert message.endswith("It was saved without the adapter or for a different tuner config / model; nothing was "
-                            "loaded.")
+    assert message.startswith(
+        "refusing to load this state into Module: it does not hold the adapter 'default' (LORA) "
+        "of `self.model` (4 of 4 adapter tensors are missing: model.base_model.model.model."
+        "layers.0.self_attn.q_proj.lora_A.default.weight"
+    )
+    assert message.endswith(
+        "It was saved without the adapter or for a different tuner config / model; nothing was loaded."
+    )
     assert not (tmp_path / "lora").exists()  # no checkpoint written
     peft = holder["module"].model
     fresh = tiny_llama()  # the same seeded base: not a weight of it was touched
@@ -495,8 +570,10 @@ def test_safe_merge_of_a_nan_adapter_is_refused_and_the_base_kept():
     before = _snapshot(model)[0]
     with pytest.raises(ValueError) as err:
         model.merge_and_unload(safe_merge=True)
-    assert str(err.value) == ("merging adapter 'default' would put NaN/inf into Linear weights; the merge was aborted "
-                              "and the base weights are unchanged (the adapter is broken: retrain or reload it)")
+    assert str(err.value) == (
+        "merging adapter 'default' would put NaN/inf into Linear weights; the merge was aborted "
+        "and the base weights are unchanged (the adapter is broken: retrain or reload it)"
+    )
     after = model.state_dict()
     assert sorted(after) == sorted(before)
     assert all(torch.equal(after[k], v) or (v.isnan().all() and after[k].isnan().all()) for k, v in before.items())
@@ -512,8 +589,11 @@ def test_merging_twice_warns_and_merges_once():
     model.base_model.merge_adapter()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     once = layer.get_base_layer().weight.clone()
-    with pytest.warns(UserWarning, match=r"adapter\(s\) \['default'\] already merged into Linear; not merging them "
-                                         "twice"):
+    with pytest.warns(
+        UserWarning,
+        match=r"adapter\(s\) \['default'\] already merged into Linear; not merging them "
+        "twice",
+    ):
         model.base_model.merge_adapter()
     assert torch.equal(layer.get_base_layer().weight, once)
 

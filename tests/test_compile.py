@@ -6,28 +6,33 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_gpt2, tiny_llama
 
 import lightning_peft as lp
 
-from helpers import tiny_gpt2, tiny_llama
-
 CASES = {
     "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
-    "llama": (tiny_llama, dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                               "down_proj"])),
+    "llama": (
+        tiny_llama,
+        dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ),
 }
 
 
 def _model(case: str, dropout: float = 0.0) -> torch.nn.Module:
     factory, kwargs = CASES[case]
-    model = lp.get_peft_model(factory(), lp.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                       init_lora_weights=False, **kwargs))
+    model = lp.get_peft_model(
+        factory(), lp.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False, **kwargs)
+    )
     return model
 
 
 def _breaks_in_our_code(explained) -> list[str]:
-    return [r.reason for r in explained.break_reasons
-            if any("lightning_peft" in str(frame.filename) for frame in r.user_stack)]
+    return [
+        r.reason
+        for r in explained.break_reasons
+        if any("lightning_peft" in str(frame.filename) for frame in r.user_stack)
+    ]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -67,8 +72,9 @@ def test_compiled_matches_eager(case, token_ids):
 def test_compiled_respects_set_adapter_and_disable(token_ids):
     torch._dynamo.reset()
     model = _model("llama").eval()
-    model.add_adapter("other", lp.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
-                                             target_modules=["q_proj", "v_proj"]))
+    model.add_adapter(
+        "other", lp.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+    )
     compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
         per_adapter = []
@@ -78,8 +84,10 @@ def test_compiled_respects_set_adapter_and_disable(token_ids):
         assert not torch.allclose(per_adapter[0], per_adapter[1])  # the adapters really differ
         for name in ("default", "other"):
             model.set_adapter(name)
-            torch.testing.assert_close(compiled(input_ids=token_ids).logits, model(input_ids=token_ids).logits,
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                compiled(input_ids=token_ids).logits, model(input_ids=token_ids).logits, atol=1e-5, rtol=0
+            )
         with model.disable_adapter():
-            torch.testing.assert_close(compiled(input_ids=token_ids).logits, model(input_ids=token_ids).logits,
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                compiled(input_ids=token_ids).logits, model(input_ids=token_ids).logits, atol=1e-5, rtol=0
+            )

@@ -7,11 +7,23 @@ import copy
 import peft
 import pytest
 import torch
+from helpers import (
+    fresh_saved_shapes,
+    ids,
+    image,
+    logits,
+    perturb,
+    quiet,
+    save_and_reload,
+    tiny_bert_classifier,
+    tiny_convnet,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+)
 from safetensors.torch import load_file
 
 import lightning_peft as lp
-from helpers import fresh_saved_shapes, ids, image, logits, perturb, quiet, save_and_reload, tiny_bert_classifier, \
-    tiny_convnet, tiny_gpt2, tiny_llama, tiny_t5
 from lightning_peft.tuners.ia3 import IA3Layer
 
 ATOL = 1e-5
@@ -29,12 +41,25 @@ def _t5_inputs() -> dict:
 # name -> (model factory, inputs, IA3Config kwargs)
 CASES = {
     "gpt2-conv1d-defaults": (tiny_gpt2, _ids, dict(task_type="CAUSAL_LM")),  # c_attn + mlp.c_proj (feedforward)
-    "llama-gqa": (tiny_llama, _ids, dict(target_modules=["k_proj", "v_proj", "down_proj", "up_proj"],
-                                        feedforward_modules=["down_proj", "up_proj"])),
-    "t5-regex": (tiny_t5, _t5_inputs, dict(target_modules=r".*(SelfAttention\.(k|v)|DenseReluDense\.wo)",
-                                           feedforward_modules=r".*DenseReluDense\.wo")),
-    "bert-cls": (tiny_bert_classifier, _ids, dict(task_type="SEQ_CLS", target_modules=["key", "value", "output.dense"],
-                                                  feedforward_modules=["output.dense"])),
+    "llama-gqa": (
+        tiny_llama,
+        _ids,
+        dict(target_modules=["k_proj", "v_proj", "down_proj", "up_proj"], feedforward_modules=["down_proj", "up_proj"]),
+    ),
+    "t5-regex": (
+        tiny_t5,
+        _t5_inputs,
+        dict(
+            target_modules=r".*(SelfAttention\.(k|v)|DenseReluDense\.wo)", feedforward_modules=r".*DenseReluDense\.wo"
+        ),
+    ),
+    "bert-cls": (
+        tiny_bert_classifier,
+        _ids,
+        dict(
+            task_type="SEQ_CLS", target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]
+        ),
+    ),
     "conv2d": (tiny_convnet, image, dict(target_modules=["conv1", "conv2", "head"], feedforward_modules=["conv2"])),
 }
 
@@ -97,8 +122,11 @@ def test_saved_keys_and_shapes_are_exactly(tmp_path):
 
 
 def test_vector_shapes_scale_outputs_or_inputs():
-    model = quiet(lp.get_peft_model, tiny_llama(), lp.IA3Config(target_modules=["k_proj", "down_proj"],
-                                                                  feedforward_modules=["down_proj"]))
+    model = quiet(
+        lp.get_peft_model,
+        tiny_llama(),
+        lp.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    )
     layers = model.base_model.model.model.layers[0]
     assert tuple(layers.self_attn.k_proj.ia3_l["default"].shape) == (16, 1)  # 2 kv heads x 8: output
     assert tuple(layers.mlp.down_proj.ia3_l["default"].shape) == (1, 64)  # intermediate: input
@@ -172,8 +200,11 @@ def test_merging_into_an_8bit_layer_is_refused():
     from lightning_peft.quantization import quantize_base_linears
 
     model = quantize_base_linears(tiny_llama())
-    peft_model = quiet(lp.get_peft_model, model, lp.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                                                                feedforward_modules=["down_proj"]))
+    peft_model = quiet(
+        lp.get_peft_model,
+        model,
+        lp.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    )
     x = _ids()
     with torch.no_grad():
         before = logits(peft_model, x)
@@ -195,4 +226,6 @@ def test_two_named_adapters_and_config_roundtrip(tmp_path):
     assert isinstance(config, lp.IA3Config) and config.init_ia3_weights is False
     assert config.feedforward_modules == set() and config.target_modules == {"c_attn"}
     assert sorted(load_file(tmp_path / "other" / "adapter_model.safetensors")) == [
-        "base_model.model.transformer.h.0.attn.c_attn.ia3_l", "base_model.model.transformer.h.1.attn.c_attn.ia3_l"]
+        "base_model.model.transformer.h.0.attn.c_attn.ia3_l",
+        "base_model.model.transformer.h.1.attn.c_attn.ia3_l",
+    ]

@@ -7,20 +7,29 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
 from helpers import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from torch import nn
 
 pytest.importorskip("bitsandbytes")
 
 from lightning_peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model  # noqa: E402
 from lightning_peft import quantization as q  # noqa: E402
-from lightning_peft.tuners.lora import Linear8bitLt  # noqa: E402
 from lightning_peft.serialization import get_peft_model_state_dict  # noqa: E402
+from lightning_peft.tuners.lora import Linear8bitLt  # noqa: E402
 
-LLAMA_LINEARS = {f"model.layers.{i}.{m}" for i in range(2) for m in
-                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+LLAMA_LINEARS = {
+    f"model.layers.{i}.{m}"
+    for i in range(2)
+    for m in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+}
 
 
 def test_quantizes_base_linears_but_not_the_head_or_skipped_modules(token_ids):
@@ -45,8 +54,9 @@ def test_conv1d_is_quantized_transposed(token_ids):
     with torch.no_grad():
         reference = model(input_ids=token_ids).logits
     q.quantize_base_linears(model)
-    assert set(q.int8_layers(model)) == {f"transformer.h.{i}.{m}" for i in range(2)
-                                         for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert set(q.int8_layers(model)) == {
+        f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
     assert model.transformer.h[0].attn.c_attn.weight.shape == (96, 32)
     with torch.no_grad():
         assert (model(input_ids=token_ids).logits - reference).abs().max() < 0.05
@@ -71,9 +81,10 @@ def test_lora_over_int8_trains_only_fp32_adapters(token_ids):
 
 
 def _trained_lora_over_int8(seed: int = 0):
-    peft = get_peft_model(q.quantize_base_linears(tiny_llama(seed)),
-                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                     init_lora_weights=False))
+    peft = get_peft_model(
+        q.quantize_base_linears(tiny_llama(seed)),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )
     return peft.eval()
 
 
@@ -114,8 +125,10 @@ def test_dequantized_weight_matches_the_original_within_int8_rounding():
 
 
 def test_ia3_over_int8_runs_but_merge_is_refused(token_ids):
-    peft = get_peft_model(q.quantize_base_linears(tiny_llama()),
-                          IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    peft = get_peft_model(
+        q.quantize_base_linears(tiny_llama()),
+        IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    )
     peft(input_ids=token_ids, labels=token_ids).loss.backward()
     with pytest.raises(ValueError, match="cannot merge IA3"):
         peft.merge_and_unload()
@@ -167,16 +180,29 @@ def test_lightning_run_over_int8_exports_an_adapter_that_loads_back(tmp_path, to
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     module = LitLM()
     callback = PEFTCallback(config, export_dir=str(tmp_path), merge_on_train_end=True)
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
-    data = DataLoader(TensorDataset(torch.randint(1, 64, (6, 12), generator=torch.Generator().manual_seed(0))),
-                      batch_size=2)
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    data = DataLoader(
+        TensorDataset(torch.randint(1, 64, (6, 12), generator=torch.Generator().manual_seed(0))), batch_size=2
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, data)
     exported = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert set(exported) == {f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
-                             for i in range(2) for m in ("q_proj", "v_proj") for ab in "AB"}
+    assert set(exported) == {
+        f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
+        for i in range(2)
+        for m in ("q_proj", "v_proj")
+        for ab in "AB"
+    }
     assert any(v.abs().sum() > 0 for k, v in exported.items() if "lora_B" in k)  # trained
     assert all(v.dtype == torch.float32 for v in exported.values())
 

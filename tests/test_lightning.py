@@ -21,10 +21,16 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from lightning_peft import (
+    IA3Config,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 from lightning_peft.lightning import PEFTCallback, PEFTMixin
-
-from lightning_peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -50,22 +56,55 @@ def build(kind: str, seed: int = 0) -> nn.Module:
     if kind == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64,
-                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                          eos_token_id=0, pad_token_id=0))
+        return GPT2LMHeadModel(
+            GPT2Config(
+                n_layer=2,
+                n_embd=32,
+                n_head=4,
+                vocab_size=VOCAB,
+                n_positions=64,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=0,
+            )
+        )
     if kind == "t5":
         from transformers import T5Config, T5ForConditionalGeneration
 
-        return T5ForConditionalGeneration(T5Config(num_layers=2, num_decoder_layers=2, d_model=32, d_ff=64,
-                                                   num_heads=4, d_kv=8, vocab_size=VOCAB, dropout_rate=0.0,
-                                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+        return T5ForConditionalGeneration(
+            T5Config(
+                num_layers=2,
+                num_decoder_layers=2,
+                d_model=32,
+                d_ff=64,
+                num_heads=4,
+                d_kv=8,
+                vocab_size=VOCAB,
+                dropout_rate=0.0,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        )
     if kind == "bert":
         from transformers import BertConfig, BertForSequenceClassification
 
-        return BertForSequenceClassification(BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-                                                        num_attention_heads=4, vocab_size=VOCAB,
-                                                        max_position_embeddings=64, num_labels=3,
-                                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+        return BertForSequenceClassification(
+            BertConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+                num_labels=3,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            )
+        )
     return MLP()
 
 
@@ -93,8 +132,13 @@ def config_for(tuner: str, kind: str):
     task = {"gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM", "bert": "SEQ_CLS"}.get(kind)
     if tuner == "lora":
         targets = {"gpt2": ["c_attn"], "t5": ["q", "v"], "bert": ["query", "value"]}.get(kind, ["fc1", "fc2"])
-        return LoraConfig(task_type=task, r=4, lora_alpha=8, target_modules=targets,
-                          modules_to_save=["head"] if kind == "mlp" else None)
+        return LoraConfig(
+            task_type=task,
+            r=4,
+            lora_alpha=8,
+            target_modules=targets,
+            modules_to_save=["head"] if kind == "mlp" else None,
+        )
     if tuner == "ia3":
         if kind == "mlp":
             return IA3Config(target_modules=["fc1", "fc2"], feedforward_modules=["fc2"])
@@ -176,8 +220,16 @@ def model_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 def make_trainer(tmp_path, callbacks, max_steps=4, **kwargs) -> pl.Trainer:
     kwargs.setdefault("logger", False)
-    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, default_root_dir=str(tmp_path), accelerator="cpu",
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+    return pl.Trainer(
+        max_steps=max_steps,
+        callbacks=callbacks,
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
 
 
 def ckpt_state(path: str) -> dict:
@@ -197,17 +249,23 @@ CASES = [(k, t) for k in ("gpt2", "t5", "bert", "mlp") for t in TUNERS if not (k
 # ---------------------------------------------------------------------------------------------
 def _train_merge_and_test_best(kind: str, tuner: str, tmp_path) -> SimpleNamespace:
     model = build(kind)
-    run = SimpleNamespace(kind=kind, tuner=tuner, root=tmp_path, original_class=type(model),
-                          base=dict(model.named_parameters()),
-                          probe_batch=next(iter(DataLoader(batches(kind, seed=7), batch_size=4))))
+    run = SimpleNamespace(
+        kind=kind,
+        tuner=tuner,
+        root=tmp_path,
+        original_class=type(model),
+        base=dict(model.named_parameters()),
+        probe_batch=next(iter(DataLoader(batches(kind, seed=7), batch_size=4))),
+    )
     run.probe = Probe(run.base, run.probe_batch)
     run.module = TaskModule(model)
     run.best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss", mode="min", save_top_k=1)
     run.weights = ModelCheckpoint(dirpath=tmp_path / "weights", save_weights_only=True, every_n_train_steps=4)
     run.last = ModelCheckpoint(dirpath=tmp_path / "last", save_last=True, save_top_k=0, every_n_train_steps=1000)
     run.callback = PEFTCallback(config_for(tuner, kind), export_dir=str(tmp_path / "export"))
-    run.trainer = make_trainer(tmp_path, [run.callback, run.probe, run.best, run.weights, run.last],
-                               val_check_interval=1, limit_val_batches=1)
+    run.trainer = make_trainer(
+        tmp_path, [run.callback, run.probe, run.best, run.weights, run.last], val_check_interval=1, limit_val_batches=1
+    )
     run.trainer.fit(run.module, loader(kind), loader(kind, seed=2))
     run.adapter_keys = set(run.probe.start)
     # trainer.test(ckpt_path="best") below restores the checkpoint callbacks' states of that checkpoint: their
@@ -216,9 +274,12 @@ def _train_merge_and_test_best(kind: str, tuner: str, tmp_path) -> SimpleNamespa
     run.best_path, run.last_path = run.best.best_model_path, run.last.last_model_path
     # the merge at fit end, as it stood before trainer.test() below put the best adapter back on
     merged = run.module.model
-    run.after_fit = SimpleNamespace(model_class=type(merged), parameter_names=[n for n, _ in merged.named_parameters()],
-                                    output=model_output(merged, run.probe_batch),
-                                    module_state_keys=set(run.module.state_dict()))
+    run.after_fit = SimpleNamespace(
+        model_class=type(merged),
+        parameter_names=[n for n, _ in merged.named_parameters()],
+        output=model_output(merged, run.probe_batch),
+        module_state_keys=set(run.module.state_dict()),
+    )
     run.best_state = ckpt_state(run.best_path)["state_dict"]
     run.test_result = run.trainer.test(run.module, loader(kind, seed=3), ckpt_path="best", verbose=False)
     return run
@@ -351,20 +412,22 @@ def test_merge_at_fit_end_and_merged_export(lifecycle, kind, tuner):
 
 
 @pytest.mark.parametrize("kind,tuner", CASES)
-def test_test_with_best_checkpoint_after_the_merge_uses_the_best_adapter_on_the_untouched_base(lifecycle, kind,
-                                                                                                tuner):
+def test_test_with_best_checkpoint_after_the_merge_uses_the_best_adapter_on_the_untouched_base(lifecycle, kind, tuner):
     run = lifecycle(kind, tuner)
     module = run.module
     assert isinstance(module.model, PeftModel)
-    now_base = {n.replace(".base_layer", "").replace(".original_module", ""): p
-                for n, p in module.model.get_base_model().named_parameters()}  # base weights under their wrappers
+    now_base = {
+        n.replace(".base_layer", "").replace(".original_module", ""): p
+        for n, p in module.model.get_base_model().named_parameters()
+    }  # base weights under their wrappers
     assert set(run.probe.base_values) <= set(now_base)
     assert all(torch.equal(now_base[n], v) for n, v in run.probe.base_values.items())
     now = {n: p for n, p in module.named_parameters() if n in run.adapter_keys}
     assert set(now) == run.adapter_keys and all(torch.equal(now[k], run.best_state[k]) for k in run.adapter_keys)
     expected_model = get_peft_model(build(kind), config_for(tuner, kind))
-    missing, unexpected = expected_model.load_state_dict({k[len("model."):]: v for k, v in run.best_state.items()},
-                                                         strict=False)
+    missing, unexpected = expected_model.load_state_dict(
+        {k[len("model.") :]: v for k, v in run.best_state.items()}, strict=False
+    )
     assert unexpected == []
     expected_model.eval()
     with torch.no_grad():
@@ -388,8 +451,12 @@ def _optimizer_tensors(trainer: pl.Trainer) -> list[torch.Tensor]:
 def _resume_run(kind: str, tuner: str, root, max_epochs: int, ckpt_path=None, extra=()):
     module = TaskModule(build(kind))
     probe = Probe(dict(module.model.named_parameters()), next(iter(loader(kind))))
-    trainer = make_trainer(root, [PEFTCallback(config_for(tuner, kind), merge_on_train_end=False), probe, *extra],
-                           max_steps=-1, max_epochs=max_epochs)
+    trainer = make_trainer(
+        root,
+        [PEFTCallback(config_for(tuner, kind), merge_on_train_end=False), probe, *extra],
+        max_steps=-1,
+        max_epochs=max_epochs,
+    )
     trainer.fit(module, loader(kind), ckpt_path=ckpt_path)
     return module, trainer, probe
 
@@ -404,15 +471,22 @@ def interrupted(tmp_path_factory):
         if (kind, tuner) not in runs:
             root = tmp_path_factory.mktemp(f"resume-{kind}-{tuner}")
             straight, straight_trainer, _ = _resume_run(kind, tuner, root, 3)  # 2 batches per epoch: 6 steps
-            full = ModelCheckpoint(dirpath=root / "full", every_n_epochs=1, save_on_train_epoch_end=True,
-                                   save_top_k=-1)
-            weights = ModelCheckpoint(dirpath=root / "weights", every_n_epochs=2, save_on_train_epoch_end=True,
-                                      save_top_k=-1, save_weights_only=True)
+            full = ModelCheckpoint(dirpath=root / "full", every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=-1)
+            weights = ModelCheckpoint(
+                dirpath=root / "weights",
+                every_n_epochs=2,
+                save_on_train_epoch_end=True,
+                save_top_k=-1,
+                save_weights_only=True,
+            )
             first, _, _ = _resume_run(kind, tuner, root, 2, extra=(full, weights))
             runs[kind, tuner] = SimpleNamespace(
-                straight=trainable(straight), straight_optimizer=_optimizer_tensors(straight_trainer),
-                first=trainable(first), full_path=str(root / "full" / "epoch=1-step=4.ckpt"),
-                weights_path=str(root / "weights" / "epoch=1-step=4.ckpt"))
+                straight=trainable(straight),
+                straight_optimizer=_optimizer_tensors(straight_trainer),
+                first=trainable(first),
+                full_path=str(root / "full" / "epoch=1-step=4.ckpt"),
+                weights_path=str(root / "weights" / "epoch=1-step=4.ckpt"),
+            )
         return runs[kind, tuner]
 
     return get
@@ -431,8 +505,7 @@ def test_resume_from_a_full_checkpoint_equals_the_straight_run(interrupted, kind
 
 
 @pytest.mark.parametrize("kind,tuner", RESUME_CASES)
-def test_resume_from_a_weights_only_checkpoint_warns_and_starts_a_fresh_optimizer(interrupted, kind, tuner,
-                                                                                   tmp_path):
+def test_resume_from_a_weights_only_checkpoint_warns_and_starts_a_fresh_optimizer(interrupted, kind, tuner, tmp_path):
     runs = interrupted(kind, tuner)
     with pytest.warns(UserWarning, match="resuming from a weights-only checkpoint"):
         from_weights, weights_trainer, probe = _resume_run(kind, tuner, tmp_path, 3, ckpt_path=runs.weights_path)
@@ -471,10 +544,13 @@ def test_bad_checkpoint_is_never_loaded_half(tmp_path):
     assert str(err.value) == (
         "refusing to load this state into TaskModule: it does not hold the adapter 'default' (LORA) of "
         f"`self.model` (1 of 4 adapter tensors are missing: {removed}). It was saved without the adapter or for "
-        "a different tuner config / model; nothing was loaded.")
+        "a different tuner config / model; nothing was loaded."
+    )
     assert all(torch.equal(v, before[k]) for k, v in trainable(module).items())
     wrong_rank = {k: (torch.zeros(2, v.shape[1]) if "lora_A" in k else v) for k, v in state.items()}
-    with pytest.raises(ValueError, match=r"shape mismatches: .*lora_A.default.weight: checkpoint \(2, 32\) vs model \(4, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatches: .*lora_A.default.weight: checkpoint \(2, 32\) vs model \(4, 32\)"
+    ):
         module.load_state_dict(wrong_rank)
     assert all(torch.equal(v, before[k]) for k, v in trainable(module).items())
     module.load_state_dict(state)  # complete adapter: loads, strict, though the base is absent
@@ -492,8 +568,9 @@ def test_config_forms_are_equivalent():
         expected,
         {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]},
         OmegaConf.create({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]}),
-        OmegaConf.create({"_target_": "lightning_peft.LoraConfig", "r": 4, "lora_alpha": 8,
-                          "target_modules": ["c_attn"]}),
+        OmegaConf.create(
+            {"_target_": "lightning_peft.LoraConfig", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]}
+        ),
     ]
     for form in forms:
         assert PEFTCallback(form).config == expected
@@ -510,14 +587,19 @@ def test_model_attr_that_does_not_exist(tmp_path):
     assert str(err.value) == (
         "PEFTCallback(model_attr='net'): TaskModule has no model in `self.net` (its child modules are: model). "
         "Keep the model in `self.net` or pass model_attr= the attribute that holds it; a model built in "
-        "configure_model() must exist once configure_model() returns.")
+        "configure_model() must exist once configure_model() returns."
+    )
 
 
 def test_trainable_counts_logged_once_to_loggers_and_console(tmp_path, caplog):
     module = TaskModule(build("gpt2"))
     logger = CSVLogger(str(tmp_path), name="logs", version=0)
-    trainer = make_trainer(tmp_path, [PEFTCallback(config_for("lora", "gpt2"), merge_on_train_end=False)],
-                           logger=logger, log_every_n_steps=1)
+    trainer = make_trainer(
+        tmp_path,
+        [PEFTCallback(config_for("lora", "gpt2"), merge_on_train_end=False)],
+        logger=logger,
+        log_every_n_steps=1,
+    )
     with caplog.at_level(logging.INFO):
         trainer.validate(module, loader("gpt2"), verbose=False)
         trainer.fit(module, loader("gpt2"))
@@ -525,8 +607,10 @@ def test_trainable_counts_logged_once_to_loggers_and_console(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if "trainable params" in r.getMessage()]
     trainable_n, total_n = module.model.get_nb_trainable_parameters()
     assert trainable_n == 1024
-    assert lines == [f"lightning_peft: LORA adapter 'default' on `model`: trainable params 1,024 of {total_n:,d} "
-                     f"({100 * 1024 / total_n:.4f}%)"]
+    assert lines == [
+        f"lightning_peft: LORA adapter 'default' on `model`: trainable params 1,024 of {total_n:,d} "
+        f"({100 * 1024 / total_n:.4f}%)"
+    ]
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("peft/trainable_params")]
     assert len(rows) == 1
@@ -576,7 +660,8 @@ def test_mixin_with_model_built_in_configure_model(tmp_path):
     # HF-format state, save / load round trip
     hf_state = module.adapter_state_dict()
     assert sorted(hf_state) == sorted(
-        f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{ab}.weight" for i in range(2) for ab in "AB")
+        f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{ab}.weight" for i in range(2) for ab in "AB"
+    )
     module.save_adapter(str(tmp_path / "adapter"))
     trained = trainable(module)
     with torch.no_grad():
@@ -603,16 +688,22 @@ def test_mixin_with_model_built_in_configure_model(tmp_path):
 def test_callback_with_model_built_in_configure_model(tmp_path):
     module = LazyPlainModule("bert")
     weights = ModelCheckpoint(dirpath=tmp_path / "w", every_n_train_steps=2, save_weights_only=True)
-    trainer = make_trainer(tmp_path, [PEFTCallback(config_for("lora", "bert"), export_dir=str(tmp_path / "out")),
-                                      weights], max_steps=2)
+    trainer = make_trainer(
+        tmp_path, [PEFTCallback(config_for("lora", "bert"), export_dir=str(tmp_path / "out")), weights], max_steps=2
+    )
     trainer.fit(module, loader("bert"))
     assert "configure_model" not in module.__dict__  # the one-shot wrapper removed itself
     assert type(module.model).__name__ == "BertForSequenceClassification"  # merged at the end
     keys = set(ckpt_state(weights.best_model_path)["state_dict"])
-    assert keys == {f"model.base_model.model.bert.encoder.layer.{i}.attention.self.{m}.lora_{ab}.default.weight"
-                    for i in range(2) for m in ("query", "value") for ab in "AB"} | {
+    assert keys == {
+        f"model.base_model.model.bert.encoder.layer.{i}.attention.self.{m}.lora_{ab}.default.weight"
+        for i in range(2)
+        for m in ("query", "value")
+        for ab in "AB"
+    } | {
         "model.base_model.model.classifier.modules_to_save.default.weight",
-        "model.base_model.model.classifier.modules_to_save.default.bias"}
+        "model.base_model.model.classifier.modules_to_save.default.bias",
+    }
     assert os.path.isfile(tmp_path / "out" / "merged" / "model.safetensors")
 
 
@@ -629,14 +720,16 @@ def test_mixin_config_and_callback_together_is_an_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_readme_example_runs(tmp_path, monkeypatch):
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-    section = readme[readme.index("## Lightning: `PEFTCallback` and `PEFTMixin`"):]
+    section = readme[readme.index("## Lightning: `PEFTCallback` and `PEFTMixin`") :]
     code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
+        exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})  # noqa: S102  (the README's own example)
     assert sorted(os.listdir(tmp_path / "lightning_logs" / "version_0" / "adapter")) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert os.path.isfile(tmp_path / "lightning_logs" / "version_0" / "merged" / "model.safetensors")
 
 
@@ -668,8 +761,13 @@ def test_validate_best_and_fit_again_after_the_merge(tmp_path):
     trainer3 = make_trainer(tmp_path, [callback, probe2], max_steps=3, logger=False)
     trainer3.fit(module2, loader("gpt2"))
     assert probe2.base_changed == [] and len(probe2.start) == 4 and probe2.start_step == 0
-    assert sorted(torch.equal(v, first_adapter[k.replace("model.", "", 1).replace(".default", "")])
-                  for k, v in probe2.start.items()) == [True] * 4  # it went on from the final adapter
+    assert (
+        sorted(
+            torch.equal(v, first_adapter[k.replace("model.", "", 1).replace(".default", "")])
+            for k, v in probe2.start.items()
+        )
+        == [True] * 4
+    )  # it went on from the final adapter
     assert type(module2.model).__name__ == "GPT2LMHeadModel"
 
 

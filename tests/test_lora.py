@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
+from helpers import ids, tiny_bert_classifier, tiny_convnet, tiny_gpt2, tiny_llama
 from transformers import GPT2LMHeadModel
 
 import lightning_peft as lp
-from helpers import ids, tiny_bert_classifier, tiny_convnet, tiny_gpt2, tiny_llama
 from lightning_peft.tuners.lora import LoraLayer
 
 
@@ -46,8 +46,9 @@ def test_fresh_lora_model_equals_its_base(init):
 
 
 def test_init_lora_weights_distributions():
-    model = lp.get_peft_model(tiny_llama(), lp.LoraConfig(r=8, target_modules=["q_proj", "embed_tokens"],
-                                                          init_lora_weights="gaussian"))
+    model = lp.get_peft_model(
+        tiny_llama(), lp.LoraConfig(r=8, target_modules=["q_proj", "embed_tokens"], init_lora_weights="gaussian")
+    )
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert torch.count_nonzero(q.lora_B["default"].weight) == 0
     assert abs(q.lora_A["default"].weight.std().item() - 1 / 8) < 0.03
@@ -68,8 +69,13 @@ def test_forward_is_base_plus_scaled_low_rank_update():
 
 
 def test_rank_and_alpha_patterns_override_per_module():
-    config = lp.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                           rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 2})
+    config = lp.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2},
+        alpha_pattern={"v_proj": 2},
+    )
     model = lp.get_peft_model(tiny_llama(), config)
     layers = model.base_model.model.model.layers
     assert layers[0].self_attn.q_proj.r["default"] == 4
@@ -84,8 +90,10 @@ def test_target_matching_rules():
         return sorted(n for n, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer))
 
     assert targeted(target_modules=["attn.c_proj"]) == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
-    assert targeted(target_modules=r"transformer\.h\.0\..*c_proj") == ["transformer.h.0.attn.c_proj",
-                                                                        "transformer.h.0.mlp.c_proj"]
+    assert targeted(target_modules=r"transformer\.h\.0\..*c_proj") == [
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp.c_proj",
+    ]
     assert targeted(target_modules=["c_attn"], layers_to_transform=1) == ["transformer.h.1.attn.c_attn"]
     with pytest.raises(ValueError, match="matched no module"):  # no 'blocks.N.' in GPT-2's names
         targeted(target_modules=["c_attn"], layers_to_transform=[0, 1], layers_pattern="blocks")
@@ -161,8 +169,9 @@ def test_only_the_adapter_trains_and_bias_modes():
 
     lora = {f"bert.encoder.layer.{i}.attention.self.query.lora_{ab}.default.weight" for i in (0, 1) for ab in "AB"}
     assert trainable() == lora
-    assert trainable(bias="lora_only") == lora | {f"bert.encoder.layer.{i}.attention.self.query.base_layer.bias"
-                                                   for i in (0, 1)}
+    assert trainable(bias="lora_only") == lora | {
+        f"bert.encoder.layer.{i}.attention.self.query.base_layer.bias" for i in (0, 1)
+    }
     all_bias = trainable(bias="all")
     assert lora < all_bias and "bert.encoder.layer.1.output.dense.bias" in all_bias
     assert all(n.endswith("bias") for n in all_bias - lora)
@@ -199,8 +208,10 @@ def test_save_and_load_round_trip_named_adapters(tmp_path):
     _randomise_adapters(model)
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "other"]
-    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["adapter_config.json",
-                                                                      "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and saved["inference_mode"] is True and saved["r"] == 8
     assert model.peft_config["default"].inference_mode is False
@@ -214,8 +225,9 @@ def test_save_and_load_round_trip_named_adapters(tmp_path):
         assert torch.equal(loaded(x).logits, model(x).logits)
 
     trainable = lp.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
-    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == \
-        {n for n, p in trainable.named_parameters() if ".lora_" in n}
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {
+        n for n, p in trainable.named_parameters() if ".lora_" in n
+    }
 
 
 def test_config_round_trip_and_files_from_newer_peft(tmp_path):
@@ -254,20 +266,23 @@ def test_targets_that_match_nothing_list_real_names_and_leave_the_model_untouche
     assert not any(isinstance(m, LoraLayer) for m in base.modules())
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(r=0), "r must be a positive integer"),
-    (dict(r=-2), "r must be a positive integer"),
-    (dict(r=2.5), "r must be a positive integer"),
-    (dict(bias="some"), r"bias='some' is not valid; use one of: 'none', 'all', 'lora_only'"),
-    (dict(lora_dropout=1.0), r"lora_dropout must be a number in \[0, 1\)"),
-    (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' is not valid"),
-    (dict(target_modules="("), "not a valid regex"),
-    (dict(target_modules=[]), "target_modules is empty"),
-    (dict(target_modules="q_proj", layers_to_transform=[0]), "layers_to_transform cannot be used"),
-    (dict(target_modules=["q_proj"], layers_pattern="layers"), "layers_pattern only has an effect"),
-    (dict(rank_pattern={"q_proj": 0}), "must be a positive integer rank"),
-    (dict(task_type="CLASSIFY"), "task_type='CLASSIFY' is not valid"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(r=0), "r must be a positive integer"),
+        (dict(r=-2), "r must be a positive integer"),
+        (dict(r=2.5), "r must be a positive integer"),
+        (dict(bias="some"), r"bias='some' is not valid; use one of: 'none', 'all', 'lora_only'"),
+        (dict(lora_dropout=1.0), r"lora_dropout must be a number in \[0, 1\)"),
+        (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' is not valid"),
+        (dict(target_modules="("), "not a valid regex"),
+        (dict(target_modules=[]), "target_modules is empty"),
+        (dict(target_modules="q_proj", layers_to_transform=[0]), "layers_to_transform cannot be used"),
+        (dict(target_modules=["q_proj"], layers_pattern="layers"), "layers_pattern only has an effect"),
+        (dict(rank_pattern={"q_proj": 0}), "must be a positive integer rank"),
+        (dict(task_type="CLASSIFY"), "task_type='CLASSIFY' is not valid"),
+    ],
+)
 def test_config_validation(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         lp.LoraConfig(**kwargs)
@@ -298,8 +313,11 @@ def test_loading_an_adapter_of_the_wrong_shape_lists_mismatches_and_changes_noth
     torch.manual_seed(0)
     wider = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=64, n_positions=64))
     before = _state(wider)
-    with pytest.raises(ValueError, match=r"shape mismatches: base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_A"
-                                         r"\.weight: file \(8, 32\) vs model \(8, 48\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape mismatches: base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_A"
+        r"\.weight: file \(8, 32\) vs model \(8, 48\)",
+    ):
         lp.PeftModel.from_pretrained(wider, tmp_path)
     _assert_same_state(wider, before)
     assert not any(isinstance(m, LoraLayer) for m in wider.modules())
@@ -349,8 +367,9 @@ def test_layer_api_both_constructor_forms_and_delta_weight():
     assert delta.shape == (32, 16)
     torch.testing.assert_close(delta, wrapped.lora_B["a"].weight @ wrapped.lora_A["a"].weight * 3.0)
     x = torch.randn(4, 16)
-    torch.testing.assert_close(wrapped(x), x @ (wrapped.base_layer.weight + delta).T + wrapped.base_layer.bias,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        wrapped(x), x @ (wrapped.base_layer.weight + delta).T + wrapped.base_layer.bias, atol=1e-5, rtol=0
+    )
 
 
 def test_adapter_names_sharing_a_prefix_save_and_load_apart(tmp_path):
@@ -389,21 +408,31 @@ def test_a_layer_that_cannot_be_adapted_leaves_the_whole_model_untouched():
 
 
 def test_weighted_adapter_covers_every_layer_of_every_input():
-    model = lp.get_peft_model(tiny_llama(), lp.LoraConfig(target_modules=["q_proj"], layers_to_transform=0),
-                              adapter_name="a")
+    model = lp.get_peft_model(
+        tiny_llama(), lp.LoraConfig(target_modules=["q_proj"], layers_to_transform=0), adapter_name="a"
+    )
     model.add_adapter("b", lp.LoraConfig(target_modules=["q_proj"], layers_to_transform=1))
     _randomise_adapters(model)
     model.add_weighted_adapter(["a", "b"], [0.5, 2.0], "mix", combination_type="cat")
     layers = model.base_model.model.model.layers
-    torch.testing.assert_close(layers[0].self_attn.q_proj.get_delta_weight("mix"),
-                               0.5 * layers[0].self_attn.q_proj.get_delta_weight("a"), atol=1e-6, rtol=0)
-    torch.testing.assert_close(layers[1].self_attn.q_proj.get_delta_weight("mix"),
-                               2.0 * layers[1].self_attn.q_proj.get_delta_weight("b"), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        layers[0].self_attn.q_proj.get_delta_weight("mix"),
+        0.5 * layers[0].self_attn.q_proj.get_delta_weight("a"),
+        atol=1e-6,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        layers[1].self_attn.q_proj.get_delta_weight("mix"),
+        2.0 * layers[1].self_attn.q_proj.get_delta_weight("b"),
+        atol=1e-6,
+        rtol=0,
+    )
 
 
 def test_bias_all_trains_no_parameter_that_never_runs():
-    model = lp.get_peft_model(tiny_bert_classifier(), lp.LoraConfig(task_type="SEQ_CLS", target_modules=["query"],
-                                                                      bias="all"))
+    model = lp.get_peft_model(
+        tiny_bert_classifier(), lp.LoraConfig(task_type="SEQ_CLS", target_modules=["query"], bias="all")
+    )
     model.add_adapter("other", lp.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
     model.set_adapter("default")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -417,4 +446,6 @@ def test_every_classification_adapter_gets_its_own_head():
     head = model.base_model.model.classifier
     assert sorted(head.modules_to_save) == ["default", "second"]
     model.set_adapter("second")
-    assert head.modules_to_save["second"].weight.requires_grad and not head.modules_to_save["default"].weight.requires_grad
+    assert (
+        head.modules_to_save["second"].weight.requires_grad and not head.modules_to_save["default"].weight.requires_grad
+    )

@@ -15,8 +15,15 @@ def _layer(kind: str, dropout: float = 0.0, alpha: float = 8, bias_grad: bool = 
     torch.manual_seed(0)
     base = nn.Linear(16, 24) if kind == "linear" else Conv1D(24, 16)
     base.requires_grad_(False)
-    layer = Linear(base, "default", r=4, lora_alpha=alpha, lora_dropout=dropout, fan_in_fan_out=kind == "conv1d",
-                   init_lora_weights=False)
+    layer = Linear(
+        base,
+        "default",
+        r=4,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        fan_in_fan_out=kind == "conv1d",
+        init_lora_weights=False,
+    )
     if bias_grad:
         base.bias.requires_grad_(True)
     return layer
@@ -111,7 +118,8 @@ def test_general_path_when_fused_would_differ(monkeypatch):
     calls = _count_fused(monkeypatch)
     layer.set_adapter(["default", "second"])  # two active adapters: both deltas added
     expected = layer.base_layer(x) + sum(
-        layer.lora_B[n](layer.lora_A[n](x)) * layer.scaling[n] for n in ("default", "second"))
+        layer.lora_B[n](layer.lora_A[n](x)) * layer.scaling[n] for n in ("default", "second")
+    )
     torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=0)
     layer.set_adapter("default")
     seen = []

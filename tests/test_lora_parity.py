@@ -7,29 +7,58 @@ import copy
 import peft
 import pytest
 import torch
+from helpers import (
+    fresh_saved_shapes,
+    ids,
+    image,
+    logits,
+    perturb,
+    save_and_reload,
+    tiny_bert_classifier,
+    tiny_convnet,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 import lightning_peft as lp
-from helpers import fresh_saved_shapes, ids, image, logits, perturb, save_and_reload, tiny_bert_classifier, tiny_convnet, tiny_gpt2, tiny_llama
 
 ATOL = 1e-5
 
 
 # name -> (model factory, input factory, LoraConfig kwargs)
 CASES = {
-    "gpt2-conv1d": (tiny_gpt2, ids, dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
-                                           lora_alpha=16, task_type="CAUSAL_LM")),
+    "gpt2-conv1d": (
+        tiny_gpt2,
+        ids,
+        dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, lora_alpha=16, task_type="CAUSAL_LM"),
+    ),
     "gpt2-regex-layers": (tiny_gpt2, ids, dict(target_modules=r".*\.h\.1\.attn\.c_attn", fan_in_fan_out=True)),
-    "gpt2-layers-to-transform": (tiny_gpt2, ids, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
-                                                        layers_to_transform=[1], layers_pattern="h")),
-    "llama-linear-patterns": (tiny_llama, ids, dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                     "gate_proj", "down_proj"],
-                                                     r=4, rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
-                                                     alpha_pattern={"v_proj": 32})),
+    "gpt2-layers-to-transform": (
+        tiny_gpt2,
+        ids,
+        dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, layers_to_transform=[1], layers_pattern="h"),
+    ),
+    "llama-linear-patterns": (
+        tiny_llama,
+        ids,
+        dict(
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
+            r=4,
+            rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
+            alpha_pattern={"v_proj": 32},
+        ),
+    ),
     "llama-embedding": (tiny_llama, ids, dict(target_modules=["embed_tokens", "q_proj"], r=4)),
-    "bert-cls-lora-only-bias": (tiny_bert_classifier, ids, dict(task_type="SEQ_CLS", target_modules=["query", "value"],
-                                                                  bias="lora_only")),
-    "bert-cls-all-bias-modules": (tiny_bert_classifier, ids, dict(task_type="SEQ_CLS", target_modules=["query", "key"],
-                                                                    bias="all", modules_to_save=["pooler"])),
+    "bert-cls-lora-only-bias": (
+        tiny_bert_classifier,
+        ids,
+        dict(task_type="SEQ_CLS", target_modules=["query", "value"], bias="lora_only"),
+    ),
+    "bert-cls-all-bias-modules": (
+        tiny_bert_classifier,
+        ids,
+        dict(task_type="SEQ_CLS", target_modules=["query", "key"], bias="all", modules_to_save=["pooler"]),
+    ),
     "conv2d": (tiny_convnet, image, dict(target_modules=["conv1", "conv2", "head"], r=4, lora_alpha=8)),
 }
 
@@ -67,29 +96,40 @@ def test_saved_key_sets_and_shapes_identical(case, tmp_path):
 
 # the files' contents written out: tiny GPT-2 (n_embd 32, c_attn 32 -> 96) and BERT classifier (hidden 32, 3 labels)
 SAVED_KEYS = {
-    "gpt2-c_attn-r8": (tiny_gpt2, dict(target_modules=["c_attn"], fan_in_fan_out=True), {
-        "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": (8, 32),
-        "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": (96, 8),
-        "base_model.model.transformer.h.1.attn.c_attn.lora_A.weight": (8, 32),
-        "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight": (96, 8),
-    }),
-    "bert-cls-query-r4-pooler-saved": (tiny_bert_classifier, dict(task_type="SEQ_CLS", target_modules=["query"], r=4,
-                                                                  modules_to_save=["pooler"]), {
-        "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": (4, 32),
-        "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight": (32, 4),
-        "base_model.model.bert.encoder.layer.1.attention.self.query.lora_A.weight": (4, 32),
-        "base_model.model.bert.encoder.layer.1.attention.self.query.lora_B.weight": (32, 4),
-        "base_model.model.bert.pooler.dense.weight": (32, 32),  # modules_to_save: whole modules, plain names
-        "base_model.model.bert.pooler.dense.bias": (32,),
-        "base_model.model.classifier.weight": (3, 32),  # SEQ_CLS saves the head too
-        "base_model.model.classifier.bias": (3,),
-    }),
-    "llama-embedding-r4": (tiny_llama, dict(target_modules=["embed_tokens"], r=4), {
-        "base_model.model.model.embed_tokens.lora_embedding_A": (4, 64),  # (r, vocab)
-        "base_model.model.model.embed_tokens.lora_embedding_B": (32, 4),  # (hidden, r)
-        # a targeted embedding is saved whole as well (peft's save_embedding_layers="auto")
-        "base_model.model.model.embed_tokens.base_layer.weight": (64, 32),
-    }),
+    "gpt2-c_attn-r8": (
+        tiny_gpt2,
+        dict(target_modules=["c_attn"], fan_in_fan_out=True),
+        {
+            "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": (8, 32),
+            "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": (96, 8),
+            "base_model.model.transformer.h.1.attn.c_attn.lora_A.weight": (8, 32),
+            "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight": (96, 8),
+        },
+    ),
+    "bert-cls-query-r4-pooler-saved": (
+        tiny_bert_classifier,
+        dict(task_type="SEQ_CLS", target_modules=["query"], r=4, modules_to_save=["pooler"]),
+        {
+            "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": (4, 32),
+            "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight": (32, 4),
+            "base_model.model.bert.encoder.layer.1.attention.self.query.lora_A.weight": (4, 32),
+            "base_model.model.bert.encoder.layer.1.attention.self.query.lora_B.weight": (32, 4),
+            "base_model.model.bert.pooler.dense.weight": (32, 32),  # modules_to_save: whole modules, plain names
+            "base_model.model.bert.pooler.dense.bias": (32,),
+            "base_model.model.classifier.weight": (3, 32),  # SEQ_CLS saves the head too
+            "base_model.model.classifier.bias": (3,),
+        },
+    ),
+    "llama-embedding-r4": (
+        tiny_llama,
+        dict(target_modules=["embed_tokens"], r=4),
+        {
+            "base_model.model.model.embed_tokens.lora_embedding_A": (4, 64),  # (r, vocab)
+            "base_model.model.model.embed_tokens.lora_embedding_B": (32, 4),  # (hidden, r)
+            # a targeted embedding is saved whole as well (peft's save_embedding_layers="auto")
+            "base_model.model.model.embed_tokens.base_layer.weight": (64, 32),
+        },
+    ),
 }
 
 
@@ -105,8 +145,10 @@ COMBINE_CASES = {
     "conv2d": (tiny_convnet, image, dict(target_modules=["conv1", "conv2"])),
 }
 COMBINATIONS = [
-    ("svd", {}), ("svd", dict(svd_rank=3, svd_clamp=0.95, svd_full_matrices=False)),
-    ("linear", {}), ("cat", {}),
+    ("svd", {}),
+    ("svd", dict(svd_rank=3, svd_clamp=0.95, svd_full_matrices=False)),
+    ("linear", {}),
+    ("cat", {}),
 ]
 
 

@@ -9,10 +9,10 @@ import warnings
 import peft
 import pytest
 import torch
+from helpers import logits, perturb, quiet, saved_shapes, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5
 from safetensors.torch import load_file
 
 import lightning_peft as lp
-from helpers import logits, perturb, quiet, saved_shapes, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5
 
 ATOL = 1e-4
 VT = 3
@@ -203,8 +203,9 @@ def _bert_with_prefix_by_hand(bert, layers_kv, ids, mask) -> torch.Tensor:
     emb = bert.embeddings
     batch, length = ids.shape
     positions = torch.arange(VT, VT + length).unsqueeze(0)
-    h = emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(positions)
-                      + emb.token_type_embeddings(torch.zeros_like(ids)))
+    h = emb.LayerNorm(
+        emb.word_embeddings(ids) + emb.position_embeddings(positions) + emb.token_type_embeddings(torch.zeros_like(ids))
+    )
     full_mask = torch.cat([torch.ones(batch, VT), mask.float()], dim=1)
     additive = (1.0 - full_mask)[:, None, None, :] * torch.finfo(torch.float32).min
     for layer, (pk, pv) in zip(bert.encoder.layer, layers_kv):
@@ -234,8 +235,9 @@ def test_bert_classifier_prefix_matches_hand_reference(method, tmp_path):
     with torch.no_grad():
         got = model(**inputs).logits
         bert = model.base_model.bert
-        hidden = _bert_with_prefix_by_hand(bert, _prefix_layers(model.prompt_encoder["default"], config),
-                                           inputs["input_ids"], inputs["attention_mask"])
+        hidden = _bert_with_prefix_by_hand(
+            bert, _prefix_layers(model.prompt_encoder["default"], config), inputs["input_ids"], inputs["attention_mask"]
+        )
         expected = model.base_model.classifier(bert.pooler(hidden))
         plain = model.get_base_model()(**inputs).logits
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
@@ -268,8 +270,12 @@ def test_bert_feature_extraction_matches_peft(method, tmp_path):
     if method == "prefix":
         config = ours.peft_config["default"]
         with torch.no_grad():
-            by_hand = _bert_with_prefix_by_hand(ours.base_model, _prefix_layers(ours.prompt_encoder["default"], config),
-                                                inputs["input_ids"], inputs["attention_mask"])
+            by_hand = _bert_with_prefix_by_hand(
+                ours.base_model,
+                _prefix_layers(ours.prompt_encoder["default"], config),
+                inputs["input_ids"],
+                inputs["attention_mask"],
+            )
         torch.testing.assert_close(expected, by_hand, atol=ATOL, rtol=0)
 
 
@@ -309,8 +315,7 @@ def test_only_the_active_prompt_adapter_trains(method):
         return {n for n, p in model.named_parameters() if p.requires_grad and f".{name}." in n}
 
     def frozen_elsewhere():  # the base model (classifier original included) never trains
-        return not any(p.requires_grad for n, p in model.named_parameters()
-                       if ".a." not in n and ".b." not in n)
+        return not any(p.requires_grad for n, p in model.named_parameters() if ".a." not in n and ".b." not in n)
 
     assert model.active_adapter == "a" and not trainable("b") and frozen_elsewhere()
     assert any(n.startswith("prompt_encoder.a.") for n in trainable("a"))
@@ -386,8 +391,13 @@ def _local_tokenizer(folder) -> str:
 
 def test_text_init_copies_the_word_embeddings_of_the_text(tmp_path):
     path = _local_tokenizer(tmp_path / "tok")
-    kwargs = dict(task_type="CAUSAL_LM", num_virtual_tokens=8, prompt_tuning_init="TEXT",
-                  prompt_tuning_init_text="classify the sentiment", tokenizer_name_or_path=path)
+    kwargs = dict(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=8,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="classify the sentiment",
+        tokenizer_name_or_path=path,
+    )
     ours = lp.get_peft_model(tiny_gpt2(), lp.PromptTuningConfig(**kwargs))
     theirs = quiet(peft.get_peft_model, tiny_gpt2(), peft.PromptTuningConfig(**kwargs))
     rows = ours.prompt_encoder["default"].embedding.weight
@@ -402,13 +412,20 @@ def test_text_init_without_tokenizer_or_text_is_refused():
         lp.PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text="hello")
     with pytest.raises(ValueError, match="prompt_tuning_init='TEXT' needs prompt_tuning_init_text"):
         lp.PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT", tokenizer_name_or_path="/tmp/x")
-    with pytest.raises(ValueError, match="prompt_tuning_init='bogus' is not valid; use one of: TEXT, SAMPLE_VOCAB, RANDOM"):
+    with pytest.raises(
+        ValueError, match="prompt_tuning_init='bogus' is not valid; use one of: TEXT, SAMPLE_VOCAB, RANDOM"
+    ):
         lp.PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="bogus")
 
 
 def test_missing_local_tokenizer_is_a_clear_error(tmp_path):
-    config = lp.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT",
-                                   prompt_tuning_init_text="hi", tokenizer_name_or_path=str(tmp_path / "none"))
+    config = lp.PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=4,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="hi",
+        tokenizer_name_or_path=str(tmp_path / "none"),
+    )
     with pytest.raises(ValueError, match="could not load the tokenizer at tokenizer_name_or_path"):
         lp.get_peft_model(tiny_gpt2(), config)
 
@@ -439,14 +456,18 @@ class _NoSizes(torch.nn.Module):
 
 
 def test_sizes_that_cannot_be_filled_are_named():
-    with pytest.raises(ValueError, match=r"PromptTuningConfig.num_layers is None and cannot be filled .*"
-                                         r"num_hidden_layers, num_layers, n_layer. Set num_layers"):
+    with pytest.raises(
+        ValueError,
+        match=r"PromptTuningConfig.num_layers is None and cannot be filled .*"
+        r"num_hidden_layers, num_layers, n_layer. Set num_layers",
+    ):
         lp.get_peft_model(_NoSizes(), lp.PromptTuningConfig(num_virtual_tokens=2))
     with pytest.raises(ValueError, match="num_virtual_tokens is None"):
         lp.get_peft_model(tiny_gpt2(), lp.PromptTuningConfig(task_type="CAUSAL_LM"))
     with pytest.raises(ValueError, match="token_dim=16 but the model's input embeddings are 32 wide"):
-        lp.get_peft_model(tiny_gpt2(), lp.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=2,
-                                                              token_dim=16))
+        lp.get_peft_model(
+            tiny_gpt2(), lp.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, token_dim=16)
+        )
     with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
         lp.PrefixTuningConfig(num_virtual_tokens=0)
 
@@ -458,5 +479,8 @@ def test_loading_a_file_of_the_wrong_shape_is_refused(tmp_path):
         lp.PeftModel.from_pretrained(tiny_gpt2(), tmp_path, config=wrong)
     model = lp.get_peft_model(tiny_gpt2(), _config(lp, "prompt", "CAUSAL_LM"))
     with pytest.raises(ValueError, match=r"unexpected keys: base_model.classifier.weight"):
-        lp.set_peft_model_state_dict(model, {"prompt_embeddings": torch.zeros(VT, 32),
-                                             "base_model.classifier.weight": torch.zeros(2, 32)}, "default")
+        lp.set_peft_model_state_dict(
+            model,
+            {"prompt_embeddings": torch.zeros(VT, 32), "base_model.classifier.weight": torch.zeros(2, 32)},
+            "default",
+        )

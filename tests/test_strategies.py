@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from strategies_worker import STEPS, build_model, probe_ids, tuner_config
 
 HERE = Path(__file__).resolve().parent
@@ -23,12 +22,16 @@ TUNERS = ("lora", "ia3", "prompt_tuning")
 
 
 def _run_worker(strategy: str, out: Path) -> float:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore",
-               OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     env.pop("LOCAL_RANK", None)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(HERE / "strategies_worker.py"), "--strategy", strategy, "--out",
-                           str(out)], env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "strategies_worker.py"), "--strategy", strategy, "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return time.perf_counter() - start
 
@@ -111,8 +114,11 @@ def test_checkpoint_holds_the_full_adapter_only(run, tuner):
     _, out = run
     checkpoint = torch.load(out / tuner / "part" / "ckpt" / "last.ckpt", weights_only=False)
     model = _single_process(tuner)
-    expected = {f"model.{k}": v for k, v in model.state_dict().items()
-                if k in {n for n, p in model.named_parameters() if p.requires_grad}}
+    expected = {
+        f"model.{k}": v
+        for k, v in model.state_dict().items()
+        if k in {n for n, p in model.named_parameters() if p.requires_grad}
+    }
     state = checkpoint["state_dict"]
     assert set(expected) <= set(state)
     assert not any("transformer.h.0.attn.c_attn.base_layer.weight" in k or k.endswith("wte.weight") for k in state)

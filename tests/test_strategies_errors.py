@@ -6,18 +6,24 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_bert_classifier, tiny_gpt2, tiny_llama
 from lightning.pytorch.strategies import DDPStrategy
 
-from helpers import tiny_bert_classifier, tiny_gpt2, tiny_llama
-
 from lightning_peft import LoraConfig, get_peft_model
-from lightning_peft.lightning.strategies import (PeftFSDP1Strategy, PeftFSDP2Strategy, full_tensors,
-                                                 make_strategy, resolve_block_classes)
+from lightning_peft.lightning.strategies import (
+    PeftFSDP1Strategy,
+    PeftFSDP2Strategy,
+    full_tensors,
+    make_strategy,
+    resolve_block_classes,
+)
 
 
 def test_fsdp1_on_cpu_says_to_use_fsdp():
-    expected = ("the `fsdp1` strategy (FSDP1, Lightning's FSDPStrategy) runs on CUDA GPUs only; on CPU use `fsdp` "
-                "(FSDP2 through ModelParallelStrategy), e.g. `strategy=fsdp` or make_strategy('fsdp')")
+    expected = (
+        "the `fsdp1` strategy (FSDP1, Lightning's FSDPStrategy) runs on CUDA GPUs only; on CPU use `fsdp` "
+        "(FSDP2 through ModelParallelStrategy), e.g. `strategy=fsdp` or make_strategy('fsdp')"
+    )
     with pytest.raises(RuntimeError) as err:
         make_strategy("fsdp1", accelerator="cpu")
     assert str(err.value) == expected
@@ -53,14 +59,22 @@ def test_named_strategies_build_lightnings_own_objects():
         PeftFSDP1Strategy(use_orig_params=False)
 
 
-@pytest.mark.parametrize("factory, expected", [(tiny_gpt2, {"GPT2Block"}), (tiny_llama, {"LlamaDecoderLayer"}),
-                                                (tiny_bert_classifier, {"BertLayer", "BertEmbeddings"})])
+@pytest.mark.parametrize(
+    "factory, expected",
+    [
+        (tiny_gpt2, {"GPT2Block"}),
+        (tiny_llama, {"LlamaDecoderLayer"}),
+        (tiny_bert_classifier, {"BertLayer", "BertEmbeddings"}),
+    ],
+)
 def test_blocks_come_from_no_split_modules_after_injection(factory, expected):
     peft = get_peft_model(factory(), LoraConfig(r=2, target_modules="all-linear"))
     wrapper = torch.nn.ModuleDict({"model": peft})  # what the strategy sees: the LightningModule
     assert {c.__name__ for c in resolve_block_classes(wrapper)} >= expected
-    assert {c.__name__ for c in resolve_block_classes(wrapper, ["GPT2Attention"] if factory is tiny_gpt2
-                                                      else [next(iter(expected))])} <= expected | {"GPT2Attention"}
+    assert {
+        c.__name__
+        for c in resolve_block_classes(wrapper, ["GPT2Attention"] if factory is tiny_gpt2 else [next(iter(expected))])
+    } <= expected | {"GPT2Attention"}
 
 
 def test_unknown_or_missing_blocks_are_explained():
@@ -102,13 +116,25 @@ def test_lightning_precisions_keep_adapters_in_fp32_and_train_them(tmp_path, pre
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
 
     module = LitLM()
-    callback = PEFTCallback(LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-                            export_dir=str(tmp_path), merge_on_train_end=False)
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=1, precision=precision, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[callback])
-    data = DataLoader(TensorDataset(torch.randint(1, 64, (6, 12), generator=torch.Generator().manual_seed(0))),
-                      batch_size=2)
+    callback = PEFTCallback(
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        export_dir=str(tmp_path),
+        merge_on_train_end=False,
+    )
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    data = DataLoader(
+        TensorDataset(torch.randint(1, 64, (6, 12), generator=torch.Generator().manual_seed(0))), batch_size=2
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, data)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import tiny_gpt2
 from hydra.utils import get_class
 
 import lightning_peft as lp
-from helpers import tiny_gpt2
 from lightning_peft.config import PeftType
 from lightning_peft.tuners import registry
 from lightning_peft.tuners.lora import LoraModel
@@ -21,8 +21,17 @@ from lightning_peft.tuners.lora import LoraModel
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "lightning_peft"
 TUNER_YAMLS = PACKAGE / "app" / "configs" / "tuner"
-ADAPTER_API = ("add_adapter", "set_adapter", "delete_adapter", "disable_adapter", "unload", "peft_state_dict",
-               "load_peft_state_dict", "peft_model_modules", "forward")
+ADAPTER_API = (
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapter",
+    "unload",
+    "peft_state_dict",
+    "load_peft_state_dict",
+    "peft_model_modules",
+    "forward",
+)
 
 
 def test_the_registry_holds_exactly_the_five_tuners():
@@ -55,8 +64,9 @@ def test_every_tuner_has_its_app_yaml(peft_type):
 def test_every_tuner_has_its_readme_row(peft_type):
     readme = (REPO / "README.md").read_text()
     config_name = registry.get_config_class(peft_type).__name__
-    assert re.search(rf"^\| `{peft_type}` \| `{config_name}` \|", readme, flags=re.M), \
+    assert re.search(rf"^\| `{peft_type}` \| `{config_name}` \|", readme, flags=re.M), (
         f"README's tuner table has no row for {peft_type}"
+    )
 
 
 def _parity_marks() -> dict[str, set[str]]:
@@ -90,8 +100,12 @@ def _module_imports(path: Path) -> set[str]:
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
             for alias in node.names:
                 candidate = f"{base}.{alias.name}"
-                out.add(candidate if (REPO / candidate.replace(".", "/")).exists()
-                        or (REPO / (candidate.replace(".", "/") + ".py")).exists() else base)
+                out.add(
+                    candidate
+                    if (REPO / candidate.replace(".", "/")).exists()
+                    or (REPO / (candidate.replace(".", "/") + ".py")).exists()
+                    else base
+                )
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
     return {m for m in out if m.startswith("lightning_peft")}
@@ -106,7 +120,7 @@ def test_the_core_package_has_no_import_cycles():
 
     def visit(node: str, stack: list[str]) -> None:
         if node in stack:
-            cycles.append(stack[stack.index(node):] + [node])
+            cycles.append(stack[stack.index(node) :] + [node])
             return
         for nxt in graph.get(node, ()):
             visit(nxt, stack + [node])

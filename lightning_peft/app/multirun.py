@@ -17,8 +17,7 @@ from omegaconf import open_dict, read_write
 
 # Environment variables Lightning's subprocess launcher sets in the *launching* process; left over,
 # they make the next job of a multirun think its ranks were started externally.
-_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED",
-            "PL_SEED_WORKERS")
+_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
 
 
 def _hydra_options(argv: list[str]) -> list[str]:
@@ -27,8 +26,11 @@ def _hydra_options(argv: list[str]) -> list[str]:
 
     args = get_args_parser().parse_args(argv)
     out: list[str] = []
-    for flag, value in (("--config-path", args.config_path), ("--config-name", args.config_name),
-                        ("--config-dir", args.config_dir)):
+    for flag, value in (
+        ("--config-path", args.config_path),
+        ("--config-name", args.config_name),
+        ("--config-dir", args.config_dir),
+    ):
         if value is not None:
             out += [flag, value]
     return out

@@ -14,8 +14,7 @@ from omegaconf import DictConfig
 
 log = logging.getLogger("lightning_peft.app")
 
-COLUMNS = ("job", "tuner", "overrides", "trainable_params", "metric_name", "metric", "wall_time_s",
-           "peak_memory_mb")
+COLUMNS = ("job", "tuner", "overrides", "trainable_params", "metric_name", "metric", "wall_time_s", "peak_memory_mb")
 
 
 def _read_metrics(path: Path) -> dict[str, Any]:
@@ -37,19 +36,22 @@ def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per job dir (`<sweep>/<n>/metrics.json`), in job order; a job without readable metrics
     (it failed) is listed with empty values so it is not silently dropped."""
     rows = []
-    for job_dir in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()),
-                          key=lambda p: int(p.name)):
+    for job_dir in sorted(
+        (p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    ):
         m = _read_metrics(job_dir / "metrics.json")
-        rows.append({
-            "job": int(job_dir.name),
-            "tuner": m.get("tuner", ""),
-            "overrides": " ".join(m.get("overrides", [])),
-            "trainable_params": m.get("trainable_params", ""),
-            "metric_name": m.get("monitor", ""),
-            "metric": "" if m.get("metric") is None else round(float(m["metric"]), 4),
-            "wall_time_s": m.get("wall_time_s", ""),
-            "peak_memory_mb": m.get("peak_cuda_mb", m.get("peak_rss_mb", "")),
-        })
+        rows.append(
+            {
+                "job": int(job_dir.name),
+                "tuner": m.get("tuner", ""),
+                "overrides": " ".join(m.get("overrides", [])),
+                "trainable_params": m.get("trainable_params", ""),
+                "metric_name": m.get("monitor", ""),
+                "metric": "" if m.get("metric") is None else round(float(m["metric"]), 4),
+                "wall_time_s": m.get("wall_time_s", ""),
+                "peak_memory_mb": m.get("peak_cuda_mb", m.get("peak_rss_mb", "")),
+            }
+        )
     return rows
 
 
@@ -73,8 +75,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     for r in points:
         label = " ".join(o for o in r["overrides"].split() if o not in shared) or r["tuner"]
         ax.scatter(r["trainable_params"], r["metric"])
-        ax.annotate(label, (r["trainable_params"], r["metric"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+        ax.annotate(label, (r["trainable_params"], r["metric"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if points and min(r["trainable_params"] for r in points) > 0:
         ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")

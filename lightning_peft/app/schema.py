@@ -65,8 +65,13 @@ def _trainer_arguments() -> list[tuple[str, Any]]:
             spec = importlib.util.find_spec("lightning")
             source = Path(list(spec.submodule_search_locations)[0], "pytorch", "trainer", "trainer.py")
             tree = ast.parse(source.read_text())
-            init = next(f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "Trainer"
-                        for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+            init = next(
+                f
+                for c in tree.body
+                if isinstance(c, ast.ClassDef) and c.name == "Trainer"
+                for f in c.body
+                if isinstance(f, ast.FunctionDef) and f.name == "__init__"
+            )
         except (AttributeError, IndexError, OSError, StopIteration, SyntaxError, TypeError):
             pass  # another layout: import Lightning after all
         else:
@@ -85,16 +90,19 @@ def _trainer_arguments() -> list[tuple[str, Any]]:
             return out
     from lightning.pytorch import Trainer
 
-    return [(name, p.default if isinstance(p.default, _SIMPLE) else None)
-            for name, p in inspect.signature(Trainer.__init__).parameters.items()
-            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return [
+        (name, p.default if isinstance(p.default, _SIMPLE) else None)
+        for name, p in inspect.signature(Trainer.__init__).parameters.items()
+        if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
 
 
 def _trainer_schema() -> type:
     """A dataclass with one field per `lightning.pytorch.Trainer` argument, so any Trainer argument
     can be overridden (`trainer.max_steps=5`) and a misspelled one is rejected."""
-    return make_dataclass("TrainerSchema", [(name, Any, field(default=default))
-                                            for name, default in _trainer_arguments()])
+    return make_dataclass(
+        "TrainerSchema", [(name, Any, field(default=default)) for name, default in _trainer_arguments()]
+    )
 
 
 def _pkg_path(package: str, *parts: str) -> str:
@@ -173,8 +181,7 @@ def _is_group(key: str, config_dir: Path) -> bool:
     return (config_dir / key.split("@")[0]).is_dir()
 
 
-def check_overrides(overrides: list[str], config_name: str = "train",
-                    config_dir: Optional[Path] = None) -> None:
+def check_overrides(overrides: list[str], config_name: str = "train", config_dir: Optional[Path] = None) -> None:
     """Compose the config for each combination of group choices in `overrides` and check every
     `key=value` override's key in it. Group choices themselves are Hydra's to check (it lists the
     available options)."""
@@ -210,8 +217,7 @@ def check_command_line(argv: list[str]) -> None:
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path \
-            or args.config_dir:
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_dir:
         return
     try:
         check_overrides(args.overrides, config_name=args.config_name or "train")

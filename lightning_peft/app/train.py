@@ -98,8 +98,12 @@ def _job_info() -> dict[str, Any]:
         return {"choices": {}, "overrides": [], "job_num": None, "mode": "no hydra"}
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/") and v is not None}
-    return {"choices": choices, "overrides": list(hc.overrides.task), "job_num": hc.job.get("num"),
-            "mode": str(hc.mode.name).lower()}
+    return {
+        "choices": choices,
+        "overrides": list(hc.overrides.task),
+        "job_num": hc.job.get("num"),
+        "mode": str(hc.mode.name).lower(),
+    }
 
 
 def _check_strategy(cfg: DictConfig) -> None:
@@ -146,9 +150,13 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
         check_int8_compatible(tuner, merge=cfg.merge)
     tokenizer = load_tokenizer(m.get("tokenizer") or m.name_or_path)
-    model = build_model(cfg.recipe.auto_class, name_or_path=m.name_or_path,
-                        config=OmegaConf.to_container(m.config, resolve=True) if m.get("config") else None,
-                        tokenizer=tokenizer, **OmegaConf.to_container(cfg.recipe.model_kwargs, resolve=True))
+    model = build_model(
+        cfg.recipe.auto_class,
+        name_or_path=m.name_or_path,
+        config=OmegaConf.to_container(m.config, resolve=True) if m.get("config") else None,
+        tokenizer=tokenizer,
+        **OmegaConf.to_container(cfg.recipe.model_kwargs, resolve=True),
+    )
     if cfg.quantize is not None:  # 8-bit base layers before the tuner is injected (the adapter stays in full precision)
         from lightning_peft.quantization import quantize_base_linears
 
@@ -172,8 +180,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     run_dir = _run_dir(cfg)
     job = _job_info()
-    log.info("rank %s (pid %d, %s) starts in %s with overrides %s", os.environ.get("LOCAL_RANK", "0"),
-             os.getpid(), job["mode"], run_dir, job["overrides"])
+    log.info(
+        "rank %s (pid %d, %s) starts in %s with overrides %s",
+        os.environ.get("LOCAL_RANK", "0"),
+        os.getpid(),
+        job["mode"],
+        run_dir,
+        job["overrides"],
+    )
     _check_strategy(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -187,11 +201,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 counts["trainable"], counts["total"] = parameter_counts(pl_module)
 
         monitor, mode = cfg.recipe.monitor, cfg.recipe.mode
-        checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=monitor, mode=mode,
-                                     save_top_k=1, save_last=True,
-                                     filename="best-{epoch}-{step}")
-        peft_callback = PEFTCallback(parts["tuner"], model_attr="model", merge_on_train_end=cfg.merge,
-                                     export_dir=str(run_dir))
+        checkpoint = ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+            save_last=True,
+            filename="best-{epoch}-{step}",
+        )
+        peft_callback = PEFTCallback(
+            parts["tuner"], model_attr="model", merge_on_train_end=cfg.merge, export_dir=str(run_dir)
+        )
         callbacks = [peft_callback, _CountParams(), checkpoint]
         trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
         if trainer_kwargs.get("callbacks"):
@@ -241,9 +261,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         name = monitor.removeprefix("val_")
         if before is not None:
             log.info("validation %s before: %.4f", name, before.get(monitor, float("nan")))
-        log.info("validation %s after:  %.4f  (%d trainable of %d parameters, %.1f s)", name,
-                 after.get(monitor, float("nan")), counts.get("trainable", 0), counts.get("total", 0),
-                 metrics["wall_time_s"])
+        log.info(
+            "validation %s after:  %.4f  (%d trainable of %d parameters, %.1f s)",
+            name,
+            after.get(monitor, float("nan")),
+            counts.get("trainable", 0),
+            counts.get("total", 0),
+            metrics["wall_time_s"],
+        )
     return metrics
 
 

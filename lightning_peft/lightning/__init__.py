@@ -1,4 +1,5 @@
-"""Lightning integration: `PEFTCallback` for any LightningModule, `PEFTMixin` for modules that apply the tuner themselves."""
+"""Lightning integration: `PEFTCallback` for any LightningModule, `PEFTMixin` for modules that apply the tuner
+themselves."""
 
 from .callback import PEFTCallback
 from .mixin import PEFTMixin

@@ -55,19 +55,25 @@ def resolve_peft_config(config: Any) -> PeftConfig:
     except ImportError:  # pragma: no cover - omegaconf comes with hydra-core
         pass
     if not isinstance(data, dict):
-        raise TypeError(f"config must be a tuner config (e.g. LoraConfig(...)) or a dict / DictConfig with "
-                        f"'peft_type' or '_target_', got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a tuner config (e.g. LoraConfig(...)) or a dict / DictConfig with "
+            f"'peft_type' or '_target_', got {type(config).__name__}"
+        )
     if "_target_" in data:
         from hydra.utils import instantiate
 
         built = instantiate(data, _convert_="all")
         if not isinstance(built, PeftConfig):
-            raise TypeError(f"_target_={data['_target_']!r} built a {type(built).__name__}, not a tuner config "
-                            "(e.g. lightning_peft.LoraConfig)")
+            raise TypeError(
+                f"_target_={data['_target_']!r} built a {type(built).__name__}, not a tuner config "
+                "(e.g. lightning_peft.LoraConfig)"
+            )
         return built
     if "peft_type" not in data:
-        raise ValueError(f"the tuner config {data!r} has neither 'peft_type' (e.g. LORA) nor '_target_' "
-                         "(e.g. lightning_peft.LoraConfig); say which tuner it is for")
+        raise ValueError(
+            f"the tuner config {data!r} has neither 'peft_type' (e.g. LORA) nor '_target_' "
+            "(e.g. lightning_peft.LoraConfig); say which tuner it is for"
+        )
     return PeftConfig.from_dict(data)
 
 
@@ -146,12 +152,17 @@ def log_trainable_parameters(trainer: Any, state: "AdapterState") -> None:
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
     trainable, total, percent = state.describe_counts()
-    rank_zero_info(f"lightning_peft: {state.config.peft_type} adapter {state.adapter_name!r} on "
-                   f"`{state.model_attr}`: trainable params {trainable:,d} of {total:,d} ({percent:.4f}%)")
+    rank_zero_info(
+        f"lightning_peft: {state.config.peft_type} adapter {state.adapter_name!r} on "
+        f"`{state.model_attr}`: trainable params {trainable:,d} of {total:,d} ({percent:.4f}%)"
+    )
     if trainer is None:
         return
-    metrics = {"peft/trainable_params": float(trainable), "peft/total_params": float(total),
-               "peft/trainable_percent": percent}
+    metrics = {
+        "peft/trainable_params": float(trainable),
+        "peft/total_params": float(total),
+        "peft/trainable_percent": percent,
+    }
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -159,8 +170,9 @@ def log_trainable_parameters(trainer: Any, state: "AdapterState") -> None:
 class AdapterState:
     """The adapter of one LightningModule: config, where the model lives, and checkpoint rules."""
 
-    def __init__(self, config: PeftConfig, model_attr: str = "model", adapter_name: str = "default",
-                 owner: str = "callback") -> None:
+    def __init__(
+        self, config: PeftConfig, model_attr: str = "model", adapter_name: str = "default", owner: str = "callback"
+    ) -> None:
         validate_model_attr(model_attr)
         self.config = config
         self.model_attr = model_attr
@@ -195,8 +207,10 @@ class AdapterState:
         except AttributeError:
             return None
         if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"{type(module).__name__}.{self.model_attr} is a {type(model).__name__}, not a "
-                            "torch.nn.Module; pass model_attr= the attribute that holds the model")
+            raise TypeError(
+                f"{type(module).__name__}.{self.model_attr} is a {type(model).__name__}, not a "
+                "torch.nn.Module; pass model_attr= the attribute that holds the model"
+            )
         return model
 
     def missing_model_error(self, module: nn.Module, who: str) -> AttributeError:
@@ -216,15 +230,18 @@ class AdapterState:
         if model is None:
             raise self.missing_model_error(module, who)
         if isinstance(model, PeftModel):
-            raise ValueError(f"{type(module).__name__}.{self.model_attr} is already a PeftModel; give {who} the "
-                             "plain model (it applies the tuner itself) or drop the tuner config")
+            raise ValueError(
+                f"{type(module).__name__}.{self.model_attr} is already a PeftModel; give {who} the "
+                "plain model (it applies the tuner itself) or drop the tuner config"
+            )
         peft = get_peft_model(model, self.config, self.adapter_name)
         _set_path(module, self.model_attr, peft)
         self._adopt(module, peft)
         return True
 
     def apply(self, module: nn.Module, trainer: Any, who: str, fitting: bool) -> None:
-        """Inject the tuner (once) and log the parameter counts; after a merge, a new fit first puts the adapter back."""
+        """Inject the tuner (once) and log the parameter counts; after a merge, a new fit first puts the adapter
+        back."""
         if not self.injected:
             self.inject(module, who=who)
             log_trainable_parameters(trainer, self)
@@ -279,8 +296,10 @@ class AdapterState:
         snapshot = self._snapshot or {}
         result = peft.load_state_dict(snapshot, strict=False)
         if result.unexpected_keys:  # the model under model_attr was replaced since the merge
-            raise RuntimeError(f"cannot put the adapter back into {type(module).__name__}.{self.model_attr}: it no "
-                               f"longer has {result.unexpected_keys[:3]}; was the model replaced after the merge?")
+            raise RuntimeError(
+                f"cannot put the adapter back into {type(module).__name__}.{self.model_attr}: it no "
+                f"longer has {result.unexpected_keys[:3]}; was the model replaced after the merge?"
+            )
         _set_path(module, self.model_attr, peft)
         self._snapshot = None
         self._adopt(module, peft)
@@ -289,10 +308,13 @@ class AdapterState:
     def require_peft(self, action: str) -> PeftModel:
         if self.peft is None:
             if self.merged:
-                raise ValueError(f"cannot {action}: the adapter was merged into the base model (merge_and_unload); "
-                                 "load a checkpoint or an adapter folder to get it back")
-            raise ValueError(f"cannot {action}: the tuner has not been applied yet (it is applied at setup / "
-                             "configure_model)")
+                raise ValueError(
+                    f"cannot {action}: the adapter was merged into the base model (merge_and_unload); "
+                    "load a checkpoint or an adapter folder to get it back"
+                )
+            raise ValueError(
+                f"cannot {action}: the tuner has not been applied yet (it is applied at setup / configure_model)"
+            )
         return self.peft
 
     # ---- files --------------------------------------------------------------------------------
@@ -327,8 +349,9 @@ def _merge_snapshot(peft: PeftModel) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # torch hooks on the LightningModule
 # ---------------------------------------------------------------------------------------------
-def _state_dict_post_hook(state: AdapterState, module: nn.Module, state_dict: dict, prefix: str,
-                          local_metadata: Any) -> None:
+def _state_dict_post_hook(
+    state: AdapterState, module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any
+) -> None:
     if state.peft is None:  # merged (the plain model is the state) or not injected yet
         return
     model_prefix = prefix + state.prefix
@@ -337,8 +360,17 @@ def _state_dict_post_hook(state: AdapterState, module: nn.Module, state_dict: di
         del state_dict[key]
 
 
-def _load_pre_hook(state: AdapterState, module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any,
-                   strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+def _load_pre_hook(
+    state: AdapterState,
+    module: nn.Module,
+    state_dict: dict,
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list,
+    unexpected_keys: list,
+    error_msgs: list,
+) -> None:
     if state.merged:
         if not any(prefix + k in state_dict for k in state.adapter_keys):
             return  # a plain (e.g. merged) state: load it as such
@@ -350,16 +382,19 @@ def _load_pre_hook(state: AdapterState, module: nn.Module, state_dict: dict, pre
         return  # a non-strict load of other parts of the module
     params = state.peft.state_dict(keep_vars=True)
     missing = sorted(k for k in state.adapter_keys if prefix + k not in state_dict)
-    shapes = sorted(f"{k}: checkpoint {tuple(state_dict[prefix + k].shape)} vs model "
-                    f"{tuple(params[k[len(state.prefix):]].shape)}" for k in present
-                    if tuple(state_dict[prefix + k].shape) != tuple(params[k[len(state.prefix):]].shape))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state_dict[prefix + k].shape)} vs model {tuple(params[k[len(state.prefix) :]].shape)}"
+        for k in present
+        if tuple(state_dict[prefix + k].shape) != tuple(params[k[len(state.prefix) :]].shape)
+    )
     if not missing and not shapes:
         return
     problems = []
     if missing:
         more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-        problems.append(f"{len(missing)} of {len(state.adapter_keys)} adapter tensors are missing: "
-                        f"{', '.join(missing[:3])}{more}")
+        problems.append(
+            f"{len(missing)} of {len(state.adapter_keys)} adapter tensors are missing: {', '.join(missing[:3])}{more}"
+        )
     if shapes:
         problems.append(f"shape mismatches: {'; '.join(shapes[:3])}")
     raise ValueError(

@@ -27,8 +27,17 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from ._state import ADAPTER_SUBDIR, MERGED_SUBDIR, AdapterState, allow_weights_only_resume, attach_state, get_state, \
-    resolve_peft_config, save_merged_model, validate_model_attr
+from ._state import (
+    ADAPTER_SUBDIR,
+    MERGED_SUBDIR,
+    AdapterState,
+    allow_weights_only_resume,
+    attach_state,
+    get_state,
+    resolve_peft_config,
+    save_merged_model,
+    validate_model_attr,
+)
 from .rng import exact_resume_hook, training_rng
 
 
@@ -50,8 +59,15 @@ class PEFTCallback(pl.Callback):
             resumed run then ends with the adapter of an uninterrupted one); see `lightning_peft.lightning.rng`.
     """
 
-    def __init__(self, config: Any, model_attr: str = "model", adapter_name: str = "default",
-                 merge_on_train_end: bool = True, export_dir: Optional[str] = None, exact_resume: bool = True) -> None:
+    def __init__(
+        self,
+        config: Any,
+        model_attr: str = "model",
+        adapter_name: str = "default",
+        merge_on_train_end: bool = True,
+        export_dir: Optional[str] = None,
+        exact_resume: bool = True,
+    ) -> None:
         super().__init__()
         self.config = resolve_peft_config(config)
         validate_model_attr(model_attr)  # early, not at setup
@@ -67,10 +83,14 @@ class PEFTCallback(pl.Callback):
     def _state(self, pl_module: "pl.LightningModule") -> AdapterState:
         state = get_state(pl_module)
         if state is None:
-            state = attach_state(pl_module, AdapterState(self.config, self.model_attr, self.adapter_name, owner="callback"))
+            state = attach_state(
+                pl_module, AdapterState(self.config, self.model_attr, self.adapter_name, owner="callback")
+            )
         elif state.owner != "callback":
-            raise ValueError(f"{type(pl_module).__name__} already applies a tuner itself (PEFTMixin with "
-                             "peft_config set); use either PEFTMixin.peft_config or PEFTCallback, not both")
+            raise ValueError(
+                f"{type(pl_module).__name__} already applies a tuner itself (PEFTMixin with "
+                "peft_config set); use either PEFTMixin.peft_config or PEFTCallback, not both"
+            )
         return state
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -82,8 +102,9 @@ class PEFTCallback(pl.Callback):
             return
         state.apply(pl_module, trainer, who="PEFTCallback", fitting=stage == "fit")
 
-    def _inject_after_configure_model(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
-                                      state: AdapterState) -> None:
+    def _inject_after_configure_model(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", state: AdapterState
+    ) -> None:
         original = pl_module.configure_model
 
         def configure_model_then_inject() -> None:
@@ -99,31 +120,37 @@ class PEFTCallback(pl.Callback):
         # happens right after this hook; a weights-only one would be refused for lacking optimizer states.
         checkpoint = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
         if checkpoint and allow_weights_only_resume(checkpoint):
-            rank_zero_warn("lightning_peft: resuming from a weights-only checkpoint: the adapter and the loop "
-                           "position are restored, the optimizer and LR schedulers start fresh")
+            rank_zero_warn(
+                "lightning_peft: resuming from a weights-only checkpoint: the adapter and the loop "
+                "position are restored, the optimizer and LR schedulers start fresh"
+            )
 
     # ---- exact resume: RNG states (rng.py) ----------------------------------------------------
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.exact_resume:
             exact_resume_hook("on_train_start", trainer, pl_module)
 
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
         if self.exact_resume:
             exact_resume_hook("on_train_batch_start", trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.exact_resume:  # before ModelCheckpoint's own on_train_batch_end (Lightning moves it last)
             exact_resume_hook("on_train_batch_end", trainer, pl_module)
 
-    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+    ) -> None:
         if self.exact_resume and trainer.state.fn == "fit":
             exact_resume_hook("on_save_checkpoint", trainer, pl_module, checkpoint)
 
-    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
-                           checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+    ) -> None:
         if self.exact_resume and trainer.state.fn == "fit":
             exact_resume_hook("on_load_checkpoint", trainer, pl_module, checkpoint)
 
@@ -142,8 +169,9 @@ class PEFTCallback(pl.Callback):
         from .strategies import export_sharded, is_sharded
 
         if is_sharded(pl_module):  # FSDP2: gather full tensors on every rank, rank 0 writes (strategies.py)
-            self.adapter_dir, self.merged_dir = export_sharded(trainer, pl_module, state, export_dir,
-                                                               merge=self.merge_on_train_end)
+            self.adapter_dir, self.merged_dir = export_sharded(
+                trainer, pl_module, state, export_dir, merge=self.merge_on_train_end
+            )
             rank_zero_info(f"lightning_peft: adapter gathered from shards and written to {self.adapter_dir}")
             return
         is_main = trainer.is_global_zero
@@ -152,8 +180,10 @@ class PEFTCallback(pl.Callback):
         rank_zero_info(f"lightning_peft: adapter written to {self.adapter_dir}")
         if self.merge_on_train_end:
             if not state.can_merge:
-                rank_zero_info(f"lightning_peft: {state.config.peft_type} has no weights to merge; "
-                               f"`{state.model_attr}` stays the wrapped model")
+                rank_zero_info(
+                    f"lightning_peft: {state.config.peft_type} has no weights to merge; "
+                    f"`{state.model_attr}` stays the wrapped model"
+                )
             else:
                 merged = state.merge_and_unload(pl_module)
                 self.merged_dir = os.path.join(export_dir, MERGED_SUBDIR)

@@ -37,7 +37,13 @@ if TYPE_CHECKING:
 else:
     _MixinBase = object
 
-_RNG_HOOKS = ("on_train_start", "on_train_batch_start", "on_train_batch_end", "on_save_checkpoint", "on_load_checkpoint")
+_RNG_HOOKS = (
+    "on_train_start",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_save_checkpoint",
+    "on_load_checkpoint",
+)
 
 
 class PEFTMixin(_MixinBase):
@@ -52,6 +58,7 @@ class PEFTMixin(_MixinBase):
         super().__init_subclass__(**kwargs)
         own = cls.__dict__.get("configure_model")
         if own is not None and not getattr(own, "_lightning_peft_wrapped", False):
+
             @functools.wraps(own)
             def configure_model(self: Any, *args: Any, **kw: Any) -> Any:
                 out = own(self, *args, **kw)
@@ -73,7 +80,9 @@ class PEFTMixin(_MixinBase):
         state = get_state(self)
         if state is None and create and self.peft_config is not None:
             config = resolve_peft_config(self.peft_config)
-            state = attach_state(self, AdapterState(config, self.peft_model_attr, self.peft_adapter_name, owner="mixin"))
+            state = attach_state(
+                self, AdapterState(config, self.peft_model_attr, self.peft_adapter_name, owner="mixin")
+            )
         return state
 
     def _peft_apply(self) -> None:
@@ -84,13 +93,19 @@ class PEFTMixin(_MixinBase):
         trainer = getattr(self, "_trainer", None)
         if state.owner == "mixin" and trainer is not None and trainer.state.fn == "fit":
             training_rng(self).reset()  # before any restore: a fit that does not resume keeps the current RNG
-        state.apply(self, trainer, who=type(self).__name__ if state.owner == "mixin" else "PEFTCallback",
-                    fitting=trainer is not None and trainer.state.fn == "fit")
+        state.apply(
+            self,
+            trainer,
+            who=type(self).__name__ if state.owner == "mixin" else "PEFTCallback",
+            fitting=trainer is not None and trainer.state.fn == "fit",
+        )
 
     def _peft_require(self, action: str) -> AdapterState:
         state = self._peft_state()
         if state is None:
-            raise ValueError(f"cannot {action}: {type(self).__name__} has no peft_config (and no PEFTCallback applied one)")
+            raise ValueError(
+                f"cannot {action}: {type(self).__name__} has no peft_config (and no PEFTCallback applied one)"
+            )
         if not state.injected:
             self._peft_apply()
         return state
@@ -115,7 +130,8 @@ class PEFTMixin(_MixinBase):
         state.save_adapter(str(directory), is_main_process=trainer is None or trainer.is_global_zero)
 
     def load_adapter(self, directory: str) -> None:
-        """Load adapter weights written by `save_adapter` (or HF PEFT) into this module's adapter; it stays trainable."""
+        """Load adapter weights written by `save_adapter` (or HF PEFT) into this module's adapter; it stays
+        trainable."""
         state = self._peft_require("load an adapter")
         if state.merged:
             state.restore_unmerged(self)
@@ -132,8 +148,13 @@ class PEFTMixin(_MixinBase):
         """The mixin manages RNG states when it applies the tuner itself (else PEFTCallback does)."""
         state = get_state(self)
         trainer = getattr(self, "_trainer", None)
-        return (bool(self.peft_exact_resume) and state is not None and state.owner == "mixin" and trainer is not None
-                and trainer.state.fn == "fit")
+        return (
+            bool(self.peft_exact_resume)
+            and state is not None
+            and state.owner == "mixin"
+            and trainer is not None
+            and trainer.state.fn == "fit"
+        )
 
     def _peft_hook(self, name: str, *args: Any) -> None:
         if name == "on_load_checkpoint":

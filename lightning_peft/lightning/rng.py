@@ -54,7 +54,8 @@ _FORMAT = 1
 # put back, used between batches) and the checkpoint one (tensors and plain values only, for
 # `torch.load(weights_only=True)`), converted only when a checkpoint is written or read.
 def _get_raw_state() -> dict[str, Any]:
-    """The torch (CPU, and CUDA when initialised), numpy and python `random` global states, as their getters return them."""
+    """The torch (CPU, and CUDA when initialised), numpy and python `random` global states, as their getters
+    return them."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -89,8 +90,13 @@ def _numpy_state_dict(np_state: tuple) -> dict[str, Any]:
     import numpy as np
 
     name, keys, pos, has_gauss, cached = np_state
-    return {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return {
+        "name": str(name),
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
 
 
 def _to_checkpoint_form(raw: dict[str, Any]) -> dict[str, Any]:
@@ -104,16 +110,23 @@ def _to_checkpoint_form(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _from_checkpoint_form(state: dict[str, Any]) -> dict[str, Any]:
     py = state["python"]
-    raw: dict[str, Any] = {"torch": state["torch"],
-                           "python": (py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"])}
+    raw: dict[str, Any] = {
+        "torch": state["torch"],
+        "python": (py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]),
+    }
     if "cuda" in state:
         raw["cuda"] = state["cuda"]
     npy = state.get("numpy")
     if npy is not None:
         import numpy as np
 
-        raw["numpy"] = (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                        npy["cached_gaussian"])
+        raw["numpy"] = (
+            npy["name"],
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached_gaussian"],
+        )
     return raw
 
 
@@ -128,7 +141,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def _fork_rng_state(state: dict[str, Any]) -> dict[str, Any]:
-    """A raw state of the same parts as the raw `state`, for generators seeded from a hash of it (a stream of its own)."""
+    """A raw state of the same parts as the raw `state`, for generators seeded from a hash of it (a stream of its
+    own)."""
     import numpy as np
 
     digest = hashlib.sha256()
@@ -141,11 +155,15 @@ def _fork_rng_state(state: dict[str, Any]) -> dict[str, Any]:
     seed = digest.digest()
     forked: dict[str, Any] = {
         "torch": torch.Generator().manual_seed(int.from_bytes(seed[:8], "little")).get_state(),
-        "python": random.Random(int.from_bytes(seed, "little")).getstate(),
+        "python": random.Random(int.from_bytes(seed, "little")).getstate(),  # noqa: S311  (dropout / data, not secrets)
     }
     if "cuda" in state:
-        forked["cuda"] = [torch.Generator(device=f"cuda:{i}").manual_seed((int.from_bytes(seed[8:16], "little") + i) % 2**64)
-                          .get_state() for i in range(len(state["cuda"]))]
+        forked["cuda"] = [
+            torch.Generator(device=f"cuda:{i}")
+            .manual_seed((int.from_bytes(seed[8:16], "little") + i) % 2**64)
+            .get_state()
+            for i in range(len(state["cuda"]))
+        ]
     if "numpy" in state:
         forked["numpy"] = np.random.RandomState(np.frombuffer(seed[16:32], dtype=np.uint32)).get_state()
     return forked
@@ -220,15 +238,19 @@ class TrainingRNG:
         """
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is None:
-            return ("lightning_peft: this checkpoint holds no RNG states (written by another version or without "
-                    "PEFTCallback / PEFTMixin); training resumes, but dropout masks differ from an uninterrupted run")
+            return (
+                "lightning_peft: this checkpoint holds no RNG states (written by another version or without "
+                "PEFTCallback / PEFTMixin); training resumes, but dropout masks differ from an uninterrupted run"
+            )
         rank, world = _rank_and_world()
         states = saved["states"]
         warning = None
         if len(states) != world:
-            warning = (f"lightning_peft: the checkpoint holds RNG states of {len(states)} process(es), this run has "
-                       f"{world}; every process takes the state of rank {min(rank, len(states) - 1)}, so random draws "
-                       "differ from the interrupted run")
+            warning = (
+                f"lightning_peft: the checkpoint holds RNG states of {len(states)} process(es), this run has "
+                f"{world}; every process takes the state of rank {min(rank, len(states) - 1)}, so random draws "
+                "differ from the interrupted run"
+            )
         self.snapshot = _from_checkpoint_form(states[min(rank, len(states) - 1)])
         self.outside = None
         self.batch_open = False
@@ -305,9 +327,11 @@ class SeedEpochSampler(Sampler[int]):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["seed"] != self.seed or state["num_samples"] != self.num_samples:
-            raise ValueError(f"this data loader state was saved for SeedEpochSampler(seed={state['seed']}, "
-                             f"{state['num_samples']} samples), not (seed={self.seed}, {self.num_samples} samples); "
-                             "resume with the same seed and data")
+            raise ValueError(
+                f"this data loader state was saved for SeedEpochSampler(seed={state['seed']}, "
+                f"{state['num_samples']} samples), not (seed={self.seed}, {self.num_samples} samples); "
+                "resume with the same seed and data"
+            )
         self.epoch = int(state["epoch"])
 
 

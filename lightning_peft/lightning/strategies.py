@@ -23,17 +23,18 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union, cast
 
-import torch
-from torch import nn
-
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
 
 from ..tuners.base import parameter_counts  # noqa: F401 - re-exported for strategy users
 
-FSDP1_ON_CPU = ("the `fsdp1` strategy (FSDP1, Lightning's FSDPStrategy) runs on CUDA GPUs only; on CPU use `fsdp` "
-                "(FSDP2 through ModelParallelStrategy), e.g. `strategy=fsdp` or make_strategy('fsdp')")
+FSDP1_ON_CPU = (
+    "the `fsdp1` strategy (FSDP1, Lightning's FSDPStrategy) runs on CUDA GPUs only; on CPU use `fsdp` "
+    "(FSDP2 through ModelParallelStrategy), e.g. `strategy=fsdp` or make_strategy('fsdp')"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,8 +54,10 @@ def resolve_block_classes(module: nn.Module, block_classes: Optional[Iterable[Un
     """The classes to shard / wrap one by one: given (names or classes) or the HF model's `_no_split_modules`."""
     wanted = list(block_classes) if block_classes else sorted(no_split_module_names(module))
     if not wanted:
-        raise ValueError(f"cannot tell the transformer blocks of {type(module).__name__}: it has no HF model with "
-                         "_no_split_modules; pass block_classes=['MyBlock'] (class names or classes)")
+        raise ValueError(
+            f"cannot tell the transformer blocks of {type(module).__name__}: it has no HF model with "
+            "_no_split_modules; pass block_classes=['MyBlock'] (class names or classes)"
+        )
     names = {w for w in wanted if isinstance(w, str)}
     classes = {w for w in wanted if isinstance(w, type)}
     for sub in module.modules():
@@ -64,8 +67,10 @@ def resolve_block_classes(module: nn.Module, block_classes: Optional[Iterable[Un
     found_names = {c.__name__ for c in classes}
     missing = sorted(names - found_names)
     if missing:
-        raise ValueError(f"block class(es) {missing} do not occur in {type(module).__name__}; its module classes are "
-                         f"e.g. {sorted({type(m).__name__ for m in module.modules()})[:12]}")
+        raise ValueError(
+            f"block class(es) {missing} do not occur in {type(module).__name__}; its module classes are "
+            f"e.g. {sorted({type(m).__name__ for m in module.modules()})[:12]}"
+        )
     return classes
 
 
@@ -118,8 +123,9 @@ def full_tensors(module: nn.Module) -> Iterator[nn.Module]:
                 for name, value in list(holder.items()):
                     if isinstance(value, DTensor):
                         full = value.full_tensor().detach()
-                        holder[name] = nn.Parameter(full, requires_grad=value.requires_grad) \
-                            if kind == "_parameters" else full
+                        holder[name] = (
+                            nn.Parameter(full, requires_grad=value.requires_grad) if kind == "_parameters" else full
+                        )
                         swapped.append((sub, kind, name, value))
         yield module
     finally:
@@ -145,8 +151,14 @@ class PeftFSDP2Strategy(ModelParallelStrategy):
         mp_policy: an optional `torch.distributed.fsdp.MixedPrecisionPolicy`.
     """
 
-    def __init__(self, block_classes: Optional[Iterable[Union[str, type]]] = None, reshard_after_forward: bool = True,
-                 save_distributed_checkpoint: bool = False, mp_policy: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        block_classes: Optional[Iterable[Union[str, type]]] = None,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = False,
+        mp_policy: Any = None,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("data_parallel_size", "auto")
         kwargs.setdefault("tensor_parallel_size", 1)
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
@@ -167,8 +179,10 @@ class PeftFSDP2Strategy(ModelParallelStrategy):
         classes = resolve_block_classes(module, self.block_classes)
         mesh = self.device_mesh["data_parallel"]
         count = shard_blocks(module, mesh, classes, **self.fully_shard_kwargs)
-        rank_zero_info(f"lightning_peft: FSDP2 sharded {count} blocks ({', '.join(sorted(c.__name__ for c in classes))})"
-                       f" over {mesh.size()} processes")
+        rank_zero_info(
+            f"lightning_peft: FSDP2 sharded {count} blocks ({', '.join(sorted(c.__name__ for c in classes))})"
+            f" over {mesh.size()} processes"
+        )
 
     def setup(self, trainer: "pl.Trainer") -> None:
         # ModelParallelStrategy.setup without its "configure_model must be overridden" rule: we shard here
@@ -176,7 +190,8 @@ class PeftFSDP2Strategy(ModelParallelStrategy):
         from lightning.fabric.utilities.optimizer import _optimizers_to_device
         from lightning.pytorch.trainer.states import TrainerFn
 
-        assert self.model is not None and self.accelerator is not None
+        if self.model is None or self.accelerator is None:
+            raise RuntimeError("PeftFSDP2Strategy.setup ran before Lightning connected the model and accelerator")
         self.accelerator.setup(trainer)
         self.shard()
         _materialize_distributed_module(self.model, self.root_device)
@@ -200,17 +215,28 @@ class PeftFSDP2Strategy(ModelParallelStrategy):
         state = get_state(module)
         strict = module.strict_loading
         if state is not None and state.adapter_keys and _is_full_checkpoint(path):
-            saved = torch.load(path, mmap=True, map_location="cpu",  # weights only unless the caller opted out
-                               weights_only=True if weights_only is None else weights_only)
+            saved = torch.load(
+                path,
+                mmap=True,
+                map_location="cpu",  # weights only unless the caller opted out
+                weights_only=True if weights_only is None else weights_only,
+            )
             missing = sorted(state.adapter_keys - set(saved["state_dict"]))
             if missing:
-                raise KeyError(f"checkpoint {str(path)!r} lacks {len(missing)} adapter tensor(s) of this model, e.g. "
-                               f"{missing[:3]}; was it written for another adapter config?")
+                raise KeyError(
+                    f"checkpoint {str(path)!r} lacks {len(missing)} adapter tensor(s) of this model, e.g. "
+                    f"{missing[:3]}; was it written for another adapter config?"
+                )
             del saved
             strict = False  # the base weights are not in an adapter checkpoint
         optimizers = {f"optimizer_{i}": opt for i, opt in enumerate(self.optimizers)}
-        return _load_checkpoint(path=path, state={"state_dict": self.model, **optimizers}, strict=strict,
-                                optimizer_states_from_list=True, weights_only=weights_only)
+        return _load_checkpoint(
+            path=path,
+            state={"state_dict": self.model, **optimizers},
+            strict=strict,
+            optimizer_states_from_list=True,
+            weights_only=weights_only,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,8 +249,9 @@ class PeftFSDP1Strategy(FSDPStrategy):
     def __init__(self, block_classes: Optional[Iterable[Union[str, type]]] = None, **kwargs: Any) -> None:
         kwargs.setdefault("use_orig_params", True)
         if not kwargs["use_orig_params"]:
-            raise ValueError("FSDP1 with adapters needs use_orig_params=True (frozen and trainable parameters share "
-                             "FSDP units)")
+            raise ValueError(
+                "FSDP1 with adapters needs use_orig_params=True (frozen and trainable parameters share FSDP units)"
+            )
         super().__init__(**kwargs)
         self.block_classes = list(block_classes) if block_classes else None
 
@@ -295,8 +322,9 @@ class FSDP1Adapter(StrategyAdapter):
         return PeftFSDP1Strategy(**kwargs)
 
 
-STRATEGIES: dict[str, StrategyAdapter] = {a.name: a for a in (SingleAdapter(), Int8Adapter(), DDPAdapter(),
-                                                             FSDP2Adapter(), FSDP1Adapter())}
+STRATEGIES: dict[str, StrategyAdapter] = {
+    a.name: a for a in (SingleAdapter(), Int8Adapter(), DDPAdapter(), FSDP2Adapter(), FSDP1Adapter())
+}
 
 
 def get_adapter(name: str) -> StrategyAdapter:
@@ -315,8 +343,9 @@ def make_strategy(name: str, accelerator: str = "auto", **kwargs: Any) -> Union[
 # ---------------------------------------------------------------------------------------------
 # exports under FSDP2 (called by PEFTCallback.on_fit_end on every rank)
 # ---------------------------------------------------------------------------------------------
-def export_sharded(trainer: "pl.Trainer", pl_module: "pl.LightningModule", state: Any, export_dir: str,
-                   merge: bool) -> tuple[str, Optional[str]]:
+def export_sharded(
+    trainer: "pl.Trainer", pl_module: "pl.LightningModule", state: Any, export_dir: str, merge: bool
+) -> tuple[str, Optional[str]]:
     """Write `adapter/` (and `merged/`) from full tensors gathered from every rank; rank 0 writes.
 
     The sharded model in memory keeps its adapter unmerged (merging DTensor shards in place would be
@@ -330,13 +359,18 @@ def export_sharded(trainer: "pl.Trainer", pl_module: "pl.LightningModule", state
     peft = state.require_peft("export the adapter")
     with full_tensors(pl_module):
         state.save_adapter(adapter_dir, is_main_process=trainer.is_global_zero)
-        full = {k: v.detach().cpu() for k, v in peft.state_dict().items()} if merged_dir and trainer.is_global_zero \
+        full = (
+            {k: v.detach().cpu() for k, v in peft.state_dict().items()}
+            if merged_dir and trainer.is_global_zero
             else None
+        )
     if merged_dir and trainer.is_global_zero:
         merged = _unsharded_merged_copy(peft, state, cast(dict[str, torch.Tensor], full))  # gathered: same condition
         if merged is None:
-            rank_zero_warn("lightning_peft: under FSDP the merged model is rebuilt from the model's config, which "
-                           f"{type(peft.get_base_model()).__name__} lacks; only the adapter was exported")
+            rank_zero_warn(
+                "lightning_peft: under FSDP the merged model is rebuilt from the model's config, which "
+                f"{type(peft.get_base_model()).__name__} lacks; only the adapter was exported"
+            )
             merged_dir = None
         else:
             save_merged_model(merged, merged_dir)
@@ -358,6 +392,18 @@ def _unsharded_merged_copy(peft: Any, state: Any, full: dict[str, torch.Tensor])
     return copy_.merge_and_unload()
 
 
-__all__ = ["make_strategy", "get_adapter", "STRATEGIES", "PeftFSDP2Strategy", "PeftFSDP1Strategy", "full_tensors",
-           "full_state_dict", "is_sharded", "shard_blocks", "resolve_block_classes", "export_sharded",
-           "parameter_counts", "FSDP1_ON_CPU"]
+__all__ = [
+    "make_strategy",
+    "get_adapter",
+    "STRATEGIES",
+    "PeftFSDP2Strategy",
+    "PeftFSDP1Strategy",
+    "full_tensors",
+    "full_state_dict",
+    "is_sharded",
+    "shard_blocks",
+    "resolve_block_classes",
+    "export_sharded",
+    "parameter_counts",
+    "FSDP1_ON_CPU",
+]

@@ -20,10 +20,10 @@ class CausalLMDataModule(TextDataModule):
 
     def encode(self, rows: list[dict]) -> list[dict]:
         texts = [r[self.hparams.text_column] for r in rows]
-        enc = self.tokenizer(texts, truncation=True, max_length=self.hparams.max_length,
-                             return_token_type_ids=False)
-        return [{"input_ids": ids, "attention_mask": mask}
-                for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+        enc = self.tokenizer(texts, truncation=True, max_length=self.hparams.max_length, return_token_type_ids=False)
+        return [
+            {"input_ids": ids, "attention_mask": mask} for ids, mask in zip(enc["input_ids"], enc["attention_mask"])
+        ]
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = dict(self.pad(examples))
@@ -32,8 +32,14 @@ class CausalLMDataModule(TextDataModule):
 
 
 class CausalLMModule(HFTaskModule):
-    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, sample_prompt: str = "the food was",
-                 max_new_tokens: int = 16, **kwargs: Any):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any = None,
+        sample_prompt: str = "the food was",
+        max_new_tokens: int = 16,
+        **kwargs: Any,
+    ):
         super().__init__(model, tokenizer, **kwargs)
         self.val_ppl = Perplexity(ignore_index=-100)
         self.sample: Optional[str] = None
@@ -42,7 +48,7 @@ class CausalLMModule(HFTaskModule):
         out = self.model(**batch)
         labels = batch["labels"]
         # prompt tuners return logits for the virtual tokens too; score the real positions only
-        logits = out.logits[:, -labels.size(1):]
+        logits = out.logits[:, -labels.size(1) :]
         self.val_ppl(logits[:, :-1].float(), labels[:, 1:])
         n = labels.size(0)
         self.log("val_loss", out.loss, prog_bar=True, batch_size=n, sync_dist=True)
@@ -51,15 +57,17 @@ class CausalLMModule(HFTaskModule):
     @torch.no_grad()
     def generate_sample(self, prompt: Optional[str] = None) -> str:
         prompt = prompt if prompt is not None else self.hparams.sample_prompt
-        enc = self.tokenizer(prompt, return_tensors="pt", return_token_type_ids=False,
-                             add_special_tokens=False).to(self.device)
+        enc = self.tokenizer(prompt, return_tensors="pt", return_token_type_ids=False, add_special_tokens=False).to(
+            self.device
+        )
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(**enc, max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id)
+        out = self.model.generate(
+            **enc, max_new_tokens=self.hparams.max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+        )
         self.model.train(was_training)
         # some wrappers return prompt + continuation, some only the continuation: decode what is new
-        new = out[0, enc["input_ids"].size(1):] if out.size(1) > enc["input_ids"].size(1) else out[0]
+        new = out[0, enc["input_ids"].size(1) :] if out.size(1) > enc["input_ids"].size(1) else out[0]
         return prompt + " " + self.tokenizer.decode(new, skip_special_tokens=True).strip()
 
     def on_train_end(self) -> None:

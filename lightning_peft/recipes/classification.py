@@ -13,8 +13,15 @@ from .common import HFTaskModule, TextDataModule
 class TextClassificationDataModule(TextDataModule):
     """A .csv/.jsonl file with a text column, an integer label column and a split column."""
 
-    def __init__(self, path: str, tokenizer: Any = None, text_column: str = "text",
-                 label_column: str = "label", num_labels: int = 2, **kwargs: Any):
+    def __init__(
+        self,
+        path: str,
+        tokenizer: Any = None,
+        text_column: str = "text",
+        label_column: str = "label",
+        num_labels: int = 2,
+        **kwargs: Any,
+    ):
         super().__init__(path, tokenizer, **kwargs)
 
     def encode(self, rows: list[dict]) -> list[dict]:
@@ -26,8 +33,10 @@ class TextClassificationDataModule(TextDataModule):
             raise ValueError(f"labels {bad} are outside [0, num_labels={hp.num_labels})")
         # no token_type_ids: single sentences, and prompt tuners prepend virtual tokens
         enc = self.tokenizer(texts, truncation=True, max_length=hp.max_length, return_token_type_ids=False)
-        return [{"input_ids": ids, "attention_mask": mask, "labels": y}
-                for ids, mask, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
+        return [
+            {"input_ids": ids, "attention_mask": mask, "labels": y}
+            for ids, mask, y in zip(enc["input_ids"], enc["attention_mask"], labels)
+        ]
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.pad(examples)

@@ -19,6 +19,7 @@ try:  # resumable mid-epoch when torchdata is installed (Lightning saves its sta
 except ImportError:  # pragma: no cover - torchdata is optional
     _Loader = DataLoader
 
+
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a .csv (with header) or .jsonl file as dicts; a relative path is relative to the working
     directory (the app's configs point at the data shipped in `lightning_peft/app/data/` with an absolute
@@ -132,8 +133,9 @@ class TextDataModule(pl.LightningDataModule):
             from lightning_peft.lightning.rng import SeedEpochSampler
 
             kwargs["sampler"] = SeedEpochSampler(data, seed=self.hparams.seed)
-        return _Loader(data, batch_size=batch_size, collate_fn=self.collate,
-                       num_workers=self.hparams.num_workers, **kwargs)
+        return _Loader(
+            data, batch_size=batch_size, collate_fn=self.collate, num_workers=self.hparams.num_workers, **kwargs
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
@@ -193,4 +195,3 @@ class HFTaskModule(pl.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-

@@ -13,18 +13,32 @@ from .common import HFTaskModule, TextDataModule, pad_labels
 class Seq2SeqDataModule(TextDataModule):
     """Rows with a source and a target column (the shipped `lightning_peft/app/data/aspects.jsonl`)."""
 
-    def __init__(self, path: str, tokenizer: Any = None, source_column: str = "source",
-                 target_column: str = "target", max_target_length: int = 32, **kwargs: Any):
+    def __init__(
+        self,
+        path: str,
+        tokenizer: Any = None,
+        source_column: str = "source",
+        target_column: str = "target",
+        max_target_length: int = 32,
+        **kwargs: Any,
+    ):
         super().__init__(path, tokenizer, **kwargs)
 
     def encode(self, rows: list[dict]) -> list[dict]:
         hp = self.hparams
-        src = self.tokenizer([r[hp.source_column] for r in rows], truncation=True, max_length=hp.max_length,
-                             return_token_type_ids=False)
-        tgt = self.tokenizer([r[hp.target_column] for r in rows], truncation=True,
-                             max_length=hp.max_target_length, return_token_type_ids=False)
-        return [{"input_ids": i, "attention_mask": m, "labels": t}
-                for i, m, t in zip(src["input_ids"], src["attention_mask"], tgt["input_ids"])]
+        src = self.tokenizer(
+            [r[hp.source_column] for r in rows], truncation=True, max_length=hp.max_length, return_token_type_ids=False
+        )
+        tgt = self.tokenizer(
+            [r[hp.target_column] for r in rows],
+            truncation=True,
+            max_length=hp.max_target_length,
+            return_token_type_ids=False,
+        )
+        return [
+            {"input_ids": i, "attention_mask": m, "labels": t}
+            for i, m, t in zip(src["input_ids"], src["attention_mask"], tgt["input_ids"])
+        ]
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = dict(self.pad(examples))
@@ -41,8 +55,12 @@ class Seq2SeqModule(HFTaskModule):
         out = self.model(**batch)
         n = batch["labels"].size(0)
         self.log("val_loss", out.loss, prog_bar=True, batch_size=n, sync_dist=True)
-        generated = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                        max_new_tokens=self.hparams.max_new_tokens, do_sample=False)
+        generated = self.model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False,
+        )
         refs = batch["labels"].masked_fill(batch["labels"] == -100, self.tokenizer.pad_token_id)
         preds = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         targets = self.tokenizer.batch_decode(refs, skip_special_tokens=True)

@@ -84,8 +84,9 @@ def resolve_fan_in_fan_out(config: Any, expected: bool, layer_kind: str) -> bool
     """The layer type decides how its weight is stored; a config that says otherwise is corrected
     (in place, so the warning comes once per adapter) with a warning."""
     if config.fan_in_fan_out != expected:
-        warnings.warn(f"fan_in_fan_out is set to {not expected} but the target is {layer_kind}; "
-                      f"using fan_in_fan_out={expected}")
+        warnings.warn(
+            f"fan_in_fan_out is set to {not expected} but the target is {layer_kind}; using fan_in_fan_out={expected}"
+        )
         config.fan_in_fan_out = expected
     return expected
 
@@ -346,16 +347,26 @@ def _describe_mismatches(items: list[str], what: str, limit: int = 5) -> str:
     return f"{what}: {', '.join(items[:limit])}{more}"
 
 
-def check_tensors_fit(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], adapter_name: str,
-                      optional: frozenset[str] = frozenset()) -> None:
+def check_tensors_fit(
+    expected: dict[str, tuple[int, ...]],
+    tensors: dict[str, torch.Tensor],
+    adapter_name: str,
+    optional: frozenset[str] = frozenset(),
+) -> None:
     """Refuse, before anything is written, adapter tensors whose keys or shapes differ from `expected`
     (keys in `optional` may be absent)."""
-    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(shape)}" for k, shape in expected.items()
-              if k in tensors and tuple(tensors[k].shape) != tuple(shape)]
+    shapes = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(shape)}"
+        for k, shape in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != tuple(shape)
+    ]
     missing = sorted(set(expected) - set(tensors) - optional)
     unexpected = sorted(set(tensors) - set(expected))
-    problems = [_describe_mismatches(items, what) for what, items in
-                (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)) if items]
+    problems = [
+        _describe_mismatches(items, what)
+        for what, items in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected))
+        if items
+    ]
     if problems:
         raise ValueError(
             f"the adapter weights do not fit adapter {adapter_name!r} of this model ({'; '.join(problems)}). "
@@ -401,8 +412,9 @@ class BaseTuner(TunerAttributes, nn.Module):
             )
         return config
 
-    def _create_and_replace(self, config: Any, adapter_name: str, target: nn.Module, target_name: str,
-                            parent: nn.Module, current_key: str) -> None:
+    def _create_and_replace(
+        self, config: Any, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module, current_key: str
+    ) -> None:
         raise NotImplementedError
 
     def _is_supported_target(self, module: nn.Module) -> bool:
@@ -435,7 +447,9 @@ class BaseTuner(TunerAttributes, nn.Module):
         """Validate everything first, then inject: a bad config leaves the model untouched."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter it")
+            raise ValueError(
+                f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter it"
+            )
         config = self._prepare_adapter_config(copy.deepcopy(config), self.model)
         self._check_new_adapter_config(config)
         keys = self._matching_keys(config)
@@ -508,7 +522,6 @@ class BaseTuner(TunerAttributes, nn.Module):
     def _mark_extra_trainable(self, config: Any) -> None:
         """Tuner-specific extras that train with the adapter (e.g. LoRA's biases)."""
 
-
     def _set_adapter_layers(self, enabled: bool) -> None:
         for _, module in self._tuner_layers():
             module.enable_adapters(enabled)
@@ -535,8 +548,9 @@ class BaseTuner(TunerAttributes, nn.Module):
                 f"{adapter_name!r} is the active adapter; set_adapter() another one "
                 f"({', '.join(n for n in self.peft_config if n != adapter_name)}) before deleting it"
             )
-        if not force and any(isinstance(m, BaseTunerLayer) and adapter_name in m.merged_adapters
-                             for _, m in self._tuner_layers()):
+        if not force and any(
+            isinstance(m, BaseTunerLayer) and adapter_name in m.merged_adapters for _, m in self._tuner_layers()
+        ):
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
         for _, module in self._tuner_layers():
             module.delete_adapter(adapter_name)
@@ -566,8 +580,9 @@ class BaseTuner(TunerAttributes, nn.Module):
             if isinstance(module, BaseTunerLayer):
                 module.unmerge()
 
-    def _unload_and_optionally_merge(self, merge: bool, progressbar: bool, safe_merge: bool,
-                                     adapter_names: Optional[list[str]]) -> nn.Module:
+    def _unload_and_optionally_merge(
+        self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names: Optional[list[str]]
+    ) -> nn.Module:
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         else:
@@ -587,8 +602,9 @@ class BaseTuner(TunerAttributes, nn.Module):
                 setattr(parent, child, module.original_module)
         return self.model
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
+    ) -> nn.Module:
         """The base model with the active adapter(s) merged into its weights and every tuner layer removed."""
         return self._unload_and_optionally_merge(True, progressbar, safe_merge, adapter_names)
 
@@ -597,8 +613,12 @@ class BaseTuner(TunerAttributes, nn.Module):
         return self._unload_and_optionally_merge(False, False, False, None)
 
     # ---- state dict in HF PEFT's saved format ---------------------------------------------
-    def peft_state_dict(self, adapter_name: str, state_dict: Optional[dict[str, torch.Tensor]] = None,
-                        save_embedding_layers: bool | str = False) -> dict[str, torch.Tensor]:
+    def peft_state_dict(
+        self,
+        adapter_name: str,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+        save_embedding_layers: bool | str = False,
+    ) -> dict[str, torch.Tensor]:
         """The adapter's tensors keyed as HF PEFT saves them (adapter name stripped). `state_dict` is the
         PeftModel's (keys `base_model.…`) when given, else this tuner's own.
 
@@ -607,7 +627,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         if state_dict is None:
             inner = self.state_dict()
         else:
-            inner = {k[len(SAVED_KEY_PREFIX):]: v for k, v in state_dict.items() if k.startswith(SAVED_KEY_PREFIX)}
+            inner = {k[len(SAVED_KEY_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(SAVED_KEY_PREFIX)}
         out = {SAVED_KEY_PREFIX + k: v for k, v in self.adapter_state_dict(inner, adapter_name).items()}
         if save_embedding_layers == "auto":
             targets = self.peft_config[adapter_name].target_modules
@@ -619,10 +639,16 @@ class BaseTuner(TunerAttributes, nn.Module):
 
     def _embedding_base_keys(self) -> set[str]:
         """Keys of the base weights of the targeted input / output embeddings (HF PEFT may save them)."""
-        layers = [getattr(self.model, f)() for f in ("get_input_embeddings", "get_output_embeddings")
-                  if hasattr(self.model, f)]
-        return {f"model.{name}.base_layer.weight" for name, module in self.model.named_modules()
-                if any(module is layer for layer in layers if layer is not None) and hasattr(module, "base_layer")}
+        layers = [
+            getattr(self.model, f)()
+            for f in ("get_input_embeddings", "get_output_embeddings")
+            if hasattr(self.model, f)
+        ]
+        return {
+            f"model.{name}.base_layer.weight"
+            for name, module in self.model.named_modules()
+            if any(module is layer for layer in layers if layer is not None) and hasattr(module, "base_layer")
+        }
 
     def load_peft_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
         """Load adapter tensors saved in HF PEFT's format into `adapter_name`; every key and shape is checked
@@ -631,13 +657,14 @@ class BaseTuner(TunerAttributes, nn.Module):
         embedding_keys = self._embedding_base_keys()
         expected = {k: tuple(v.shape) for k, v in self.peft_state_dict(adapter_name).items()}
         expected.update({SAVED_KEY_PREFIX + k: tuple(own[k].shape) for k in embedding_keys})
-        check_tensors_fit(expected, tensors, adapter_name,
-                          optional=frozenset(SAVED_KEY_PREFIX + k for k in embedding_keys))
+        check_tensors_fit(
+            expected, tensors, adapter_name, optional=frozenset(SAVED_KEY_PREFIX + k for k in embedding_keys)
+        )
         targets: dict[str, torch.Tensor] = dict(self.named_parameters())
         targets.update(dict(self.named_buffers()))
         with torch.no_grad():
             for key, value in tensors.items():
-                target = targets[self.adapter_key_to_model_key(key[len(SAVED_KEY_PREFIX):], adapter_name)]
+                target = targets[self.adapter_key_to_model_key(key[len(SAVED_KEY_PREFIX) :], adapter_name)]
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
 
     def adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
@@ -652,8 +679,9 @@ class BaseTuner(TunerAttributes, nn.Module):
         out.update(self._bias_state_dict(state_dict, config, adapter_name))
         return out
 
-    def _bias_state_dict(self, state_dict: dict[str, torch.Tensor], config: Any,
-                         adapter_name: str) -> dict[str, torch.Tensor]:
+    def _bias_state_dict(
+        self, state_dict: dict[str, torch.Tensor], config: Any, adapter_name: str
+    ) -> dict[str, torch.Tensor]:
         return {}
 
     def adapter_key_to_model_key(self, key: str, adapter_name: str) -> str:
@@ -665,7 +693,7 @@ class BaseTuner(TunerAttributes, nn.Module):
             return f"{head}{self.prefix}{layer_attr}.{adapter_name}" + (f".{rest}" if rest else "")
         for name, module in self._tuner_layers():
             if isinstance(module, ModulesToSaveWrapper) and key.startswith(f"model.{name}."):
-                rest = key[len(name) + 7:]
+                rest = key[len(name) + 7 :]
                 if rest.startswith("original_module."):
                     return key
                 if rest.startswith(f"modules_to_save.{adapter_name}."):

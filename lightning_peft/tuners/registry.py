@@ -48,14 +48,20 @@ _TUNERS: dict[str, TunerSpec] = {}
 _discovered = False
 
 
-def register_tuner(config_class: type, model_class: type, quantized_layers: Mapping[str, type] | None = None,
-                   merges_into_quantized: bool = False) -> TunerSpec:
+def register_tuner(
+    config_class: type,
+    model_class: type,
+    quantized_layers: Mapping[str, type] | None = None,
+    merges_into_quantized: bool = False,
+) -> TunerSpec:
     """Called once by each tuner folder; the config class says which peft type it is (`PEFT_TYPE`)."""
     spec = TunerSpec(config_class, model_class, dict(quantized_layers or {}), merges_into_quantized)
     known = _TUNERS.get(spec.peft_type)
     if known is not None and known != spec:
-        raise ValueError(f"peft_type {spec.peft_type} is registered twice ({known.config_class.__name__} and "
-                         f"{config_class.__name__})")
+        raise ValueError(
+            f"peft_type {spec.peft_type} is registered twice ({known.config_class.__name__} and "
+            f"{config_class.__name__})"
+        )
     _TUNERS[spec.peft_type] = spec
     return spec
 

@@ -16,11 +16,18 @@ class Linear8bitLt(nn.Module, IA3Layer):
 
     accepts = staticmethod(is_linear8bit)  # which base layers this class wraps
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, is_feedforward: bool = False,
-                 init_ia3_weights: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        is_feedforward: bool = False,
+        init_ia3_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
-        self._init_ia3_layer(base_layer, is_feedforward, cast(int, base_layer.in_features),
-                             cast(int, base_layer.out_features))
+        self._init_ia3_layer(
+            base_layer, is_feedforward, cast(int, base_layer.in_features), cast(int, base_layer.out_features)
+        )
         self.fan_in_fan_out = False
         self._active_adapters = [adapter_name]
         self.update_layer(adapter_name, init_ia3_weights)
@@ -31,9 +38,11 @@ class Linear8bitLt(nn.Module, IA3Layer):
         self.ia3_l[adapter_name] = nn.Parameter(vector.to(weight.device))  # fp32 over int8
         self.set_adapter(self.active_adapters or [adapter_name])
 
-    merge_refusal = ("cannot merge IA3 adapters into bitsandbytes 8-bit layers: their int8 weights cannot hold the "
-                     "scaled values. Use the adapter unmerged, call unload(), or load the base model in full precision "
-                     "to merge")
+    merge_refusal = (
+        "cannot merge IA3 adapters into bitsandbytes 8-bit layers: their int8 weights cannot hold the "
+        "scaled values. Use the adapter unmerged, call unload(), or load the base model in full precision "
+        "to merge"
+    )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise ValueError(self.merge_refusal)

@@ -1,4 +1,5 @@
-"""(IA)^3 layers: a learned vector per adapter scaling a base layer's output (or, for feedforward targets, its input)."""
+"""(IA)^3 layers: a learned vector per adapter scaling a base layer's output (or, for feedforward targets, its
+input)."""
 
 from __future__ import annotations
 
@@ -90,9 +91,16 @@ class IA3Layer(BaseTunerLayer):
 class Linear(nn.Module, IA3Layer):
     """(IA)^3 over `nn.Linear` or transformers' `Conv1D` (`fan_in_fan_out=True`, weight stored (in, out))."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, is_feedforward: bool = False,
-                 fan_in_fan_out: bool = False, is_target_conv_1d_layer: bool = False, init_ia3_weights: bool = True,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        is_feedforward: bool = False,
+        fan_in_fan_out: bool = False,
+        is_target_conv_1d_layer: bool = False,
+        init_ia3_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         if hasattr(base_layer, "in_features") and not fan_in_fan_out:
             in_features, out_features = cast(int, base_layer.in_features), cast(int, base_layer.out_features)
@@ -128,8 +136,14 @@ class Linear(nn.Module, IA3Layer):
 class Conv2d(nn.Module, IA3Layer):
     """(IA)^3 over `nn.Conv2d`; the vector is (1, channels, 1, 1) as in HF PEFT."""
 
-    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, is_feedforward: bool = False,
-                 init_ia3_weights: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Conv2d,
+        adapter_name: str,
+        is_feedforward: bool = False,
+        init_ia3_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         self._init_ia3_layer(base_layer, is_feedforward, base_layer.in_channels, base_layer.out_channels)
         self.fan_in_fan_out = False
@@ -148,8 +162,9 @@ class Conv2d(nn.Module, IA3Layer):
             return vector
         # grouped conv: weight is (out, in/groups, kh, kw); give each group's filters its own input channels
         in_per_group, out_per_group = base.in_channels // base.groups, base.out_channels // base.groups
-        grouped = vector.reshape(base.groups, 1, in_per_group, 1, 1).expand(base.groups, out_per_group,
-                                                                            in_per_group, 1, 1)
+        grouped = vector.reshape(base.groups, 1, in_per_group, 1, 1).expand(
+            base.groups, out_per_group, in_per_group, 1, 1
+        )
         return grouped.reshape(base.out_channels, in_per_group, 1, 1)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

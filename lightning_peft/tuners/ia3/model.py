@@ -22,9 +22,12 @@ class IA3Model(BaseTuner):
         if config.target_modules is None and model_type in DEFAULT_TARGET_MODULES:
             config.target_modules = set(DEFAULT_TARGET_MODULES[model_type])
         if config.feedforward_modules is None:
-            if model_type in DEFAULT_FEEDFORWARD_MODULES and config.target_modules is not None \
-                    and not isinstance(config.target_modules, str) \
-                    and set(DEFAULT_FEEDFORWARD_MODULES[model_type]) <= set(config.target_modules):
+            if (
+                model_type in DEFAULT_FEEDFORWARD_MODULES
+                and config.target_modules is not None
+                and not isinstance(config.target_modules, str)
+                and set(DEFAULT_FEEDFORWARD_MODULES[model_type]) <= set(config.target_modules)
+            ):
                 config.feedforward_modules = set(DEFAULT_FEEDFORWARD_MODULES[model_type])
             else:
                 config.feedforward_modules = set()  # no feedforward targets: every vector scales an output
@@ -37,24 +40,43 @@ class IA3Model(BaseTuner):
         if isinstance(config.feedforward_modules, str):
             # a regex cannot be checked against target_modules statically: check it against the model
             targets = set(self._matching_keys(config))
-            stray = [k for k, _ in self.model.named_modules()
-                     if k and is_feedforward_key(config, k) and k not in targets
-                     and not any(s in k for s in (".ia3_", ".base_layer", ".original_module", ".modules_to_save."))]
+            stray = [
+                k
+                for k, _ in self.model.named_modules()
+                if k
+                and is_feedforward_key(config, k)
+                and k not in targets
+                and not any(s in k for s in (".ia3_", ".base_layer", ".original_module", ".modules_to_save."))
+            ]
             if stray:
-                raise ValueError(f"feedforward_modules={config.feedforward_modules!r} matches modules outside "
-                                 f"target_modules: {stray[:4]}; feedforward_modules must be a subset of target_modules")
+                raise ValueError(
+                    f"feedforward_modules={config.feedforward_modules!r} matches modules outside "
+                    f"target_modules: {stray[:4]}; feedforward_modules must be a subset of target_modules"
+                )
 
     def _is_supported_target(self, module: nn.Module) -> bool:
-        return isinstance(module, (IA3Layer, nn.Linear, nn.Conv2d)) or is_conv1d(module) \
+        return (
+            isinstance(module, (IA3Layer, nn.Linear, nn.Conv2d))
+            or is_conv1d(module)
             or self.quantized_layer_for(module) is not None
+        )
 
-    def _create_and_replace(self, config: IA3Config, adapter_name: str, target: nn.Module, target_name: str,
-                            parent: nn.Module, current_key: str) -> None:
+    def _create_and_replace(
+        self,
+        config: IA3Config,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
         is_feedforward = is_feedforward_key(config, current_key)
         if isinstance(target, IA3Layer):
             if target.is_feedforward != is_feedforward:
-                raise ValueError(f"{current_key} is {'a' if target.is_feedforward else 'not a'} feedforward module "
-                                 "for an existing IA3 adapter; every adapter must agree on feedforward_modules")
+                raise ValueError(
+                    f"{current_key} is {'a' if target.is_feedforward else 'not a'} feedforward module "
+                    "for an existing IA3 adapter; every adapter must agree on feedforward_modules"
+                )
             target.update_layer(adapter_name, config.init_ia3_weights)
             return
         kwargs = dict(is_feedforward=is_feedforward, init_ia3_weights=config.init_ia3_weights)
@@ -64,14 +86,22 @@ class IA3Model(BaseTuner):
         elif isinstance(target, nn.Conv2d):
             new_module = Conv2d(target, adapter_name, **kwargs)
         elif isinstance(target, nn.Linear):
-            new_module = Linear(target, adapter_name,
-                                fan_in_fan_out=resolve_fan_in_fan_out(config, False, "torch.nn.Linear"), **kwargs)
+            new_module = Linear(
+                target, adapter_name, fan_in_fan_out=resolve_fan_in_fan_out(config, False, "torch.nn.Linear"), **kwargs
+            )
         elif is_conv1d(target):
-            new_module = Linear(target, adapter_name, is_target_conv_1d_layer=True,
-                                fan_in_fan_out=resolve_fan_in_fan_out(config, True, "transformers Conv1D"), **kwargs)
+            new_module = Linear(
+                target,
+                adapter_name,
+                is_target_conv_1d_layer=True,
+                fan_in_fan_out=resolve_fan_in_fan_out(config, True, "transformers Conv1D"),
+                **kwargs,
+            )
         else:
-            raise ValueError(f"cannot apply IA3 to {current_key} of type {type(target).__name__}; "
-                             f"supported: Linear, Conv1D, Conv2d, 8-bit Linear. {describe_module_names(self.model)}")
+            raise ValueError(
+                f"cannot apply IA3 to {current_key} of type {type(target).__name__}; "
+                f"supported: Linear, Conv1D, Conv2d, 8-bit Linear. {describe_module_names(self.model)}"
+            )
         setattr(parent, target_name, new_module)
 
 

@@ -44,10 +44,12 @@ class Linear8bitLt(Linear):
             state.CB, state.SCB = None, None
         if not Linear8bitLt._warned_rounding:
             Linear8bitLt._warned_rounding = True
-            warnings.warn("merging LoRA into 8-bit base layers dequantizes, adds and requantizes the weights: the "
-                          "merged model's outputs differ slightly from the unmerged one (int8 rounding). To export a "
-                          "merged model without rounding, call lightning_peft.quantization.dequantize_base_linears() "
-                          "on the model before merging")
+            warnings.warn(
+                "merging LoRA into 8-bit base layers dequantizes, adds and requantizes the weights: the "
+                "merged model's outputs differ slightly from the unmerged one (int8 rounding). To export a "
+                "merged model without rounding, call lightning_peft.quantization.dequantize_base_linears() "
+                "on the model before merging"
+            )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         if not self._is_int8():

@@ -12,13 +12,27 @@ if TYPE_CHECKING:
 
 # Used when target_modules is None, keyed by the transformers `model_type` (HF PEFT's defaults).
 DEFAULT_TARGET_MODULES = {
-    "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"], "bart": ["q_proj", "v_proj"], "gpt_neo": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"], "t5": ["q", "v"], "mt5": ["q", "v"], "bert": ["query", "value"],
-    "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "electra": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
 }
 
 
@@ -67,26 +81,35 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"r must be a positive integer (the LoRA rank), got {self.r!r}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
             raise TypeError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
-        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
-                or not 0.0 <= self.lora_dropout < 1.0:
+        if (
+            isinstance(self.lora_dropout, bool)
+            or not isinstance(self.lora_dropout, (int, float))
+            or not 0.0 <= self.lora_dropout < 1.0
+        ):
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         validate_choice("bias", self.bias, ("none", "all", "lora_only"))
         validate_choice("init_lora_weights", self.init_lora_weights, (True, False, "gaussian"))
         check_target_modules(self)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("layers_to_transform cannot be used when target_modules is a regex string; "
-                             "give target_modules as a list")
+            raise ValueError(
+                "layers_to_transform cannot be used when target_modules is a regex string; "
+                "give target_modules as a list"
+            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only has an effect together with layers_to_transform; set both")
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                       for i in ([layers] if isinstance(layers, int) else layers)):
+            if not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                for i in ([layers] if isinstance(layers, int) else layers)
+            ):
                 raise TypeError(f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
             if not isinstance(layers, int):
                 self.layers_to_transform = list(layers)
-        for name, patterns, positive_int in (("rank_pattern", self.rank_pattern, True),
-                                             ("alpha_pattern", self.alpha_pattern, False)):
+        for name, patterns, positive_int in (
+            ("rank_pattern", self.rank_pattern, True),
+            ("alpha_pattern", self.alpha_pattern, False),
+        ):
             if not isinstance(patterns, dict):
                 raise TypeError(f"{name} must be a dict {{module-name pattern: value}}, got {patterns!r}")
             for key, value in patterns.items():

@@ -53,14 +53,19 @@ def _conv1d_class() -> type:
 
 
 def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
 
 
 def _global_hooks() -> bool:
     g = _nn_module_globals
-    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
-                or g._global_backward_pre_hooks)
+    return bool(
+        g._global_forward_hooks
+        or g._global_forward_pre_hooks
+        or g._global_backward_hooks
+        or g._global_backward_pre_hooks
+    )
 
 
 def _exact_scale(scaling: float) -> bool:
@@ -68,8 +73,16 @@ def _exact_scale(scaling: float) -> bool:
     return scaling > 0 and math.frexp(scaling)[0] == 0.5
 
 
-def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                 lora_B: torch.Tensor, scaling: float, p: float, fan_in_fan_out: bool) -> tuple:
+def _lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    p: float,
+    fan_in_fan_out: bool,
+) -> tuple:
     """The fused forward: (output, x after the dropout mask (2-D), the mask or None, A's output scaled by
     1/(1-p)).
 
@@ -95,8 +108,15 @@ def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return out.view(*x.shape[:-1], out.shape[-1]), x_lora, mask, after_A
 
 
-def _lora_linear_no_grad(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                         lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+def _lora_linear_no_grad(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    fan_in_fan_out: bool,
+) -> torch.Tensor:
     """Inference without dropout: the low-rank update (with the bias as one more rank) is written first
     and the base product accumulates into it inside the big matmul, so the output is written once, as
     for the base layer alone. A rounding-level reordering of the same sum (the autograd path keeps the
@@ -116,8 +136,17 @@ class _LoraLinearFunction(torch.autograd.Function):
     """y = x W_base^T + b + s * B(A(dropout_p(x))) over a frozen base weight (see above)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                lora_B: torch.Tensor, scaling: float, p: float, fan_in_fan_out: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        p: float,
+        fan_in_fan_out: bool,
+    ) -> torch.Tensor:
         out, x_lora, mask, after_A = _lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, fan_in_fan_out)
         ctx.save_for_backward(x_lora, mask, after_A, weight, lora_A, lora_B)
         ctx.scaling, ctx.keep, ctx.fan_in_fan_out, ctx.x_shape = scaling, 1.0 - p, fan_in_fan_out, x.shape
@@ -179,14 +208,22 @@ class LoraLayer(BaseTunerLayer):
     def lora_repr(self) -> str:
         return "lora." + nn.Module.__repr__(self)  # type: ignore[arg-type]  # mixed into nn.Module subclasses
 
-    def _add_first_adapter(self, adapter_name: str, fan_in_fan_out: bool, r: int, lora_alpha: float,
-                           lora_dropout: float, init_lora_weights: bool | str) -> None:
+    def _add_first_adapter(
+        self,
+        adapter_name: str,
+        fan_in_fan_out: bool,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_lora_weights: bool | str,
+    ) -> None:
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapters = [adapter_name]
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
-                     init_lora_weights: bool | str) -> None:
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights: bool | str
+    ) -> None:
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r}")
         self.r[adapter_name] = r
@@ -268,8 +305,8 @@ class LoraLayer(BaseTunerLayer):
         if not weight.dtype.is_floating_point:
             return False
         for start in range(0, target.shape[0], self._MERGE_ROWS):
-            rows = target[start:start + self._MERGE_ROWS]
-            block = torch.mm(B[start:start + self._MERGE_ROWS], A)
+            rows = target[start : start + self._MERGE_ROWS]
+            block = torch.mm(B[start : start + self._MERGE_ROWS], A)
             rows.copy_(block.add_(rows))
         return True
 
@@ -301,13 +338,27 @@ class Linear(nn.Module, LoraLayer):
     `Linear(adapter_name, in_features, out_features, r, ...)` builds its own (randomly initialised) base.
     """
 
-    def __init__(self, base_layer: nn.Module | str, adapter_name: str | int, *args: Any, r: int = 0,
-                 lora_alpha: float = 1, lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
-                 is_target_conv_1d_layer: bool = False, init_lora_weights: bool | str = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module | str,
+        adapter_name: str | int,
+        *args: Any,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        is_target_conv_1d_layer: bool = False,
+        init_lora_weights: bool | str = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         legacy = isinstance(base_layer, str)  # (adapter_name, in_features, out_features, r, alpha, ...)
-        positional = dict(zip(("r", "lora_alpha", "lora_dropout", "fan_in_fan_out", "is_target_conv_1d_layer"),
-                              args[1:] if legacy else args))
+        positional = dict(
+            zip(
+                ("r", "lora_alpha", "lora_dropout", "fan_in_fan_out", "is_target_conv_1d_layer"),
+                args[1:] if legacy else args,
+            )
+        )
         r = positional.get("r", r)
         lora_alpha = positional.get("lora_alpha", lora_alpha)
         lora_dropout = positional.get("lora_dropout", lora_dropout)
@@ -321,7 +372,7 @@ class Linear(nn.Module, LoraLayer):
         # from here on the (possibly legacy) arguments are in their place
         base_layer, adapter_name = cast(nn.Module, base_layer), cast(str, adapter_name)
         weight = cast(torch.Tensor, base_layer.weight)
-        in_features, out_features = (weight.shape if fan_in_fan_out else weight.shape[::-1])
+        in_features, out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
         if hasattr(base_layer, "in_features") and not fan_in_fan_out:
             in_features, out_features = cast(int, base_layer.in_features), cast(int, base_layer.out_features)
         self._init_lora_layer(base_layer, in_features, out_features)
@@ -370,12 +421,17 @@ class Linear(nn.Module, LoraLayer):
             return None
         return base, lora_A.weight, lora_B.weight, self.scaling[name], p
 
-    def _fused_forward(self, x: torch.Tensor, base: nn.Module, weight_A: torch.Tensor, weight_B: torch.Tensor,
-                       scaling: float, p: float) -> torch.Tensor:
+    def _fused_forward(
+        self, x: torch.Tensor, base: nn.Module, weight_A: torch.Tensor, weight_B: torch.Tensor, scaling: float, p: float
+    ) -> torch.Tensor:
         # `base` is a plain nn.Linear / Conv1D (`_fused_inputs` checked it)
         weight, bias = cast(torch.Tensor, base.weight), cast(Optional[torch.Tensor], base.bias)
-        if torch.is_grad_enabled() and (x.requires_grad or weight_A.requires_grad or weight_B.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or weight_A.requires_grad
+            or weight_B.requires_grad
+            or (bias is not None and bias.requires_grad)
+        ):
             return _LoraLinearFunction.apply(x, weight, bias, weight_A, weight_B, scaling, p, self.fan_in_fan_out)
         # nothing to differentiate (inference, or frozen adapters): no graph
         with torch.no_grad():
@@ -389,8 +445,16 @@ class Linear(nn.Module, LoraLayer):
 class Embedding(nn.Module, LoraLayer):
     """LoRA over `nn.Embedding`: A (r, num_embeddings) starts at zero, B (dim, r) normal."""
 
-    def __init__(self, base_layer: nn.Embedding, adapter_name: str, r: int = 0, lora_alpha: float = 1,
-                 lora_dropout: float = 0.0, init_lora_weights: bool | str = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Embedding,
+        adapter_name: str,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         self._init_lora_layer(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
         self._add_first_adapter(adapter_name, False, r, lora_alpha, lora_dropout, init_lora_weights)
@@ -405,8 +469,15 @@ class Embedding(nn.Module, LoraLayer):
 
     def _embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = cast(nn.Embedding, self.get_base_layer())
-        return F.embedding(ids, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
-                           norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        return F.embedding(
+            ids,
+            weight,
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self._check_forward():
@@ -424,8 +495,16 @@ class Embedding(nn.Module, LoraLayer):
 class Conv2d(nn.Module, LoraLayer):
     """LoRA over `nn.Conv2d`: A is a conv with the base kernel/stride/padding, B a 1x1 conv."""
 
-    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, r: int = 0, lora_alpha: float = 1,
-                 lora_dropout: float = 0.0, init_lora_weights: bool | str = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Conv2d,
+        adapter_name: str,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         if base_layer.groups != 1:
             raise ValueError(f"LoRA supports Conv2d with groups=1 only, got groups={base_layer.groups}")
@@ -453,4 +532,3 @@ class Conv2d(nn.Module, LoraLayer):
         return self._forward_with_adapter_modules(x, *args, **kwargs)
 
     __repr__ = LoraLayer.lora_repr
-

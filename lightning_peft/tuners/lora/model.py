@@ -50,11 +50,21 @@ class LoraModel(BaseTuner):
     def _is_supported_target(self, module: nn.Module) -> bool:
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             return False  # checked here so the error comes before any layer is replaced
-        return isinstance(module, (LoraLayer, nn.Linear, nn.Embedding, nn.Conv2d)) or is_conv1d(module) \
+        return (
+            isinstance(module, (LoraLayer, nn.Linear, nn.Embedding, nn.Conv2d))
+            or is_conv1d(module)
             or self.quantized_layer_for(module) is not None
+        )
 
-    def _create_and_replace(self, config: LoraConfig, adapter_name: str, target: nn.Module, target_name: str,
-                            parent: nn.Module, current_key: str) -> None:
+    def _create_and_replace(
+        self,
+        config: LoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
         kwargs = dict(
             r=pattern_value(config.rank_pattern, current_key, config.r),
             lora_alpha=pattern_value(config.alpha_pattern, current_key, config.lora_alpha),
@@ -83,8 +93,9 @@ class LoraModel(BaseTuner):
         if bias == "all":
             for n, p in self.model.named_parameters():
                 # not the frozen originals of saved modules nor other adapters' copies: they never run
-                unused = ".original_module." in n or (".modules_to_save." in n
-                                                      and f".modules_to_save.{self.active_adapter}." not in n)
+                unused = ".original_module." in n or (
+                    ".modules_to_save." in n and f".modules_to_save.{self.active_adapter}." not in n
+                )
                 if n.rsplit(".", 1)[-1] == "bias" and not unused:
                     p.requires_grad_(True)
         else:
@@ -92,24 +103,38 @@ class LoraModel(BaseTuner):
                 if isinstance(module, LoraLayer) and module.bias is not None:
                     module.bias.requires_grad_(True)
 
-    def _bias_state_dict(self, state_dict: dict[str, torch.Tensor], config: LoraConfig,
-                         adapter_name: str) -> dict[str, torch.Tensor]:
+    def _bias_state_dict(
+        self, state_dict: dict[str, torch.Tensor], config: LoraConfig, adapter_name: str
+    ) -> dict[str, torch.Tensor]:
         if config.bias == "all":
             # HF PEFT saves every bias, the frozen original and the adapter's copy of saved modules included
-            return {strip_adapter_name(k, adapter_name): v
-                    for k, v in state_dict.items() if k.rsplit(".", 1)[-1] == "bias"
-                    and (".modules_to_save." not in k or f".modules_to_save.{adapter_name}." in k)}
+            return {
+                strip_adapter_name(k, adapter_name): v
+                for k, v in state_dict.items()
+                if k.rsplit(".", 1)[-1] == "bias"
+                and (".modules_to_save." not in k or f".modules_to_save.{adapter_name}." in k)
+            }
         if config.bias == "lora_only":
-            names = {f"model.{n}.base_layer.bias" for n, m in self.model.named_modules()
-                     if isinstance(m, LoraLayer) and m.bias is not None}
+            names = {
+                f"model.{n}.base_layer.bias"
+                for n, m in self.model.named_modules()
+                if isinstance(m, LoraLayer) and m.bias is not None
+            }
             return {k: v for k, v in state_dict.items() if k in names}
         return {}
 
     # ---- combining adapters -----------------------------------------------------------------
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: Optional[int] = None,
-                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
-                             svd_driver: Optional[str] = None) -> None:
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: Optional[int] = None,
+        svd_clamp: Optional[float] = None,
+        svd_full_matrices: bool = True,
+        svd_driver: Optional[str] = None,
+    ) -> None:
         """Add `adapter_name` as a weighted combination of existing adapters (its scaling is 1)."""
         for name in adapters:
             self._check_adapter_exists(name)
@@ -118,12 +143,15 @@ class LoraModel(BaseTuner):
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; choose a new name")
         ranks = [self.peft_config[a].r for a in adapters]
-        layer_ranks = {(id(m), a): m.r[a] for m in self.model.modules() if isinstance(m, LoraLayer)
-                       for a in adapters if a in m.r}
+        layer_ranks = {
+            (id(m), a): m.r[a] for m in self.model.modules() if isinstance(m, LoraLayer) for a in adapters if a in m.r
+        }
         if combination_type == "linear":
             if len(set(layer_ranks.values()) | set(ranks)) > 1:
-                raise ValueError(f"combination_type='linear' needs adapters of equal rank, got r={ranks}; "
-                                 "use 'cat' or 'svd' for different ranks")
+                raise ValueError(
+                    f"combination_type='linear' needs adapters of equal rank, got r={ranks}; "
+                    "use 'cat' or 'svd' for different ranks"
+                )
             new_rank = ranks[0]
         elif combination_type == "cat":
             new_rank = sum(ranks)
@@ -132,14 +160,27 @@ class LoraModel(BaseTuner):
         else:
             raise ValueError(f"combination_type={combination_type!r} is not valid; use one of: 'svd', 'linear', 'cat'")
         if combination_type != "svd" and any(self.peft_config[a].rank_pattern for a in adapters):
-            raise ValueError(f"combination_type={combination_type!r} needs one rank per adapter; "
-                             "these adapters use rank_pattern, use 'svd'")
+            raise ValueError(
+                f"combination_type={combination_type!r} needs one rank per adapter; "
+                "these adapters use rank_pattern, use 'svd'"
+            )
         # exactly the layers that hold any of the inputs: their own target / layer filters may differ
-        adapted = sorted(name for name, m in self.model.named_modules()
-                         if isinstance(m, LoraLayer) and any(a in m.r for a in adapters))
-        config = dataclasses.replace(self.peft_config[adapters[0]], r=new_rank, lora_alpha=new_rank,
-                                     target_modules=adapted, layers_to_transform=None, layers_pattern=None,
-                                     rank_pattern={}, alpha_pattern={}, init_lora_weights=False)
+        adapted = sorted(
+            name
+            for name, m in self.model.named_modules()
+            if isinstance(m, LoraLayer) and any(a in m.r for a in adapters)
+        )
+        config = dataclasses.replace(
+            self.peft_config[adapters[0]],
+            r=new_rank,
+            lora_alpha=new_rank,
+            target_modules=adapted,
+            layers_to_transform=None,
+            layers_pattern=None,
+            rank_pattern={},
+            alpha_pattern={},
+            init_lora_weights=False,
+        )
         self.add_adapter(adapter_name, config)
         for module in self.model.modules():
             if not isinstance(module, LoraLayer) or adapter_name not in module.r:
@@ -147,8 +188,7 @@ class LoraModel(BaseTuner):
             present = [(a, w) for a, w in zip(adapters, weights) if a in module.r]
             with torch.no_grad():
                 if combination_type == "svd":
-                    new_A, new_B = _svd_combination(module, present, new_rank, svd_clamp, svd_full_matrices,
-                                                    svd_driver)
+                    new_A, new_B = _svd_combination(module, present, new_rank, svd_clamp, svd_full_matrices, svd_driver)
                 else:
                     new_A, new_B = _factor_combination(module, present, combination_type, new_rank)
                 target_A, target_B = _factors(module, adapter_name)
@@ -173,8 +213,9 @@ def _factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor
     return layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
 
 
-def _factor_combination(layer: LoraLayer, present: list[tuple[str, float]], combination_type: str,
-                        new_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _factor_combination(
+    layer: LoraLayer, present: list[tuple[str, float]], combination_type: str, new_rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     A: Optional[torch.Tensor]
     B: Optional[torch.Tensor]
     if combination_type == "cat":
@@ -198,8 +239,14 @@ def _factor_combination(layer: LoraLayer, present: list[tuple[str, float]], comb
     return cast(torch.Tensor, A), cast(torch.Tensor, B)  # not None: `present` is never empty
 
 
-def _svd_combination(layer: LoraLayer, present: list[tuple[str, float]], new_rank: int, clamp: Optional[float],
-                     full_matrices: bool, driver: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _svd_combination(
+    layer: LoraLayer,
+    present: list[tuple[str, float]],
+    new_rank: int,
+    clamp: Optional[float],
+    full_matrices: bool,
+    driver: Optional[str],
+) -> tuple[torch.Tensor, torch.Tensor]:
     delta = cast(torch.Tensor, sum(layer.get_delta_weight(a) * w for a, w in present))  # `present` is never empty
     is_embedding = present[0][0] in layer.lora_embedding_A
     target_A, target_B = _factors(layer, present[0][0])

@@ -18,8 +18,9 @@ class PromptEncoderReparameterizationType(StrEnum):
 class PromptEncoderConfig(PromptLearningConfig):
     PEFT_TYPE: ClassVar[PeftType] = PeftType.P_TUNING
 
-    encoder_reparameterization_type: Union[str, PromptEncoderReparameterizationType] = \
+    encoder_reparameterization_type: Union[str, PromptEncoderReparameterizationType] = (
         PromptEncoderReparameterizationType.MLP
+    )
     encoder_hidden_size: Optional[int] = None
     encoder_num_layers: int = 2
     encoder_dropout: float = 0.0
@@ -27,15 +28,22 @@ class PromptEncoderConfig(PromptLearningConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.encoder_reparameterization_type = _coerce_enum(
-            PromptEncoderReparameterizationType, self.encoder_reparameterization_type, "encoder_reparameterization_type")
+            PromptEncoderReparameterizationType, self.encoder_reparameterization_type, "encoder_reparameterization_type"
+        )
         if self.encoder_reparameterization_type is None:
             raise ValueError("encoder_reparameterization_type must be one of: MLP, LSTM")
         _check_positive_int("encoder_hidden_size", self.encoder_hidden_size, none_means="token_dim")
-        if isinstance(self.encoder_num_layers, bool) or not isinstance(self.encoder_num_layers, int) \
-                or self.encoder_num_layers <= 0:
+        if (
+            isinstance(self.encoder_num_layers, bool)
+            or not isinstance(self.encoder_num_layers, int)
+            or self.encoder_num_layers <= 0
+        ):
             raise ValueError(f"encoder_num_layers must be a positive integer, got {self.encoder_num_layers!r}")
-        if isinstance(self.encoder_dropout, bool) or not isinstance(self.encoder_dropout, (int, float)) \
-                or not 0.0 <= self.encoder_dropout < 1.0:
+        if (
+            isinstance(self.encoder_dropout, bool)
+            or not isinstance(self.encoder_dropout, (int, float))
+            or not 0.0 <= self.encoder_dropout < 1.0
+        ):
             raise ValueError(f"encoder_dropout must be a number in [0, 1), got {self.encoder_dropout!r}")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, cast
 
-import torch
 from torch import nn
 
 from ..prompt_learning.encoder import PromptEncoderBase
@@ -37,17 +36,30 @@ class PromptEncoder(PromptEncoderBase):
             return
         hidden = self.hidden_size
         if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
-            self.lstm_head = nn.LSTM(input_size=self.token_dim, hidden_size=hidden, num_layers=config.encoder_num_layers,
-                                     dropout=config.encoder_dropout, bidirectional=True, batch_first=True)
-            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(),
-                                          nn.Linear(2 * hidden, self.token_dim))
+            self.lstm_head = nn.LSTM(
+                input_size=self.token_dim,
+                hidden_size=hidden,
+                num_layers=config.encoder_num_layers,
+                dropout=config.encoder_dropout,
+                bidirectional=True,
+                batch_first=True,
+            )
+            self.mlp_head = nn.Sequential(
+                nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, self.token_dim)
+            )
         else:
             if config.encoder_num_layers != 2:
-                warnings.warn("encoder_num_layers is ignored for the MLP reparameterisation, which always has "
-                              f"3 Linear layers (got encoder_num_layers={config.encoder_num_layers})")
-            self.mlp_head = nn.Sequential(nn.Linear(self.token_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                          nn.ReLU(), nn.Linear(hidden, self.token_dim))
-
+                warnings.warn(
+                    "encoder_num_layers is ignored for the MLP reparameterisation, which always has "
+                    f"3 Linear layers (got encoder_num_layers={config.encoder_num_layers})"
+                )
+            self.mlp_head = nn.Sequential(
+                nn.Linear(self.token_dim, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, self.token_dim),
+            )
 
 
 class PTuningModel(PromptLearningModel):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
-import torch
 from torch import nn
 
 from ..prompt_learning.encoder import PromptEncoderBase
@@ -36,7 +35,6 @@ class PrefixEncoder(PromptEncoderBase):
             self.transform = nn.Sequential(nn.Linear(config.token_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
         else:
             self.embedding = nn.Embedding(config.num_virtual_tokens, width)
-
 
 
 class PrefixTuningModel(PromptLearningModel):

@@ -31,8 +31,10 @@ class PromptLearningConfig(PeftConfig):
         for name in SIZE_FIELDS:
             _check_positive_int(name, getattr(self, name))
         if self.num_transformer_submodules not in (None, 1, 2):
-            raise ValueError("num_transformer_submodules must be 1 (decoder-only / encoder-only), 2 (encoder-decoder) "
-                             f"or None, got {self.num_transformer_submodules!r}")
+            raise ValueError(
+                "num_transformer_submodules must be 1 (decoder-only / encoder-only), 2 (encoder-decoder) "
+                f"or None, got {self.num_transformer_submodules!r}"
+            )
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -40,6 +42,7 @@ class PromptLearningConfig(PeftConfig):
 
 
 if TYPE_CHECKING:
+
     class FilledPromptLearningConfig(PromptLearningConfig):
         """For the type checker: a config after `fill_config_from_model`, every size set."""
 
@@ -48,6 +51,7 @@ if TYPE_CHECKING:
         num_transformer_submodules: int
         num_attention_heads: int
         num_layers: int
+
 
 def _text_config(model: Any) -> Any:
     config = getattr(model, "config", None)
@@ -72,8 +76,11 @@ def fill_config_from_model(config: PromptLearningConfig, model: Any, injection: 
     if config.num_virtual_tokens is None:
         raise ValueError(f"{kind}.num_virtual_tokens is None; set how many virtual tokens to learn (e.g. 20)")
     model_config = _text_config(model)
-    where = f"the model's config ({type(model_config).__name__})" if model_config is not None else \
-        "the model (it has no .config)"
+    where = (
+        f"the model's config ({type(model_config).__name__})"
+        if model_config is not None
+        else "the model (it has no .config)"
+    )
     if config.num_transformer_submodules is None:
         config.num_transformer_submodules = 2 if config.task_type == TaskType.SEQ_2_SEQ_LM else 1
     lookups = {
@@ -85,8 +92,10 @@ def fill_config_from_model(config: PromptLearningConfig, model: Any, injection: 
         if getattr(config, field_name) is None:
             value = first_int(model_config, names) if model_config is not None else None
             if value is None:
-                raise ValueError(f"{kind}.{field_name} is None and cannot be filled from {where}: it has none of "
-                                 f"{', '.join(names)}. Set {field_name} in the config")
+                raise ValueError(
+                    f"{kind}.{field_name} is None and cannot be filled from {where}: it has none of "
+                    f"{', '.join(names)}. Set {field_name} in the config"
+                )
             setattr(config, field_name, value)
     if model_config is not None:
         injection.fit_to_model(config, model_config)

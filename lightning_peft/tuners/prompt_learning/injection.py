@@ -55,12 +55,16 @@ class PrependEmbeddings:
     def check_config(self, tuner: Any, config: FilledPromptLearningConfig) -> None:
         words = tuner.word_embeddings
         if words is None:
-            raise ValueError(f"{type(config).__name__} prepends embeddings to the input, but no input embedding layer "
-                             f"was found in {type(tuner.model).__name__}")
+            raise ValueError(
+                f"{type(config).__name__} prepends embeddings to the input, but no input embedding layer "
+                f"was found in {type(tuner.model).__name__}"
+            )
         width = getattr(words, "embedding_dim", None) or getattr(getattr(words, "weight", None), "shape", [0, None])[1]
         if width != config.token_dim:
-            raise ValueError(f"{type(config).__name__}.token_dim={config.token_dim} but the model's input embeddings "
-                             f"are {width} wide; the virtual tokens must have the same width (leave token_dim=None)")
+            raise ValueError(
+                f"{type(config).__name__}.token_dim={config.token_dim} but the model's input embeddings "
+                f"are {width} wide; the virtual tokens must have the same width (leave token_dim=None)"
+            )
 
     def fit_to_model(self, config: FilledPromptLearningConfig, model_config: Any) -> None:
         """Sizes filled from the model's config fit prepended embeddings as they are."""
@@ -72,12 +76,18 @@ class PrependEmbeddings:
         """Shape of `prompt_embeddings` in HF PEFT's file: one row per virtual token of every sub-module."""
         return config.num_virtual_tokens * config.num_transformer_submodules, config.token_dim
 
-    def prompt(self, tuner: Any, config: FilledPromptLearningConfig, encoder: nn.Module, tokens: torch.Tensor,
-               batch_size: int) -> torch.Tensor:
+    def prompt(
+        self, tuner: Any, config: FilledPromptLearningConfig, encoder: nn.Module, tokens: torch.Tensor, batch_size: int
+    ) -> torch.Tensor:
         return encoder(tokens.unsqueeze(0)).expand(batch_size, -1, -1)
 
-    def _prompts_and_embeds(self, tuner: Any, input_ids: Optional[torch.Tensor],
-                            inputs_embeds: Optional[torch.Tensor], rows: Optional[int] = None) -> torch.Tensor:
+    def _prompts_and_embeds(
+        self,
+        tuner: Any,
+        input_ids: Optional[torch.Tensor],
+        inputs_embeds: Optional[torch.Tensor],
+        rows: Optional[int] = None,
+    ) -> torch.Tensor:
         if inputs_embeds is None:
             inputs_embeds = tuner.embed(input_ids)
         prompts = tuner.get_prompt(inputs_embeds.shape[0])[:, :rows].to(inputs_embeds.dtype)
@@ -86,13 +96,22 @@ class PrependEmbeddings:
     @staticmethod
     def _drop_position_ids(kwargs: dict) -> None:
         if kwargs.get("position_ids") is not None:
-            warnings.warn("position_ids are ignored with prompt tuning / P-tuning (the model numbers the "
-                          "virtual tokens and the input together)")
+            warnings.warn(
+                "position_ids are ignored with prompt tuning / P-tuning (the model numbers the "
+                "virtual tokens and the input together)"
+            )
             kwargs["position_ids"] = None
 
-    def causal_forward(self, tuner: Any, config: FilledPromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
-                       attention_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                       labels: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+    def causal_forward(
+        self,
+        tuner: Any,
+        config: FilledPromptLearningConfig,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
         vt = config.num_virtual_tokens
         if attention_mask is not None:
             attention_mask = prepend(attention_mask, vt)
@@ -100,32 +119,54 @@ class PrependEmbeddings:
         _drop_token_type_ids(kwargs)
         if labels is not None:  # the virtual tokens predict nothing
             labels = prepend(labels, vt, -100)
-        return tuner.model(inputs_embeds=self._prompts_and_embeds(tuner, input_ids, inputs_embeds),
-                           attention_mask=attention_mask, labels=labels, **kwargs)
+        return tuner.model(
+            inputs_embeds=self._prompts_and_embeds(tuner, input_ids, inputs_embeds),
+            attention_mask=attention_mask,
+            labels=labels,
+            **kwargs,
+        )
 
-    def seq2seq_forward(self, tuner: Any, config: FilledPromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
-                        attention_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                        **kwargs: Any) -> Any:
+    def seq2seq_forward(
+        self,
+        tuner: Any,
+        config: FilledPromptLearningConfig,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
         # the first num_virtual_tokens rows go in front of the encoder input; the decoder is untouched
         vt = config.num_virtual_tokens
         self._drop_position_ids(kwargs)
         _drop_token_type_ids(kwargs)
         if attention_mask is not None:
             attention_mask = prepend(attention_mask, vt)
-        return tuner.model(inputs_embeds=self._prompts_and_embeds(tuner, input_ids, inputs_embeds, rows=vt),
-                           attention_mask=attention_mask, **kwargs)
+        return tuner.model(
+            inputs_embeds=self._prompts_and_embeds(tuner, input_ids, inputs_embeds, rows=vt),
+            attention_mask=attention_mask,
+            **kwargs,
+        )
 
-    def encoder_forward(self, tuner: Any, config: FilledPromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
-                        attention_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                        **kwargs: Any) -> Any:
+    def encoder_forward(
+        self,
+        tuner: Any,
+        config: FilledPromptLearningConfig,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
         vt = config.num_virtual_tokens
         if attention_mask is not None:
             attention_mask = prepend(attention_mask, vt)
         self._drop_position_ids(kwargs)
         if kwargs.get("token_type_ids") is not None:
             kwargs["token_type_ids"] = prepend(kwargs["token_type_ids"], vt, 0)
-        return tuner.model(inputs_embeds=self._prompts_and_embeds(tuner, input_ids, inputs_embeds),
-                           attention_mask=attention_mask, **kwargs)
+        return tuner.model(
+            inputs_embeds=self._prompts_and_embeds(tuner, input_ids, inputs_embeds),
+            attention_mask=attention_mask,
+            **kwargs,
+        )
 
     def generate(self, tuner: Any, config: FilledPromptLearningConfig, kind: str, kwargs: dict) -> Any:
         if kind != SEQ2SEQ:
@@ -140,13 +181,15 @@ class PrependEmbeddings:
             kwargs["attention_mask"] = prepend(kwargs["attention_mask"], config.num_virtual_tokens)
         return tuner.model.generate(**kwargs)
 
-    def causal_step(self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict, cache_name: str,
-                    prefill: bool) -> None:
+    def causal_step(
+        self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict, cache_name: str, prefill: bool
+    ) -> None:
         # the model numbers virtual + real tokens itself from the cache length
         inputs.pop("position_ids", None)
         if prefill:
-            inputs["inputs_embeds"] = self._prompts_and_embeds(tuner, inputs.get("input_ids"),
-                                                               inputs.get("inputs_embeds"))
+            inputs["inputs_embeds"] = self._prompts_and_embeds(
+                tuner, inputs.get("input_ids"), inputs.get("inputs_embeds")
+            )
             inputs["input_ids"] = None
 
 
@@ -164,13 +207,17 @@ class KeyValuePrefix:
     def check_config(self, tuner: Any, config: FilledPromptLearningConfig) -> None:
         self.check_ready(tuner)
         if config.token_dim % config.num_attention_heads:
-            raise ValueError(f"PrefixTuningConfig: token_dim={config.token_dim} is not a multiple of "
-                             f"num_attention_heads={config.num_attention_heads}; the prefix is split into heads")
+            raise ValueError(
+                f"PrefixTuningConfig: token_dim={config.token_dim} is not a multiple of "
+                f"num_attention_heads={config.num_attention_heads}; the prefix is split into heads"
+            )
         head_dim = getattr(getattr(tuner.model, "config", None), "d_kv", None)
         if isinstance(head_dim, int) and head_dim != config.token_dim // config.num_attention_heads:
-            raise ValueError(f"the model's attention heads are d_kv={head_dim} wide but token_dim/num_attention_heads"
-                             f" = {config.token_dim // config.num_attention_heads}; set token_dim="
-                             f"{head_dim * config.num_attention_heads} in PrefixTuningConfig")
+            raise ValueError(
+                f"the model's attention heads are d_kv={head_dim} wide but token_dim/num_attention_heads"
+                f" = {config.token_dim // config.num_attention_heads}; set token_dim="
+                f"{head_dim * config.num_attention_heads} in PrefixTuningConfig"
+            )
 
     def check_ready(self, tuner: Any) -> None:
         if gradient_checkpointing_on(tuner.model):
@@ -180,8 +227,9 @@ class KeyValuePrefix:
         """Shape of `prompt_embeddings` in HF PEFT's file: every layer's keys and values per virtual token."""
         return config.num_virtual_tokens, config.num_layers * 2 * config.token_dim
 
-    def prompt(self, tuner: Any, config: FilledPromptLearningConfig, encoder: nn.Module, tokens: torch.Tensor,
-               batch_size: int) -> Any:
+    def prompt(
+        self, tuner: Any, config: FilledPromptLearningConfig, encoder: nn.Module, tokens: torch.Tensor, batch_size: int
+    ) -> Any:
         flat = encoder(tokens[: config.num_virtual_tokens].unsqueeze(0)).repeat(batch_size, 1, 1)
         dtype = getattr(tuner.model, "dtype", None)
         if isinstance(dtype, torch.dtype):
@@ -193,9 +241,15 @@ class KeyValuePrefix:
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + config.num_virtual_tokens
 
-    def causal_forward(self, tuner: Any, config: FilledPromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
-                       attention_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                       **kwargs: Any) -> Any:
+    def causal_forward(
+        self,
+        tuner: Any,
+        config: FilledPromptLearningConfig,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
         if attention_mask is not None:
             attention_mask = prepend(attention_mask, config.num_virtual_tokens)
         self._shift_position_ids(config, kwargs)
@@ -203,42 +257,58 @@ class KeyValuePrefix:
         kwargs[tuner.cache_kwarg()] = tuner.get_prompt(batch_size_of(input_ids, inputs_embeds))
         return tuner.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
-    def seq2seq_forward(self, tuner: Any, config: FilledPromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
-                        inputs_embeds: Optional[torch.Tensor] = None,
-                        decoder_attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+    def seq2seq_forward(
+        self,
+        tuner: Any,
+        config: FilledPromptLearningConfig,
+        input_ids: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        decoder_attention_mask: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
         # the prefix sits in the decoder's self-attention cache; the encoder is untouched
         self._shift_position_ids(config, kwargs)
         _drop_token_type_ids(kwargs)
         if decoder_attention_mask is not None:
             decoder_attention_mask = prepend(decoder_attention_mask, config.num_virtual_tokens)
         kwargs[tuner.cache_kwarg()] = tuner.get_prompt(batch_size_of(input_ids, inputs_embeds))
-        return tuner.model(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                           decoder_attention_mask=decoder_attention_mask, **kwargs)
+        return tuner.model(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, decoder_attention_mask=decoder_attention_mask, **kwargs
+        )
 
-    def encoder_forward(self, tuner: Any, config: FilledPromptLearningConfig, input_ids: Optional[torch.Tensor] = None,
-                        attention_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                        **kwargs: Any) -> Any:
+    def encoder_forward(
+        self,
+        tuner: Any,
+        config: FilledPromptLearningConfig,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
         if attention_mask is not None:
             attention_mask = prepend(attention_mask, config.num_virtual_tokens)
         self._shift_position_ids(config, kwargs)
         cache = tuner.get_prompt(batch_size_of(input_ids, inputs_embeds))
         with prefix_cache_passed(tuner.model, cache, tuner.cache_route) as extra:
-            return tuner.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               **extra, **kwargs)
+            return tuner.model(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **extra, **kwargs
+            )
 
     def generate(self, tuner: Any, config: FilledPromptLearningConfig, kind: str, kwargs: dict) -> Any:
         self.check_ready(tuner)
         return tuner.generate_with_step_hook(self.seq2seq_step if kind == SEQ2SEQ else self.causal_step, kwargs)
 
-    def causal_step(self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict, cache_name: str,
-                    prefill: bool) -> None:
+    def causal_step(
+        self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict, cache_name: str, prefill: bool
+    ) -> None:
         self._shift_position_ids(config, inputs)
         if prefill:
             batch = batch_size_of(inputs.get("input_ids"), inputs.get("inputs_embeds"))
             inputs[cache_name] = tuner.get_prompt(batch)
 
-    def seq2seq_step(self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict, cache_name: str,
-                     prefill: bool) -> None:
+    def seq2seq_step(
+        self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict, cache_name: str, prefill: bool
+    ) -> None:
         if inputs.get("decoder_attention_mask") is not None:
             inputs["decoder_attention_mask"] = prepend(inputs["decoder_attention_mask"], config.num_virtual_tokens)
         if prefill:

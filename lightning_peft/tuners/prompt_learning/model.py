@@ -18,8 +18,15 @@ import torch
 from torch import nn
 
 from ...config import TaskType
-from ..base import (SAVED_KEY_PREFIX, ModulesToSaveWrapper, TunerAttributes, check_modules_to_save, check_tensors_fit,
-                    get_submodule_parent, wrap_modules_to_save)
+from ..base import (
+    SAVED_KEY_PREFIX,
+    ModulesToSaveWrapper,
+    TunerAttributes,
+    check_modules_to_save,
+    check_tensors_fit,
+    get_submodule_parent,
+    wrap_modules_to_save,
+)
 from .cache import cache_route
 from .config import PromptLearningConfig, fill_config_from_model
 from .encoder import PromptEncoderBase
@@ -58,7 +65,6 @@ def keyword_inputs(args: tuple, kwargs: dict, what: str) -> dict:
 
 class PromptLearningModel(TunerAttributes, nn.Module):
     """`model` (the user's, frozen) plus one prompt encoder per adapter; one adapter is active at a time."""
-
 
     peft_type: Any = None
     injection: Union[PrependEmbeddings, KeyValuePrefix]
@@ -124,7 +130,9 @@ class PromptLearningModel(TunerAttributes, nn.Module):
     # ---- adapters by name -------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: PromptLearningConfig) -> None:
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter it")
+            raise ValueError(
+                f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter it"
+            )
         if not isinstance(config, PromptLearningConfig) or config.peft_type != self.peft_type:
             raise TypeError(f"{type(self).__name__} takes a {self.peft_type} config, got {type(config).__name__}")
         config = fill_config_from_model(copy.deepcopy(config), self.model, self.injection)
@@ -153,8 +161,10 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         self._check_adapter_exists(adapter_name)
         others = [n for n in self.peft_config if n != adapter_name]
         if adapter_name == self.active_adapter and others and not force:
-            raise ValueError(f"{adapter_name!r} is the active adapter; set_adapter() another one "
-                             f"({', '.join(others)}) before deleting it")
+            raise ValueError(
+                f"{adapter_name!r} is the active adapter; set_adapter() another one "
+                f"({', '.join(others)}) before deleting it"
+            )
         del self.prompt_encoder[adapter_name]
         self.prompt_tokens.pop(adapter_name, None)
         del self.peft_config[adapter_name]
@@ -188,8 +198,10 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         return self.model
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        raise ValueError(f"{self.peft_type} is prompt learning: there are no weights to merge into the model (the "
-                         "prompt is fed through forward()); keep the PeftModel, or unload() for the model alone")
+        raise ValueError(
+            f"{self.peft_type} is prompt learning: there are no weights to merge into the model (the "
+            "prompt is fed through forward()); keep the PeftModel, or unload() for the model alone"
+        )
 
     # ---- modules_to_save (e.g. the classifier head) -----------------------------------------
     def _wrappers(self) -> list[tuple[str, ModulesToSaveWrapper]]:
@@ -230,8 +242,11 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         config = self.peft_config[self.active_adapter]
         self.injection.check_ready(self)
         kind = self.task_kind()
-        run = {CAUSAL: self.injection.causal_forward, SEQ2SEQ: self.injection.seq2seq_forward,
-               ENCODER: self.injection.encoder_forward}[kind]
+        run = {
+            CAUSAL: self.injection.causal_forward,
+            SEQ2SEQ: self.injection.seq2seq_forward,
+            ENCODER: self.injection.encoder_forward,
+        }[kind]
         return run(self, config, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -242,8 +257,10 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         config = self.peft_config[self.active_adapter]
         kind = self.task_kind()
         if kind == ENCODER:
-            raise ValueError(f"generate() needs a causal or seq2seq language model; {type(self.model).__name__} with "
-                             f"task_type={config.task_type} does not generate")
+            raise ValueError(
+                f"generate() needs a causal or seq2seq language model; {type(self.model).__name__} with "
+                f"task_type={config.task_type} does not generate"
+            )
         return self.injection.generate(self, config, kind, kwargs)
 
     def generate_with_step_hook(self, step: Callable[..., None], kwargs: dict) -> Any:
@@ -261,22 +278,29 @@ class PromptLearningModel(TunerAttributes, nn.Module):
             else:
                 del model.prepare_inputs_for_generation
 
-    def _prepare_step(self, original: Callable[..., dict], step: Callable[..., None], input_ids: torch.Tensor,
-                      **kwargs: Any) -> dict:
+    def _prepare_step(
+        self, original: Callable[..., dict], step: Callable[..., None], input_ids: torch.Tensor, **kwargs: Any
+    ) -> dict:
         config = self.peft_config[self.active_adapter]
         inputs = original(input_ids, **kwargs)
         mask = inputs.get("attention_mask")
         if mask is not None and self.task_kind() == CAUSAL:
             if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-                raise ValueError("generate() with prompt learning supports the default dynamic cache (2D attention "
-                                 "masks) only; do not use a static or compiled cache")
+                raise ValueError(
+                    "generate() with prompt learning supports the default dynamic cache (2D attention "
+                    "masks) only; do not use a static or compiled cache"
+                )
             inputs["attention_mask"] = torch.cat((mask.new_ones((mask.shape[0], config.num_virtual_tokens)), mask), 1)
         name = next((n for n in ("cache", "past_key_values") if n in inputs), "")
         cache = inputs.get(name) if name else None
         # the prompt comes with the first step, every step without caching (the whole sequence is fed again),
         # and whenever the cache is empty
-        prefill = bool(kwargs.get("is_first_iteration")) or inputs.get("use_cache", kwargs.get("use_cache")) is False \
-            or cache is None or cache.get_seq_length() == 0
+        prefill = (
+            bool(kwargs.get("is_first_iteration"))
+            or inputs.get("use_cache", kwargs.get("use_cache")) is False
+            or cache is None
+            or cache.get_seq_length() == 0
+        )
         step(self, config, inputs, name or self.cache_kwarg(), prefill)
         return inputs
 
@@ -294,11 +318,14 @@ class PromptLearningModel(TunerAttributes, nn.Module):
                     out[f"{SAVED_KEY_PREFIX}{key}.{name}"] = value
         return out
 
-    def peft_state_dict(self, adapter_name: str, state_dict: Optional[dict] = None,
-                        save_embedding_layers: Union[bool, str] = False) -> dict[str, torch.Tensor]:
+    def peft_state_dict(
+        self, adapter_name: str, state_dict: Optional[dict] = None, save_embedding_layers: Union[bool, str] = False
+    ) -> dict[str, torch.Tensor]:
         """The tensors HF PEFT saves for a prompt-learning adapter (keys as in its files)."""
-        return {PROMPT_KEY: self.get_prompt_embedding_to_save(adapter_name),
-                **self._modules_to_save_tensors(adapter_name)}
+        return {
+            PROMPT_KEY: self.get_prompt_embedding_to_save(adapter_name),
+            **self._modules_to_save_tensors(adapter_name),
+        }
 
     def load_peft_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
         """Load `prompt_embeddings` (+ modules_to_save weights); everything is checked before anything is written."""

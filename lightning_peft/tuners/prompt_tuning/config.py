@@ -32,11 +32,15 @@ class PromptTuningConfig(PromptLearningConfig):
         self.prompt_tuning_init = _coerce_enum(PromptTuningInit, self.prompt_tuning_init, "prompt_tuning_init")
         if self.prompt_tuning_init == PromptTuningInit.TEXT:
             if not self.tokenizer_name_or_path:
-                raise ValueError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a local tokenizer folder) to "
-                                 f"tokenize prompt_tuning_init_text; got tokenizer_name_or_path={self.tokenizer_name_or_path!r}")
+                raise ValueError(
+                    "prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a local tokenizer folder) to "
+                    f"tokenize prompt_tuning_init_text; got tokenizer_name_or_path={self.tokenizer_name_or_path!r}"
+                )
             if not self.prompt_tuning_init_text:
-                raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text, the text whose word embeddings "
-                                 f"start the virtual tokens; got {self.prompt_tuning_init_text!r}")
+                raise ValueError(
+                    "prompt_tuning_init='TEXT' needs prompt_tuning_init_text, the text whose word embeddings "
+                    f"start the virtual tokens; got {self.prompt_tuning_init_text!r}"
+                )
         if self.tokenizer_kwargs and self.prompt_tuning_init != PromptTuningInit.TEXT:
             raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'")
 

@@ -27,8 +27,10 @@ def _text_init_ids(config: PromptTuningConfig, total: int) -> list[int]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
     except (OSError, ValueError) as err:
-        raise ValueError(f"could not load the tokenizer at tokenizer_name_or_path={config.tokenizer_name_or_path!r} "
-                         f"from local files ({err}); give a folder holding a saved tokenizer") from err
+        raise ValueError(
+            f"could not load the tokenizer at tokenizer_name_or_path={config.tokenizer_name_or_path!r} "
+            f"from local files ({err}); give a folder holding a saved tokenizer"
+        ) from err
     ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
     if not ids:
         raise ValueError(f"prompt_tuning_init_text={config.prompt_tuning_init_text!r} tokenizes to no tokens")
@@ -54,7 +56,6 @@ class PromptEmbedding(PromptEncoderBase):
         with torch.no_grad():
             rows = word_embeddings(ids).detach().clone().float()
         self.embedding.weight = nn.Parameter(rows)
-
 
 
 class PromptTuningModel(PromptLearningModel):
