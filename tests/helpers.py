@@ -8,10 +8,12 @@ the worker scripts run from tests/.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -170,3 +172,43 @@ def fresh_saved_shapes(lib, base: nn.Module, config, folder) -> dict[str, tuple[
 
     quiet(lib.get_peft_model, copy.deepcopy(base), config).save_pretrained(folder)
     return saved_shapes(folder)
+
+
+# ---- bad inputs: the model and files must be as they were after a refused call ----
+GPT2_LORA = dict(target_modules=["c_attn"], fan_in_fan_out=True)
+
+
+def snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool], dict[str, type]]:
+    """The weights, which parameters require grad, and the module types (wrappers left behind show there)."""
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        {n: type(m) for n, m in model.named_modules()},
+    )
+
+
+def unchanged(model: torch.nn.Module, before: tuple) -> bool:
+    weights, requires_grad, types = before
+    after = model.state_dict()
+    return (
+        sorted(after) == sorted(weights)
+        and all(torch.equal(after[k], v) for k, v in weights.items())
+        and {n: p.requires_grad for n, p in model.named_parameters()} == requires_grad
+        and {n: type(m) for n, m in model.named_modules()} == types
+    )
+
+
+def load_fails(base, folder, match, **kwargs):
+    before = snapshot(base)
+    with pytest.raises((ValueError, FileNotFoundError, TypeError), match=match):
+        import lightning_peft as lp
+
+        lp.PeftModel.from_pretrained(base, folder, **kwargs)
+    assert unchanged(base, before), "a failed load must leave the base model untouched"
+
+
+def edit_config(folder, **changes):
+    data = json.loads((folder / "adapter_config.json").read_text())
+    data.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(data))
+    return data

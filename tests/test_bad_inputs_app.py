@@ -1,0 +1,73 @@
+"""Bad values at the Hydra app's edges (config groups, overrides from the command line)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _compose(override):
+    from hydra import compose, initialize_config_dir
+
+    from lightning_peft.app import CONFIG_DIR
+    from lightning_peft.app.schema import register_configs
+
+    register_configs()  # main() does this; importing the app does not
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=[override])
+
+
+def test_misspelled_config_group_names_the_group():
+    from lightning_peft.app.schema import UnknownKeyError, check_overrides
+
+    with pytest.raises(UnknownKeyError) as err:
+        check_overrides(["tunr=lora"])
+    assert str(err.value).startswith("Unknown key 'tunr'. Did you mean 'tuner'? Valid keys of the top level: ")
+
+
+@pytest.mark.parametrize(
+    "override,options",
+    [
+        ("tuner=loha", "Available options in 'tuner':\n\tia3\n\tlora\n\tp_tuning\n\tprefix_tuning\n\tprompt_tuning"),
+        ("strategy=fsdp3", "Available options in 'strategy':\n\tddp\n\tfsdp\n\tfsdp1\n\tint8\n\tsingle"),
+    ],
+)
+def test_unknown_group_choice_lists_the_available_ones(override, options):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as err:
+        _compose(override)
+    assert f"Could not find '{override.replace('=', '/')}'" in str(err.value) and options in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override,cause",
+    [
+        ("seed=abc", "Value 'abc' of type 'str' could not be converted to Integer\n    full_key: seed"),
+        ("quantize=int4", "Invalid value 'int4', expected one of [int8]\n    full_key: quantize"),
+    ],
+)
+def test_top_level_values_of_the_wrong_type(override, cause):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(override)
+    assert str(err.value) == f"Error merging override {override}"
+    assert str(err.value.__cause__).startswith(cause)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("tuner.r=abc", "r must be a positive integer (the LoRA rank), got 'abc'"),
+        ("tuner.lora_dropout=1.5", "lora_dropout must be a number in [0, 1), got 1.5"),
+    ],
+)
+def test_tuner_values_from_the_command_line_are_checked(override, message):
+    from hydra.errors import InstantiationException
+
+    from lightning_peft.app.train import tuner_config
+
+    cfg = _compose(override)
+    with pytest.raises(InstantiationException) as err:
+        tuner_config(cfg)  # as the app builds it (the tuner's `optim` defaults left out)
+    assert message in str(err.value)
