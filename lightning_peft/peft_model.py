@@ -10,6 +10,7 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
+from ._files import atomic_folder
 from .config import WEIGHTS_NAME, PeftConfig, TaskType
 from .serialization import atomic_save_file, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .tuners.base import check_adapter_name, freeze_adapter, parameter_counts
@@ -118,7 +119,12 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> None:
         """Write `adapter_config.json` + `adapter_model.safetensors` per adapter (non-default ones in a
-        sub-folder named after them)."""
+        sub-folder named after them).
+
+        The folder is one unit (`atomic_folder`): everything is written into a new folder beside it (starting
+        from hard links to the files already there, which are kept as HF PEFT keeps them) that is swapped in
+        whole, so a crash or a full disk leaves the previous folder exactly as it was; a second process saving
+        to the same folder waits for the first."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!s} is a file; give a folder")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -127,18 +133,21 @@ class PeftModel(nn.Module):
                 raise ValueError(f"no adapter named {name!r} to save; this model has: {', '.join(self.peft_config)}")
         if not is_main_process:
             return
-        for name in names:
-            folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(folder, exist_ok=True)
-            tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
-            atomic_save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
-            config = self.peft_config[name]
-            inference_mode = config.inference_mode
-            config.inference_mode = True
-            try:
-                config.save_pretrained(folder)
-            finally:
-                config.inference_mode = inference_mode
+        with atomic_folder(save_directory, keep_existing=True) as root:
+            for name in names:
+                folder = root if name == "default" else os.path.join(root, name)
+                os.makedirs(folder, exist_ok=True)
+                tensors = get_peft_model_state_dict(
+                    self, adapter_name=name, save_embedding_layers=save_embedding_layers
+                )
+                atomic_save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+                config = self.peft_config[name]
+                inference_mode = config.inference_mode
+                config.inference_mode = True
+                try:
+                    config.save_pretrained(folder)
+                finally:
+                    config.inference_mode = inference_mode
 
     def load_adapter(
         self,

@@ -209,8 +209,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             save_last=True,
             filename="best-{epoch}-{step}",
         )
-        peft_callback = PEFTCallback(
-            parts["tuner"], model_attr="model", merge_on_train_end=cfg.merge, export_dir=str(run_dir)
+        peft_callback = PEFTCallback(  # the tokenizer goes into adapter/ and merged/ before they are put in place
+            parts["tuner"],
+            model_attr="model",
+            merge_on_train_end=cfg.merge,
+            export_dir=str(run_dir),
+            export_extras=parts["tokenizer"].save_pretrained,  # each folder then loads on its own
         )
         callbacks = [peft_callback, _CountParams(), checkpoint]
         trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -253,9 +257,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "sample": getattr(module, "sample", None),
     }
     if trainer.is_global_zero:
-        for export in (peft_callback.adapter_dir, peft_callback.merged_dir):
-            if export and os.path.isdir(export):  # a folder that loads on its own with from_pretrained
-                parts["tokenizer"].save_pretrained(export)
         # a temporary file renamed into place: a killed job leaves no half-written metrics.json for the report
         atomic_write_text(str(run_dir / "metrics.json"), json.dumps(metrics, indent=2) + "\n")
         name = monitor.removeprefix("val_")

@@ -22,14 +22,12 @@ import contextlib
 import copy
 import functools
 import os
-import shutil
-import tempfile
-from typing import Any, Iterator, Optional, cast
+from typing import Any, Callable, Optional, cast
 
 import torch
 from torch import nn
 
-from .._files import default_mode
+from .._files import atomic_folder
 from ..config import PeftConfig
 from ..peft_model import PeftModel, get_peft_model
 from ..tuners.registry import get_tuner
@@ -80,41 +78,32 @@ def resolve_peft_config(config: Any) -> PeftConfig:
 # ---------------------------------------------------------------------------------------------
 # files
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_directory(final: str) -> Iterator[str]:
-    """Yield a temporary folder beside `final`; on success it replaces `final` (rename), on error it is removed."""
-    final = os.path.abspath(final)
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
-    os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it private; exports are read by other processes
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.isdir(final):  # between the two renames only `old` holds the previous export
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
-        os.replace(final, os.path.join(old, "x"))
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+# One mechanism for every export (`lightning_peft/_files.py::atomic_folder`): the folder is filled beside
+# the target, with whatever else goes into it (`extras`, e.g. the app's tokenizer), then swapped in whole.
+ExportExtras = Optional[Callable[[str], None]]
 
 
-def save_merged_model(model: nn.Module, directory: str) -> None:
-    """`save_pretrained` for transformers models, else `model.safetensors` (a state dict) in `directory`."""
+def atomic_directory(final: str) -> contextlib.AbstractContextManager[str]:
+    """Yield a temporary folder beside `final`; on success it replaces `final` whole, on error it is removed."""
+    return atomic_folder(final)
+
+
+def save_merged_model(model: nn.Module, directory: str, extras: ExportExtras = None) -> None:
+    """`save_pretrained` for transformers models, else `model.safetensors` (a state dict) in `directory`;
+    `extras(folder)` adds more files (e.g. a tokenizer) before the folder is put in place."""
     from ..quantization import dequantized_copy, int8_layers
 
     if int8_layers(model):  # an 8-bit base: write it in fp32 so that it loads without bitsandbytes
         model = dequantized_copy(model)
-    with atomic_directory(directory) as tmp:
+    with atomic_folder(directory) as tmp:
         if callable(getattr(model, "save_pretrained", None)):
             cast(Any, model).save_pretrained(tmp)  # a transformers model
         else:
             from safetensors.torch import save_model
 
             save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if extras is not None:
+            extras(tmp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,13 +307,16 @@ class AdapterState:
         return self.peft
 
     # ---- files --------------------------------------------------------------------------------
-    def save_adapter(self, directory: str, is_main_process: bool = True) -> None:
-        """HF PEFT format (`adapter_config.json` + `adapter_model.safetensors`), written atomically."""
+    def save_adapter(self, directory: str, is_main_process: bool = True, extras: ExportExtras = None) -> None:
+        """HF PEFT format (`adapter_config.json` + `adapter_model.safetensors`), and whatever `extras(folder)`
+        adds, written into a new folder that replaces `directory` whole."""
         peft = self.require_peft("save the adapter")
         if not is_main_process:
             return
-        with atomic_directory(directory) as tmp:
-            peft.save_pretrained(tmp, selected_adapters=[self.adapter_name])
+        with atomic_folder(directory) as tmp:
+            peft.save_pretrained(tmp, selected_adapters=[self.adapter_name])  # nested: writes straight into tmp
+            if extras is not None:
+                extras(tmp)
 
 
 def _merge_snapshot(peft: PeftModel) -> dict[str, torch.Tensor]:

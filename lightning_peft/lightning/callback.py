@@ -21,7 +21,7 @@ Hooks, in the order Lightning calls them (Lightning 2.6):
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -57,6 +57,9 @@ class PEFTCallback(pl.Callback):
         exact_resume: save the torch / numpy / python RNG states with checkpoints and put them back at
             the first training batch after a restore (with a dataloader that restores its own position, a
             resumed run then ends with the adapter of an uninterrupted one); see `lightning_peft.lightning.rng`.
+        export_extras: called with each export's folder (`adapter/`, `merged/`) while it is still being
+            written, before it replaces the previous export (e.g. `tokenizer.save_pretrained`): the export
+            appears whole, extras included.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class PEFTCallback(pl.Callback):
         merge_on_train_end: bool = True,
         export_dir: Optional[str] = None,
         exact_resume: bool = True,
+        export_extras: Optional[Callable[[str], None]] = None,
     ) -> None:
         super().__init__()
         self.config = resolve_peft_config(config)
@@ -76,6 +80,7 @@ class PEFTCallback(pl.Callback):
         self.merge_on_train_end = merge_on_train_end
         self.export_dir = None if export_dir is None else os.fspath(export_dir)
         self.exact_resume = bool(exact_resume)
+        self.export_extras = export_extras
         self.adapter_dir: Optional[str] = None  # set by the export after fit
         self.merged_dir: Optional[str] = None
 
@@ -170,13 +175,13 @@ class PEFTCallback(pl.Callback):
 
         if is_sharded(pl_module):  # FSDP2: gather full tensors on every rank, rank 0 writes (strategies.py)
             self.adapter_dir, self.merged_dir = export_sharded(
-                trainer, pl_module, state, export_dir, merge=self.merge_on_train_end
+                trainer, pl_module, state, export_dir, merge=self.merge_on_train_end, extras=self.export_extras
             )
             rank_zero_info(f"lightning_peft: adapter gathered from shards and written to {self.adapter_dir}")
             return
         is_main = trainer.is_global_zero
         self.adapter_dir = os.path.join(export_dir, ADAPTER_SUBDIR)
-        state.save_adapter(self.adapter_dir, is_main_process=is_main)
+        state.save_adapter(self.adapter_dir, is_main_process=is_main, extras=self.export_extras)
         rank_zero_info(f"lightning_peft: adapter written to {self.adapter_dir}")
         if self.merge_on_train_end:
             if not state.can_merge:
@@ -188,7 +193,7 @@ class PEFTCallback(pl.Callback):
                 merged = state.merge_and_unload(pl_module)
                 self.merged_dir = os.path.join(export_dir, MERGED_SUBDIR)
                 if is_main:
-                    save_merged_model(merged, self.merged_dir)
+                    save_merged_model(merged, self.merged_dir, extras=self.export_extras)
                 rank_zero_info(f"lightning_peft: adapter merged; merged model written to {self.merged_dir}")
         trainer.strategy.barrier("lightning_peft.export")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union, cast
+from typing import Any, Callable, Iterable, Iterator, Optional, Union, cast
 
 import lightning.pytorch as pl
 import torch
@@ -344,7 +344,12 @@ def make_strategy(name: str, accelerator: str = "auto", **kwargs: Any) -> Union[
 # exports under FSDP2 (called by PEFTCallback.on_fit_end on every rank)
 # ---------------------------------------------------------------------------------------------
 def export_sharded(
-    trainer: "pl.Trainer", pl_module: "pl.LightningModule", state: Any, export_dir: str, merge: bool
+    trainer: "pl.Trainer",
+    pl_module: "pl.LightningModule",
+    state: Any,
+    export_dir: str,
+    merge: bool,
+    extras: Optional[Callable[[str], None]] = None,
 ) -> tuple[str, Optional[str]]:
     """Write `adapter/` (and `merged/`) from full tensors gathered from every rank; rank 0 writes.
 
@@ -358,7 +363,7 @@ def export_sharded(
     merged_dir = os.path.join(export_dir, MERGED_SUBDIR) if merge and state.can_merge else None
     peft = state.require_peft("export the adapter")
     with full_tensors(pl_module):
-        state.save_adapter(adapter_dir, is_main_process=trainer.is_global_zero)
+        state.save_adapter(adapter_dir, is_main_process=trainer.is_global_zero, extras=extras)
         full = (
             {k: v.detach().cpu() for k, v in peft.state_dict().items()}
             if merged_dir and trainer.is_global_zero
@@ -373,7 +378,7 @@ def export_sharded(
             )
             merged_dir = None
         else:
-            save_merged_model(merged, merged_dir)
+            save_merged_model(merged, merged_dir, extras=extras)
     trainer.strategy.barrier("lightning_peft.export_sharded")
     return adapter_dir, merged_dir
 
