@@ -5,15 +5,26 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
+import torch
 from torch import nn
 
 from ._files import atomic_folder
 from .config import WEIGHTS_NAME, PeftConfig, TaskType
 from .serialization import atomic_save_file, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
-from .tuners.base import check_adapter_name, freeze_adapter, parameter_counts
+from .tuners.base import (
+    SAVED_KEY_PREFIX,
+    BaseTuner,
+    BaseTunerLayer,
+    TunerAttributes,
+    check_adapter_name,
+    describe_wrapping,
+    freeze_adapter,
+    parameter_counts,
+)
 from .tuners.registry import get_model_class
 
 
@@ -33,6 +44,7 @@ class PeftModel(nn.Module):
         check_adapter_name(adapter_name)
         if not isinstance(peft_config, PeftConfig):
             raise TypeError(f"peft_config must be a tuner config (e.g. LoraConfig), got {type(peft_config).__name__}")
+        check_not_wrapped(model)
         peft_config = copy.deepcopy(peft_config)  # the model owns its config; the caller's stays as given
         self.peft_type = peft_config.peft_type
         if peft_config.base_model_name_or_path is None:
@@ -98,6 +110,12 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.tuner.delete_adapter(adapter_name)
+        if not self.peft_config:
+            warnings.warn(
+                f"deleted {adapter_name!r}, the only adapter: the model now runs the base model alone and "
+                "save_pretrained refuses until add_adapter() / load_adapter() gives it one",
+                stacklevel=2,
+            )
 
     # ---- parameters -------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -128,6 +146,11 @@ class PeftModel(nn.Module):
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!s} is a file; give a folder")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        if not names:
+            raise ValueError(
+                "there is no adapter to save (the last one was deleted, or selected_adapters is empty); "
+                "add_adapter() / load_adapter() one first"
+            )
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"no adapter named {name!r} to save; this model has: {', '.join(self.peft_config)}")
@@ -158,24 +181,96 @@ class PeftModel(nn.Module):
         ignore_base_model_mismatch: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Add `adapter_name` from a folder written by `save_pretrained` (ours or HF PEFT's)."""
-        config = PeftConfig.from_pretrained(model_id, **kwargs)
+        """Add `adapter_name` from a folder written by `save_pretrained` (ours or HF PEFT's); `subfolder=` reads
+        both files from `model_id/subfolder`. Into an existing adapter, the file's config comes with its weights:
+        the adapter is rebuilt under it when its targets and shapes are the same, else the load is refused."""
+        check_adapter_name(adapter_name)
+        folder = adapter_folder(model_id, kwargs.pop("subfolder", None))
+        config = PeftConfig.from_pretrained(folder, **kwargs)
         if not ignore_base_model_mismatch:
-            check_base_model(config, self.get_base_model(), model_id)
+            check_base_model(config, self.get_base_model(), folder)
+        if config.peft_type != self.peft_type:
+            raise ValueError(
+                f"{folder} holds a {config.peft_type} adapter, but this model's adapters are {self.peft_type}; "
+                "one PeftModel holds adapters of one tuner type"
+            )
         config.inference_mode = not is_trainable
-        weights = load_peft_weights(model_id, allow_pickle=allow_pickle)
-        created = adapter_name not in self.peft_config
-        if created:
+        weights = load_peft_weights(folder, allow_pickle=allow_pickle)
+        if adapter_name in self.peft_config:
+            self._load_into_existing(adapter_name, config, weights, folder)
+        else:
             self.add_adapter(adapter_name, config)
-        try:
-            set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
-        except Exception:
-            if created:  # even when it is the only or the active one
-                self.tuner.delete_adapter(adapter_name, force=True)
-            raise
+            try:
+                set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
+            except Exception:
+                self.tuner.delete_adapter(adapter_name, force=True)  # even when it is the only or the active one
+                raise
         if not is_trainable:
             freeze_adapter(self, adapter_name)  # also when the weights went into an existing adapter
             self.eval()
+
+    def _load_into_existing(
+        self, name: str, config: PeftConfig, weights: dict[str, torch.Tensor], folder: str | os.PathLike
+    ) -> None:
+        """Load the weights of `folder` into the existing adapter `name` together with the file's config. An
+        equal config takes the weights in place (the parameters stay the same objects, e.g. for an optimizer);
+        another one rebuilds the adapter under it, refused unless the saved tensors keep their keys and shapes.
+        Whatever fails, the adapter is left as it was."""
+        tuner = self.tuner
+        if any(isinstance(m, BaseTunerLayer) and name in m.merged_adapters for m in self.modules()):
+            raise ValueError(f"adapter {name!r} is merged; unmerge_adapter() before loading weights into it")
+        old_config = tuner.peft_config[name]
+        if _comparable(old_config) == _comparable(config):
+            old_config.inference_mode = config.inference_mode
+            set_peft_model_state_dict(self, weights, adapter_name=name)
+            return
+        order, active = list(tuner.peft_config), tuner.active_adapter
+        old_tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self, adapter_name=name).items()}
+        self._check_same_layout(name, config, weights, old_tensors, folder)
+        requires_grad = {n: p.requires_grad for n, p in self.named_parameters()}
+        tuner.delete_adapter(name, force=True)
+        try:
+            self.add_adapter(name, config)
+            set_peft_model_state_dict(self, weights, adapter_name=name)
+        except Exception:
+            if name in tuner.peft_config:
+                tuner.delete_adapter(name, force=True)
+            tuner.add_adapter(name, old_config)
+            set_peft_model_state_dict(self, old_tensors, adapter_name=name)
+            _restore_order(tuner, order, active)
+            for n, p in self.named_parameters():
+                if n in requires_grad:
+                    p.requires_grad_(requires_grad[n])
+            raise
+        _restore_order(tuner, order, active)
+
+    def _check_same_layout(
+        self,
+        name: str,
+        config: PeftConfig,
+        weights: dict[str, torch.Tensor],
+        old_tensors: dict[str, torch.Tensor],
+        folder: str | os.PathLike,
+    ) -> None:
+        """Before anything changes: the file's tensors (and, for a tuner that wraps layers, its config's targets)
+        must be those of adapter `name`, so the rebuilt adapter has the same layers and shapes."""
+        tuner = self.tuner
+        optional = {SAVED_KEY_PREFIX + k for k in getattr(tuner, "_embedding_base_keys", set)()}
+        shapes = {k: tuple(v.shape) for k, v in weights.items() if k not in optional}
+        old_shapes = {k: tuple(v.shape) for k, v in old_tensors.items()}
+        differ = sorted(set(shapes) ^ set(old_shapes)) or sorted(k for k in shapes if shapes[k] != old_shapes[k])
+        if not differ and isinstance(tuner, BaseTuner):
+            new_config = tuner._prepare_adapter_config(copy.deepcopy(config), tuner.model)
+            targets = set(tuner._matching_keys(new_config))
+            held = {
+                n for n, m in tuner.model.named_modules() if isinstance(m, BaseTunerLayer) and name in m.adapter_names()
+            }
+            differ = sorted(targets ^ held)
+        if differ:
+            raise ValueError(
+                f"the adapter in {folder} has other targets or shapes than adapter {name!r} "
+                f"(e.g. {', '.join(differ[:3])}); load it under a new adapter_name, or delete_adapter({name!r}) first"
+            )
 
     @classmethod
     def from_pretrained(
@@ -189,13 +284,16 @@ class PeftModel(nn.Module):
         ignore_base_model_mismatch: bool = False,
         **kwargs: Any,
     ) -> "PeftModel":
-        """Wrap `model` with the adapter saved in `model_id`."""
+        """Wrap `model` with the adapter saved in `model_id` (`subfolder=`: in `model_id/subfolder`)."""
+        check_adapter_name(adapter_name)
+        check_not_wrapped(model)  # before anything is read: a failed load must not touch a live adapter either
+        folder = adapter_folder(model_id, kwargs.pop("subfolder", None))
         if config is None:
-            config = PeftConfig.from_pretrained(model_id, **kwargs)
+            config = PeftConfig.from_pretrained(folder, **kwargs)
         if not ignore_base_model_mismatch:
-            check_base_model(config, model, model_id)
+            check_base_model(config, model, folder)
         config.inference_mode = not is_trainable
-        weights = load_peft_weights(model_id, allow_pickle=allow_pickle)
+        weights = load_peft_weights(folder, allow_pickle=allow_pickle)
         wrapper_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
         requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         peft_model = None
@@ -213,6 +311,46 @@ class PeftModel(nn.Module):
             peft_model.requires_grad_(False)
             peft_model.eval()
         return peft_model
+
+
+def adapter_folder(model_id: str | os.PathLike, subfolder: Optional[str]) -> str | os.PathLike:
+    """The folder both adapter files are read from."""
+    return os.path.join(model_id, subfolder) if subfolder else model_id
+
+
+def check_not_wrapped(model: nn.Module) -> None:
+    """Refuse to wrap a model that a live adapter already holds: a second wrapper would re-initialise or replace
+    that adapter (or, failing, strip it); the model is left as it is."""
+    if isinstance(model, (PeftModel, TunerAttributes)):
+        raise ValueError(
+            f"the model is already a {type(model).__name__} (adapters: {', '.join(model.peft_config) or 'none'}); "
+            "add an adapter with peft_model.add_adapter(name, config) or peft_model.load_adapter(folder, "
+            "adapter_name=name), or take the plain model back with unload() / merge_and_unload() first"
+        )
+    held = describe_wrapping(model)
+    if held is not None:
+        raise ValueError(
+            f"the model already carries a live adapter ({held}); wrapping it again would re-initialise or replace "
+            "it. Use that PeftModel's add_adapter(name, config) / load_adapter(folder, adapter_name=name), or call "
+            "its unload() / merge_and_unload() first (or start from a fresh base model)"
+        )
+
+
+def _comparable(config: PeftConfig) -> dict[str, Any]:
+    """A config's fields that decide the adapter's math and layout (not where it came from or whether it trains)."""
+    data = config.to_dict()
+    for key in ("inference_mode", "base_model_name_or_path", "revision"):
+        data.pop(key, None)
+    return data
+
+
+def _restore_order(tuner: Any, order: list[str], active: str) -> None:
+    """Put the adapters back in their order, with the same one active."""
+    configs = {n: tuner.peft_config[n] for n in order if n in tuner.peft_config}
+    tuner.peft_config.clear()
+    tuner.peft_config.update(configs)
+    if active in tuner.peft_config:
+        tuner.set_adapter(active)
 
 
 def _model_name(name_or_path: Optional[str]) -> str:

@@ -8,8 +8,10 @@ everything else here is generic.
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 import warnings
+import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Optional, cast
 
@@ -151,9 +153,40 @@ def describe_module_names(model: nn.Module, limit: int = 8) -> str:
     return f"leaf module names end in: {', '.join(suffixes[:12])} (e.g. {sample})"
 
 
-def check_adapter_name(name: Any) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name {name!r} is not valid; use a non-empty string without '.'")
+ADAPTER_NAME_RULE = "letters, digits, '_', '-' and inner spaces, 1 to 64 characters (e.g. 'default', 'task-2')"
+# parts of the parameter paths of every tuner (besides its prefix): an adapter named so would be confused with them
+RESERVED_NAME_PARTS = frozenset(
+    {"model", "base_model", "base_layer", "original_module", "modules_to_save", "prompt_encoder", "weight", "bias"}
+)
+# attributes of the dicts that hold per-adapter modules and parameters: torch refuses them as keys
+_DICT_ATTRIBUTES = frozenset(dir(nn.ModuleDict()) + dir(nn.ParameterDict()))
+
+
+def check_adapter_name(name: Any, model: Optional[nn.Module] = None, prefix: str = "", taken: Any = ()) -> None:
+    """An adapter name becomes a folder name (`save_pretrained` writes non-default adapters to `<dir>/<name>`) and a
+    part of parameter paths (`...lora_A.<name>.weight`), so it must be a plain word that is neither a path nor a part
+    of the paths around it. With `model`, names that are a part of its module / parameter paths (`h`, `0`,
+    `weight`, ...) are refused too (existing adapter names, `taken`, excepted), and names starting with `prefix`."""
+    if not isinstance(name, str) or re.fullmatch(r"[\w\-]([\w\- ]{0,62}[\w\-])?", name) is None:
+        raise ValueError(
+            f"adapter name {name!r} is not valid: it names a folder in save_pretrained and a part of parameter "
+            f"names, so no paths, '.', '/', '\\' or control characters; use {ADAPTER_NAME_RULE}"
+        )
+    if name in _DICT_ATTRIBUTES:
+        raise ValueError(f"adapter name {name!r} is not valid: it is an attribute of torch's ModuleDict; pick another")
+    if model is None:
+        return
+    parts = set(RESERVED_NAME_PARTS)
+    for path, _ in itertools.chain(model.named_modules(), model.named_parameters(), model.named_buffers()):
+        parts.update(path.split("."))
+    parts.difference_update(taken)
+    if name in parts or (prefix and name.startswith(prefix)):
+        what = f"starts with the tuner's prefix {prefix!r}" if name not in parts else "is a part of the model's paths"
+        raise ValueError(
+            f"adapter name {name!r} {what} (module and parameter names such as "
+            f"'transformer.h.0.attn.lora_A.<adapter>.weight'), so its tensors could not be told apart on save and "
+            f"load; pick another name ({ADAPTER_NAME_RULE})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +353,38 @@ class ModulesToSaveWrapper(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # model-level tuners
 # ---------------------------------------------------------------------------------------------
+# the models a live prompt-learning tuner feeds (it leaves no trace in the model's modules): model -> tuner
+_PROMPT_WRAPPED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def mark_wrapped(model: nn.Module, tuner: Optional[nn.Module]) -> None:
+    """Record (or, with None, forget) that `tuner` feeds `model` without putting layers into it."""
+    if tuner is None:
+        _PROMPT_WRAPPED.pop(model, None)
+    else:
+        _PROMPT_WRAPPED[model] = weakref.ref(tuner)
+
+
+def describe_wrapping(model: nn.Module) -> Optional[str]:
+    """What of a live adapter `model` holds (tuner layers, saved-module wrappers) or is fed by, or None."""
+    for name, module in model.named_modules():
+        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            return f"its module {name or '(the model itself)'} is a {type(module).__name__} of an adapter"
+    ref = _PROMPT_WRAPPED.get(model)
+    tuner = ref() if ref is not None else None
+    if tuner is not None and getattr(tuner, "peft_config", None):
+        return f"a {tuner.peft_type} adapter ({', '.join(tuner.peft_config)}) feeds it its prompt"
+    return None
+
+
+# adapter methods only some tuners have, and why the others do not
+TUNER_ONLY_METHODS = {
+    "add_weighted_adapter": "only LoRA adapters can be combined into a new adapter in lightning_peft",
+    "merge_adapter": "prompt learning has no weights to merge into the model (the prompt is fed through forward())",
+    "unmerge_adapter": "prompt learning has no weights to merge into the model (the prompt is fed through forward())",
+}
+
+
 class TunerAttributes:
     """What every tuner model class (`BaseTuner`, `PromptLearningModel`) shares: it holds the user's model as
     `model`, its configs by adapter name as `peft_config`, and answers for the model's own attributes."""
@@ -333,6 +398,10 @@ class TunerAttributes:
         except AttributeError:
             if name == "model":
                 raise
+            if name in TUNER_ONLY_METHODS:  # not the base model's AttributeError: say which tuner lacks what
+                raise AttributeError(
+                    f"{self.peft_type} adapters have no {name}(): {TUNER_ONLY_METHODS[name]}"
+                ) from None
             return getattr(self.model, name)
 
     def _check_adapter_exists(self, adapter_name: str) -> None:
@@ -445,7 +514,7 @@ class BaseTuner(TunerAttributes, nn.Module):
 
     def add_adapter(self, adapter_name: str, config: Any) -> None:
         """Validate everything first, then inject: a bad config leaves the model untouched."""
-        check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name, self, self.prefix, taken=self.peft_config)
         if adapter_name in self.peft_config:
             raise ValueError(
                 f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter it"
@@ -496,7 +565,7 @@ class BaseTuner(TunerAttributes, nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
+        return [self.active_adapter] if self.active_adapter else []
 
     def set_adapter(self, adapter_name: str) -> None:
         self._check_adapter_exists(adapter_name)

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any, Optional, cast
 
 import torch
 from torch import nn
 
-from ..base import BaseTuner, is_conv1d, pattern_value, resolve_fan_in_fan_out, strip_adapter_name
+from ..base import BaseTuner, check_adapter_name, is_conv1d, pattern_value, resolve_fan_in_fan_out, strip_adapter_name
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .layer import Conv2d, Embedding, Linear, LoraLayer
 
@@ -135,19 +136,29 @@ class LoraModel(BaseTuner):
         svd_full_matrices: bool = True,
         svd_driver: Optional[str] = None,
     ) -> None:
-        """Add `adapter_name` as a weighted combination of existing adapters (its scaling is 1)."""
+        """Add `adapter_name` as a weighted combination of existing adapters (its scaling is 1). Everything is
+        checked and computed before the adapter is added, so a failure leaves the model as it was."""
+        adapters, weights = list(adapters), list(weights)
+        if not adapters:
+            raise ValueError("add_weighted_adapter needs at least one adapter to combine; got adapters=[]")
         for name in adapters:
             self._check_adapter_exists(name)
         if len(adapters) != len(weights):
             raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
+        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
+        if bad:
+            raise ValueError(f"weights must be finite numbers, got {bad[0]!r} in weights={weights!r}")
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; choose a new name")
+        check_adapter_name(adapter_name, self, self.prefix, taken=self.peft_config)
         ranks = [self.peft_config[a].r for a in adapters]
-        layer_ranks = {
-            (id(m), a): m.r[a] for m in self.model.modules() if isinstance(m, LoraLayer) for a in adapters if a in m.r
-        }
+        layers = [
+            (name, m)
+            for name, m in self.model.named_modules()
+            if isinstance(m, LoraLayer) and any(a in m.r for a in adapters)
+        ]
         if combination_type == "linear":
-            if len(set(layer_ranks.values()) | set(ranks)) > 1:
+            if len({m.r[a] for _, m in layers for a in adapters if a in m.r} | set(ranks)) > 1:
                 raise ValueError(
                     f"combination_type='linear' needs adapters of equal rank, got r={ranks}; "
                     "use 'cat' or 'svd' for different ranks"
@@ -156,7 +167,8 @@ class LoraModel(BaseTuner):
         elif combination_type == "cat":
             new_rank = sum(ranks)
         elif combination_type == "svd":
-            new_rank = svd_rank or max(ranks)
+            new_rank = max(ranks) if svd_rank is None else svd_rank
+            _check_svd_options(svd_rank, svd_clamp, svd_driver, layers, adapters)
         else:
             raise ValueError(f"combination_type={combination_type!r} is not valid; use one of: 'svd', 'linear', 'cat'")
         if combination_type != "svd" and any(self.peft_config[a].rank_pattern for a in adapters):
@@ -164,36 +176,93 @@ class LoraModel(BaseTuner):
                 f"combination_type={combination_type!r} needs one rank per adapter; "
                 "these adapters use rank_pattern, use 'svd'"
             )
+        for layer_name, module in layers:
+            for a in adapters:
+                if a in module.r and not all(torch.isfinite(t).all() for t in _factors(module, a)):
+                    raise ValueError(
+                        f"adapter {a!r} holds NaN/inf values in {layer_name}; combining it would spread them into "
+                        f"{adapter_name!r}. Retrain or reload {a!r} first"
+                    )
+        # every new factor is computed before the adapter exists
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            for layer_name, module in layers:
+                present = [(a, w) for a, w in zip(adapters, weights) if a in module.r]
+                if combination_type == "svd":
+                    factors[layer_name] = _svd_combination(
+                        module, present, new_rank, svd_clamp, svd_full_matrices, svd_driver
+                    )
+                else:
+                    factors[layer_name] = _factor_combination(module, present, combination_type, new_rank)
         # exactly the layers that hold any of the inputs: their own target / layer filters may differ
-        adapted = sorted(
-            name
-            for name, m in self.model.named_modules()
-            if isinstance(m, LoraLayer) and any(a in m.r for a in adapters)
-        )
         config = dataclasses.replace(
             self.peft_config[adapters[0]],
             r=new_rank,
             lora_alpha=new_rank,
-            target_modules=adapted,
+            target_modules=sorted(factors),
             layers_to_transform=None,
             layers_pattern=None,
             rank_pattern={},
             alpha_pattern={},
             init_lora_weights=False,
         )
+        requires_grad = {n: p.requires_grad for n, p in self.named_parameters()}
         self.add_adapter(adapter_name, config)
-        for module in self.model.modules():
-            if not isinstance(module, LoraLayer) or adapter_name not in module.r:
-                continue
-            present = [(a, w) for a, w in zip(adapters, weights) if a in module.r]
-            with torch.no_grad():
-                if combination_type == "svd":
-                    new_A, new_B = _svd_combination(module, present, new_rank, svd_clamp, svd_full_matrices, svd_driver)
-                else:
-                    new_A, new_B = _factor_combination(module, present, combination_type, new_rank)
-                target_A, target_B = _factors(module, adapter_name)
-                target_A.data.copy_(new_A.to(target_A.dtype))
-                target_B.data.copy_(new_B.to(target_B.dtype))
+        try:
+            for layer_name, (new_A, new_B) in factors.items():
+                target_A, target_B = _factors(cast(LoraLayer, self.model.get_submodule(layer_name)), adapter_name)
+                if new_A.shape != target_A.shape or new_B.shape != target_B.shape:
+                    raise ValueError(
+                        f"the combined factors of {layer_name} have shapes {tuple(new_A.shape)}, {tuple(new_B.shape)} "
+                        f"but the new adapter's are {tuple(target_A.shape)}, {tuple(target_B.shape)}"
+                    )
+                with torch.no_grad():
+                    target_A.copy_(new_A.to(target_A.dtype))
+                    target_B.copy_(new_B.to(target_B.dtype))
+        except Exception:
+            self.delete_adapter(adapter_name, force=True)
+            for n, p in self.named_parameters():
+                p.requires_grad_(requires_grad.get(n, p.requires_grad))
+            raise
+
+
+SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")
+
+
+def _check_svd_options(
+    svd_rank: Any, svd_clamp: Any, svd_driver: Any, layers: list[tuple[str, LoraLayer]], adapters: list[str]
+) -> None:
+    if svd_rank is not None:
+        if isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0:
+            raise ValueError(f"svd_rank={svd_rank!r} is not valid; give a positive int, or None for the largest rank")
+        for layer_name, module in layers:
+            rows, cols = _delta_shape(module, next(a for a in adapters if a in module.r))
+            if svd_rank > min(rows, cols):
+                raise ValueError(
+                    f"svd_rank={svd_rank} is larger than {layer_name} allows: its {rows}x{cols} update has rank at "
+                    f"most {min(rows, cols)}; use svd_rank <= {min(rows, cols)}"
+                )
+    if svd_clamp is not None and (
+        isinstance(svd_clamp, bool) or not isinstance(svd_clamp, (int, float)) or not 0 <= svd_clamp <= 1
+    ):
+        raise ValueError(f"svd_clamp={svd_clamp!r} is not valid; it is a quantile: give a number in [0, 1] or None")
+    if svd_driver is not None:
+        if svd_driver not in SVD_DRIVERS:
+            raise ValueError(f"svd_driver={svd_driver!r} is not valid; use None or one of: {', '.join(SVD_DRIVERS)}")
+        devices = {p.device.type for _, m in layers for p in cast(nn.Module, m).parameters()}
+        if devices != {"cuda"}:
+            raise ValueError(
+                f"svd_driver={svd_driver!r} is a CUDA (cuSOLVER) driver, but the adapters are on "
+                f"{', '.join(sorted(devices))}; leave svd_driver=None there"
+            )
+
+
+def _delta_shape(layer: LoraLayer, adapter: str) -> tuple[int, int]:
+    """(rows, cols) of the matrix the svd combination factorises for this layer."""
+    A, B = _factors(layer, adapter)
+    if adapter in layer.lora_A:
+        return B.shape[0], int(A[0].numel())  # (out, in * kernel) for Linear and Conv2d
+    return A.shape[1], B.shape[0]  # embedding: (num_embeddings, embedding_dim)
 
 
 def _all_linear_names(model: nn.Module) -> set[str]:

@@ -22,9 +22,11 @@ from ..base import (
     SAVED_KEY_PREFIX,
     ModulesToSaveWrapper,
     TunerAttributes,
+    check_adapter_name,
     check_modules_to_save,
     check_tensors_fit,
     get_submodule_parent,
+    mark_wrapped,
     wrap_modules_to_save,
 )
 from .cache import cache_route
@@ -85,6 +87,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         # where a prefix cache goes, read from the forward signatures once (the model never changes)
         self.cache_route = cache_route(model)
         self.add_adapter(adapter_name, config)
+        mark_wrapped(model, self)  # so that wrapping `model` again is refused while this tuner lives
 
     def peft_model_modules(self) -> dict[str, nn.Module]:
         """HF PEFT's layout: a PeftModel's `base_model` is the user's model and its encoders are `prompt_encoder`."""
@@ -133,6 +136,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
             raise ValueError(
                 f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter it"
             )
+        check_adapter_name(adapter_name, self.model, taken=self.peft_config)
         if not isinstance(config, PromptLearningConfig) or config.peft_type != self.peft_type:
             raise TypeError(f"{type(self).__name__} takes a {self.peft_type} config, got {type(config).__name__}")
         config = fill_config_from_model(copy.deepcopy(config), self.model, self.injection)
@@ -195,6 +199,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         """The model as it was: every wrapped module (e.g. the classifier head) back as the original."""
         for key, wrapper in self._wrappers():
             self._put_back(key, wrapper)
+        mark_wrapped(self.model, None)
         return self.model
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
