@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
 import json
+import math
 import os
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,6 +19,8 @@ from .tuners.registry import get_config_class
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+SAVED_PREFIX = "base_model."  # every LoRA / IA3 key in HF PEFT's files starts with it
 
 
 class StrEnum(str, enum.Enum):
@@ -85,6 +90,105 @@ class TaskType(StrEnum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters (with the full length said), for quoting user values in errors."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 3]}... ({len(text)} characters)"
+
+
+def check_finite(name: str, value: Any) -> None:
+    """Refuse NaN / inf for a number field (`float("nan")` passes every range comparison silently)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {short_repr(value)}")
+
+
+# Regexes in configs (`target_modules` as a string, `rank_pattern` / `alpha_pattern` keys, ...) run against every
+# module name of the model, so a config file must not be able to make matching take forever: Python's `re`
+# backtracks, and a repetition nested in another (`(.*.*)*x`) is exponential in the name's length, while many
+# variable-length repetitions in a row (`.*.*.*.*.*x`) are polynomial of that degree. Such patterns are refused.
+MAX_PATTERN_LENGTH = 500
+MAX_VARIABLE_REPEATS = 4
+
+
+def _parse_regex(pattern: str) -> Any:
+    # _compat: the stdlib's own regex parser (re._parser since 3.11, sre_parse before); there is no public one
+    parser: Any = getattr(re, "_parser", None) or importlib.import_module("sre_parse")
+    return parser.parse(pattern)
+
+
+def _repeat_profile(items: Any) -> tuple[int, bool]:
+    """(number of variable-length repetitions, whether one of them holds another repetition or an alternation)."""
+    count, nested = 0, False
+    for op, av in items:
+        name = str(op)
+        if name in ("MAX_REPEAT", "MIN_REPEAT"):
+            low, high, sub = av
+            inner_count, inner_nested = _repeat_profile(sub)
+            variable = high != low
+            count += inner_count + (1 if variable else 0)
+            has_branch = any(str(o) == "BRANCH" for o, _ in _walk(sub))
+            nested = nested or inner_nested or (high > 1 and (inner_count > 0 or has_branch))
+        elif name == "SUBPATTERN":
+            inner_count, inner_nested = _repeat_profile(av[-1])
+            count, nested = count + inner_count, nested or inner_nested
+        elif name == "BRANCH":
+            for branch in av[1]:
+                inner_count, inner_nested = _repeat_profile(branch)
+                count, nested = count + inner_count, nested or inner_nested
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            inner_count, inner_nested = _repeat_profile(av[1])
+            count, nested = count + inner_count, nested or inner_nested
+    return count, nested
+
+
+def _walk(items: Any) -> Any:
+    """Every (op, av) of a parsed pattern, depth first."""
+    for op, av in items:
+        yield op, av
+        name = str(op)
+        if name in ("MAX_REPEAT", "MIN_REPEAT"):
+            yield from _walk(av[2])
+        elif name == "SUBPATTERN":
+            yield from _walk(av[-1])
+        elif name == "BRANCH":
+            for branch in av[1]:
+                yield from _walk(branch)
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            yield from _walk(av[1])
+
+
+def check_regex(name: str, pattern: Any, is_key: bool = False) -> None:
+    """A valid regex that cannot hang matching (see above); errors name the field and quote the pattern, cut short
+    (`is_key`: the pattern is a key of the dict field `name`)."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"{name} must be a regex string, got {short_repr(pattern)}")
+    label = f"{name} key {short_repr(pattern)}" if is_key else f"{name}={short_repr(pattern)}"
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise ValueError(
+            f"{label} is longer than {MAX_PATTERN_LENGTH} characters; use a shorter regex or a list of module names"
+        )
+    try:
+        parsed = _parse_regex(pattern)
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{label} is not a valid regex ({err})") from None
+    count, nested = _repeat_profile(parsed)
+    if nested:
+        raise ValueError(
+            f"{label} repeats a group that itself repeats or alternates (like '(a+)*' or "
+            "'(a|b)*'): matching it can take exponential time, so it is refused. Write it without the outer "
+            "repetition (e.g. '.*\\.q_proj') or give a list of module names"
+        )
+    if count > MAX_VARIABLE_REPEATS:
+        raise ValueError(
+            f"{label} has {count} variable-length repetitions (at most "
+            f"{MAX_VARIABLE_REPEATS}); matching it against long module names can take very long. Simplify it "
+            "(one '.*' is usually enough) or give a list of module names"
+        )
+
+
 def _coerce_enum(enum_cls: type[enum.Enum], value: Any, field_name: str) -> Any:
     if value is None or isinstance(value, enum_cls):
         return value
@@ -92,7 +196,7 @@ def _coerce_enum(enum_cls: type[enum.Enum], value: Any, field_name: str) -> Any:
         return enum_cls(str(value).upper())
     except ValueError:
         allowed = ", ".join(m.value for m in enum_cls)
-        raise ValueError(f"{field_name}={value!r} is not valid; use one of: {allowed}") from None
+        raise ValueError(f"{field_name}={short_repr(value)} is not valid; use one of: {allowed}") from None
 
 
 # Keys that newer HF PEFT versions write and that we do not implement. At their neutral value
@@ -117,6 +221,9 @@ MATH_CHANGING_KEYS = frozenset(
 )
 
 
+INTERNAL = {"internal": True}  # metadata of fields that are never written to (or read from) adapter_config.json
+
+
 def _is_neutral(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, (dict, list, tuple, str)) and len(value) == 0)
 
@@ -133,6 +240,9 @@ class PeftConfig:
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     auto_mapping: Optional[dict] = None
+    # the folder `from_pretrained` read this config from (None: built in code). Not saved, and a file cannot set it:
+    # what came from a file is untrusted (e.g. prompt tuning's tokenizer_kwargs are hardened for it).
+    _source_dir: Optional[str] = field(default=None, kw_only=True, repr=False, compare=False, metadata=INTERNAL)
 
     def __post_init__(self) -> None:
         own = type(self).PEFT_TYPE
@@ -154,6 +264,8 @@ class PeftConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for f in dataclasses.fields(self):
+            if f.metadata.get("internal"):
+                continue
             value = getattr(self, f.name)
             if isinstance(value, enum.Enum):
                 value = value.value
@@ -185,12 +297,14 @@ class PeftConfig:
                 f"this config is for peft_type={data['peft_type']}, not {own.value}; "
                 f"load it with {get_config_class(data['peft_type']).__name__} or PeftConfig.from_pretrained"
             )
+        data = {k: v for k, v in data.items() if k not in INTERNAL_FIELDS}
         known = {f.name for f in dataclasses.fields(target_cls) if f.init}
         unknown = {k: v for k, v in data.items() if k not in known}
         refused = sorted(k for k, v in unknown.items() if k in MATH_CHANGING_KEYS and not _is_neutral(v))
         if refused:
             raise ValueError(
-                f"the adapter config sets {', '.join(f'{k}={unknown[k]!r}' for k in refused)}, which lightning_peft "
+                f"the adapter config sets {', '.join(f'{k}={short_repr(unknown[k])}' for k in refused)}, which "
+                "lightning_peft "
                 "does not implement; loading it would give different outputs than the adapter was trained for"
             )
         ignored = sorted(k for k, v in unknown.items() if k not in MATH_CHANGING_KEYS and not _is_neutral(v))
@@ -218,9 +332,42 @@ class PeftConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{config_file} must hold a JSON object")
         data.update(kwargs)
-        return cls.from_dict(data)
+        config = cls.from_dict(data)
+        config._source_dir = os.path.abspath(path)
+        weights = os.path.join(path, WEIGHTS_NAME)
+        if os.path.isfile(weights):
+            config.check_fits_weights(weights_header_shapes(weights), weights)
+        return config
+
+    def check_fits_weights(self, shapes: dict[str, tuple[int, ...]], weights_file: str) -> None:
+        """Refuse sizes this config claims that the saved tensors (`shapes`, read from the file's header) cannot
+        have: the adapter is built from the config before its weights are loaded, so a small file claiming a huge
+        size would otherwise allocate it first. Each tuner's config checks its own size fields."""
+
+
+INTERNAL_FIELDS = frozenset(f.name for f in dataclasses.fields(PeftConfig) if f.metadata.get("internal"))
+
+
+def weights_header_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """{key: shape} from a safetensors file's header; no tensor data is read. An unreadable file gives {} (loading
+    the weights then says what is wrong with it)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+    except (SafetensorError, OSError, ValueError):
+        return {}
+
+
+def size_mismatch(field_name: str, value: Any, weights_file: str, key: str, shape: tuple[int, ...], want: str) -> str:
+    """The message for a config size that the saved tensor cannot have."""
+    return (
+        f"{field_name}={short_repr(value)} in {CONFIG_NAME} does not fit the weights: {weights_file} holds {key} "
+        f"of shape {shape} ({want}). The config and weights file do not belong together; export the adapter again"
+    )
 
 
 def validate_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not valid; use one of: {', '.join(map(repr, allowed))}")
+        raise ValueError(f"{name}={short_repr(value)} is not valid; use one of: {', '.join(map(repr, allowed))}")

@@ -11,9 +11,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ._files import default_mode
-from .config import CONFIG_NAME, WEIGHTS_NAME
+from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+__all__ = ["PICKLE_WEIGHTS_NAME"]  # re-exported: it was defined here
 
 
 def get_peft_model_state_dict(
@@ -28,11 +28,57 @@ def get_peft_model_state_dict(
 
 
 def set_peft_model_state_dict(
-    model: Any, peft_state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
+    model: Any, peft_state_dict: dict[str, torch.Tensor], adapter_name: str = "default", allow_nonfinite: bool = False
 ) -> None:
-    """Load adapter weights saved in HF PEFT's format into `adapter_name`. Every key, and every shape, is
-    checked before anything is written, so a wrong file leaves the model untouched."""
+    """Load adapter weights saved in HF PEFT's format into `adapter_name`. Every key, shape and dtype is checked
+    before anything is written, so a wrong file leaves the model untouched; NaN / inf values are refused unless
+    `allow_nonfinite=True`."""
+    expected = {k: v.dtype for k, v in model.tuner.peft_state_dict(adapter_name).items()}
+    check_adapter_tensors(peft_state_dict, expected, allow_nonfinite=allow_nonfinite)
     model.tuner.load_peft_state_dict(peft_state_dict, adapter_name)
+
+
+def _listed(keys: list[str], limit: int = 5) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of the floating-point tensors holding a NaN or an inf, sorted."""
+    return sorted(
+        k for k, v in tensors.items() if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())
+    )
+
+
+def check_adapter_tensors(
+    tensors: dict[str, torch.Tensor],
+    expected_dtypes: Optional[dict[str, torch.dtype]] = None,
+    allow_nonfinite: bool = False,
+    what: str = "the adapter weights",
+    opt_in: str = "pass allow_nonfinite=True to load it anyway",
+) -> None:
+    """Refuse integer / bool tensors where the model holds float weights (they would be cast silently), and NaN /
+    inf values unless `allow_nonfinite=True`; errors name the tensors."""
+    wrong = sorted(
+        f"{k} ({v.dtype})"
+        for k, v in tensors.items()
+        if expected_dtypes is not None
+        and k in expected_dtypes
+        and expected_dtypes[k].is_floating_point
+        and not v.is_floating_point()
+    )
+    if wrong:
+        raise ValueError(
+            f"{what} hold integer or bool tensors where the model has float weights: {_listed(wrong)}; they are "
+            "not cast. The file was not written by save_pretrained; export the adapter again"
+        )
+    if not allow_nonfinite:
+        bad = nonfinite_keys(tensors)
+        if bad:
+            raise ValueError(
+                f"{what} hold NaN or inf values in {len(bad)} tensors: {_listed(bad)}. The adapter is broken "
+                f"(retrain it or load an earlier export); {opt_in}"
+            )
 
 
 def load_peft_weights(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import lightning_peft as lp
@@ -70,16 +72,73 @@ def test_config_for_another_tuner_class():
     ],
 )
 def test_lora_config_values_out_of_range_or_conflicting(kwargs, message):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match=re.escape(message)):
         lp.LoraConfig(**kwargs)
-    assert str(err.value) == message
 
 
 def test_ia3_feedforward_modules_outside_the_targets():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match=r"feedforward_modules must be a subset of target_modules; \['down_proj'\]"):
         lp.IA3Config(target_modules=["q_proj"], feedforward_modules=["down_proj"])
-    assert str(err.value) == (
-        "feedforward_modules must be a subset of target_modules; ['down_proj'] are not in "
-        "target_modules=['q_proj']. Add them to target_modules or drop them from "
-        "feedforward_modules"
-    )
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(lora_alpha=NAN), "lora_alpha must be a finite number, got nan"),
+        (dict(lora_alpha=-INF), "lora_alpha must be a finite number, got -inf"),
+        (dict(lora_dropout=NAN), "lora_dropout must be a finite number, got nan"),
+        (dict(alpha_pattern={"c_attn": INF}), r"alpha_pattern\['c_attn'\] must be a finite number, got inf"),
+        (dict(alpha_pattern={"c_attn": "16"}), r"alpha_pattern\['c_attn'\] must be a number, got '16'"),
+    ],
+)
+def test_non_finite_numbers_are_refused(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        lp.LoraConfig(**kwargs)
+
+
+def test_non_finite_numbers_in_a_config_file_are_refused(saved_adapter):
+    from helpers import edit_config, load_fails
+
+    base, folder = saved_adapter
+    edit_config(folder, lora_alpha=NAN)  # json writes NaN, and reads it back
+    load_fails(base, folder, "lora_alpha must be a finite number, got nan")
+
+
+def test_p_tuning_dropout_nan_is_refused():
+    with pytest.raises(ValueError, match="encoder_dropout must be a number in"):
+        lp.PromptEncoderConfig(num_virtual_tokens=2, encoder_dropout=NAN)
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: lp.LoraConfig(target_modules="(.*.*)*c_attnX"), "target_modules='.*' repeats a group"),
+        (lambda: lp.LoraConfig(target_modules="(qa|q)+_proj"), "repeats a group that itself repeats or alternates"),
+        (lambda: lp.IA3Config(target_modules=".*", feedforward_modules="(a*)*"), "feedforward_modules='.*' repeats"),
+        (lambda: lp.LoraConfig(rank_pattern={".*" * 5: 2}), "rank_pattern key '.*' has 5 variable-length"),
+    ],
+)
+def test_regexes_that_could_hang_matching(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    "pattern", [r".*\.(q_proj|v_proj)", r"(.*\.)?layers\.\d+\.(attn|mlp)\..*", r"model\.h\.\d{1,3}\.c_attn", "q_proj"]
+)
+def test_ordinary_regexes_still_pass(pattern):
+    assert lp.LoraConfig(target_modules=pattern, rank_pattern={pattern: 4}).target_modules == pattern
+
+
+def test_short_repr_cuts_long_values():
+    from lightning_peft.config import short_repr
+
+    assert short_repr("abc") == "'abc'"
+    assert short_repr("x" * 200, 20) == "'xxxxxxxxxxxxxxxx... (202 characters)"
+    with pytest.raises(
+        ValueError, match=r"r must be a positive integer \(the LoRA rank\), got \[0, 0, .*characters\)$"
+    ):
+        lp.LoraConfig(r=[0] * 1000)

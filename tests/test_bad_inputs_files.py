@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 
 import pytest
@@ -95,7 +96,7 @@ def test_adapter_of_another_tuner_type_into_a_lora_model(saved_adapter, tmp_path
     data = {k: v for k, v in data.items() if k in ("peft_type", "target_modules", "task_type", "fan_in_fan_out")}
     (other / "adapter_config.json").write_text(json.dumps(data))
     model = lp.PeftModel.from_pretrained(base, folder)
-    with pytest.raises(ValueError, match="cannot add a IA3 adapter to a LORA model"):
+    with pytest.raises(ValueError, match="IA3.*LORA.*one PeftModel holds adapters of one tuner type"):
         model.load_adapter(other, adapter_name="other")
     assert list(model.peft_config) == ["default"]
 
@@ -118,10 +119,10 @@ def test_a_failed_load_into_an_existing_peft_model_adds_nothing(saved_adapter, t
     wrong = tmp_path / "wrong"
     lp.get_peft_model(tiny_gpt2(), lp.LoraConfig(r=4, **GPT2_LORA)).save_pretrained(wrong)
     tensors = load_file(wrong / "adapter_model.safetensors")
-    tensors = {k: torch.zeros(3, 3) if "lora_A" in k else v for k, v in tensors.items()}
+    tensors = {k: torch.zeros(4, 3) if "lora_A" in k else v for k, v in tensors.items()}  # the rank fits, not the width
     save_file(tensors, wrong / "adapter_model.safetensors")
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"shape mismatches: .*file \(3, 3\) vs model \(4, 32\)"):
+    with pytest.raises(ValueError, match=r"shape mismatches: .*file \(4, 3\) vs model \(4, 32\)"):
         model.load_adapter(wrong, adapter_name="second")
     assert list(model.peft_config) == ["default"]
     assert unchanged(model, before)
@@ -131,12 +132,15 @@ def test_a_failed_prompt_learning_load_gives_the_classifier_back(tmp_path):
     saved = lp.get_peft_model(tiny_bert_classifier(), lp.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
     saved.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    tensors["prompt_embeddings"] = torch.zeros(3, tensors["prompt_embeddings"].shape[1])
+    head = "base_model.classifier.weight"
+    tensors[head] = torch.zeros(2, tensors[head].shape[1])  # fails after the encoder and head copy were built
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     base = tiny_bert_classifier()
     base.bert.embeddings.requires_grad_(False)  # the user's own choice of what trains must survive too
     before = snapshot(base)
-    with pytest.raises(ValueError, match=r"shape mismatches: prompt_embeddings: file \(3, 32\) vs model \(4, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatches: base_model\.classifier\.weight: file \(2, 32\) vs model \(3, 32\)"
+    ):
         lp.PeftModel.from_pretrained(base, tmp_path, is_trainable=True)
     assert type(base.classifier) is torch.nn.Linear
     assert not base.bert.embeddings.word_embeddings.weight.requires_grad and base.classifier.weight.requires_grad
@@ -149,9 +153,8 @@ def test_config_whose_rank_does_not_match_the_weights(saved_adapter):
     load_fails(
         base,
         folder,
-        r"shape mismatches: base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_A\.weight: "
-        r"file \(8, 32\) vs model \(4, 32\).*Load the adapter into the base model \(and config\) "
-        "it was trained for",
+        r"r=4 in adapter_config\.json does not fit the weights: .*adapter_model\.safetensors holds "
+        r"base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_A\.weight of shape \(8, 32\) \(rank 8\)",
     )
 
 
@@ -206,3 +209,299 @@ def test_exported_files_are_readable_like_any_other_file(tmp_path):
             assert stat.S_IMODE(os.stat(tmp_path / "fresh" / name).st_mode) == 0o644, name
     finally:
         os.umask(umask)
+
+
+# ---- a small file cannot exhaust the machine or hang the loader -------------------------------------------------
+CHILD_LOAD = """
+import resource, sys
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.path.insert(0, "tests")
+from helpers import tiny_gpt2
+import lightning_peft as lp
+try:
+    lp.PeftModel.from_pretrained(tiny_gpt2(), sys.argv[1], is_trainable=True)
+except ValueError as err:
+    print("REFUSED", err)
+else:
+    print("LOADED")
+"""
+
+
+def load_in_child(folder, limit_bytes=3 * 2**30, timeout=120):
+    """from_pretrained(tiny GPT-2, folder) in a child process whose address space is capped; its stdout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD_LOAD, str(folder), str(limit_bytes)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_a_huge_rank_in_a_small_folder_is_refused_before_anything_is_allocated(saved_adapter):
+    _, folder = saved_adapter
+    edit_config(folder, r=10**7)  # LoRA A/B at rank 1e7 over tiny GPT-2 would take 6.5 GB
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 20_000
+    out = load_in_child(folder)  # 3 GB of address space: building the adapter first would fail to allocate
+    assert "REFUSED r=10000000 in adapter_config.json does not fit the weights" in out, out
+    assert "c_attn.lora_A.weight of shape (8, 32) (rank 8)" in out
+
+
+def test_a_rank_pattern_larger_than_every_saved_rank_is_refused(saved_adapter):
+    base, folder = saved_adapter
+    edit_config(folder, rank_pattern={"c_proj": 10**7}, target_modules=["c_attn", "c_proj"])
+    load_fails(base, folder, r"rank_pattern\['c_proj'\]=10000000 in adapter_config\.json.*no saved rank is above 8")
+
+
+def test_a_huge_number_of_virtual_tokens_in_a_small_folder_is_refused(tmp_path):
+    lp.get_peft_model(tiny_gpt2(), lp.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
+        tmp_path
+    )
+    edit_config(tmp_path, num_virtual_tokens=10**9)
+    out = load_in_child(tmp_path)
+    assert "REFUSED num_virtual_tokens=1000000000 in adapter_config.json does not fit the weights" in out, out
+    assert "prompt_embeddings of shape (4, 32)" in out
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(token_dim=10**9), r"token_dim=1000000000 in adapter_config\.json.*rows of width 32"),
+        (dict(num_transformer_submodules=2), r"num_transformer_submodules=2 .*prompt_embeddings of shape \(4, 32\)"),
+    ],
+)
+def test_prompt_sizes_that_cannot_fit_the_saved_embeddings(tmp_path, changes, message):
+    lp.get_peft_model(tiny_gpt2(), lp.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
+        tmp_path
+    )
+    edit_config(tmp_path, **changes)
+    load_fails(tiny_gpt2(), tmp_path, message)
+
+
+def test_prefix_sizes_that_cannot_fit_the_saved_prefix(tmp_path):
+    config = lp.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    lp.get_peft_model(tiny_gpt2(), config).save_pretrained(tmp_path)  # prompt_embeddings (4, 2 layers x 2 x 32)
+    edit_config(tmp_path, num_layers=10**6)
+    load_fails(tiny_gpt2(), tmp_path, r"num_layers=1000000 in adapter_config\.json.*width 128")
+
+
+def test_a_regex_that_would_hang_matching_is_refused_naming_the_field(saved_adapter):
+    _, folder = saved_adapter
+    edit_config(folder, target_modules="(.*.*)*c_attnX")  # backtracking on every module name: hung from_pretrained
+    out = load_in_child(folder, timeout=60)
+    assert "REFUSED target_modules='(.*.*)*c_attnX' repeats a group that itself repeats" in out, out
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(rank_pattern={"(a+)+c_attn": 4}), r"rank_pattern key '\(a\+\)\+c_attn' repeats a group"),
+        (dict(alpha_pattern={".*.*.*.*.*c": 4.0}), "alpha_pattern key '.*' has 5 variable-length repetitions"),
+        (dict(target_modules="x" * 10_000), r"target_modules='xxx.*\(10002 characters\) is longer than 500"),
+        (
+            dict(layers_to_transform=[0], layers_pattern="h" * 1000),
+            r"layers_pattern must be the name .*got 'hhhh.*\(1002 characters\)",
+        ),
+    ],
+)
+def test_patterns_from_a_file_are_bounded(saved_adapter, changes, message):
+    base, folder = saved_adapter
+    edit_config(folder, **changes)
+    load_fails(base, folder, message)
+
+
+def test_long_values_are_quoted_cut_short(saved_adapter):
+    base, folder = saved_adapter
+    edit_config(folder, bias="b" * 100_000)
+    with pytest.raises(ValueError, match=r"bias='bbbb.*\(100002 characters\) is not valid") as err:
+        lp.PeftModel.from_pretrained(base, folder)
+    assert len(str(err.value)) < 300
+
+
+# ---- an untrusted config cannot reach the network or run code --------------------------------------------------
+HOSTILE_TOKENIZER = dict(
+    prompt_tuning_init="TEXT",
+    prompt_tuning_init_text="a review of the film",
+    tokenizer_name_or_path="/nonexistent/evil-tokenizer",
+    tokenizer_kwargs=dict(
+        local_files_only=False, revision="evil", token="hf_stolen", cache_dir="/tmp/evil", trust_remote_code=True
+    ),
+)
+
+
+def _patched_tokenizer(monkeypatch):
+    """AutoTokenizer.from_pretrained replaced by a recorder that raises; returns the list of recorded calls."""
+    import transformers
+
+    calls = []
+
+    def from_pretrained(name, **kwargs):
+        calls.append((name, kwargs))
+        raise OSError("a tokenizer was loaded")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    return calls
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_bert_classifier], ids=["causal_lm", "seq_cls"])
+def test_loading_saved_prompt_weights_loads_no_tokenizer(tmp_path, monkeypatch, build):
+    task = "CAUSAL_LM" if build is tiny_gpt2 else "SEQ_CLS"
+    saved = lp.get_peft_model(build(), lp.PromptTuningConfig(task_type=task, num_virtual_tokens=4))
+    saved.save_pretrained(tmp_path)
+    edit_config(tmp_path, **HOSTILE_TOKENIZER)
+    calls = _patched_tokenizer(monkeypatch)
+    loaded = lp.PeftModel.from_pretrained(build(), tmp_path, is_trainable=True)
+    assert calls == []
+    assert torch.equal(
+        loaded.prompt_encoder["default"].embedding.weight, saved.prompt_encoder["default"].embedding.weight
+    )
+    # the patch is live: the same TEXT init built in code does reach it
+    with pytest.raises(ValueError, match="could not load the tokenizer"):
+        lp.get_peft_model(build(), lp.PromptTuningConfig(task_type=task, num_virtual_tokens=4, **HOSTILE_TOKENIZER))
+    assert calls[0][1]["revision"] == "evil" and calls[0][1]["local_files_only"] is False  # the user's own kwargs
+    assert "trust_remote_code" not in calls[0][1]
+
+
+def test_tokenizer_kwargs_from_a_file_never_go_online_or_run_code(tmp_path, monkeypatch):
+    saved = lp.get_peft_model(tiny_gpt2(), lp.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    saved.save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()  # a config alone: a fresh adapter is built from it
+    edit_config(tmp_path, inference_mode=False, **HOSTILE_TOKENIZER)
+    config = lp.PeftConfig.from_pretrained(tmp_path)
+    calls = _patched_tokenizer(monkeypatch)
+    with pytest.raises(ValueError, match="could not load the tokenizer .*from local files"):
+        lp.get_peft_model(tiny_gpt2(), config)
+    assert calls == [("/nonexistent/evil-tokenizer", {"local_files_only": True})]
+    assert "_source_dir" not in json.loads((tmp_path / "adapter_config.json").read_text())
+    saved.peft_config["default"].save_pretrained(tmp_path / "again")
+    assert "_source_dir" not in json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+
+
+def test_a_file_cannot_claim_to_be_code(saved_adapter):
+    _, folder = saved_adapter
+    edit_config(folder, _source_dir=None)
+    assert lp.PeftConfig.from_pretrained(folder)._source_dir == str(folder)
+
+
+# ---- non-finite and integer tensors are never taken silently ----------------------------------------------------
+LORA_B0 = "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_adapter_weights_are_refused(saved_adapter, value):
+    base, folder = saved_adapter
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors[LORA_B0][0, 0] = value
+    save_file(tensors, path)
+    load_fails(base, folder, rf"hold NaN or inf values in 1 tensors: {re.escape(LORA_B0)}\..*allow_nonfinite=True")
+
+
+def test_non_finite_adapter_weights_load_when_opted_in(saved_adapter):
+    base, folder = saved_adapter
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors[LORA_B0][0, 0] = float("nan")
+    model = lp.get_peft_model(base, lp.LoraConfig(**GPT2_LORA))
+    with pytest.raises(ValueError, match="hold NaN or inf values"):
+        lp.set_peft_model_state_dict(model, tensors)
+    assert torch.isfinite(model.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight).all()
+    lp.set_peft_model_state_dict(model, tensors, allow_nonfinite=True)
+    assert torch.isnan(model.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight[0, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+def test_integer_or_bool_tensors_where_weights_belong_are_refused(saved_adapter, dtype):
+    base, folder = saved_adapter
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors[LORA_B0] = torch.ones(tensors[LORA_B0].shape, dtype=dtype)  # would be cast to 1.0 silently
+    save_file(tensors, path)
+    load_fails(base, folder, rf"integer or bool tensors where the model has float weights: {re.escape(LORA_B0)}")
+
+
+def test_non_finite_prompt_embeddings_are_refused(tmp_path):
+    lp.get_peft_model(tiny_gpt2(), lp.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
+        tmp_path
+    )
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["prompt_embeddings"][1, 2] = float("-inf")
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    load_fails(tiny_gpt2(), tmp_path, "hold NaN or inf values in 1 tensors: prompt_embeddings")
+
+
+# Lightning: checkpoints (the state's load pre-hook), exports and merges
+class _Module(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_gpt2()
+
+
+def _module_with_state():
+    from lightning_peft.lightning._state import AdapterState, attach_state
+
+    module = _Module()
+    state = attach_state(module, AdapterState(lp.LoraConfig(**GPT2_LORA)))
+    state.inject(module)
+    with torch.no_grad():
+        module.model.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight.fill_(0.01)
+    return module, state
+
+
+LIGHTNING_B0 = "model.base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight"
+
+
+def test_a_checkpoint_with_a_non_finite_adapter_is_refused_unless_opted_in():
+    module, state = _module_with_state()
+    checkpoint = {k: v.clone() for k, v in module.state_dict().items()}
+    checkpoint[LIGHTNING_B0][0, 0] = float("nan")
+    before = snapshot(module)
+    with pytest.raises(
+        ValueError, match=rf"refusing to load .*NaN or inf values in 1 tensors: {re.escape(LIGHTNING_B0)}"
+    ):
+        module.load_state_dict(checkpoint)
+    assert unchanged(module, before)
+    state.allow_nonfinite = True
+    module.load_state_dict(checkpoint)
+    assert torch.isnan(module.state_dict()[LIGHTNING_B0][0, 0])
+
+
+def test_a_checkpoint_with_integer_adapter_tensors_is_refused():
+    module, _ = _module_with_state()
+    checkpoint = dict(module.state_dict())
+    checkpoint[LIGHTNING_B0] = torch.ones(checkpoint[LIGHTNING_B0].shape, dtype=torch.int32)
+    before = snapshot(module)
+    with pytest.raises(ValueError, match=rf"integer or bool tensors .*{re.escape(LIGHTNING_B0)} \(torch\.int32\)"):
+        module.load_state_dict(checkpoint)
+    assert unchanged(module, before)
+
+
+def test_a_non_finite_adapter_is_never_exported_or_merged(tmp_path):
+    module, state = _module_with_state()
+    state.save_adapter(str(tmp_path / "adapter"))  # a finite adapter exports
+    exported = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    with torch.no_grad():
+        module.model.base_model.model.transformer.h[1].attn.c_attn.lora_A["default"].weight[0, 0] = float("nan")
+    with pytest.raises(
+        ValueError,
+        match=r"holds NaN or inf values in 1 tensors \(.*h\.1\.attn\.c_attn\.lora_A\.weight\); "
+        "refusing to export",
+    ):
+        state.save_adapter(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == exported
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match="refusing to merge it into the base model"):
+        state.merge_and_unload(module)
+    assert isinstance(module.model, lp.PeftModel) and not state.merged
+    after = module.state_dict()
+    assert sorted(after) == sorted(before)
+    assert all(torch.allclose(after[k], v, rtol=0, atol=0, equal_nan=True) for k, v in before.items())

@@ -30,6 +30,7 @@ from torch import nn
 from .._files import atomic_folder
 from ..config import PeftConfig
 from ..peft_model import PeftModel, get_peft_model
+from ..serialization import check_adapter_tensors, get_peft_model_state_dict, nonfinite_keys
 from ..tuners.registry import get_tuner
 
 STATE_ATTR = "_lightning_peft_state"
@@ -174,6 +175,9 @@ class AdapterState:
         self.logged = False
         self._snapshot: Optional[dict[str, torch.Tensor]] = None  # what `restore_unmerged` needs after a merge
         self._hooks: list[Any] = []
+        # a checkpoint whose adapter holds NaN / inf is refused unless this is True; exports and merges never
+        # take a non-finite adapter
+        self.allow_nonfinite = False
 
     # ---- lookup -------------------------------------------------------------------------------
     @property
@@ -268,6 +272,7 @@ class AdapterState:
         if self.merged:
             return _get_path(module, self.model_attr)
         peft = self.require_peft("merge")
+        self.check_finite("merge it into the base model")
         snapshot = _merge_snapshot(peft)
         merged = peft.merge_and_unload()
         _set_path(module, self.model_attr, merged)
@@ -313,10 +318,24 @@ class AdapterState:
         peft = self.require_peft("save the adapter")
         if not is_main_process:
             return
+        self.check_finite(f"export it to {directory}")
         with atomic_folder(directory) as tmp:
             peft.save_pretrained(tmp, selected_adapters=[self.adapter_name])  # nested: writes straight into tmp
             if extras is not None:
                 extras(tmp)
+
+    def check_finite(self, action: str) -> None:
+        """Refuse to export or merge an adapter holding NaN / inf (a diverged run): it would write a broken adapter
+        or fill the merged model's weights with NaN. Nothing is written or changed."""
+        peft = self.require_peft(action)
+        bad = nonfinite_keys(get_peft_model_state_dict(peft, adapter_name=self.adapter_name))
+        if bad:
+            more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise ValueError(
+                f"adapter {self.adapter_name!r} holds NaN or inf values in {len(bad)} tensors "
+                f"({', '.join(bad[:5])}{more}); refusing to {action}. Training diverged: lower the learning rate or "
+                "resume from an earlier checkpoint"
+            )
 
 
 def _merge_snapshot(peft: PeftModel) -> dict[str, torch.Tensor]:
@@ -380,6 +399,20 @@ def _load_pre_hook(
         if tuple(state_dict[prefix + k].shape) != tuple(params[k[len(state.prefix) :]].shape)
     )
     if not missing and not shapes:
+        incoming = {k: state_dict[prefix + k] for k in present if isinstance(state_dict[prefix + k], torch.Tensor)}
+        expected = {k: params[k[len(state.prefix) :]].dtype for k in incoming}
+        try:
+            check_adapter_tensors(
+                incoming,
+                expected,
+                state.allow_nonfinite,
+                what="the checkpoint's adapter tensors",
+                opt_in="set lightning_peft.lightning._state.get_state(module).allow_nonfinite = True to load it anyway",
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"refusing to load this state into {type(module).__name__}: {err}; nothing was loaded"
+            ) from None
         return
     problems = []
     if missing:

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
-from ...config import PeftConfig, PeftType
+from ...config import PeftConfig, PeftType, check_regex, short_repr
 from ..lora.config import check_target_modules
 
 # Used when target_modules / feedforward_modules are None, keyed by transformers `model_type` (HF PEFT's defaults).
@@ -80,16 +79,15 @@ class IA3Config(PeftConfig):
         check_target_modules(self)
         ff = self.feedforward_modules
         if isinstance(ff, str):
-            try:
-                re.compile(ff)
-            except re.error as err:
-                raise ValueError(f"feedforward_modules={ff!r} is not a valid regex ({err})") from None
+            check_regex("feedforward_modules", ff)
         elif ff is not None:
             if not isinstance(ff, (list, tuple, set)) or not all(isinstance(t, str) and t for t in ff):
-                raise TypeError(f"feedforward_modules must be a list of module names or a regex string, got {ff!r}")
+                raise TypeError(
+                    f"feedforward_modules must be a list of module names or a regex string, got {short_repr(ff)}"
+                )
             self.feedforward_modules = set(ff)
         if not isinstance(self.fan_in_fan_out, bool):
-            raise TypeError(f"fan_in_fan_out must be True or False, got {self.fan_in_fan_out!r}")
+            raise TypeError(f"fan_in_fan_out must be True or False, got {short_repr(self.fan_in_fan_out)}")
         if not isinstance(self.init_ia3_weights, bool):
-            raise TypeError(f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
+            raise TypeError(f"init_ia3_weights must be True or False, got {short_repr(self.init_ia3_weights)}")
         check_feedforward_subset(self)

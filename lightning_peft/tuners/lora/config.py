@@ -1,11 +1,19 @@
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Optional, Union
 
-from ...config import PeftConfig, PeftType, validate_choice
+from ...config import (
+    SAVED_PREFIX,
+    PeftConfig,
+    PeftType,
+    check_finite,
+    check_regex,
+    short_repr,
+    size_mismatch,
+    validate_choice,
+)
 
 if TYPE_CHECKING:
     from ..ia3.config import IA3Config
@@ -44,13 +52,10 @@ def check_target_modules(config: LoraConfig | IA3Config) -> None:
     if isinstance(targets, str):
         if not targets:
             raise ValueError("target_modules is an empty string; give module names or a regex")
-        try:
-            re.compile(targets)
-        except re.error as err:
-            raise ValueError(f"target_modules={targets!r} is not a valid regex ({err})") from None
+        check_regex("target_modules", targets)
         return
     if not isinstance(targets, Iterable) or not all(isinstance(t, str) and t for t in targets):
-        raise TypeError(f"target_modules must be a list of module names or a regex string, got {targets!r}")
+        raise TypeError(f"target_modules must be a list of module names or a regex string, got {short_repr(targets)}")
     if len(targets) == 0:
         raise ValueError("target_modules is empty; name at least one module (e.g. ['q_proj', 'v_proj'])")
     config.target_modules = set(targets)
@@ -78,15 +83,17 @@ class LoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer (the LoRA rank), got {self.r!r}")
+            raise ValueError(f"r must be a positive integer (the LoRA rank), got {short_repr(self.r)}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise TypeError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+            raise TypeError(f"lora_alpha must be a number, got {short_repr(self.lora_alpha)}")
+        check_finite("lora_alpha", self.lora_alpha)
+        check_finite("lora_dropout", self.lora_dropout)
         if (
             isinstance(self.lora_dropout, bool)
             or not isinstance(self.lora_dropout, (int, float))
             or not 0.0 <= self.lora_dropout < 1.0
         ):
-            raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {short_repr(self.lora_dropout)}")
         validate_choice("bias", self.bias, ("none", "all", "lora_only"))
         validate_choice("init_lora_weights", self.init_lora_weights, (True, False, "gaussian"))
         check_target_modules(self)
@@ -94,6 +101,18 @@ class LoraConfig(PeftConfig):
             raise ValueError(
                 "layers_to_transform cannot be used when target_modules is a regex string; "
                 "give target_modules as a list"
+            )
+        layers_pattern = self.layers_pattern
+        if layers_pattern is not None and not (
+            (isinstance(layers_pattern, str) and 0 < len(layers_pattern) <= 200)
+            or (
+                isinstance(layers_pattern, (list, tuple))
+                and all(isinstance(p, str) and 0 < len(p) <= 200 for p in layers_pattern)
+            )
+        ):
+            raise TypeError(
+                "layers_pattern must be the name (or a list of names, each up to 200 characters) of the module list "
+                f"holding the layers, e.g. 'layers'; got {short_repr(layers_pattern)}"
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only has an effect together with layers_to_transform; set both")
@@ -103,7 +122,9 @@ class LoraConfig(PeftConfig):
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0
                 for i in ([layers] if isinstance(layers, int) else layers)
             ):
-                raise TypeError(f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
+                raise TypeError(
+                    f"layers_to_transform must be a layer index or a list of them, got {short_repr(layers)}"
+                )
             if not isinstance(layers, int):
                 self.layers_to_transform = list(layers)
         for name, patterns, positive_int in (
@@ -111,12 +132,43 @@ class LoraConfig(PeftConfig):
             ("alpha_pattern", self.alpha_pattern, False),
         ):
             if not isinstance(patterns, dict):
-                raise TypeError(f"{name} must be a dict {{module-name pattern: value}}, got {patterns!r}")
+                raise TypeError(f"{name} must be a dict {{module-name pattern: value}}, got {short_repr(patterns)}")
             for key, value in patterns.items():
-                try:
-                    re.compile(key)
-                except re.error as err:
-                    raise ValueError(f"{name} key {key!r} is not a valid regex ({err})") from None
+                if not isinstance(key, str) or not key:
+                    raise TypeError(f"{name} keys must be module-name regexes, got {short_repr(key)}")
+                check_regex(name, key, is_key=True)
+                where = f"{name}[{short_repr(key, 60)}]"
                 if positive_int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                    raise ValueError(f"{name}[{key!r}] must be a positive integer rank, got {value!r}")
+                    raise ValueError(f"{where} must be a positive integer rank, got {short_repr(value)}")
+                if not positive_int and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise TypeError(f"{where} must be a number, got {short_repr(value)}")
+                check_finite(where, value)
             setattr(self, name, dict(patterns))
+
+    def check_fits_weights(self, shapes: dict[str, tuple[int, ...]], weights_file: str) -> None:
+        """Every saved `lora_A` has the rank this config gives its module (`r` or a `rank_pattern` entry), and no
+        rank the config claims is larger than every saved one: the adapter is built at the config's ranks before
+        the file is read, so a huge `r` in a small folder is refused here instead of being allocated."""
+        from ..base import pattern_value
+
+        file_ranks = {}
+        for key, shape in shapes.items():
+            module, sep, tail = key.removeprefix(SAVED_PREFIX + "model.").rpartition(".lora_")
+            if sep and tail in ("A.weight", "embedding_A") and shape:
+                file_ranks[key] = (module, shape)
+        if not file_ranks:
+            return
+        for key, (module, shape) in file_ranks.items():
+            pattern = next((p for p in self.rank_pattern if pattern_value({p: True}, module, False)), None)
+            field_name, rank = (
+                ("r", self.r) if pattern is None else (f"rank_pattern[{pattern!r}]", self.rank_pattern[pattern])
+            )
+            if shape[0] != rank:
+                raise ValueError(size_mismatch(field_name, rank, weights_file, key, shape, f"rank {shape[0]}"))
+        largest = max(shape[0] for _, shape in file_ranks.values())
+        for field_name, value in (("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())):
+            if value > largest:
+                key, (_, shape) = next(iter(file_ranks.items()))
+                raise ValueError(
+                    size_mismatch(field_name, value, weights_file, key, shape, f"no saved rank is above {largest}")
+                )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional, Union
 
-from ...config import PeftType, StrEnum, _coerce_enum
+from ...config import PeftType, StrEnum, _coerce_enum, short_repr
 from ..prompt_learning.config import PromptLearningConfig, _check_positive_int
 
 
@@ -38,13 +38,15 @@ class PromptEncoderConfig(PromptLearningConfig):
             or not isinstance(self.encoder_num_layers, int)
             or self.encoder_num_layers <= 0
         ):
-            raise ValueError(f"encoder_num_layers must be a positive integer, got {self.encoder_num_layers!r}")
+            raise ValueError(
+                f"encoder_num_layers must be a positive integer, got {short_repr(self.encoder_num_layers)}"
+            )
         if (
             isinstance(self.encoder_dropout, bool)
             or not isinstance(self.encoder_dropout, (int, float))
             or not 0.0 <= self.encoder_dropout < 1.0
         ):
-            raise ValueError(f"encoder_dropout must be a number in [0, 1), got {self.encoder_dropout!r}")
+            raise ValueError(f"encoder_dropout must be a number in [0, 1), got {short_repr(self.encoder_dropout)}")
 
 
 if TYPE_CHECKING:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional
 
-from ...config import PeftType
+from ...config import PeftType, short_repr
 from ..prompt_learning.config import PromptLearningConfig, _check_positive_int
 
 
 @dataclass
 class PrefixTuningConfig(PromptLearningConfig):
     PEFT_TYPE: ClassVar[PeftType] = PeftType.PREFIX_TUNING
+    SAVED_LAYOUT: ClassVar[str] = "prefix"
 
     encoder_hidden_size: Optional[int] = None
     prefix_projection: bool = False
@@ -19,7 +20,7 @@ class PrefixTuningConfig(PromptLearningConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.prefix_projection, bool):
-            raise TypeError(f"prefix_projection must be True or False, got {self.prefix_projection!r}")
+            raise TypeError(f"prefix_projection must be True or False, got {short_repr(self.prefix_projection)}")
         _check_positive_int("encoder_hidden_size", self.encoder_hidden_size, none_means="token_dim")
 
 

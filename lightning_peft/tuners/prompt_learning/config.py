@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, cast
 
-from ...config import PeftConfig, TaskType
+from ...config import PeftConfig, TaskType, short_repr, size_mismatch
 
+PROMPT_KEY = "prompt_embeddings"  # HF PEFT's name for the saved encoder output (model.PROMPT_KEY)
 SIZE_FIELDS = ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers")
 
 
 def _check_positive_int(name: str, value: Any, none_means: str = "filled from the model") -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ValueError(f"{name} must be a positive integer or None ({none_means}), got {value!r}")
+        raise ValueError(f"{name} must be a positive integer or None ({none_means}), got {short_repr(value)}")
 
 
 @dataclass
@@ -36,9 +37,44 @@ class PromptLearningConfig(PeftConfig):
                 f"or None, got {self.num_transformer_submodules!r}"
             )
 
+    # how the saved `prompt_embeddings` are laid out: one row per virtual token of every transformer sub-module,
+    # `token_dim` wide ("rows"); prefix tuning: one row per virtual token, every layer's keys and values ("prefix")
+    SAVED_LAYOUT: ClassVar[str] = "rows"
+
     @property
     def is_prompt_learning(self) -> bool:
         return True
+
+    def check_fits_weights(self, shapes: dict[str, tuple[int, ...]], weights_file: str) -> None:
+        """The sizes this config claims fit the saved `prompt_embeddings`: the encoder is built at the config's
+        sizes before the file is read, so a huge `num_virtual_tokens` in a small folder is refused here."""
+        shape = shapes.get(PROMPT_KEY)
+        if shape is None or len(shape) != 2:
+            return  # loading the weights says what is missing
+        rows, width = shape
+        nvt = self.num_virtual_tokens
+        if nvt is not None:
+            if self.SAVED_LAYOUT == "prefix":
+                allowed, want = {nvt}, f"{rows} virtual tokens"
+            else:
+                subs = (self.num_transformer_submodules,) if self.num_transformer_submodules else (1, 2)
+                allowed = {nvt * k for k in subs}
+                want = f"{rows} rows: virtual tokens x transformer sub-modules"
+            if rows not in allowed:
+                field_name = "num_virtual_tokens" if rows not in {nvt, 2 * nvt} else "num_transformer_submodules"
+                value = nvt if field_name == "num_virtual_tokens" else self.num_transformer_submodules
+                raise ValueError(size_mismatch(field_name, value, weights_file, PROMPT_KEY, shape, want))
+        if self.SAVED_LAYOUT == "rows":
+            if self.token_dim is not None and self.token_dim != width:
+                want = f"rows of width {width}"
+                raise ValueError(size_mismatch("token_dim", self.token_dim, weights_file, PROMPT_KEY, shape, want))
+            return
+        # prefix: width = num_layers * 2 * (key/value width), so no size can be above half the width
+        for field_name in ("num_layers", "token_dim", "num_attention_heads"):
+            value = getattr(self, field_name)
+            if value is not None and 2 * value > width:
+                want = f"width {width} = num_layers x 2 x the key/value width"
+                raise ValueError(size_mismatch(field_name, value, weights_file, PROMPT_KEY, shape, want))
 
 
 if TYPE_CHECKING:

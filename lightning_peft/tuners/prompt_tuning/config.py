@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional, Union
 
-from ...config import PeftType, StrEnum, _coerce_enum
+from ...config import PeftType, StrEnum, _coerce_enum, short_repr
 from ..prompt_learning.config import PromptLearningConfig
 
 
@@ -33,14 +33,16 @@ class PromptTuningConfig(PromptLearningConfig):
         if self.prompt_tuning_init == PromptTuningInit.TEXT:
             if not self.tokenizer_name_or_path:
                 raise ValueError(
-                    "prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a local tokenizer folder) to "
-                    f"tokenize prompt_tuning_init_text; got tokenizer_name_or_path={self.tokenizer_name_or_path!r}"
+                    "prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a local tokenizer folder) to tokenize "
+                    f"prompt_tuning_init_text; got tokenizer_name_or_path={short_repr(self.tokenizer_name_or_path)}"
                 )
             if not self.prompt_tuning_init_text:
                 raise ValueError(
                     "prompt_tuning_init='TEXT' needs prompt_tuning_init_text, the text whose word embeddings "
-                    f"start the virtual tokens; got {self.prompt_tuning_init_text!r}"
+                    f"start the virtual tokens; got {short_repr(self.prompt_tuning_init_text)}"
                 )
+        if self.tokenizer_kwargs is not None and not isinstance(self.tokenizer_kwargs, dict):
+            raise TypeError(f"tokenizer_kwargs must be a dict or None, got {short_repr(self.tokenizer_kwargs)}")
         if self.tokenizer_kwargs and self.prompt_tuning_init != PromptTuningInit.TEXT:
             raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'")
 
