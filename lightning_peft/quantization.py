@@ -39,7 +39,7 @@ from .tuners.base import (
     is_linear8bit,
     name_matches,
 )
-from .tuners.registry import registered_tuners
+from .tuners.registry import find_tuner, registered_tuners
 
 MIN_BITSANDBYTES = (0, 48)
 INSTALL_HINT = "pip install lightning_peft[int8]"
@@ -192,10 +192,9 @@ def int8_layers(model: nn.Module) -> list[str]:
 def check_int8_compatible(config: Any, merge: bool = False) -> None:
     """Refuse, before training, a tuner that cannot run (or, with `merge`, be merged) over an 8-bit base."""
     peft_type = getattr(config, "peft_type", None)
-    tuners = registered_tuners()
-    spec = tuners.get(str(getattr(peft_type, "value", peft_type)).upper())
+    spec = find_tuner(peft_type)
     if spec is None or not spec.runs_over("int8"):
-        supported = ", ".join(sorted(t for t, s in tuners.items() if s.runs_over("int8")))
+        supported = ", ".join(sorted(t for t, s in registered_tuners().items() if s.runs_over("int8")))
         raise ValueError(
             f"the {peft_type} tuner cannot run over 8-bit (bitsandbytes) base layers; with "
             f"quantize=int8 use one of: {supported}, or drop quantize=int8"

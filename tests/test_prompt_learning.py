@@ -9,7 +9,7 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers import logits, perturb, quiet, saved_shapes, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5
+from helpers import ids, logits, perturb, quiet, saved_shapes, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5
 from safetensors.torch import load_file
 
 import lightning_peft as lp
@@ -484,3 +484,30 @@ def test_loading_a_file_of_the_wrong_shape_is_refused(tmp_path):
             {"prompt_embeddings": torch.zeros(VT, 32), "base_model.classifier.weight": torch.zeros(2, 32)},
             "default",
         )
+
+
+@pytest.mark.parity("PROMPT_TUNING")
+def test_inputs_are_fed_as_the_first_adapters_task_and_attributes_come_from_the_base_as_in_peft():
+    """HF PEFT picks the forward path by the PeftModel class (the first adapter's task type), so a second adapter
+    of another task type runs the same way; attribute lookups go to the user's model first."""
+    inputs = dict(input_ids=ids(), labels=ids())
+    models = []
+    for lib in (peft, lp):
+        model = quiet(
+            lib.get_peft_model, tiny_gpt2(), lib.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+        )
+        quiet(model.add_adapter, "b", lib.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
+        model.set_adapter("b")
+        models.append(model.eval())
+    theirs, ours = models
+    ours.prompt_encoder["b"].load_state_dict(theirs.prompt_encoder["b"].state_dict())
+    with torch.no_grad():
+        expected, got = theirs(**inputs), ours(**inputs)
+    torch.testing.assert_close(got.logits, expected.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=0)
+    assert ours.training is False and ours.tuner.training is False
+    llamas = [
+        quiet(lib.get_peft_model, tiny_llama(), lib.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+        for lib in (peft, lp)
+    ]
+    assert type(llamas[1].model) is type(llamas[0].model)  # LlamaForCausalLM.model (the LlamaModel), not the tuner's

@@ -83,9 +83,14 @@ def _key(peft_type: Any) -> str:
     return str(getattr(peft_type, "value", peft_type)).upper()
 
 
-def get_tuner(peft_type: Any) -> TunerSpec:
+def find_tuner(peft_type: Any) -> TunerSpec | None:
+    """The spec of a tuner lightning_peft implements, or None."""
     _discover()
-    spec = _TUNERS.get(_key(peft_type))
+    return _TUNERS.get(_key(peft_type))
+
+
+def get_tuner(peft_type: Any) -> TunerSpec:
+    spec = find_tuner(peft_type)
     if spec is None:
         raise ValueError(f"unknown peft_type {peft_type!r}; lightning_peft knows: {', '.join(_TUNERS)}")
     return spec

@@ -1,8 +1,8 @@
 """The two ways virtual tokens reach a model: prepended input embeddings (prompt tuning, P-tuning) and per-layer
 key/value prefixes (prefix tuning). Each is a small strategy object the prompt-learning model delegates to.
 
-Every method takes the tuner (a `PromptLearningModel`) and the active adapter's config; a task kind is one of
-CAUSAL, SEQ2SEQ, ENCODER (see `PromptLearningModel.task_kind`).
+The forward, generate and step methods take the tuner (a `PromptLearningModel`) and the active adapter's config;
+a task kind is one of CAUSAL, SEQ2SEQ, ENCODER (see `PromptLearningModel.task_kind`).
 """
 
 from __future__ import annotations
