@@ -191,7 +191,7 @@ class PeftModel(nn.Module):
             check_base_model(config, self.get_base_model(), folder)
         if config.peft_type != self.peft_type:
             raise ValueError(
-                f"{folder} holds a {config.peft_type} adapter, but this model's adapters are {self.peft_type}; "
+                f"cannot add a {config.peft_type} adapter to a {self.peft_type} model ({folder} holds one); "
                 "one PeftModel holds adapters of one tuner type"
             )
         config.inference_mode = not is_trainable
