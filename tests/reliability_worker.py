@@ -5,6 +5,10 @@ and export its adapter (and the RNG draws of every training step) to --out.
 
     python reliability_worker.py --out DIR [--api callback|mixin] [--kill-at-step N] [--ckpt PATH]
         [--no-exact-resume] [--loader sampler|shuffle] [--epochs N] [--kill-in-export N]
+        [--workers N [--augment] [--persistent]] [--epoch-end-ckpt]
+
+--augment: the training Dataset adds torch, numpy and python `random` noise in `__getitem__` (a random
+augmentation), which with --workers runs in the DataLoader's worker processes.
 """
 
 from __future__ import annotations
@@ -74,18 +78,34 @@ class WithMixin(PEFTMixin, Plain):
         pass
 
 
+class Augmented(torch.utils.data.Dataset):
+    """Random noise from torch, numpy and python `random` added to every row as it is read."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        noise = 0.1 * torch.randn(16) + float(np.random.rand()) * 0.1 + random.random() * 0.1
+        return self.x[i] + noise, self.y[i]
+
+
 class Data(pl.LightningDataModule):
-    def __init__(self, loader: str) -> None:
+    def __init__(self, loader: str, workers: int = 0, augment: bool = False, persistent: bool = False) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(1)
         self.x, self.y = torch.randn(ROWS, 16, generator=g), torch.randint(0, 4, (ROWS,), generator=g)
         self.loader = loader
+        self.workers, self.augment, self.persistent = workers, augment, persistent
 
     def train_dataloader(self):
-        ds = torch.utils.data.TensorDataset(self.x, self.y)
+        ds = Augmented(self.x, self.y) if self.augment else torch.utils.data.TensorDataset(self.x, self.y)
+        kwargs = dict(batch_size=BATCH, num_workers=self.workers, persistent_workers=self.persistent)
         if self.loader == "shuffle":
-            return StatefulDataLoader(ds, batch_size=BATCH, shuffle=True)
-        return StatefulDataLoader(ds, batch_size=BATCH, sampler=SeedEpochSampler(ds, seed=7))
+            return StatefulDataLoader(ds, shuffle=True, **kwargs)
+        return StatefulDataLoader(ds, sampler=SeedEpochSampler(ds, seed=7), **kwargs)
 
     def val_dataloader(self):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x[:16], self.y[:16]), batch_size=8)
@@ -135,12 +155,19 @@ def main() -> None:
     parser.add_argument("--loader", choices=["sampler", "shuffle"], default="sampler")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--kill-in-export", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--persistent", action="store_true")
+    parser.add_argument("--epoch-end-ckpt", action="store_true", help="checkpoint at each epoch's end instead")
     args = parser.parse_args()
 
     pl.seed_everything(123, verbose=False)
     exact = not args.no_exact_resume
+    every = (
+        {"every_n_epochs": 1, "save_on_train_epoch_end": True} if args.epoch_end_ckpt else {"every_n_train_steps": 4}
+    )
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), save_last=True, every_n_train_steps=4, save_top_k=-1)
+        ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), save_last=True, save_top_k=-1, **every)
     ]
     if args.api == "callback":
         module: Plain = Plain()
@@ -166,7 +193,7 @@ def main() -> None:
         enable_model_summary=False,
         default_root_dir=args.out,
     )
-    trainer.fit(module, datamodule=Data(args.loader), ckpt_path=args.ckpt)
+    trainer.fit(module, datamodule=Data(args.loader, args.workers, args.augment, args.persistent), ckpt_path=args.ckpt)
     if peft is None:
         module.save_adapter(os.path.join(args.out, "adapter"))
     with open(os.path.join(args.out, "draws.json"), "w") as f:

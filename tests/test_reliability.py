@@ -324,6 +324,61 @@ def test_main_process_collate_draws_are_independent_of_the_training_stream(tmp_p
 # ---------------------------------------------------------------------------------------------
 # SIGKILL mid-epoch, resume from last.ckpt in a new process (plain LightningModule)
 # ---------------------------------------------------------------------------------------------
+class _References:
+    """Uninterrupted worker runs, one per set of arguments, shared by the tests of this module: `start` launches
+    one (at most once; it runs beside the test's own killed run), `path` waits for it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: dict[tuple[str, ...], tuple[Path, subprocess.Popen]] = {}
+        self.done: set[tuple[str, ...]] = set()
+
+    def start(self, *args: str) -> None:
+        if args not in self.procs:
+            out = self.root / f"ref{len(self.procs)}"
+            self.procs[args] = (out, _worker(out, *args))
+
+    def path(self, *args: str) -> Path:
+        self.start(*args)
+        out, proc = self.procs[args]
+        if args not in self.done:
+            _finish(proc)
+            self.done.add(args)
+        return out
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    refs = _References(tmp_path_factory.mktemp("uninterrupted"))
+    yield refs
+    for _, proc in refs.procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _kill_and_resume(references: _References, run: Path, common: list[str], kill_at: int) -> tuple[Path, int]:
+    """The reference run for `common` (shared), a run of it killed at `kill_at`, resumed from its last.ckpt."""
+    references.start(*common)
+    killed = _worker(run, *common, "--kill-at-step", str(kill_at))
+    _finish(killed, expect_rc=-signal.SIGKILL)
+    saved = kill_at // 4 * 4
+    ckpts = sorted(p.name for p in (run / "ckpt").iterdir())
+    assert ckpts == [f"epoch={(s - 1) // 8}-step={s}.ckpt" for s in range(4, saved + 1, 4)] + ["last.ckpt"]
+    assert not (run / "adapter").exists()
+    return references.path(*common), saved
+
+
+def _resume_is_exact(full: Path, run: Path, saved: int) -> None:
+    uninterrupted, resumed = _draws(full), _draws(run)
+    assert uninterrupted["global_step"] == resumed["global_step"] == 24  # 3 epochs
+    # the resumed steps drew the same numpy / python numbers (and saw the same data: the adapters agree)
+    assert [d[0] for d in resumed["draws"]] == list(range(saved, 24))
+    assert resumed["draws"] == uninterrupted["draws"][saved:]
+    diff = _max_diff(_adapter(full), _adapter(run))
+    assert diff <= 1e-6, f"resumed adapter differs from the uninterrupted one by {diff}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "api,loader,kill_at",
@@ -333,38 +388,103 @@ def test_main_process_collate_draws_are_independent_of_the_training_stream(tmp_p
         ("callback", "shuffle", 14),  # StatefulDataLoader(shuffle=True)
     ],
 )
-def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, api, loader, kill_at):
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, references, api, loader, kill_at):
     common = ["--api", api, "--loader", loader]
-    full = _worker(tmp_path / "full", *common)
-    killed = _worker(tmp_path / "run", *common, "--kill-at-step", str(kill_at))
-    _finish(full)
-    _finish(killed, expect_rc=-signal.SIGKILL)
-    saved = kill_at // 4 * 4
-    ckpts = sorted(p.name for p in (tmp_path / "run" / "ckpt").iterdir())
-    assert ckpts == [f"epoch={(s - 1) // 8}-step={s}.ckpt" for s in range(4, saved + 1, 4)] + ["last.ckpt"]
-    assert not (tmp_path / "run" / "adapter").exists()
+    full, saved = _kill_and_resume(references, tmp_path / "run", common, kill_at)
     checkpoint = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == saved and len(checkpoint[CHECKPOINT_KEY]["states"]) == 1
     _finish(_worker(tmp_path / "run", *common, "--ckpt", str(tmp_path / "run" / "ckpt" / "last.ckpt")))
-    uninterrupted, resumed = _draws(tmp_path / "full"), _draws(tmp_path / "run")
-    assert uninterrupted["global_step"] == resumed["global_step"] == 24  # 3 epochs
-    # the resumed steps drew the same numpy / python numbers (and saw the same data: the adapters agree)
-    assert [d[0] for d in resumed["draws"]] == list(range(saved, 24))
-    assert resumed["draws"] == uninterrupted["draws"][saved:]
-    diff = _max_diff(_adapter(tmp_path / "full"), _adapter(tmp_path / "run"))
-    assert diff <= 1e-6, f"resumed adapter differs from the uninterrupted one by {diff}"
+    _resume_is_exact(full, tmp_path / "run", saved)
 
 
 @pytest.mark.slow
-def test_without_the_rng_states_a_resume_differs(tmp_path):
+def test_without_the_rng_states_a_resume_differs(tmp_path, references):
     """The control for the test above: the same resume with exact_resume=False ends elsewhere."""
-    full = _worker(tmp_path / "full")
-    killed = _worker(tmp_path / "run", "--kill-at-step", "6")
-    _finish(full)
-    _finish(killed, expect_rc=-signal.SIGKILL)
-    _finish(_worker(tmp_path / "run", "--no-exact-resume", "--ckpt", str(tmp_path / "run" / "ckpt" / "last.ckpt")))
-    assert _max_diff(_adapter(tmp_path / "full"), _adapter(tmp_path / "run")) > 1e-3
-    assert _draws(tmp_path / "run")["draws"] != _draws(tmp_path / "full")["draws"][4:]
+    common = ["--api", "callback", "--loader", "sampler"]  # the reference of the first case above
+    full, _ = _kill_and_resume(references, tmp_path / "run", common, 6)
+    _finish(
+        _worker(tmp_path / "run", *common, "--no-exact-resume", "--ckpt", str(tmp_path / "run" / "ckpt" / "last.ckpt"))
+    )
+    assert _max_diff(_adapter(full), _adapter(tmp_path / "run")) > 1e-3
+    assert _draws(tmp_path / "run")["draws"] != _draws(full)["draws"][4:]
+
+
+def _find_key(tree, key: str) -> list:
+    """Every value stored under `key` anywhere in nested dicts / lists."""
+    if isinstance(tree, dict):
+        return ([tree[key]] if key in tree else []) + [v for x in tree.values() for v in _find_key(x, key)]
+    if isinstance(tree, (list, tuple)):
+        return [v for x in tree for v in _find_key(x, key)]
+    return []
+
+
+# DataLoader worker processes with a random augmentation in `__getitem__` (torch, numpy and python noise):
+# before WorkerSeeds the resumed adapter was 0.57 off (kill at step 6, 2 workers), now 0.0
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra,kill_at",
+    [
+        ([], 6),  # epoch 0: the first iterator, rebuilt at on_train_start with WorkerSeeds
+        ([], 14),  # epoch 1: the workers of a later epoch, mid-epoch
+        (["--persistent"], 14),  # persistent workers resumed mid-epoch: still exact
+    ],
+)
+def test_sigkill_with_augmenting_dataloader_workers_resumes_exactly(tmp_path, references, extra, kill_at):
+    from lightning_peft.lightning.rng import WORKER_STATE_KEY
+
+    common = ["--workers", "2", "--augment", *extra]
+    full, saved = _kill_and_resume(references, tmp_path / "run", common, kill_at)
+    checkpoint = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)
+    assert isinstance(checkpoint[CHECKPOINT_KEY]["worker_seed"], int)
+    # each worker's RNG state rides in the loader's state (one per worker)
+    assert len(_find_key(checkpoint["loops"], WORKER_STATE_KEY)) == 2
+    out = _finish(_worker(tmp_path / "run", *common, "--ckpt", str(tmp_path / "run" / "ckpt" / "last.ckpt")))
+    _resume_is_exact(full, tmp_path / "run", saved)
+    assert "persistent_workers=True" not in out
+
+
+@pytest.mark.slow
+def test_persistent_workers_resumed_at_an_epoch_end_warn(tmp_path):
+    """The one configuration where workers' streams are not restored: the uninterrupted run's persistent
+    workers carry them over into the next epoch, a run resumed at the epoch's end starts new ones."""
+    env = {**ENV, "PYTHONWARNINGS": "default"}
+    common = ["--workers", "2", "--augment", "--epoch-end-ckpt"]
+
+    def run(out: Path, *args: str) -> str:
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKER), "--out", str(out), *common, *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        return _finish(proc)
+
+    for name, extra in (("persistent", ["--persistent"]), ("fresh", [])):
+        run(tmp_path / name, "--epochs", "1", *extra)
+        out = run(tmp_path / name, "--epochs", "2", "--ckpt", str(tmp_path / name / "ckpt" / "last.ckpt"), *extra)
+        warned = "persistent_workers=True from a checkpoint that is not mid-epoch" in out
+        assert warned == (name == "persistent"), out[-3000:]
+
+
+def test_worker_seeds_are_a_function_of_seed_epoch_and_worker_id():
+    from lightning_peft.lightning.rng import WorkerSeeds
+
+    class Progress:  # Lightning's fit_loop.epoch_progress, as WorkerSeeds reads it
+        def __init__(self, epoch: int) -> None:
+            self.current = type("Current", (), {"processed": epoch})()
+
+    calls = []
+
+    def seeded(seed: int, epoch: int, worker: int, rank: int = 0) -> tuple:
+        torch.manual_seed(999), np.random.seed(999), random.seed(999)  # whatever the state before
+        WorkerSeeds(seed, Progress(epoch), 0, rank, inner=calls.append)(worker)
+        return _draw_all()
+
+    first = seeded(5, 1, 0)
+    assert seeded(5, 1, 0) == first and calls == [0, 0]  # the loader's own worker_init_fn runs after
+    others = [seeded(6, 1, 0), seeded(5, 2, 0), seeded(5, 1, 1), seeded(5, 1, 0, rank=1)]
+    assert all(o[0] != first[0] and o[1] != first[1] and o[2] != first[2] for o in others)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,18 @@ Everything stored is a tensor or a plain Python value, so the checkpoint loads w
 
 `SeedEpochSampler` is the other half for data order: a shuffle seeded by `seed + epoch`, so the
 order of every epoch after a resume is the one the uninterrupted run saw.
+
+DataLoader worker processes (`num_workers > 0`) draw from generators of their own, seeded by torch from a
+base seed drawn in the main process when the iterator is built (from the outside stream, which is not
+saved) and advanced by every `__getitem__` that augments at random. `prepare_train_loaders` (at
+`on_train_start`) wraps each train loader's `worker_init_fn` in `WorkerSeeds`: every worker is seeded
+from (worker seed, epoch, loader, rank, worker id), the worker seed being saved in the checkpoint, and with
+a torchdata `StatefulDataLoader` the worker's RNG state rides in the loader's per-worker state (the worker's
+copy of the dataset reports it), so a worker resumed mid-epoch continues its stream where the
+uninterrupted one was. The iterator Lightning built before `on_train_start` is rebuilt with the new
+`worker_init_fn` (on resume from the checkpoint's loader states). Not exact, and warned about: a loader
+with `persistent_workers=True` resumed from a checkpoint that is not mid-epoch (its workers would have
+carried their streams over from the previous epoch).
 """
 
 from __future__ import annotations
@@ -197,6 +209,8 @@ class TrainingRNG:
         # put back at the next on_train_batch_start
         self.outside: Optional[dict[str, Any]] = None  # the state outside training batches, during one
         self.batch_open = False  # a training batch started and its snapshot is not taken yet
+        self.worker_seed: Optional[int] = None  # DataLoader workers' seeds derive from it (WorkerSeeds); saved
+        self.loader_states: Optional[list[Any]] = None  # the checkpoint's train loader states (prepare_train_loaders)
 
     # ---- per batch ------------------------------------------------------------------------------
     def on_train_batch_start(self) -> None:
@@ -230,6 +244,8 @@ class TrainingRNG:
             states = [None] * world
             dist.all_gather_object(states, state)
         checkpoint[CHECKPOINT_KEY] = {"format": _FORMAT, "world_size": world, "states": states}
+        if self.worker_seed is not None:
+            checkpoint[CHECKPOINT_KEY]["worker_seed"] = self.worker_seed
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> Optional[str]:
         """Take this process's state from `checkpoint`, to be put back at the first training batch.
@@ -254,6 +270,11 @@ class TrainingRNG:
         self.snapshot = _from_checkpoint_form(states[min(rank, len(states) - 1)])
         self.outside = None
         self.batch_open = False
+        self.worker_seed = saved.get("worker_seed")
+        loops = checkpoint.get("loops")
+        fit_loop = loops.get("fit_loop") if isinstance(loops, dict) else None
+        if isinstance(fit_loop, dict) and isinstance(fit_loop.get("state_dict"), dict):
+            self.loader_states = fit_loop["state_dict"].get("combined_loader") or None
         return warning
 
 
@@ -269,7 +290,7 @@ def exact_resume_hook(name: str, trainer: Any, module: Any, checkpoint: Optional
     """The exact-resume part of one Lightning hook (`on_train_start`, `on_train_batch_start`,
     `on_train_batch_end`, `on_save_checkpoint`, `on_load_checkpoint`), shared by PEFTCallback and PEFTMixin."""
     if name == "on_train_start":
-        reload_pending_dataloader_states(trainer)  # Lightning #20550: the loader's saved position
+        prepare_train_loaders(trainer, module)  # worker seeds; and Lightning #20550: the loader's saved position
     elif name == "on_train_batch_start":
         training_rng(module).on_train_batch_start()
     elif name == "on_train_batch_end":
@@ -375,3 +396,127 @@ def reload_pending_dataloader_states(trainer: Any) -> bool:
     load()
     iter(fetcher)  # a new iterator from the loaded states (the old one prefetched the epoch's first batch)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# DataLoader worker processes
+# ---------------------------------------------------------------------------------------------
+WORKER_STATE_KEY = "lightning_peft_worker_rng"
+
+
+def _worker_seed(*parts: int) -> int:
+    """A 63-bit seed from (worker seed, epoch, loader, rank, worker id)."""
+    digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _seed_this_process(seed: int) -> None:
+    """Seed torch, python `random` and numpy as torch seeds a DataLoader worker, from `seed` alone."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return
+    np.random.seed([(seed >> (32 * i)) & 0xFFFFFFFF for i in range(2)])
+
+
+def _carry_rng_in_worker_state(dataset: Any) -> None:
+    """Make this worker's copy of `dataset` report (and take back) the worker's RNG states as its torchdata
+    state: a `StatefulDataLoader` keeps each worker's last state per yielded batch in its own `state_dict`,
+    and on resume hands it to the worker before its first fetch. A dataset with a `state_dict` of its own keeps
+    it, nested under "dataset". Only this worker's copy is touched, and only in the worker process."""
+    if getattr(dataset, "_lightning_peft_carries_rng", False):
+        return
+    own_save, own_load = getattr(dataset, "state_dict", None), getattr(dataset, "load_state_dict", None)
+    own = callable(own_save) and callable(own_load)
+
+    def state_dict() -> dict[str, Any]:
+        return {WORKER_STATE_KEY: capture_rng_state(), "dataset": own_save() if own else None}  # type: ignore[misc]
+
+    def load_state_dict(state: Any) -> None:
+        if isinstance(state, dict) and WORKER_STATE_KEY in state:
+            restore_rng_state(state[WORKER_STATE_KEY])
+            state = state.get("dataset")
+        if own and state is not None:
+            own_load(state)  # type: ignore[misc]
+
+    try:
+        dataset.state_dict = state_dict
+        dataset.load_state_dict = load_state_dict
+        dataset._lightning_peft_carries_rng = True
+    except (AttributeError, TypeError):  # __slots__ or a read-only object: the worker's stream is not saved
+        pass
+
+
+class WorkerSeeds:
+    """A DataLoader `worker_init_fn` that seeds each worker from (worker seed, epoch, loader index, rank,
+    worker id), calls the loader's own `worker_init_fn` (Lightning's `pl_worker_init_function` derives its
+    seeds from the one set here), and lets the worker's RNG state ride in a `StatefulDataLoader`'s state.
+
+    `epoch_progress` is Lightning's `fit_loop.epoch_progress`, read when a worker starts (the iterator of
+    epoch e is built after `current.processed` became e)."""
+
+    def __init__(self, seed: int, epoch_progress: Any, loader_index: int, rank: int, inner: Any = None) -> None:
+        self.seed, self.epoch_progress, self.loader_index, self.rank = seed, epoch_progress, loader_index, rank
+        self.inner = inner
+
+    def epoch(self) -> int:
+        return int(self.epoch_progress.current.processed)
+
+    def __call__(self, worker_id: int) -> None:
+        _seed_this_process(_worker_seed(self.seed, self.epoch(), self.loader_index, self.rank, worker_id))
+        if self.inner is not None:
+            self.inner(worker_id)
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        if info is not None:
+            _carry_rng_in_worker_state(info.dataset)
+
+
+PERSISTENT_WORKERS_WARNING = (
+    "lightning_peft: this run resumes a train DataLoader with persistent_workers=True from a checkpoint that "
+    "is not mid-epoch: the uninterrupted run's workers carried their random streams over from the previous "
+    "epoch, the resumed run's start new ones, so random augmentation in the workers differs (exact resume "
+    "holds mid-epoch, or with persistent_workers=False)"
+)
+
+
+def prepare_train_loaders(trainer: Any, module: Any) -> None:
+    """At `on_train_start`: reload the loader position Lightning dropped (#20550), and for train loaders with
+    worker processes install `WorkerSeeds` and rebuild the iterator Lightning built before this hook (on
+    resume, from the checkpoint's loader states) so that its workers start with it."""
+    fit_loop = getattr(trainer, "fit_loop", None)
+    combined = getattr(fit_loop, "_combined_loader", None)
+    loaders = list(getattr(combined, "flattened", None) or [])
+    with_workers = [
+        (i, dl)
+        for i, dl in enumerate(loaders)
+        if (getattr(dl, "num_workers", 0) or 0) > 0 and hasattr(dl, "worker_init_fn")
+    ]
+    fetcher = getattr(fit_loop, "_data_fetcher", None)
+    if not with_workers or fetcher is None or fit_loop is None:
+        reload_pending_dataloader_states(trainer)
+        return
+    tracker = training_rng(module)
+    if tracker.worker_seed is None:
+        tracker.worker_seed = int(torch.initial_seed())
+    restarting = bool(getattr(fit_loop, "restarting", False))
+    resuming = getattr(trainer, "ckpt_path", None) is not None  # also a resume at an epoch's end (not "restarting")
+    for i, dl in with_workers:
+        if isinstance(dl.worker_init_fn, WorkerSeeds):
+            dl.worker_init_fn = dl.worker_init_fn.inner
+        dl.worker_init_fn = WorkerSeeds(
+            tracker.worker_seed, fit_loop.epoch_progress, i, int(getattr(trainer, "global_rank", 0)), dl.worker_init_fn
+        )
+        if getattr(dl, "persistent_workers", False):
+            if resuming and not getattr(fit_loop, "restarted_mid_epoch", False):
+                from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+                rank_zero_warn(PERSISTENT_WORKERS_WARNING)
+            dl._iterator = None  # _compat: a persistent loader reuses its iterator (and workers) otherwise
+    if restarting and tracker.loader_states and not getattr(fit_loop, "_combined_loader_states_to_load", None):
+        fit_loop._combined_loader_states_to_load = tracker.loader_states  # Lightning loaded and used them already
+    if not reload_pending_dataloader_states(trainer):
+        iter(fetcher)  # a new iterator: its workers start with WorkerSeeds
