@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _compose(override):
@@ -71,3 +77,44 @@ def test_tuner_values_from_the_command_line_are_checked(override, message):
     with pytest.raises(InstantiationException) as err:
         tuner_config(cfg)  # as the app builds it (the tuner's `optim` defaults left out)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override,cause",
+    [
+        ("trainer.max_steps=2.5", "Value '2.5' of type 'float' could not be converted to Integer"),
+        ("trainer.max_steps=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("trainer.enable_progress_bar=maybe", "Value 'maybe' is not a valid bool"),
+        ("trainer.accumulate_grad_batches=1.5", "could not be converted to Integer"),
+    ],
+)
+def test_trainer_arguments_of_the_wrong_type_fail_at_composition(override, cause):
+    """The Trainer schema types its int / float / bool / str arguments from Lightning's annotations, so a bad
+    value is the config's error, not one from deep inside Lightning."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(override)
+    assert override in str(err.value)
+    assert cause in str(err.value.__cause__) and "full_key: trainer." in str(err.value.__cause__)
+
+
+def test_trainer_arguments_that_take_several_types_keep_them():
+    cfg = _compose("trainer.limit_train_batches=2")  # Union[int, float]: an int stays an int (a batch count)
+    assert cfg.trainer.limit_train_batches == 2 and isinstance(cfg.trainer.limit_train_batches, int)
+    assert _compose("trainer.limit_train_batches=0.5").trainer.limit_train_batches == 0.5
+    assert _compose("trainer.max_epochs=null").trainer.max_epochs is None  # Optional[int]
+
+
+def test_train_py_with_a_non_integer_max_steps_exits_before_training(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "trainer.max_steps=2.5", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode != 0
+    assert "trainer.max_steps=2.5" in proc.stderr and "could not be converted to Integer" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained

@@ -51,12 +51,27 @@ class TrainSchema:
 
 
 _SIMPLE = (type(None), bool, int, float, str)
+_TYPES: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str}
 
 
-def _trainer_arguments() -> list[tuple[str, Any]]:
-    """(name, default) of every `lightning.pytorch.Trainer.__init__` argument, a default that is not a
-    simple value as None. Read from Lightning's source while Lightning is not imported yet: importing it
-    imports huggingface_hub, which must wait for `main()` to set HF_HUB_OFFLINE (`_offline_by_default`)."""
+def _field_type(annotation: Any) -> Any:
+    """The schema type of a Trainer argument from its annotation (source text): `int`, `float`, `bool`, `str`
+    and `Optional[...]` of one of them are typed, so `trainer.max_steps=2.5` fails when the config is composed;
+    anything else (unions such as `Union[int, float]`, objects) stays `Any`."""
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    text = text.replace(" ", "").replace("typing.", "")
+    if text in _TYPES:
+        return _TYPES[text]
+    if text.startswith("Optional[") and text.endswith("]") and text[9:-1] in _TYPES:
+        return Optional[_TYPES[text[9:-1]]]
+    return Any
+
+
+def _trainer_arguments() -> list[tuple[str, Any, Any]]:
+    """(name, type, default) of every `lightning.pytorch.Trainer.__init__` argument (`_field_type`), a default
+    that is not a simple value as None. Read from Lightning's source while Lightning is not imported yet:
+    importing it imports huggingface_hub, which must wait for `main()` to set HF_HUB_OFFLINE
+    (`_offline_by_default`)."""
     if "lightning.pytorch" not in sys.modules:
         import ast
         import importlib.util
@@ -86,12 +101,13 @@ def _trainer_arguments() -> list[tuple[str, Any]]:
                     default = None if node is None else ast.literal_eval(node)
                 except ValueError:
                     default = None
-                out.append((arg.arg, default if isinstance(default, _SIMPLE) else None))
+                annotation = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+                out.append((arg.arg, _field_type(annotation), default if isinstance(default, _SIMPLE) else None))
             return out
     from lightning.pytorch import Trainer
 
     return [
-        (name, p.default if isinstance(p.default, _SIMPLE) else None)
+        (name, _field_type(p.annotation), p.default if isinstance(p.default, _SIMPLE) else None)
         for name, p in inspect.signature(Trainer.__init__).parameters.items()
         if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]
@@ -101,7 +117,7 @@ def _trainer_schema() -> type:
     """A dataclass with one field per `lightning.pytorch.Trainer` argument, so any Trainer argument
     can be overridden (`trainer.max_steps=5`) and a misspelled one is rejected."""
     return make_dataclass(
-        "TrainerSchema", [(name, Any, field(default=default)) for name, default in _trainer_arguments()]
+        "TrainerSchema", [(name, kind, field(default=default)) for name, kind, default in _trainer_arguments()]
     )
 
 
