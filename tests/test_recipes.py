@@ -122,7 +122,7 @@ def test_classification_rejects_out_of_range_labels(tokenizer, tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("text,label,split\nfine,0,train\nbad,3,train\nok,1,val\n")
     dm = TextClassificationDataModule(str(path), tokenizer, num_labels=2)
-    with pytest.raises(ValueError, match=r"labels \[3\] are outside \[0, num_labels=2\)"):
+    with pytest.raises(ValueError, match=r"'label' 3 is outside \[0, num_labels=2\)"):
         dm.setup("fit")
 
 

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import Perplexity
 
-from .common import HFTaskModule, TextDataModule, pad_labels
+from .common import HFTaskModule, TextDataModule, pad_labels, require_text
 
 
 class CausalLMDataModule(TextDataModule):
@@ -19,7 +19,7 @@ class CausalLMDataModule(TextDataModule):
         super().__init__(path, tokenizer, **kwargs)
 
     def encode(self, rows: list[dict]) -> list[dict]:
-        texts = [r[self.hparams.text_column] for r in rows]
+        texts = require_text(self.hparams.path, rows, self.hparams.text_column)
         enc = self.tokenizer(texts, truncation=True, max_length=self.hparams.max_length, return_token_type_ids=False)
         return [
             {"input_ids": ids, "attention_mask": mask} for ids, mask in zip(enc["input_ids"], enc["attention_mask"])

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from .common import HFTaskModule, TextDataModule
+from .common import HFTaskModule, TextDataModule, require_columns, require_text, row_error
 
 
 class TextClassificationDataModule(TextDataModule):
@@ -26,11 +26,18 @@ class TextClassificationDataModule(TextDataModule):
 
     def encode(self, rows: list[dict]) -> list[dict]:
         hp = self.hparams
-        texts = [r[hp.text_column] for r in rows]
-        labels = [int(r[hp.label_column]) for r in rows]
-        bad = sorted({y for y in labels if not 0 <= y < hp.num_labels})
-        if bad:
-            raise ValueError(f"labels {bad} are outside [0, num_labels={hp.num_labels})")
+        texts = require_text(hp.path, rows, hp.text_column)
+        require_columns(hp.path, rows, hp.label_column)
+        labels = []
+        for r in rows:
+            value = r[hp.label_column]
+            try:
+                label = int(value) if not isinstance(value, float) else int(str(value))
+            except (TypeError, ValueError):
+                raise row_error(hp.path, r, f"{hp.label_column!r} must be an integer, got {value!r}") from None
+            if not 0 <= label < hp.num_labels:
+                raise row_error(hp.path, r, f"{hp.label_column!r} {label} is outside [0, num_labels={hp.num_labels})")
+            labels.append(label)
         # no token_type_ids: single sentences, and prompt tuners prepend virtual tokens
         enc = self.tokenizer(texts, truncation=True, max_length=hp.max_length, return_token_type_ids=False)
         return [

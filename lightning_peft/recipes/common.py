@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -27,19 +28,75 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"data file {str(p)!r} does not exist")
-    with open(p, newline="") as f:
-        if p.suffix == ".csv":
-            return list(csv.DictReader(f))
-        if p.suffix in (".jsonl", ".json"):
-            return [json.loads(line) for line in f if line.strip()]
-    raise ValueError(f"data file {str(p)!r}: use .csv or .jsonl")
+    if p.suffix not in (".csv", ".jsonl", ".json"):
+        raise ValueError(f"data file {str(p)!r}: use .csv or .jsonl")
+    data = p.read_bytes()
+    try:  # the whole file at once: the error's offset is then the file's
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"data file {str(p)!r} is not UTF-8 text ({err.reason} at byte {err.start}, line {line}); save it as UTF-8"
+        ) from None
+    rows: list[dict[str, Any]] = []  # errors name the file, and the line where it is one row
+    if p.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            rows.append(Row(row, line=reader.line_num))  # errors name the row's line (`row_error`)
+        return rows
+    for number, line_text in enumerate(text.splitlines(), 1):
+        if not line_text.strip():
+            continue
+        try:
+            value = json.loads(line_text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"data file {str(p)!r}, line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"data file {str(p)!r}, line {number}: expected a JSON object, got {line_text.strip()!r}")
+        rows.append(Row(value, line=number))
+    return rows
 
 
-def split_rows(rows: list[dict], split_column: str, split: str) -> list[dict]:
+class Row(dict):
+    """A row of a data file: a dict, plus the line it was read from (`line`, for errors)."""
+
+    def __init__(self, values: dict, line: Optional[int] = None) -> None:
+        super().__init__(values)
+        self.line = line
+
+
+def require_columns(path: str | os.PathLike, rows: list[dict], *columns: str) -> None:
+    """Raise a ValueError naming the file and the column when a row lacks one of `columns`."""
+    for row in rows:
+        missing = [c for c in columns if row.get(c) is None]
+        if missing:
+            have = sorted(k for k in row if isinstance(k, str) and row[k] is not None)
+            where = f"line {row.line}" if getattr(row, "line", None) else "a row"
+            raise ValueError(f"data file {str(path)!r}, {where}: no column {missing[0]!r} (columns: {', '.join(have)})")
+
+
+def row_error(path: str | os.PathLike, row: dict, message: str) -> ValueError:
+    """A ValueError naming the file and the row's line."""
+    return ValueError(f"data file {str(path)!r}, line {getattr(row, 'line', None) or '?'}: {message}")
+
+
+def require_text(path: str | os.PathLike, rows: list[dict], column: str) -> list[str]:
+    """The `column` of every row, refusing an empty one by its line."""
+    require_columns(path, rows, column)
+    for row in rows:
+        if not str(row[column]).strip():
+            raise row_error(path, row, f"empty {column!r}")
+    return [str(row[column]) for row in rows]
+
+
+def split_rows(rows: list[dict], split_column: str, split: str, path: Optional[str | os.PathLike] = None) -> list[dict]:
+    if path is not None:  # every row has a split (a short row names its line)
+        require_columns(path, rows, split_column)
     chosen = [r for r in rows if r.get(split_column) == split]
     if not chosen:
         found = sorted({str(r.get(split_column)) for r in rows})
-        raise ValueError(f"no rows with {split_column}={split!r}; the file has splits {found}")
+        where = f"data file {str(path)!r}: " if path is not None else ""
+        raise ValueError(f"{where}no rows with {split_column}={split!r}; the file has splits {found}")
     return chosen
 
 
@@ -123,8 +180,8 @@ class TextDataModule(pl.LightningDataModule):
             return
         hp = self.hparams
         rows = read_rows(hp.path)
-        train = split_rows(rows, hp.split_column, hp.train_split)[: hp.limit_train_rows]
-        val = split_rows(rows, hp.split_column, hp.val_split)[: hp.limit_val_rows]
+        train = split_rows(rows, hp.split_column, hp.train_split, hp.path)[: hp.limit_train_rows]
+        val = split_rows(rows, hp.split_column, hp.val_split, hp.path)[: hp.limit_val_rows]
         self.train_set, self.val_set = ListDataset(self.encode(train)), ListDataset(self.encode(val))
 
     def _loader(self, data: Dataset, batch_size: int, shuffle: bool) -> DataLoader:

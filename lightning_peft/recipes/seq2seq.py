@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torchmetrics.text.rouge import ROUGEScore
 
-from .common import HFTaskModule, TextDataModule, pad_labels
+from .common import HFTaskModule, TextDataModule, pad_labels, require_text
 
 
 class Seq2SeqDataModule(TextDataModule):
@@ -27,10 +27,13 @@ class Seq2SeqDataModule(TextDataModule):
     def encode(self, rows: list[dict]) -> list[dict]:
         hp = self.hparams
         src = self.tokenizer(
-            [r[hp.source_column] for r in rows], truncation=True, max_length=hp.max_length, return_token_type_ids=False
+            require_text(hp.path, rows, hp.source_column),
+            truncation=True,
+            max_length=hp.max_length,
+            return_token_type_ids=False,
         )
         tgt = self.tokenizer(
-            [r[hp.target_column] for r in rows],
+            require_text(hp.path, rows, hp.target_column),
             truncation=True,
             max_length=hp.max_target_length,
             return_token_type_ids=False,
