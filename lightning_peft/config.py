@@ -371,3 +371,22 @@ def size_mismatch(field_name: str, value: Any, weights_file: str, key: str, shap
 def validate_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={short_repr(value)} is not valid; use one of: {', '.join(map(repr, allowed))}")
+
+
+def check_target_modules(config: Any) -> None:
+    """`target_modules` of tuners that adapt named modules (LoRA, IA3): list entries are names, a string is a regex
+    over the full name."""
+    targets = config.target_modules
+    if targets is None:
+        return
+    if isinstance(targets, str):
+        if not targets:
+            raise ValueError("target_modules is an empty string; give module names or a regex")
+        check_regex("target_modules", targets)
+        return
+    names = list(targets) if isinstance(targets, Iterable) else None
+    if names is None or not all(isinstance(t, str) and t for t in names):
+        raise TypeError(f"target_modules must be a list of module names or a regex string, got {short_repr(targets)}")
+    if not names:
+        raise ValueError("target_modules is empty; name at least one module (e.g. ['q_proj', 'v_proj'])")
+    config.target_modules = set(names)

@@ -61,7 +61,18 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name in ("base_model", "tuner"):
                 raise
-            return getattr(self.tuner, name)
+        base_model = self.base_model
+        if base_model is not self.tuner:  # prompt learning: HF PEFT answers from the user's model first
+            try:
+                return getattr(base_model, name)
+            except AttributeError:
+                pass
+        return getattr(self.tuner, name)
+
+    def train(self, mode: bool = True) -> PeftModel:
+        super().train(mode)
+        self.tuner.training = mode  # a prompt-learning tuner is not a child module (its modules are)
+        return self
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
@@ -77,7 +88,7 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
+        return self.tuner.active_adapters
 
     def get_base_model(self) -> nn.Module:
         return self.tuner.model

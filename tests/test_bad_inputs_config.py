@@ -10,7 +10,7 @@ import lightning_peft as lp
 
 
 def test_unknown_tuner():
-    with pytest.raises(ValueError, match="unknown peft_type 'LOHA'; lightning_peft knows: LORA, IA3"):
+    with pytest.raises(ValueError, match="unknown peft_type 'LOHA'; lightning_peft knows: IA3, LORA, PREFIX_TUNING"):
         lp.PeftConfig.from_dict({"peft_type": "LOHA", "r": 8})
 
 

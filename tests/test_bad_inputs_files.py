@@ -189,7 +189,7 @@ def test_config_with_a_wrong_value(saved_adapter):
 def test_config_of_an_unknown_tuner(saved_adapter):
     base, folder = saved_adapter
     edit_config(folder, peft_type="LOHA")
-    load_fails(base, folder, "unknown peft_type 'LOHA'; lightning_peft knows: LORA, IA3")
+    load_fails(base, folder, "unknown peft_type 'LOHA'; lightning_peft knows: IA3, LORA, PREFIX_TUNING")
 
 
 def test_empty_weights_file(saved_adapter):

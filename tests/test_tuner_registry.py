@@ -37,7 +37,10 @@ def test_the_registry_holds_exactly_the_five_tuners():
     assert set(registry.registered_tuners()) == {"LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"}
     assert registry.get_config_class("lora") is lp.LoraConfig
     assert registry.get_model_class(PeftType.PREFIX_TUNING).__name__ == "PrefixTuningModel"
-    with pytest.raises(ValueError, match="unknown peft_type 'LOHA'; lightning_peft knows: LORA"):
+    with pytest.raises(
+        ValueError,
+        match="unknown peft_type 'LOHA'; lightning_peft knows: IA3, LORA, PREFIX_TUNING, PROMPT_TUNING, P_TUNING",
+    ):
         registry.get_tuner("LOHA")
 
 

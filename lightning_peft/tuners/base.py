@@ -1,4 +1,6 @@
-"""What LoRA and IA3 share: target matching, injection, freezing, named adapters, merge / unload.
+"""What the tuners share. LoRA and IA3: target matching, injection, freezing, named adapters, merge / unload
+(`BaseTuner`, `BaseTunerLayer`). Every tuner, prompt learning included: `TunerAttributes`, `ModulesToSaveWrapper`,
+`check_tensors_fit`.
 
 A tuner is a `BaseTuner` subclass (the model-level object) plus `BaseTunerLayer` subclasses
 (the wrappers that replace targeted modules). The tuner says how to build a layer for a target;
@@ -91,6 +93,11 @@ def resolve_fan_in_fan_out(config: Any, expected: bool, layer_kind: str) -> bool
         )
         config.fan_in_fan_out = expected
     return expected
+
+
+def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in fp32 over half-precision or quantized bases (fp64 stays fp64)."""
+    return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def freeze_adapter(model: nn.Module, adapter_name: str) -> None:

@@ -92,7 +92,7 @@ def find_tuner(peft_type: Any) -> TunerSpec | None:
 def get_tuner(peft_type: Any) -> TunerSpec:
     spec = find_tuner(peft_type)
     if spec is None:
-        raise ValueError(f"unknown peft_type {peft_type!r}; lightning_peft knows: {', '.join(_TUNERS)}")
+        raise ValueError(f"unknown peft_type {peft_type!r}; lightning_peft knows: {', '.join(sorted(_TUNERS))}")
     return spec
 
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
-from ...config import PeftConfig, PeftType, check_regex, short_repr
-from ..lora.config import check_target_modules
+from ...config import PeftConfig, PeftType, check_regex, check_target_modules, short_repr
 
 # Used when target_modules / feedforward_modules are None, keyed by transformers `model_type` (HF PEFT's defaults).
 DEFAULT_TARGET_MODULES = {

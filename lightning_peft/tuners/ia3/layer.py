@@ -9,8 +9,7 @@ from typing import Any, Optional, cast
 import torch
 from torch import nn
 
-from ..base import BaseTunerLayer
-from ..lora.layer import adapter_dtype
+from ..base import BaseTunerLayer, adapter_dtype
 
 # Added to the vector before dividing in unmerge, as HF PEFT does, so a zero entry cannot produce inf.
 UNMERGE_EPS = 1e-8

@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Optional, Union
+from typing import ClassVar, Optional, Union
 
 from ...config import (
     SAVED_PREFIX,
@@ -10,13 +9,11 @@ from ...config import (
     PeftType,
     check_finite,
     check_regex,
+    check_target_modules,
     short_repr,
     size_mismatch,
     validate_choice,
 )
-
-if TYPE_CHECKING:
-    from ..ia3.config import IA3Config
 
 # Used when target_modules is None, keyed by the transformers `model_type` (HF PEFT's defaults).
 DEFAULT_TARGET_MODULES = {
@@ -42,23 +39,6 @@ DEFAULT_TARGET_MODULES = {
     "distilbert": ["q_lin", "v_lin"],
     "deberta-v2": ["query_proj", "value_proj"],
 }
-
-
-def check_target_modules(config: LoraConfig | IA3Config) -> None:
-    """Shared by LoRA and IA3: list entries are names, a string is a regex over the full name."""
-    targets = config.target_modules
-    if targets is None:
-        return
-    if isinstance(targets, str):
-        if not targets:
-            raise ValueError("target_modules is an empty string; give module names or a regex")
-        check_regex("target_modules", targets)
-        return
-    if not isinstance(targets, Iterable) or not all(isinstance(t, str) and t for t in targets):
-        raise TypeError(f"target_modules must be a list of module names or a regex string, got {short_repr(targets)}")
-    if len(targets) == 0:
-        raise ValueError("target_modules is empty; name at least one module (e.g. ['q_proj', 'v_proj'])")
-    config.target_modules = set(targets)
 
 
 @dataclass

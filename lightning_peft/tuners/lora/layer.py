@@ -9,16 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import BaseTunerLayer
+from ..base import BaseTunerLayer, adapter_dtype
 
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
-
-
-def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
-    """Adapters train in fp32 over half-precision or quantized bases (fp64 stays fp64)."""
-    return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------

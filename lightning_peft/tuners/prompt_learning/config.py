@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, cast
 
 from ...config import PeftConfig, TaskType, short_repr, size_mismatch
 
-PROMPT_KEY = "prompt_embeddings"  # HF PEFT's name for the saved encoder output (model.PROMPT_KEY)
+PROMPT_KEY = "prompt_embeddings"  # HF PEFT's name for the saved encoder output
 SIZE_FIELDS = ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers")
 
 

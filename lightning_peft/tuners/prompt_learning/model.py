@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union, cast
 
@@ -30,14 +31,12 @@ from ..base import (
     wrap_modules_to_save,
 )
 from .cache import cache_route
-from .config import PromptLearningConfig, fill_config_from_model
+from .config import PROMPT_KEY, PromptLearningConfig, fill_config_from_model
 from .encoder import PromptEncoderBase
 from .injection import CAUSAL, ENCODER, SEQ2SEQ, KeyValuePrefix, PrependEmbeddings
 
 if TYPE_CHECKING:
     from .config import FilledPromptLearningConfig
-
-PROMPT_KEY = "prompt_embeddings"  # HF PEFT's name for the saved encoder output
 
 
 def find_word_embeddings(model: nn.Module) -> Optional[nn.Module]:
@@ -86,6 +85,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         self._word_embeddings_ref = [find_word_embeddings(model)]
         # where a prefix cache goes, read from the forward signatures once (the model never changes)
         self.cache_route = cache_route(model)
+        self._task_kind = self._kind_of(config.task_type)
         self.add_adapter(adapter_name, config)
         mark_wrapped(model, self)  # so that wrapping `model` again is refused while this tuner lives
 
@@ -112,8 +112,12 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         return route[1] if route is not None and not route[0] else "past_key_values"
 
     def task_kind(self) -> str:
-        """How inputs are fed: by the active config's task type, else by what the model is."""
-        task = self.peft_config[self.active_adapter].task_type
+        """How inputs are fed (CAUSAL, SEQ2SEQ or ENCODER): fixed by the first adapter, as HF PEFT fixes it by the
+        PeftModel class that adapter's task type picks."""
+        return self._task_kind
+
+    def _kind_of(self, task: Optional[Union[str, TaskType]]) -> str:
+        """The task kind of a task type; without one, what the model is (encoder-decoder, generating, or not)."""
         if task == TaskType.SEQ_2_SEQ_LM:
             return SEQ2SEQ
         if task == TaskType.CAUSAL_LM:
@@ -139,6 +143,11 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         check_adapter_name(adapter_name, self.model, taken=self.peft_config)
         if not isinstance(config, PromptLearningConfig) or config.peft_type != self.peft_type:
             raise TypeError(f"{type(self).__name__} takes a {self.peft_type} config, got {type(config).__name__}")
+        if config.task_type is not None and self._kind_of(config.task_type) != self._task_kind:
+            warnings.warn(
+                f"adapter {adapter_name!r} has task_type={config.task_type}, but this model feeds its inputs as its "
+                f"first adapter's task ({self._task_kind}), as HF PEFT does; load it into a model of its own task"
+            )
         config = fill_config_from_model(copy.deepcopy(config), self.model, self.injection)
         self.injection.check_config(self, config)
         encoder = self.build_encoder(config)
