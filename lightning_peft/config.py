@@ -9,12 +9,13 @@ import json
 import math
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
-from ._files import atomic_write_text
+from ._files import atomic_write_text, interrupted_save_note
 from .tuners.registry import get_config_class
 
 CONFIG_NAME = "adapter_config.json"
@@ -319,7 +320,11 @@ class PeftConfig:
         path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         config_file = os.path.join(path, CONFIG_NAME)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"adapter folder {path!s} does not exist; pass the folder save_pretrained wrote")
+            raise FileNotFoundError(
+                f"adapter folder {path!s} does not exist; pass the folder save_pretrained wrote"
+                + interrupted_save_note(path)
+            )
+        check_regular_file(config_file)
         if not os.path.isfile(config_file):
             raise FileNotFoundError(
                 f"{config_file} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
@@ -335,6 +340,7 @@ class PeftConfig:
         config = cls.from_dict(data)
         config._source_dir = os.path.abspath(path)
         weights = os.path.join(path, WEIGHTS_NAME)
+        check_regular_file(weights)
         if os.path.isfile(weights):
             config.check_fits_weights(weights_header_shapes(weights), weights)
         return config
@@ -346,6 +352,29 @@ class PeftConfig:
 
 
 INTERNAL_FIELDS = frozenset(f.name for f in dataclasses.fields(PeftConfig) if f.metadata.get("internal"))
+
+
+def check_regular_file(path: str) -> None:
+    """Refuse, before anything opens it (a FIFO would block the reader), whatever stands at `path` that is not a
+    regular file or a symlink to one; a missing path passes (the caller says what is missing)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    what = None
+    if stat.S_ISLNK(mode):
+        if not os.path.exists(path):
+            what = f"a symlink to {os.readlink(path)!r}, which does not exist"
+        else:
+            mode = os.stat(path).st_mode
+    if what is None and not stat.S_ISREG(mode):
+        kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")]
+        what = next((name for test, name in kinds if test(mode)), "a device file") + ", not a file"
+    if what is not None:
+        raise ValueError(
+            f"{path} is {what}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME} as regular "
+            "files: export the adapter again"
+        )
 
 
 def weights_header_shapes(path: str) -> dict[str, tuple[int, ...]]:

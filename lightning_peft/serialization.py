@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ._files import default_mode
-from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, check_regular_file
 
 __all__ = ["PICKLE_WEIGHTS_NAME"]  # re-exported: it was defined here
 
@@ -86,6 +86,9 @@ def load_peft_weights(
 ) -> dict[str, torch.Tensor]:
     """Read `adapter_model.safetensors`; a pickled `.bin` only with `allow_pickle=True` (weights only)."""
     path = os.path.join(model_id, WEIGHTS_NAME)
+    bin_path = os.path.join(model_id, PICKLE_WEIGHTS_NAME)
+    check_regular_file(path)
+    check_regular_file(bin_path)
     if os.path.isfile(path):
         try:
             return load_file(path, device=device)
@@ -94,7 +97,6 @@ def load_peft_weights(
                 f"{path} is not a readable safetensors file ({err}); it may be truncated or "
                 "corrupt: export the adapter again"
             ) from err
-    bin_path = os.path.join(model_id, PICKLE_WEIGHTS_NAME)
     if os.path.isfile(bin_path):
         if not allow_pickle:
             raise ValueError(

@@ -184,3 +184,39 @@ def test_train_py_names_the_bad_row_of_a_csv(tmp_path):
     assert proc.returncode != 0
     assert "data file 'bad.csv', line 4: 'label' must be an integer, got 'x'" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_local_model_path_that_does_not_exist_is_said_as_such(tmp_path):
+    from lightning_peft.recipes.common import check_local_path
+
+    for path in ("./nope", "../nope", str(tmp_path / "nope"), "~/nope-lightning-peft", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match=r"model.name_or_path=.* is a local path that does not exist"):
+            check_local_path(path, "model.name_or_path")
+    check_local_path(str(tmp_path), "model.name_or_path")  # exists
+    check_local_path("org/model", "model.name_or_path")  # a hub name: transformers decides
+
+
+def test_train_py_with_a_missing_local_model_fails_before_training(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "train.py"),
+            "model=tiny_bert",
+            "model.name_or_path=./nope",
+            "model.config=null",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode != 0
+    assert "model.name_or_path='./nope' is a local path that does not exist" in proc.stderr + proc.stdout
+    assert "Repo id must be" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "adapter").exists()

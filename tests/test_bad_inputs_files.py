@@ -505,3 +505,39 @@ def test_a_non_finite_adapter_is_never_exported_or_merged(tmp_path):
     after = module.state_dict()
     assert sorted(after) == sorted(before)
     assert all(torch.allclose(after[k], v, rtol=0, atol=0, equal_nan=True) for k, v in before.items())
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "dangling symlink"])
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_something_else_where_a_file_belongs_is_named_as_what_it_is(saved_adapter, kind, name):
+    import os
+
+    base, folder = saved_adapter
+    target = folder / name
+    target.unlink()
+    if kind == "directory":
+        target.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(target)  # opening it for reading would block: it must never be opened
+    else:
+        target.symlink_to(folder / "gone")
+    expected = {
+        "directory": "a directory, not a file",
+        "fifo": r"a FIFO \(named pipe\), not a file",
+        "dangling symlink": "a symlink to .*gone', which does not exist",
+    }
+    load_fails(base, folder, rf"{name} is {expected[kind]}")
+
+
+def test_layers_to_transform_out_of_range_is_blamed_on_itself():
+    before = snapshot(base := tiny_gpt2())
+    with pytest.raises(
+        ValueError, match=r"layers_to_transform=\[99\] names layers \[99\] that the model does not have"
+    ):
+        lp.get_peft_model(base, lp.LoraConfig(layers_to_transform=[99], **GPT2_LORA))
+    assert unchanged(base, before)
+    with pytest.warns(UserWarning, match=r"names layers \[7\] .* numbered 0..1; those are skipped"):
+        model = lp.get_peft_model(tiny_gpt2(), lp.LoraConfig(layers_to_transform=[0, 7], **GPT2_LORA))
+    assert [n for n, _ in model.named_modules() if n.endswith("c_attn.lora_A")] == [
+        "base_model.model.transformer.h.0.attn.c_attn.lora_A"
+    ]

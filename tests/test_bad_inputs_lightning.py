@@ -107,3 +107,20 @@ def test_checkpoint_from_another_tuner_is_refused_and_nothing_is_loaded(tmp_path
     assert all(torch.equal(v, base[k]) for k, v in fresh.state_dict().items())
     lora_b = [p for n, p in peft.named_parameters() if "lora_B" in n]
     assert len(lora_b) == 2 and all(torch.count_nonzero(p) == 0 for p in lora_b)  # as injected: zeros, untrained
+
+
+@pytest.mark.parametrize("where", ["", "adapter", "merged"])
+def test_an_export_dir_that_is_a_file_is_refused_before_training(tmp_path, where):
+    from lightning_peft.lightning import PEFTCallback
+
+    export_dir = tmp_path / "out"
+    if where:
+        export_dir.mkdir()
+    (export_dir / where if where else export_dir).write_text("not a folder")
+    holder: dict = {}
+    with pytest.raises(NotADirectoryError, match=r"is a file, but the adapter is exported into a folder there"):
+        _fit(
+            PEFTCallback(lp.LoraConfig(target_modules=["q_proj"]), export_dir=str(export_dir)), tmp_path, holder=holder
+        )
+    assert not any("lora_" in n for n, _ in holder["module"].named_modules())  # refused before the tuner went in
+    assert (export_dir / where if where else export_dir).read_text() == "not a folder"

@@ -157,7 +157,8 @@ def _target_params(node: DictConfig) -> list[str]:
         params = inspect.signature(obj).parameters.values()
     except (ImportError, AttributeError, ValueError, TypeError):
         return []
-    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    # private parameters (a config's `_source_dir`, set only when it is read from a folder) are not settings
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and not p.name.startswith("_")]
 
 
 def check_key(cfg: DictConfig, dotted: str, adding: bool = False) -> None:

@@ -141,7 +141,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     """The objects one run uses, without a Trainer: tokenizer, model, module, datamodule, tuner config."""
     from hydra.utils import instantiate
 
-    from lightning_peft.recipes.common import build_model, load_tokenizer
+    from lightning_peft.recipes.common import build_model, check_local_path, load_tokenizer
 
     m = cfg.model
     tuner = tuner_config(cfg)
@@ -149,6 +149,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         from lightning_peft.quantization import check_int8_compatible
 
         check_int8_compatible(tuner, merge=cfg.merge)
+    for field in ("name_or_path", "tokenizer"):
+        if m.get(field):
+            check_local_path(m[field], f"model.{field}")
     tokenizer = load_tokenizer(m.get("tokenizer") or m.name_or_path)
     model = build_model(
         cfg.recipe.auto_class,

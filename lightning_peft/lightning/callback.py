@@ -101,11 +101,27 @@ class PEFTCallback(pl.Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":  # before any restore: a fit that does not resume starts from the current RNG state
             training_rng(pl_module).reset()
+            self._check_export_dir(trainer)
         state = self._state(pl_module)
         if not state.injected and state.find_model(pl_module) is None and _builds_model_later(pl_module):
             self._inject_after_configure_model(trainer, pl_module, state)
             return
         state.apply(pl_module, trainer, who="PEFTCallback", fitting=stage == "fit")
+
+    def _check_export_dir(self, trainer: "pl.Trainer") -> None:
+        """Refuse, before training, export folders that cannot be written (a file where a folder belongs)."""
+        if self.export_dir is None:  # the logger's folder, known only once the logger made it
+            return
+        for path in (
+            self.export_dir,
+            os.path.join(self.export_dir, ADAPTER_SUBDIR),
+            os.path.join(self.export_dir, MERGED_SUBDIR),
+        ):
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise NotADirectoryError(
+                    f"PEFTCallback(export_dir={self.export_dir!r}): {path} is a file, but the adapter is exported "
+                    "into a folder there after fit; move the file or pass another export_dir"
+                )
 
     def _inject_after_configure_model(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", state: AdapterState

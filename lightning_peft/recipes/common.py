@@ -100,6 +100,18 @@ def split_rows(rows: list[dict], split_column: str, split: str, path: Optional[s
     return chosen
 
 
+def check_local_path(name_or_path: Any, field: str) -> None:
+    """A name that can only be a local path (./x, ../x, /x, ~/x, or more than one '/') must exist: otherwise
+    transformers reports it as a malformed hub repo id."""
+    text = str(name_or_path)
+    looks_local = text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(text)):
+        raise FileNotFoundError(
+            f"{field}={text!r} is a local path that does not exist (relative to {os.getcwd()}); give an existing "
+            "model folder or a hub model name"
+        )
+
+
 def load_tokenizer(name_or_path: str, **kwargs: Any):
     tok = transformers.AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
     if tok.pad_token is None:  # GPT-style tokenizers ship without one

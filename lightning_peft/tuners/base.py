@@ -529,6 +529,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         config = self._prepare_adapter_config(copy.deepcopy(config), self.model)
         self._check_new_adapter_config(config)
         keys = self._matching_keys(config)
+        self._check_layers_exist(config, matched=bool(keys))
         if not keys:
             raise ValueError(
                 f"target_modules={config.target_modules!r} matched no module of the model; "
@@ -554,6 +555,29 @@ class BaseTuner(TunerAttributes, nn.Module):
             raise
         wrap_modules_to_save(self.model, getattr(config, "modules_to_save", None), adapter_name)
         self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+
+    def _check_layers_exist(self, config: Any, matched: bool) -> None:
+        """`layers_to_transform` naming layers the model does not have is blamed on itself: an error when nothing
+        matched because of it, a warning when only some of the named layers exist."""
+        layers, targets = getattr(config, "layers_to_transform", None), config.target_modules
+        if layers is None or layers == [] or isinstance(targets, str):
+            return
+        wanted = {layers} if isinstance(layers, int) else set(layers)
+        pattern = getattr(config, "layers_pattern", None)
+        indices = (_layer_index(key, pattern) for key, _ in self.model.named_modules() if name_matches(key, targets))
+        present = {index for index in indices if index is not None}
+        missing = sorted(wanted - present)
+        if not missing:
+            return
+        where = (
+            f"the layers holding {sorted(targets)} are numbered {min(present)}..{max(present)}"
+            if present
+            else f"no numbered layers (layers_pattern={pattern!r}) hold {sorted(targets)}"
+        )
+        message = f"layers_to_transform={layers!r} names layers {missing} that the model does not have: {where}"
+        if not matched:
+            raise ValueError(message + "; pick layers that exist")
+        warnings.warn(message + "; those are skipped", stacklevel=3)
 
     def _undo_injection(self, adapter_name: str, originals: list[tuple[nn.Module, str, nn.Module]]) -> None:
         """A layer failed to build mid-way: put back what was replaced, so the model is as before."""
