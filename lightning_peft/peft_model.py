@@ -190,6 +190,7 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         allow_pickle: bool = False,
         ignore_base_model_mismatch: bool = False,
+        allow_nonfinite: bool = False,
         **kwargs: Any,
     ) -> None:
         """Add `adapter_name` from a folder written by `save_pretrained` (ours or HF PEFT's); `subfolder=` reads
@@ -208,11 +209,11 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         weights = load_peft_weights(folder, allow_pickle=allow_pickle)
         if adapter_name in self.peft_config:
-            self._load_into_existing(adapter_name, config, weights, folder)
+            self._load_into_existing(adapter_name, config, weights, folder, allow_nonfinite)
         else:
             self.add_adapter(adapter_name, config)
             try:
-                set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
+                set_peft_model_state_dict(self, weights, adapter_name=adapter_name, allow_nonfinite=allow_nonfinite)
             except Exception:
                 self.tuner.delete_adapter(adapter_name, force=True)  # even when it is the only or the active one
                 raise
@@ -221,7 +222,12 @@ class PeftModel(nn.Module):
             self.eval()
 
     def _load_into_existing(
-        self, name: str, config: PeftConfig, weights: dict[str, torch.Tensor], folder: str | os.PathLike
+        self,
+        name: str,
+        config: PeftConfig,
+        weights: dict[str, torch.Tensor],
+        folder: str | os.PathLike,
+        allow_nonfinite: bool = False,
     ) -> None:
         """Load the weights of `folder` into the existing adapter `name` together with the file's config. An
         equal config takes the weights in place (the parameters stay the same objects, e.g. for an optimizer);
@@ -233,7 +239,7 @@ class PeftModel(nn.Module):
         old_config = tuner.peft_config[name]
         if _comparable(old_config) == _comparable(config):
             old_config.inference_mode = config.inference_mode
-            set_peft_model_state_dict(self, weights, adapter_name=name)
+            set_peft_model_state_dict(self, weights, adapter_name=name, allow_nonfinite=allow_nonfinite)
             return
         order, active = list(tuner.peft_config), tuner.active_adapter
         old_tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self, adapter_name=name).items()}
@@ -242,12 +248,12 @@ class PeftModel(nn.Module):
         tuner.delete_adapter(name, force=True)
         try:
             self.add_adapter(name, config)
-            set_peft_model_state_dict(self, weights, adapter_name=name)
+            set_peft_model_state_dict(self, weights, adapter_name=name, allow_nonfinite=allow_nonfinite)
         except Exception:
             if name in tuner.peft_config:
                 tuner.delete_adapter(name, force=True)
             tuner.add_adapter(name, old_config)
-            set_peft_model_state_dict(self, old_tensors, adapter_name=name)
+            set_peft_model_state_dict(self, old_tensors, adapter_name=name, allow_nonfinite=True)  # as they were
             _restore_order(tuner, order, active)
             for n, p in self.named_parameters():
                 if n in requires_grad:
@@ -293,6 +299,7 @@ class PeftModel(nn.Module):
         config: Optional[PeftConfig] = None,
         allow_pickle: bool = False,
         ignore_base_model_mismatch: bool = False,
+        allow_nonfinite: bool = False,
         **kwargs: Any,
     ) -> "PeftModel":
         """Wrap `model` with the adapter saved in `model_id` (`subfolder=`: in `model_id/subfolder`)."""
@@ -310,7 +317,7 @@ class PeftModel(nn.Module):
         peft_model = None
         try:
             peft_model = wrapper_cls(model, config, adapter_name)
-            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name, allow_nonfinite=allow_nonfinite)
         except Exception:
             if peft_model is not None:
                 peft_model.tuner.unload()  # the user's model back as it was

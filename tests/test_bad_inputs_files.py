@@ -541,3 +541,18 @@ def test_layers_to_transform_out_of_range_is_blamed_on_itself():
     assert [n for n, _ in model.named_modules() if n.endswith("c_attn.lora_A")] == [
         "base_model.model.transformer.h.0.attn.c_attn.lora_A"
     ]
+
+
+def test_from_pretrained_and_load_adapter_take_the_non_finite_opt_in(saved_adapter, tmp_path):
+    base, folder = saved_adapter
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors[LORA_B0][0, 0] = float("nan")
+    save_file(tensors, path)
+    model = lp.PeftModel.from_pretrained(copy.deepcopy(base), folder, allow_nonfinite=True)
+    assert torch.isnan(model.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight[0, 0])
+    with pytest.raises(ValueError, match="hold NaN or inf values"):
+        model.load_adapter(folder, adapter_name="second")
+    assert "second" not in model.peft_config
+    model.load_adapter(folder, adapter_name="second", allow_nonfinite=True)
+    assert torch.isnan(model.base_model.model.transformer.h[0].attn.c_attn.lora_B["second"].weight[0, 0])
