@@ -9,6 +9,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -41,10 +42,16 @@ def atomic_write_text(path: str, text: str) -> None:
 # a folder as one unit: written aside, swapped in whole, one writer at a time
 # ---------------------------------------------------------------------------------------------
 LOCK_TIMEOUT_S = 600.0  # how long a second writer of the same folder waits for the first
-_TMP, _NEW, _PREV, _LEGACY_OLD = ".tmp-", ".new-", ".prev-", ".old-"  # ".<name><kind><random>" beside the folder
-_MKDTEMP_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # what tempfile.mkdtemp adds to a prefix
+_TMP, _NEW, _PREV = ".tmp-", ".new-", ".prev-"  # ".<name><kind><token>" beside the folder
+_TOKEN = re.compile(r"[a-z0-9_]{8}")  # what tempfile.mkdtemp adds to a prefix: one save's token
+_LONGEST_AFFIX = len(".") + len(_PREV) + 8  # ".<name>.prev-<token>": the longest name written beside the folder
+# Inside every folder this mechanism creates or moves aside, holding the save's token: only folders holding it
+# (or paired to one that does through the token) are ever restored or removed; a user's `.adapter.old-2024`
+# or `.adapter.prev-backup1` is never touched. It is removed from the folder once it is in place.
+MARKER = ".lightning-peft-save"
 _building: set[str] = set()  # temporary folders this process is filling (a save nested in one writes straight in)
 _building_lock = threading.Lock()
+_held_locks: dict[str, int] = {}  # lock file -> the thread of this process holding it
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
 
@@ -68,12 +75,23 @@ def _writable_error(final: str, parent: str, error: OSError) -> OSError:
     return error
 
 
+def _mount_point_error(final: str, error: Optional[OSError] = None) -> OSError:
+    why = f" ({os.strerror(error.errno)})" if error is not None and error.errno else ""
+    return OSError(
+        errno.EBUSY,
+        f"cannot save {final}: it is a mount point{why}; save into a sub-folder of it. The folder is written "
+        "beside itself and swapped in whole by a rename, which a mount point (e.g. a Docker / Kubernetes volume) "
+        "refuses. Nothing was changed",
+    )
+
+
 @contextlib.contextmanager
 def folder_lock(final: str, timeout: Optional[float] = None) -> Iterator[None]:
     """Hold an exclusive `fcntl.flock` on `.<name>.lock` beside `final` (waits up to `timeout` seconds).
 
     The lock file is removed on release; a waiter that got the lock on a file removed meanwhile retries on
-    the new one (inode check), so two writers never both hold it."""
+    the new one (inode check), so two writers never both hold it. Other threads of this process wait like
+    other processes; the thread already holding it gets an error at once (it would wait for itself)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: no inter-process lock
@@ -82,6 +100,12 @@ def folder_lock(final: str, timeout: Optional[float] = None) -> Iterator[None]:
     timeout = LOCK_TIMEOUT_S if timeout is None else timeout
     parent, name = os.path.split(final)
     path = os.path.join(parent, f".{name}.lock")
+    with _building_lock:
+        if _held_locks.get(path) == threading.get_ident():
+            raise RuntimeError(
+                f"already saving {final} in this process; write into the folder you were given (a callback "
+                "such as export_extras gets the temporary folder that becomes it), not into the folder itself"
+            )
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -110,23 +134,92 @@ def folder_lock(final: str, timeout: Optional[float] = None) -> Iterator[None]:
         if same:
             break
         os.close(fd)  # the previous holder removed this file after we opened it: lock the new one
+    with _building_lock:
+        _held_locks[path] = threading.get_ident()
     try:
         yield
     finally:
+        with _building_lock:
+            _held_locks.pop(path, None)
         try:
-            os.unlink(path)  # while still holding it
+            with contextlib.suppress(FileNotFoundError):  # removed by someone else meanwhile
+                os.unlink(path)  # while still holding it
         finally:
             os.close(fd)
 
 
-def _leftovers(parent: str, name: str) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {_TMP: [], _NEW: [], _PREV: [], _LEGACY_OLD: []}
+# ---- the marker -------------------------------------------------------------------------------
+def _mark(folder: str, token: str) -> None:
+    fd = os.open(os.path.join(folder, MARKER), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, token.encode())
+    finally:
+        os.close(fd)
+
+
+def _marker_token(folder: str) -> Optional[str]:
+    """The token in `folder`'s marker, or None (no marker, not a plain file, not a real folder)."""
+    try:
+        if os.path.islink(folder):
+            return None
+        fd = os.open(os.path.join(folder, MARKER), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        token = os.read(fd, 64).decode("ascii", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return token if _TOKEN.fullmatch(token) else None
+
+
+def _unmark(folder: str, token: str) -> None:
+    if _marker_token(folder) == token:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, MARKER))
+
+
+def _leftovers(parent: str, name: str) -> list[tuple[str, str, str]]:
+    """(kind, token, path) of every real folder beside `final` named like one of ours (whoever made it)."""
+    found = []
     for entry in os.listdir(parent):
-        for kind in found:
+        for kind in (_TMP, _NEW, _PREV):
             prefix = f".{name}{kind}"
-            if entry.startswith(prefix) and _MKDTEMP_SUFFIX.fullmatch(entry[len(prefix) :]):
-                found[kind].append(os.path.join(parent, entry))
+            token = entry[len(prefix) :]
+            path = os.path.join(parent, entry)
+            if entry.startswith(prefix) and _TOKEN.fullmatch(token) and os.path.isdir(path):
+                if not os.path.islink(path):
+                    found.append((kind, token, path))
     return found
+
+
+def interrupted_save(final: str | os.PathLike) -> Optional[str]:
+    """The complete folder a save interrupted between its two renames left beside a missing `final`
+    (`.<name>.new-<token>` holding the marker), or None. The next save of `final` puts it back."""
+    final = os.path.abspath(os.fspath(final))
+    if os.path.lexists(final):
+        return None
+    parent, name = os.path.split(final)
+    try:
+        found = _leftovers(parent, name)
+    except OSError:
+        return None
+    complete = [path for kind, token, path in found if kind == _NEW and _marker_token(path) == token]
+    return _by_age(complete)[0] if complete else None
+
+
+def interrupted_save_note(final: str | os.PathLike) -> str:
+    """A sentence for a reader's "folder does not exist" error when an interrupted save explains it."""
+    new = interrupted_save(final)
+    if new is None:
+        return ""
+    return (
+        f"; a save into it was interrupted between its two renames: the complete folder is {new} "
+        f"(the next save of {os.fspath(final)} puts it back, or rename it yourself)"
+    )
 
 
 def _by_age(paths: list[str]) -> list[str]:
@@ -134,27 +227,35 @@ def _by_age(paths: list[str]) -> list[str]:
 
 
 def recover_and_clean(final: str) -> None:
-    """After a killed save (call with the folder's lock held): put a folder back under `final` if a save died
-    between two renames (only the fallback swap has such a moment), then remove every leftover folder."""
+    """After a killed save (call with the folder's lock held): put the folder back under `final` if a save died
+    between the two renames of the fallback swap, then remove what killed saves left beside it.
+
+    Only folders of this mechanism are touched: ones holding the marker, or paired through their token to one
+    that holds it (`final` itself, or a `.new-`). A missing `final` is restored only from a complete `.new-`
+    (it is marked before the previous folder moves away), else from the `.prev-` of the same save; a stale
+    `.prev-` of a finished save never comes back after the user deleted the folder."""
     parent, name = os.path.split(final)
     found = _leftovers(parent, name)
+    marked = {token for _, token, path in found if _marker_token(path) == token}
+    final_token = _marker_token(final)  # a save killed after its swap, before removing the marker
+    if final_token is not None:
+        marked.add(final_token)
     if not os.path.lexists(final):
-        # complete new version first (".new-" is only ever a fully written folder), else the previous one
-        legacy = [
-            os.path.join(p, "x") for p in _by_age(found[_LEGACY_OLD]) if os.path.isdir(p) and os.listdir(p) == ["x"]
-        ]  # atomic_directory before 0.2 moved the old folder to .<name>.old-*/x
-        for candidate in _by_age(found[_NEW]) + _by_age(found[_PREV]) + legacy:
-            if os.path.isdir(candidate):
-                os.rename(candidate, final)
-                break
-    for paths in found.values():
-        for path in paths:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.lexists(path):
-                os.remove(path)
+        news = {token: path for kind, token, path in found if kind == _NEW}
+        complete = [path for kind, token, path in found if kind == _NEW and _marker_token(path) == token]
+        paired = [path for kind, token, path in found if kind == _PREV and token in news]
+        for candidate in _by_age(complete) + _by_age(paired):
+            os.rename(candidate, final)
+            break
+    for _, token, path in found:
+        if token in marked and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+    final_token = _marker_token(final)
+    if final_token is not None:
+        _unmark(final, final_token)
 
 
+# ---- the swap ---------------------------------------------------------------------------------
 def _exchange(a: str, b: str) -> bool:
     """Swap two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where the OS or file system can't."""
     if not sys.platform.startswith("linux"):
@@ -175,13 +276,19 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, f"cannot swap {a} into {b}: {os.strerror(err)}")
 
 
-def _fsync_tree(root: str) -> None:
+def _fsync_tree(root: str, kept: set[tuple[int, int]]) -> None:
+    """Flush the regular files this save wrote (not the `kept` ones linked from the previous folder, not FIFOs,
+    sockets or devices, which an open could block on) and every folder's entries."""
     for folder, _, files in os.walk(root):
         for name in files:
             path = os.path.join(folder, name)
-            if os.path.islink(path):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
                 continue
-            fd = os.open(path, os.O_RDONLY)
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in kept:
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
             try:
                 os.fsync(fd)
             finally:
@@ -199,30 +306,139 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)  # safe: our writers replace files (temporary file + rename), never write into them
-    except OSError:
-        shutil.copy2(src, dst)
+_KINDS_OF_FILE = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
 
 
-def _swap_in(tmp: str, final: str) -> None:
-    """Put the complete folder `tmp` under `final`; `final` names a whole folder at every moment."""
+def _keep_existing(src: str, dst: str, root: str, kept: set[tuple[int, int]]) -> None:
+    """Put every entry of the folder `src` into `dst`: folders re-created (same mode), symlinks re-made, anything
+    else hard-linked (safe: our writers replace files, never write into them); a regular file that cannot be
+    linked is copied. Linked inodes go into `kept` (already on disk: not flushed again)."""
+    with os.scandir(src) as entries:
+        listing = list(entries)
+    for entry in listing:
+        if entry.name == MARKER and src == root:
+            continue  # a killed save's marker
+        source, target = entry.path, os.path.join(dst, entry.name)
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(target, 0o700)
+            _keep_existing(source, target, root, kept)
+            os.chmod(target, stat.S_IMODE(st.st_mode))
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(source), target)
+        else:
+            try:
+                os.link(source, target, follow_symlinks=False)
+                kept.add((st.st_dev, st.st_ino))
+                continue
+            except OSError as error:
+                link_error = error
+            if not stat.S_ISREG(st.st_mode):
+                kind = _KINDS_OF_FILE.get(stat.S_IFMT(st.st_mode), "not a regular file")
+                raise OSError(
+                    link_error.errno,
+                    f"cannot keep {source} ({kind}) in the new folder: it cannot be hard-linked "
+                    f"({link_error.strerror}) and is not copied; move it out of {root}. Nothing was changed",
+                )
+            try:
+                shutil.copy2(source, target, follow_symlinks=False)
+            except OSError as error:
+                raise OSError(
+                    error.errno,
+                    f"cannot keep {source} in the new folder: it can be neither hard-linked ({link_error.strerror}) "
+                    f"nor read ({error.strerror}); make it readable or move it out of {root}. Nothing was changed",
+                ) from error
+
+
+def _swap_in(tmp: str, final: str, token: str) -> None:
+    """Put the complete, marked folder `tmp` under `final`; `final` names a whole folder at every moment (the
+    fallback: but for a save killed between two renames, which the next save repairs)."""
     parent, name = os.path.split(final)
     if not os.path.lexists(final):
         os.rename(tmp, final)
+        _unmark(final, token)
         return
-    if _exchange(tmp, final):  # one step: `final` is the new folder, `tmp` the previous one
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        exchanged = _exchange(tmp, final)  # one step: `final` is the new folder, `tmp` the previous one
+    except OSError as error:
+        if error.errno in (errno.EBUSY, errno.EXDEV):
+            raise _mount_point_error(final, error) from error
+        raise
+    if exchanged:
+        _finish(final, tmp, token)
         return
-    # fallback (no RENAME_EXCHANGE): `final` is missing between two renames; `recover_and_clean` repairs a
-    # save killed there (the complete new folder is marked .new- before the previous one moves away)
-    new = tempfile.mkdtemp(prefix=f".{name}{_NEW}", dir=parent)
-    os.rename(tmp, new)  # an empty folder is replaced
-    prev = tempfile.mkdtemp(prefix=f".{name}{_PREV}", dir=parent)
-    os.rename(final, prev)
-    os.rename(new, final)
-    shutil.rmtree(prev, ignore_errors=True)
+    # fallback (no RENAME_EXCHANGE): `final` is missing between two renames. The complete new folder is put
+    # under `.new-<token>` (marked) first; an exception between the renames puts the previous folder back, a
+    # kill there is repaired by `recover_and_clean` from `.new-<token>`
+    new, prev = (os.path.join(parent, f".{name}{kind}{token}") for kind in (_NEW, _PREV))
+    try:
+        os.rename(tmp, new)
+        os.rename(final, prev)
+        os.rename(new, final)
+    except BaseException as error:
+        if not os.path.lexists(final) and os.path.isdir(prev):
+            os.rename(prev, final)  # the save failed: the previous folder, as it was
+        if os.path.isdir(new):
+            shutil.rmtree(new, ignore_errors=True)
+        if os.path.isdir(prev):  # the new folder got in place after all
+            shutil.rmtree(prev, ignore_errors=True)
+        _unmark(final, token)
+        if isinstance(error, OSError) and error.errno in (errno.EBUSY, errno.EXDEV):
+            raise _mount_point_error(final, error) from error
+        raise
+    _finish(final, prev, token)
+
+
+def _finish(final: str, previous: str, token: str) -> None:
+    """`final` holds the new folder (with the marker), `previous` the folder it replaced: mark that one as ours,
+    take the marker out of the new one, remove the previous one."""
+    with contextlib.suppress(OSError):  # unmarked, it is still paired to `final` until the marker goes
+        _mark(previous, token)
+    _unmark(final, token)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _check_target(final: str) -> str:
+    """The real folder to replace for `final`, or a clear error for one that cannot be replaced whole."""
+    if os.path.islink(final):  # save where the link points, as a plain write would
+        try:
+            os.stat(final)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise ValueError(f"cannot save {final}: it is a symlink loop; remove the link or point it at a folder")
+            raise ValueError(
+                f"cannot save {final}: it is a symlink to {os.readlink(final)}, which does not exist; create that "
+                "folder or remove the link (folders a link points to are not created)"
+            ) from error
+        final = os.path.realpath(final)
+    parent, name = os.path.split(final)
+    if not name:
+        raise ValueError(f"cannot replace {final} as a whole; give a folder below it")
+    existing = parent
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    size = len(os.fsencode(name))
+    if size + _LONGEST_AFFIX > name_max:
+        raise ValueError(
+            f"cannot save {final}: its name is {size} bytes; at most {name_max - _LONGEST_AFFIX} bytes fit, since "
+            f"the save writes .<name>{_PREV}xxxxxxxx beside it (the file system allows {name_max})"
+        )
+    if os.path.lexists(final) and not os.path.isdir(final):
+        raise ValueError(f"{final} is a file; give a folder")
+    if os.path.ismount(final):
+        raise _mount_point_error(final)
+    if os.path.isdir(final) and not os.access(final, os.W_OK):
+        mode = stat.S_IMODE(os.stat(final).st_mode)
+        raise PermissionError(
+            errno.EACCES,
+            f"cannot save {final}: the folder is not writable (mode {mode:o}); a read-only folder is kept as it "
+            "is. Make it writable (chmod u+w) to save into it. Nothing was changed",
+        )
+    return final
 
 
 @contextlib.contextmanager
@@ -232,48 +448,65 @@ def atomic_folder(
     """Yield a temporary folder to fill; on success it replaces `final` whole, on error it is removed.
 
     - Readers see either the previous folder or the new one, never a mix, and `final` never goes missing
-      (Linux: `renameat2(RENAME_EXCHANGE)`; elsewhere two renames, repaired by the next save if killed between).
-    - `keep_existing=True` starts the new folder as a copy (hard links) of the current one, so files the
-      caller does not write are kept (how `save_pretrained` writes into a folder holding other files).
+      (Linux: `renameat2(RENAME_EXCHANGE)`; elsewhere two renames: an exception between them puts the
+      previous folder back, a kill there is repaired by the next save).
+    - `keep_existing=True` starts the new folder as hard links to the current one's entries (FIFOs and
+      sockets included; regular files that cannot be linked are copied), so files the caller does not write
+      are kept (how `save_pretrained` writes into a folder holding other files). Only files this save wrote
+      are flushed.
+    - The folder keeps its mode (and group where allowed); a folder that is not writable is refused, as is a
+      mount point (it cannot be renamed: save into a sub-folder of it), a dangling symlink or a symlink loop.
+    - The temporary folder holds a marker file (`MARKER`) until it is in place: only such folders are ever
+      restored or removed by a later save.
     - Writers of the same folder take turns (`fcntl.flock` on `.<name>.lock` beside it, `lock_timeout`
-      seconds, default `LOCK_TIMEOUT_S`); each save first removes what killed saves left beside it.
+      seconds, default `LOCK_TIMEOUT_S`); each save first removes what killed saves left beside it. The same
+      thread saving the folder again while it saves it gets an error at once.
     - Inside another `atomic_folder`'s temporary folder it writes straight in (the outer one swaps).
     """
     final = os.path.abspath(os.fspath(final))
-    if os.path.islink(final):  # save where the link points, as a plain write would
+    if os.path.islink(final) and os.path.exists(final):
         final = os.path.realpath(final)
     if _inside_building(final):
         os.makedirs(final, exist_ok=True)
         yield final
         return
+    final = _check_target(final)
     parent, name = os.path.split(final)
-    if not name:
-        raise ValueError(f"cannot replace {final} as a whole; give a folder below it")
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as error:
         raise _writable_error(final, parent, error) from error
-    if os.path.lexists(final) and not os.path.isdir(final):
-        raise ValueError(f"{final} is a file; give a folder")
     with folder_lock(final, lock_timeout):
         recover_and_clean(final)
         try:
-            tmp = tempfile.mkdtemp(prefix=f".{name}{_TMP}", dir=parent)
+            tmp = tempfile.mkdtemp(prefix=f".{name}{_TMP}", dir=parent)  # owner-writable while it is filled
         except OSError as error:
             raise _writable_error(final, parent, error) from error
+        token = os.path.basename(tmp)[len(f".{name}{_TMP}") :]
         with _building_lock:
             _building.add(tmp)
         try:
-            os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it private; others read exports
-            if keep_existing and os.path.isdir(final):
-                shutil.copytree(final, tmp, symlinks=True, dirs_exist_ok=True, copy_function=_link_or_copy)
+            _mark(tmp, token)
+            kept: set[tuple[int, int]] = set()
+            previous = os.stat(final) if os.path.isdir(final) else None
+            if keep_existing and previous is not None:
+                _keep_existing(final, tmp, final, kept)
             yield tmp
-            _fsync_tree(tmp)  # the new folder is on disk before its name is
+            if _marker_token(tmp) != token:  # the caller emptied the folder
+                _mark(tmp, token)
+            if previous is not None:
+                if previous.st_gid != os.stat(tmp).st_gid:
+                    with contextlib.suppress(OSError):  # allowed where we are in that group
+                        os.chown(tmp, -1, previous.st_gid)
+                os.chmod(tmp, stat.S_IMODE(previous.st_mode))
+            else:
+                os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it private; others read exports
+            _fsync_tree(tmp, kept)  # the new folder is on disk before its name is
             try:
                 cwd_was_final = os.path.samefile(os.getcwd(), final)
             except OSError:
                 cwd_was_final = False
-            _swap_in(tmp, final)
+            _swap_in(tmp, final, token)
             _fsync_dir(parent)
             if cwd_was_final:  # `save_pretrained(".")`: stay in the folder, not in the swapped-out one
                 os.chdir(final)
