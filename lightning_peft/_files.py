@@ -248,11 +248,32 @@ def recover_and_clean(final: str) -> None:
             os.rename(candidate, final)
             break
     for _, token, path in found:
-        if token in marked and os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
+        if not os.path.isdir(path) or os.path.islink(path):
+            continue
+        if token in marked:
+            _remove(path)
+        else:  # killed before its marker was written, or after it was removed with the rest: empty
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only ever an empty folder
     final_token = _marker_token(final)
     if final_token is not None:
         _unmark(final, final_token)
+
+
+def _remove(folder: str) -> None:
+    """Remove a folder of ours, its marker last: one killed while removing it is still marked (or empty)."""
+    with contextlib.suppress(OSError):
+        with os.scandir(folder) as entries:
+            listing = list(entries)
+        for entry in listing:
+            if entry.name == MARKER:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---- the swap ---------------------------------------------------------------------------------
@@ -379,9 +400,9 @@ def _swap_in(tmp: str, final: str, token: str) -> None:
         if not os.path.lexists(final) and os.path.isdir(prev):
             os.rename(prev, final)  # the save failed: the previous folder, as it was
         if os.path.isdir(new):
-            shutil.rmtree(new, ignore_errors=True)
+            _remove(new)
         if os.path.isdir(prev):  # the new folder got in place after all
-            shutil.rmtree(prev, ignore_errors=True)
+            _remove(prev)
         _unmark(final, token)
         if isinstance(error, OSError) and error.errno in (errno.EBUSY, errno.EXDEV):
             raise _mount_point_error(final, error) from error
@@ -395,7 +416,7 @@ def _finish(final: str, previous: str, token: str) -> None:
     with contextlib.suppress(OSError):  # unmarked, it is still paired to `final` until the marker goes
         _mark(previous, token)
     _unmark(final, token)
-    shutil.rmtree(previous, ignore_errors=True)
+    _remove(previous)
 
 
 def _check_target(final: str) -> str:
@@ -511,7 +532,7 @@ def atomic_folder(
             if cwd_was_final:  # `save_pretrained(".")`: stay in the folder, not in the swapped-out one
                 os.chdir(final)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
             raise
         finally:
             with _building_lock:

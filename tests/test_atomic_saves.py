@@ -217,6 +217,7 @@ def test_a_killed_exports_leftovers_are_removed_by_the_next_export_and_only_they
     (final / _files.MARKER).write_text("ef56ab12")  # to the new one through the marker still in it
     for leftover in tmp_path.glob(".merged.*-*"):
         (leftover / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".merged.tmp-00aa11bb").mkdir()  # killed before its marker was written (or after it was removed)
     users = [".merged.old-20240101", ".merged.prev-backup01", ".merged.tmp-zz99zz99", ".merged-other.tmp-ab12cd34"]
     for name in users:  # named like leftovers, but no marker: a user's folders, never touched
         (tmp_path / name).mkdir()
