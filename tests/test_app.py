@@ -295,6 +295,8 @@ def test_report_rows_markdown_and_plot(tmp_path):
         peak_cuda_mb=50.0,
     )
     _fake_job(tmp_path, 2)  # a job that failed before writing metrics
+    error = "ValueError: r must be a positive integer,\n got 0"  # on one line in the report
+    _fake_job(tmp_path, 3, error=error, overrides=["tuner.r=0"], metric=None)
     (tmp_path / "multirun.yaml").write_text("{}")
     write_report(tmp_path)
     with open(tmp_path / "report.csv") as f:
@@ -302,6 +304,7 @@ def test_report_rows_markdown_and_plot(tmp_path):
     assert tuple(rows[0]) == COLUMNS
     assert rows[0] == {
         "job": "0",
+        "status": "ok",
         "tuner": "lora",
         "overrides": "tuner=lora tuner.r=4",
         "trainable_params": "1000",
@@ -309,11 +312,16 @@ def test_report_rows_markdown_and_plot(tmp_path):
         "metric": "0.9123",
         "wall_time_s": "3.5",
         "peak_memory_mb": "500.0",
+        "error": "",
     }
     assert rows[1]["peak_memory_mb"] == "50.0"  # CUDA's peak when there is one
-    assert rows[2] == {c: ("2" if c == "job" else "") for c in COLUMNS}
+    missing = "no readable metrics.json (the job was killed or did not start)"
+    special = {"job": "2", "status": "failed", "error": missing}
+    assert rows[2] == {c: special.get(c, "") for c in COLUMNS}
+    assert rows[3]["status"] == "failed" and rows[3]["overrides"] == "tuner.r=0"  # what train.py's multirun records
+    assert rows[3]["error"] == "ValueError: r must be a positive integer, got 0" and rows[3]["metric"] == ""
     md = (tmp_path / "report.md").read_text().splitlines()
-    assert md[0] == "| " + " | ".join(COLUMNS) + " |" and len(md) == 5
+    assert md[0] == "| " + " | ".join(COLUMNS) + " |" and len(md) == 6
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -471,6 +479,28 @@ def test_grid_sweep_over_lora_rank(tmp_path):
     params = [int(r["trainable_params"]) for r in rows]
     # tiny BERT: LoRA on query and value in 2 layers, r * (32 + 32) each; the head is the same for all r
     assert (params[1] - params[0], params[2] - params[1]) == (2 * 4 * 64, 4 * 4 * 64)
+
+
+def test_a_failed_multirun_job_gets_a_failed_row_and_the_others_run(tmp_path):
+    """Hydra's BasicSweeper re-raises a job's exception, which ended the sweep with no report: the app records
+    the failure in the job's metrics.json, runs the other jobs, writes the report and exits 1."""
+    sweep = tmp_path / "sweep"
+    proc = run_train(
+        ["-m", "tuner.r=0,2", f"hydra.sweep.dir={sweep}", "trainer.max_steps=1", "validate_before=false", *FAST],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Error: 1 job(s) of the multirun failed:" in proc.stderr
+    assert "job 0 (tuner.r=0 " in proc.stderr and "r must be a positive integer (the LoRA rank), got 0" in proc.stderr
+    failed = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert "r must be a positive integer (the LoRA rank), got 0" in failed["error"] and failed["metric"] is None
+    assert "r must be a positive integer" in (sweep / "0" / "train.log").read_text()  # with the traceback
+    rows = _report(sweep)
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "failed"), ("1", "ok")]
+    assert "r must be a positive integer (the LoRA rank), got 0" in rows[0]["error"] and rows[0]["metric"] == ""
+    assert rows[0]["overrides"].split()[0] == "tuner.r=0" and rows[1]["error"] == ""
+    assert 0.0 <= float(rows[1]["metric"]) <= 1.0 and (sweep / "1" / "adapter" / "adapter_config.json").is_file()
+    assert "| failed |" in (sweep / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -220,3 +220,147 @@ def test_train_py_with_a_missing_local_model_fails_before_training(tmp_path):
     assert "model.name_or_path='./nope' is a local path that does not exist" in proc.stderr + proc.stdout
     assert "Repo id must be" not in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+# ---------------------------------------------------------------- values out of range (the config check)
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("tuner.optim.lr=inf", "tuner.optim.lr=inf: must be a finite number > 0"),
+        ("tuner.optim.lr=nan", "tuner.optim.lr=nan: must be a finite number > 0"),
+        ("tuner.optim.lr=-1", "tuner.optim.lr=-1: must be a finite number > 0"),
+        ("tuner.optim.lr=0", "tuner.optim.lr=0: must be a finite number > 0"),
+        ("tuner.optim.lr=abc", "tuner.optim.lr='abc': must be a finite number > 0"),
+        ("tuner.optim.warmup_ratio=1.5", "tuner.optim.warmup_ratio=1.5: must be a number in [0, 1]"),
+        ("tuner.optim.warmup_ratio=-0.1", "tuner.optim.warmup_ratio=-0.1: must be a number in [0, 1]"),
+        ("tuner.optim.weight_decay=-0.1", "tuner.optim.weight_decay=-0.1: must be a finite number >= 0"),
+        ("tuner.optim.weight_decay=inf", "tuner.optim.weight_decay=inf: must be a finite number >= 0"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0: must be an integer >= 1"),
+        ("trainer.max_epochs=-5", "trainer.max_epochs=-5: must be an integer >= 0, -1 (no limit) or null"),
+        ("trainer.max_steps=-2", "trainer.max_steps=-2: must be an integer >= 0 or -1 (no limit)"),
+        ("seed=-1", "seed=-1: must be an integer in [0, 2**32 - 1]"),
+        ("seed=4294967296", "seed=4294967296: must be an integer in [0, 2**32 - 1]"),
+        ("data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
+        ("data.eval_batch_size=-4", "data.eval_batch_size=-4: must be an integer >= 1, or null"),
+        ("data.num_workers=-1", "data.num_workers=-1: must be an integer >= 0"),
+        ("data.max_length=0", "data.max_length=0: must be an integer >= 2"),
+        ("data.max_length=1", "data.max_length=1: must be an integer >= 2"),
+        ("data.limit_train_rows=-1", "data.limit_train_rows=-1: must be an integer >= 1, or null (all rows)"),
+        ("data.limit_val_rows=0", "data.limit_val_rows=0: must be an integer >= 1, or null (all rows)"),
+        ("tuner.optim.lr=1e-3,-1", "tuner.optim.lr=-1: must be a finite number > 0"),  # each job of a sweep
+    ],
+)
+def test_out_of_range_values_fail_at_the_config_check_naming_the_key(override, message):
+    from lightning_peft.app.schema import ConfigValueError, check_overrides
+
+    with pytest.raises(ConfigValueError) as err:
+        check_overrides([override])
+    assert str(err.value).startswith(message)
+    assert f"set it with '{override.split('=')[0]}=...'" in str(err.value)
+
+
+def test_values_at_the_edges_of_their_ranges_pass():
+    from lightning_peft.app.schema import check_overrides
+
+    check_overrides(["trainer.max_epochs=null", "trainer.max_steps=-1", "seed=0", "seed=4294967295"])
+    check_overrides(["tuner.optim.warmup_ratio=0,1", "tuner.optim.weight_decay=0", "data.eval_batch_size=null"])
+    check_overrides(["data=aspects", "recipe=seq2seq", "model=tiny_t5", "data.max_target_length=8"])
+    check_overrides(["data.max_length=2"])
+    check_overrides(["ckpt_path=last", "ckpt_path=s3://bucket/x.ckpt"])  # Lightning resolves these itself
+
+
+def test_train_checks_the_values_itself():
+    """train(cfg) called without main() (or a multirun job) refuses a bad value before building anything."""
+    from lightning_peft.app.schema import ConfigValueError
+    from lightning_peft.app.train import train
+
+    with pytest.raises(ConfigValueError, match=r"^trainer.accumulate_grad_batches=0: must be an integer >= 1"):
+        train(_compose("trainer.accumulate_grad_batches=0"))
+
+
+def test_ckpt_path_that_is_no_checkpoint_is_named_as_what_it_is(tmp_path):
+    import torch
+
+    from lightning_peft.app.schema import ConfigValueError, check_ckpt_path, check_overrides
+
+    junk = tmp_path / "notes.txt"
+    junk.write_text("hi\n")
+    with pytest.raises(ConfigValueError) as err:
+        check_overrides([f"ckpt_path={junk}"])
+    assert f"ckpt_path={str(junk)!r} is not a checkpoint" in str(err.value) and "3-byte file" in str(err.value)
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigValueError) as err:
+        check_ckpt_path(str(folder))
+    assert f"ckpt_path={str(folder)!r} is a folder, not a checkpoint file" in str(err.value)
+    assert f"e.g. ckpt_path={str(folder / 'last.ckpt')!r}" in str(err.value)
+    with pytest.raises(ConfigValueError, match=r"'.*nope.ckpt' does not exist"):
+        check_ckpt_path(str(tmp_path / "nope.ckpt"))
+    torch.save({"state_dict": {}}, tmp_path / "real.ckpt")
+    check_ckpt_path(str(tmp_path / "real.ckpt"))
+
+
+def test_run_dir_that_is_an_existing_file_is_refused_before_anything(tmp_path):
+    from lightning_peft.app.schema import ConfigValueError, check_command_line
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigValueError, match=r"^hydra.run.dir='.*afile' is an existing file, not a folder"):
+        check_command_line([f"hydra.run.dir={afile}"])
+    with pytest.raises(ConfigValueError, match=r"is inside '.*afile', which is an existing file, not a folder"):
+        check_command_line([f"hydra.run.dir={afile}/run"])
+    with pytest.raises(ConfigValueError, match=r"^hydra.sweep.dir='.*afile' is an existing file"):
+        check_command_line(["-m", f"hydra.sweep.dir={afile}"])
+    check_command_line([f"hydra.run.dir={tmp_path}/new/run"])
+
+
+def test_train_py_refuses_a_bad_value_and_a_file_run_dir_before_training(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "hydra.run.dir=afile", "tuner.optim.lr=inf"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("Error: hydra.run.dir='afile' is an existing file, not a folder")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "hydra.run.dir=run", "tuner.optim.lr=inf"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("Error: tuner.optim.lr=inf: must be a finite number > 0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no run dir
+
+
+def test_utf8_data_with_a_byte_order_mark_reads(tmp_path):
+    from lightning_peft.recipes.common import read_rows
+
+    path = tmp_path / "excel.csv"
+    path.write_bytes("text,label,split\nfine,0,train\n".encode("utf-8-sig"))  # Excel's "CSV UTF-8"
+    assert read_rows(path) == [{"text": "fine", "label": "0", "split": "train"}]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_bytes('{"source": "a", "target": "b"}\n'.encode("utf-8-sig"))
+    assert read_rows(jsonl) == [{"source": "a", "target": "b"}]
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"\xef\xbb\xbftext,label,split\ncaf\xe9,0,train\n")  # a BOM, then latin-1
+    with pytest.raises(ValueError, match=r"is not UTF-8 text \(.* at byte 23, line 2\)"):  # offsets count the BOM
+        read_rows(bad)
+
+
+def test_a_model_folder_without_config_json_is_said_as_such(tmp_path):
+    from lightning_peft.app.train import build
+
+    cfg = _compose(f"model.name_or_path={tmp_path}")
+    with pytest.raises(ValueError) as err:
+        build(cfg)
+    assert f"model.name_or_path={str(tmp_path)!r} is a folder without config.json: not a saved model" in str(err.value)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"is an adapter folder \(adapter_config.json\), not a model"):
+        build(cfg)

@@ -14,7 +14,19 @@ from omegaconf import DictConfig
 
 log = logging.getLogger("lightning_peft.app")
 
-COLUMNS = ("job", "tuner", "overrides", "trainable_params", "metric_name", "metric", "wall_time_s", "peak_memory_mb")
+COLUMNS = (
+    "job",
+    "status",
+    "tuner",
+    "overrides",
+    "trainable_params",
+    "metric_name",
+    "metric",
+    "wall_time_s",
+    "peak_memory_mb",
+    "error",
+)
+ERROR_CHARS = 300  # a failed job's error, on one line, cut to this many characters (the job's log has all of it)
 
 
 def _read_metrics(path: Path) -> dict[str, Any]:
@@ -32,17 +44,28 @@ def _read_metrics(path: Path) -> dict[str, Any]:
     return m
 
 
+def _error(m: dict[str, Any]) -> str:
+    """Why a job failed: the error its metrics.json records (train.py's multirun writes one for a job that
+    raised), else that there are no readable metrics; "" for a job that finished."""
+    if "error" in m:
+        return " ".join(str(m["error"]).split())[:ERROR_CHARS]
+    return "" if m else "no readable metrics.json (the job was killed or did not start)"
+
+
 def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per job dir (`<sweep>/<n>/metrics.json`), in job order; a job without readable metrics
-    (it failed) is listed with empty values so it is not silently dropped."""
+    """One row per job dir (`<sweep>/<n>/metrics.json`), in job order; a failed job (its metrics.json holds
+    the error, or it has none) is listed with status `failed`, its error and empty values, so it is not
+    silently dropped."""
     rows = []
     for job_dir in sorted(
         (p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
     ):
         m = _read_metrics(job_dir / "metrics.json")
+        error = _error(m)
         rows.append(
             {
                 "job": int(job_dir.name),
+                "status": "failed" if error else "ok",
                 "tuner": m.get("tuner", ""),
                 "overrides": " ".join(m.get("overrides", [])),
                 "trainable_params": m.get("trainable_params", ""),
@@ -50,6 +73,7 @@ def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 "metric": "" if m.get("metric") is None else round(float(m["metric"]), 4),
                 "wall_time_s": m.get("wall_time_s", ""),
                 "peak_memory_mb": m.get("peak_cuda_mb", m.get("peak_rss_mb", "")),
+                "error": error,
             }
         )
     return rows
@@ -109,4 +133,7 @@ class SweepReport(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_report(sweep_dir)
         if rows is not None:
+            failed = [r["job"] for r in rows if r["status"] == "failed"]
+            if failed:
+                log.error("sweep report: job(s) %s failed (see the error column)", ", ".join(map(str, failed)))
             log.info("sweep report (%d jobs): %s\n%s", len(rows), sweep_dir / "report.md", _markdown(rows))

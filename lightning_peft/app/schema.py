@@ -15,6 +15,7 @@ import difflib
 import importlib
 import inspect
 import itertools
+import math
 import os
 import sys
 from dataclasses import dataclass, field, make_dataclass
@@ -147,6 +148,118 @@ class UnknownKeyError(KeyError):
         return str(self.args[0])
 
 
+class ConfigValueError(ValueError):
+    """A config value outside what its key allows (named, with the allowed range), found before training."""
+
+
+# ---------------------------------------------------------------- fail-fast value checks
+# (key, kind, low, high, what): kind "int" or "float" (finite); a bound is inclusive, None = unbounded;
+# `what` is said when the value is refused. A key the composed config lacks (or that is null when "or null"
+# is in `what`) is skipped.
+_RANGES: tuple[tuple[str, str, Optional[float], Optional[float], str], ...] = (
+    ("seed", "int", 0, 2**32 - 1, "an integer in [0, 2**32 - 1]"),
+    ("tuner.optim.lr", "float", None, None, "a finite number > 0"),
+    ("tuner.optim.weight_decay", "float", 0, None, "a finite number >= 0"),
+    ("tuner.optim.warmup_ratio", "float", 0, 1, "a number in [0, 1] (the fraction of steps spent warming up)"),
+    ("recipe.module.learning_rate", "float", None, None, "a finite number > 0"),
+    ("recipe.module.weight_decay", "float", 0, None, "a finite number >= 0"),
+    ("recipe.module.warmup_ratio", "float", 0, 1, "a number in [0, 1] (the fraction of steps spent warming up)"),
+    ("trainer.accumulate_grad_batches", "int", 1, None, "an integer >= 1"),
+    ("trainer.max_epochs", "int", -1, None, "an integer >= 0, -1 (no limit) or null"),
+    ("trainer.max_steps", "int", -1, None, "an integer >= 0 or -1 (no limit)"),
+    ("data.batch_size", "int", 1, None, "an integer >= 1"),
+    ("data.eval_batch_size", "int", 1, None, "an integer >= 1, or null (data.batch_size)"),
+    ("data.num_workers", "int", 0, None, "an integer >= 0"),
+    ("data.max_length", "int", 2, None, "an integer >= 2 (tokens per example, special tokens included)"),
+    ("data.max_target_length", "int", 2, None, "an integer >= 2 (target tokens, special tokens included)"),
+    ("data.limit_train_rows", "int", 1, None, "an integer >= 1, or null (all rows)"),
+    ("data.limit_val_rows", "int", 1, None, "an integer >= 1, or null (all rows)"),
+)
+_POSITIVE = ("tuner.optim.lr", "recipe.module.learning_rate")  # > 0, not >= 0
+
+
+def _value_error(key: str, value: Any, what: str) -> ConfigValueError:
+    return ConfigValueError(f"{key}={value!r}: must be {what}; set it with '{key}=...'")
+
+
+def check_ckpt_path(path: Any) -> None:
+    """`ckpt_path` must be a checkpoint file (what Lightning / torch.save writes): a missing path, a folder or
+    any other file is named as what it is (else Lightning fails with a raw IsADirectoryError or an
+    unpickler's KeyError)."""
+    if path is None or "://" in str(path):  # a remote (fsspec) path: Lightning's to open
+        return
+    p = Path(str(path)).expanduser()
+    if str(path) in ("last", "best", "hpc", "registry") and not p.exists():  # names Lightning resolves itself
+        return
+    if not p.exists():
+        raise ConfigValueError(f"ckpt_path={str(path)!r} does not exist (relative to {os.getcwd()}); give a .ckpt file")
+    if p.is_dir():
+        found = sorted(q.name for q in p.glob("*.ckpt"))[:5]
+        hint = f" (it holds {', '.join(found)}: e.g. ckpt_path={str(p / found[-1])!r})" if found else ""
+        raise ConfigValueError(f"ckpt_path={str(path)!r} is a folder, not a checkpoint file; give a .ckpt file{hint}")
+    import zipfile
+
+    try:
+        with open(p, "rb") as f:
+            head = f.read(2)
+        if zipfile.is_zipfile(p):  # torch.save's format: a zip archive with <name>/data.pkl
+            with zipfile.ZipFile(p) as z:
+                if any(n.endswith("data.pkl") for n in z.namelist()):
+                    return
+        elif head[:1] == b"\x80":  # torch.save's legacy format: a pickle
+            return
+    except OSError as err:
+        raise ConfigValueError(f"ckpt_path={str(path)!r} cannot be read ({err.strerror or err})") from None
+    raise ConfigValueError(
+        f"ckpt_path={str(path)!r} is not a checkpoint (a file Lightning's ModelCheckpoint or torch.save writes, "
+        f"e.g. <run dir>/checkpoints/last.ckpt); it is a {p.stat().st_size}-byte file of something else"
+    )
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Raise ConfigValueError for the first value of `cfg` outside what its key allows (`_RANGES`), or a
+    `ckpt_path` that is no checkpoint file: the learning rate, batch sizes, step counts, ... are refused here,
+    before any model is built, rather than deep inside torch or Lightning (or not at all)."""
+    for key, kind, low, high, what in _RANGES:
+        try:
+            value = OmegaConf.select(cfg, key, default=_MISSING_KEY)
+        except Exception:  # an interpolation that does not resolve: composition's error, not ours
+            value = _MISSING_KEY
+        if value is _MISSING_KEY or (value is None and "null" in what):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _value_error(key, value, what)
+        if kind == "int" and not isinstance(value, int):
+            raise _value_error(key, value, what)
+        if not math.isfinite(value):
+            raise _value_error(key, value, what)
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise _value_error(key, value, what)
+        if key in _POSITIVE and value <= 0:
+            raise _value_error(key, value, what)
+    check_ckpt_path(OmegaConf.select(cfg, "ckpt_path", default=None))
+
+
+_MISSING_KEY = object()
+
+
+def check_output_dir(key: str, value: str) -> None:
+    """`hydra.run.dir` / `hydra.sweep.dir` must be (or become) a folder: an existing file there, or a file
+    where one of its parent folders belongs, is refused before Hydra starts (Hydra fails with a raw
+    FileExistsError / NotADirectoryError after setting up)."""
+    if "${" in value:
+        return  # interpolated (the default ${now:...}): Hydra's to resolve
+    p = Path(value).expanduser()
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                where = "is an existing file" if q == p else f"is inside {str(q)!r}, which is an existing file"
+                raise ConfigValueError(
+                    f"{key}={value!r} {where}, not a folder; the run's outputs go in a folder: give another path"
+                )
+            return
+
+
 def _target_params(node: DictConfig) -> list[str]:
     target = node.get("_target_")
     if not isinstance(target, str):
@@ -227,6 +340,20 @@ def check_overrides(overrides: list[str], config_name: str = "train", config_dir
             cfg = compose(config_name, overrides=list(combo))
             for o in values:
                 check_key(cfg, o.key_or_group, adding=o.type in (OverrideType.ADD, OverrideType.FORCE_ADD))
+        # the keys exist: now each job's values (every combination of the sweeps, up to MAX_COMBINATIONS)
+        swept = [
+            [f"{o.get_key_element()}={e}" for e in o.sweep_string_iterator()]
+            if o.is_sweep_override()
+            else [o.input_line or f"{o.get_key_element()}={o.get_value_element_as_str()}"]
+            for o in parsed
+            if not (o.key_or_group == "hydra" or o.key_or_group.startswith(("hydra.", "hydra/")))
+        ]
+        for combo in itertools.islice(itertools.product(*swept), MAX_COMBINATIONS):
+            try:
+                job_cfg = compose(config_name, overrides=list(combo))
+            except Exception:  # a value of the wrong type, a deletion of a missing key: Hydra reports it itself
+                return
+            check_values(job_cfg)
 
 
 def check_command_line(argv: list[str]) -> None:
@@ -236,9 +363,13 @@ def check_command_line(argv: list[str]) -> None:
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_dir:
         return
+    for override in args.overrides:
+        key, sep, value = override.partition("=")
+        if sep and key.lstrip("+~") in ("hydra.run.dir", "hydra.sweep.dir"):
+            check_output_dir(key.lstrip("+~"), value)
     try:
         check_overrides(args.overrides, config_name=args.config_name or "train")
-    except UnknownKeyError:
+    except (UnknownKeyError, ConfigValueError):
         raise
     except Exception:  # anything else (a bad group choice, a syntax error) Hydra reports itself
         return

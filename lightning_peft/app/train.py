@@ -141,7 +141,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     """The objects one run uses, without a Trainer: tokenizer, model, module, datamodule, tuner config."""
     from hydra.utils import instantiate
 
-    from lightning_peft.recipes.common import build_model, check_local_path, load_tokenizer
+    from lightning_peft.recipes.common import build_model, check_local_path, check_model_folder, load_tokenizer
 
     m = cfg.model
     tuner = tuner_config(cfg)
@@ -152,6 +152,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     for field in ("name_or_path", "tokenizer"):
         if m.get(field):
             check_local_path(m[field], f"model.{field}")
+    if m.get("name_or_path"):
+        check_model_folder(m.name_or_path, "model.name_or_path")
     tokenizer = load_tokenizer(m.get("tokenizer") or m.name_or_path)
     model = build_model(
         cfg.recipe.auto_class,
@@ -191,6 +193,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         run_dir,
         job["overrides"],
     )
+    from lightning_peft.app.schema import check_values
+
+    check_values(cfg)  # main() checked the command line's values; this also covers train(cfg) called directly
     _check_strategy(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -298,12 +303,57 @@ def _log_each_line_once() -> None:
 
 
 # ---------------------------------------------------------------- entry points
+FAILED_JOBS: list[str] = []  # "job <n> (<overrides>): <error>" for each failed job of this process's multirun
+
+
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def record_failed_job(cfg: DictConfig, err: BaseException) -> None:
+    """A multirun job that raised: its error goes to the job's log (with the traceback) and to its
+    `metrics.json` (`{"error": ..., "overrides": ..., ...}`, no metric), so the sweep report lists it as
+    failed, and into FAILED_JOBS, so the process exits non-zero once the other jobs and the report are done."""
+    job = _job_info()
+    log.error("job %s failed (overrides %s)", job["job_num"], job["overrides"], exc_info=err)
+    FAILED_JOBS.append(f"job {job['job_num']} ({' '.join(job['overrides'])}): {_error_text(err)}")
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    record = {
+        "error": _error_text(err),
+        "tuner": job["choices"].get("tuner"),
+        "strategy": job["choices"].get("strategy"),
+        "recipe": job["choices"].get("recipe"),
+        "model": job["choices"].get("model"),
+        "overrides": job["overrides"],
+        "job_num": job["job_num"],
+        "metric": None,
+    }
+    try:
+        run_dir = _run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(str(run_dir / "metrics.json"), json.dumps(record, indent=2) + "\n")
+    except OSError as write_err:  # the report still lists the job (as failed: no metrics.json)
+        log.error("could not record the failure in %s: %s", run_dir, write_err)
+
+
 def _hydra_entry() -> Any:
     import hydra
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
     def _main(cfg: DictConfig) -> Optional[float]:
-        return train(cfg)["metric"]  # returned so Hydra sweepers can optimise it
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            return train(cfg)["metric"]  # returned so Hydra sweepers can optimise it
+        # Hydra's BasicSweeper re-raises a job's exception, ending the sweep without the other jobs or the
+        # report: a failed job is recorded instead, and main() exits non-zero after the sweep
+        try:
+            return train(cfg)["metric"]
+        except Exception as err:
+            record_failed_job(cfg, err)
+            return None
 
     return _main()
 
@@ -313,12 +363,17 @@ def main() -> None:
     Hydra's ConfigStore, validate the command line's keys first, so a misspelled key fails at once with
     the valid ones listed, then hand over to Hydra."""
     _offline_by_default()  # before anything imports huggingface_hub
-    from lightning_peft.app.schema import UnknownKeyError, check_command_line, register_configs
+    from lightning_peft.app.schema import ConfigValueError, UnknownKeyError, check_command_line, register_configs
 
     register_configs()
     try:
         check_command_line(sys.argv[1:])
-    except UnknownKeyError as err:
+    except (UnknownKeyError, ConfigValueError) as err:
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(2)
     _hydra_entry()
+    if FAILED_JOBS:  # a multirun with failed jobs: the others ran and the report lists them all
+        print(f"Error: {len(FAILED_JOBS)} job(s) of the multirun failed:", file=sys.stderr)
+        for line in FAILED_JOBS:
+            print(f"  {line}", file=sys.stderr)
+        sys.exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -31,12 +32,14 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     if p.suffix not in (".csv", ".jsonl", ".json"):
         raise ValueError(f"data file {str(p)!r}: use .csv or .jsonl")
     data = p.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # Excel's "CSV UTF-8" starts with one
     try:  # the whole file at once: the error's offset is then the file's
-        text = data.decode("utf-8")
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
+        start = err.start + bom
+        line = data[:start].count(b"\n") + 1
         raise ValueError(
-            f"data file {str(p)!r} is not UTF-8 text ({err.reason} at byte {err.start}, line {line}); save it as UTF-8"
+            f"data file {str(p)!r} is not UTF-8 text ({err.reason} at byte {start}, line {line}); save it as UTF-8"
         ) from None
     rows: list[dict[str, Any]] = []  # errors name the file, and the line where it is one row
     if p.suffix == ".csv":
@@ -110,6 +113,23 @@ def check_local_path(name_or_path: Any, field: str) -> None:
             f"{field}={text!r} is a local path that does not exist (relative to {os.getcwd()}); give an existing "
             "model folder or a hub model name"
         )
+
+
+def check_model_folder(name_or_path: Any, field: str) -> None:
+    """An existing folder given as a model must hold `config.json` (what `save_pretrained` writes): otherwise
+    transformers asks for a `model_type` key. An adapter folder (adapter_config.json) is named as one."""
+    folder = Path(os.path.expanduser(str(name_or_path)))
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return
+    if (folder / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{field}={str(name_or_path)!r} is an adapter folder (adapter_config.json), not a model: give the base "
+            "model (or a merged/ folder) here; an adapter is loaded on top of it (PeftModel.from_pretrained)"
+        )
+    raise ValueError(
+        f"{field}={str(name_or_path)!r} is a folder without config.json: not a saved model (give a folder that "
+        "save_pretrained wrote, e.g. a run's merged/, or a hub model name)"
+    )
 
 
 def load_tokenizer(name_or_path: str, **kwargs: Any):
