@@ -24,6 +24,7 @@ from .tuners.base import (
     describe_wrapping,
     freeze_adapter,
     parameter_counts,
+    requires_grad_kept_on_failure,
 )
 from .tuners.registry import get_model_class
 
@@ -49,7 +50,10 @@ class PeftModel(nn.Module):
         self.peft_type = peft_config.peft_type
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        tuner = get_model_class(peft_config.peft_type)(model, peft_config, adapter_name)
+        # every wrapping path (get_peft_model, PeftModel(...), from_pretrained) comes here: a refused or interrupted
+        # wrap leaves the user's requires_grad flags as they were (the tuners freeze the model first)
+        with requires_grad_kept_on_failure(model):
+            tuner = get_model_class(peft_config.peft_type)(model, peft_config, adapter_name)
         self.__dict__["tuner"] = tuner  # not a child itself: its modules are, under HF PEFT's attribute names
         for name, module in tuner.peft_model_modules().items():
             setattr(self, name, module)
@@ -108,6 +112,7 @@ class PeftModel(nn.Module):
 
     # ---- adapters by name -------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        self.tuner._check_attached()
         check_adapter_name(adapter_name)
         if peft_config.peft_type != self.peft_type:
             raise ValueError(
@@ -154,6 +159,7 @@ class PeftModel(nn.Module):
         from hard links to the files already there, which are kept as HF PEFT keeps them) that is swapped in
         whole, so a crash or a full disk leaves the previous folder exactly as it was; a second process saving
         to the same folder waits for the first."""
+        self.tuner._check_attached()  # after unload() there is nothing of this model's to save
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!s} is a file; give a folder")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -195,7 +201,10 @@ class PeftModel(nn.Module):
     ) -> None:
         """Add `adapter_name` from a folder written by `save_pretrained` (ours or HF PEFT's); `subfolder=` reads
         both files from `model_id/subfolder`. Into an existing adapter, the file's config comes with its weights:
-        the adapter is rebuilt under it when its targets and shapes are the same, else the load is refused."""
+        the adapter is rebuilt under it when its targets and shapes are the same, else the load is refused; its
+        parameters then train or not as `is_trainable` says. A refused load changes nothing (requires_grad
+        included)."""
+        self.tuner._check_attached()
         check_adapter_name(adapter_name)
         folder = adapter_folder(model_id, kwargs.pop("subfolder", None))
         config = PeftConfig.from_pretrained(folder, **kwargs)
@@ -210,13 +219,16 @@ class PeftModel(nn.Module):
         weights = load_peft_weights(folder, allow_pickle=allow_pickle)
         if adapter_name in self.peft_config:
             self._load_into_existing(adapter_name, config, weights, folder, allow_nonfinite)
+            if is_trainable:  # an adapter loaded frozen before trains now, as its config says
+                self.tuner._sync_trainability()
         else:
-            self.add_adapter(adapter_name, config)
-            try:
-                set_peft_model_state_dict(self, weights, adapter_name=adapter_name, allow_nonfinite=allow_nonfinite)
-            except Exception:
-                self.tuner.delete_adapter(adapter_name, force=True)  # even when it is the only or the active one
-                raise
+            with requires_grad_kept_on_failure(self):
+                self.add_adapter(adapter_name, config)
+                try:
+                    set_peft_model_state_dict(self, weights, adapter_name=adapter_name, allow_nonfinite=allow_nonfinite)
+                except BaseException:
+                    self.tuner.delete_adapter(adapter_name, force=True)  # even when it is the only or the active one
+                    raise
         if not is_trainable:
             freeze_adapter(self, adapter_name)  # also when the weights went into an existing adapter
             self.eval()
@@ -249,7 +261,7 @@ class PeftModel(nn.Module):
         try:
             self.add_adapter(name, config)
             set_peft_model_state_dict(self, weights, adapter_name=name, allow_nonfinite=allow_nonfinite)
-        except Exception:
+        except BaseException:
             if name in tuner.peft_config:
                 tuner.delete_adapter(name, force=True)
             tuner.add_adapter(name, old_config)
@@ -313,18 +325,17 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         weights = load_peft_weights(folder, allow_pickle=allow_pickle)
         wrapper_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
-        requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         peft_model = None
-        try:
-            peft_model = wrapper_cls(model, config, adapter_name)
-            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name, allow_nonfinite=allow_nonfinite)
-        except Exception:
-            if peft_model is not None:
-                peft_model.tuner.unload()  # the user's model back as it was
-            for n, p in model.named_parameters():  # wrapping froze the model: give back the user's flags
-                if n in requires_grad:
-                    p.requires_grad_(requires_grad[n])
-            raise
+        with requires_grad_kept_on_failure(model):  # wrapping froze the model: a failure gives back the user's flags
+            try:
+                peft_model = wrapper_cls(model, config, adapter_name)
+                set_peft_model_state_dict(
+                    peft_model, weights, adapter_name=adapter_name, allow_nonfinite=allow_nonfinite
+                )
+            except BaseException:
+                if peft_model is not None:
+                    peft_model.tuner.unload()  # the user's model back as it was
+                raise
         if not is_trainable:
             peft_model.requires_grad_(False)
             peft_model.eval()

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
-from helpers import GPT2_LORA, perturb, snapshot, tiny_gpt2, tiny_llama, unchanged
+from helpers import (
+    GPT2_LORA,
+    ids,
+    logits,
+    perturb,
+    quiet,
+    snapshot,
+    tiny_bert_classifier,
+    tiny_gpt2,
+    tiny_llama,
+    unchanged,
+)
 
 import lightning_peft as lp
 
@@ -359,3 +372,266 @@ def test_merging_prompt_learning_says_there_is_nothing_to_merge():
         model.merge_and_unload()
     with pytest.raises(AttributeError, match=r"PROMPT_TUNING adapters have no merge_adapter\(\): prompt learning"):
         model.merge_adapter()
+
+
+# ---- state restored exactly, wrapped models detached after unload, rollbacks of every kind ----
+_IA3_GPT2 = dict(target_modules=["c_attn"], feedforward_modules=[], fan_in_fan_out=True)
+
+
+@pytest.mark.parametrize("kind", ["LoraConfig", "IA3Config"])
+def test_disable_adapter_gives_back_the_state_it_found(kind):
+    """HF peft keeps a nested block, and a block after disable_adapter_layers(), disabled on exit; so do we."""
+    import peft
+
+    for lib in (lp, peft):
+        kwargs = GPT2_LORA if kind == "LoraConfig" else _IA3_GPT2
+        model = quiet(lib.get_peft_model, tiny_gpt2(), getattr(lib, kind)(**kwargs))
+        perturb(model)
+        with model.disable_adapter():
+            base_out = logits(model, ids())
+        adapted = logits(model, ids())
+        assert not torch.equal(base_out, adapted)
+        with model.disable_adapter():
+            with model.disable_adapter():
+                pass
+            assert torch.equal(logits(model, ids()), base_out), lib.__name__  # the outer block still holds
+        assert torch.equal(logits(model, ids()), adapted)
+        model.base_model.disable_adapter_layers()
+        with model.disable_adapter():
+            pass
+        assert torch.equal(logits(model, ids()), base_out), lib.__name__  # disabled as it was found
+        model.base_model.enable_adapter_layers()
+        assert torch.equal(logits(model, ids()), adapted)
+
+
+@pytest.mark.parametrize("how", ["unload", "merge_and_unload"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p, cfg, d: p.delete_adapter("default"),
+        lambda p, cfg, d: p.merge_and_unload(),
+        lambda p, cfg, d: p.unload(),
+        lambda p, cfg, d: p.add_adapter("x", cfg),
+        lambda p, cfg, d: p.set_adapter("default"),
+        lambda p, cfg, d: p.save_pretrained(d / "out"),
+        lambda p, cfg, d: p.load_adapter(d / "adapter", adapter_name="x"),
+        lambda p, cfg, d: p.merge_adapter(),
+        lambda p, cfg, d: p.base_model.disable_adapter().__enter__(),
+        lambda p, cfg, d: p.add_weighted_adapter(["default"], [1.0], "w"),
+    ],
+    ids=["delete", "merge_and_unload", "unload", "add", "set", "save", "load", "merge", "disable", "weighted"],
+)
+def test_an_unloaded_peft_model_refuses_every_adapter_operation(how, call, saved_adapter):
+    """HF peft 0.21 lets the old PeftModel go on acting on the base it gave back (and on a new PeftModel wrapping
+    it): delete its layers, save `{}` or the new adapter's tensors under the old config. Ours refuses."""
+    _, folder = saved_adapter
+    cfg = lp.LoraConfig(**GPT2_LORA)
+    old = lp.get_peft_model(tiny_gpt2(), cfg)
+    base = getattr(old, how)()
+    new = lp.get_peft_model(base, cfg)
+    perturb(new)
+    before, out = snapshot(new), logits(new, ids())
+    with pytest.raises(ValueError, match=r"this PeftModel was unloaded .*wrap the base again"):
+        call(old, cfg, folder.parent)
+    assert unchanged(new, before) and torch.equal(logits(new, ids()), out) and list(new.peft_config) == ["default"]
+    assert not (folder.parent / "out").exists()
+
+
+def test_an_unloaded_prompt_learning_model_refuses_adapter_operations():
+    cfg = lp.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    model = lp.get_peft_model(tiny_gpt2(), cfg)
+    base = model.unload()
+    with pytest.raises(ValueError, match="this PeftModel was unloaded"):
+        model.add_adapter("b", cfg)
+    with pytest.raises(ValueError, match="this PeftModel was unloaded"):
+        model.set_adapter("default")
+    assert torch.equal(logits(model, ids()), logits(base, ids()))  # it runs the base alone
+    lp.get_peft_model(base, cfg)  # the base is free to wrap again
+
+
+def _classifier_with_two_adapters(lib):
+    cfg = lib.LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"])
+    model = quiet(lib.get_peft_model, tiny_bert_classifier(), cfg)
+    quiet(model.add_adapter, "b", cfg)
+    perturb(model)
+    model.set_adapter("b")
+    perturb(model, seed=5)
+    model.set_adapter("default")
+    return model
+
+
+def test_add_weighted_adapter_refuses_two_adapters_saving_the_same_module():
+    import peft
+
+    with pytest.raises(ValueError, match="target the same module with modules_to_save"):  # HF peft's words
+        _classifier_with_two_adapters(peft).add_weighted_adapter(["default", "b"], [0.5, 0.5], "w", "cat")
+    model = _classifier_with_two_adapters(lp)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"Cannot add weighted adapters if they target the same module with "):
+        model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "w", combination_type="cat")
+    assert unchanged(model, before) and list(model.peft_config) == ["default", "b"]
+
+
+def test_add_weighted_adapter_of_one_adapter_saving_a_head_copies_its_trained_head():
+    """HF peft 0.21 gives the combined adapter an untrained copy of the original head; ours copies the trained one."""
+    model = _classifier_with_two_adapters(lp)
+    model.add_weighted_adapter(["default"], [1.0], "w", combination_type="linear")
+    head = model.base_model.model.classifier
+    assert torch.equal(head.modules_to_save["w"].weight, head.modules_to_save["default"].weight)
+    assert not torch.equal(head.modules_to_save["w"].weight, head.original_module.weight)
+    assert model.peft_config["w"].modules_to_save == model.peft_config["default"].modules_to_save
+    expected = logits(model, ids())
+    model.set_adapter("w")
+    assert torch.allclose(logits(model, ids()), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, config, match",
+    [
+        ("transformer", {}, "adapter name 'transformer' is a part of the model's paths"),
+        ("default", {"modules_to_save": ["nope"]}, "modules_to_save entry 'nope' matches no module"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["PromptTuningConfig", "PrefixTuningConfig"])
+def test_a_failed_prompt_learning_wrap_leaves_the_base_flags_as_they_were(kind, name, config, match):
+    base = tiny_gpt2()
+    base.transformer.h[0].requires_grad_(False)  # the user's own mix of flags
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=match):
+        lp.get_peft_model(base, getattr(lp, kind)(task_type="CAUSAL_LM", num_virtual_tokens=4, **config), name)
+    assert unchanged(base, before)
+    lp.get_peft_model(base, lp.LoraConfig(**GPT2_LORA))  # nothing marks it as wrapped
+
+
+def _lora_with_user_flags():
+    model = lp.get_peft_model(tiny_gpt2(), lp.LoraConfig(**GPT2_LORA))
+    model.base_model.model.transformer.ln_f.weight.requires_grad_(True)  # unfrozen by the user
+    model.base_model.model.transformer.h[0].attn.c_attn.lora_A["default"].weight.requires_grad_(False)  # frozen
+    return model
+
+
+@pytest.mark.parametrize("kind", ["missing", "nan"])
+def test_a_failed_load_adapter_of_a_new_adapter_keeps_every_requires_grad(kind, saved_adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = saved_adapter
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = sorted(tensors)[0]
+    if kind == "missing":
+        del tensors[key]
+    else:
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = float("nan")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    model = _lora_with_user_flags()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="missing keys" if kind == "missing" else "NaN or inf"):
+        model.load_adapter(bad, adapter_name="x")
+    assert unchanged(model, before) and list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_an_add_adapter_failing_or_interrupted_mid_injection_takes_everything_back(exc, monkeypatch):
+    from lightning_peft.tuners.lora import model as lora_model
+
+    model = _lora_with_user_flags()
+    model.add_adapter("b", lp.LoraConfig(r=4, **GPT2_LORA))
+    model.set_adapter("b")
+    model.base_model.model.transformer.h[1].attn.c_attn.lora_B["b"].weight.requires_grad_(False)
+    before = snapshot(model)
+    original, calls = lora_model._new_layer, []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise exc("stop")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lora_model, "_new_layer", fail_second)
+    with pytest.raises(exc):  # c_attn layers take "c" in place (update_layer), c_fc layers are new
+        model.add_adapter("c", lp.LoraConfig(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    assert unchanged(model, before) and list(model.peft_config) == ["default", "b"] and model.active_adapter == "b"
+
+
+def test_an_interrupted_get_peft_model_leaves_the_base_as_it_was(monkeypatch):
+    from lightning_peft.tuners.lora import model as lora_model
+
+    base = tiny_gpt2()
+    before = snapshot(base)
+    original, calls = lora_model._new_layer, []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lora_model, "_new_layer", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        lp.get_peft_model(base, lp.LoraConfig(**GPT2_LORA))
+    monkeypatch.setattr(lora_model, "_new_layer", original)
+    assert unchanged(base, before)
+    lp.get_peft_model(base, lp.LoraConfig(**GPT2_LORA))  # no layer left behind to refuse it
+
+
+@pytest.mark.parametrize(
+    "part, match",
+    [
+        (lambda model: torch.nn.Sequential(model), r"feeds its module 0\.base_model its prompt"),
+        (lambda model: model.base_model.transformer, r"it is a part of a model that a PROMPT_TUNING adapter"),
+        (lambda model: model.base_model.transformer.h[0], r"it is a part of a model that a PROMPT_TUNING adapter"),
+    ],
+    ids=["container", "submodule", "block"],
+)
+def test_wrapping_a_container_or_a_part_of_a_prompt_fed_model_is_refused(part, match):
+    model = lp.get_peft_model(tiny_gpt2(), lp.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    perturb(model)
+    before, out = snapshot(model), logits(model, ids())
+    with pytest.raises(ValueError, match=match):
+        lp.get_peft_model(part(model), lp.LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True))
+    assert unchanged(model, before) and torch.equal(logits(model, ids()), out)
+    target = part(model)
+    model.unload()
+    lp.get_peft_model(target, lp.LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True), "x")  # free now
+
+
+def test_load_adapter_with_is_trainable_into_a_frozen_adapter_makes_it_trainable(saved_adapter):
+    """HF peft 0.21 keeps the old flags (frozen parameters); ours trains as the config now says."""
+    base, folder = saved_adapter
+    model = lp.PeftModel.from_pretrained(base, folder)
+    assert model.get_nb_trainable_parameters()[0] == 0
+    model.load_adapter(folder, adapter_name="default", is_trainable=True)
+    assert model.peft_config["default"].inference_mode is False
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.requires_grad for p in lora)
+    model.load_adapter(folder, adapter_name="default")  # and back to frozen
+    assert model.peft_config["default"].inference_mode is True and not any(p.requires_grad for p in lora)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, cfg, folder: m.add_adapter("Default", cfg),
+        lambda m, cfg, folder: m.load_adapter(folder, adapter_name="DEFAULT"),
+        lambda m, cfg, folder: m.add_weighted_adapter(["default"], [1.0], "dEfault"),
+    ],
+    ids=["add", "load", "weighted"],
+)
+def test_an_adapter_name_differing_from_another_only_by_case_is_refused(call, saved_adapter):
+    _, folder = saved_adapter
+    cfg = lp.LoraConfig(**GPT2_LORA)
+    model = lp.get_peft_model(tiny_gpt2(), cfg)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"differs from the existing adapter 'default' only by case"):
+        call(model, cfg, folder)
+    assert unchanged(model, before) and list(model.peft_config) == ["default"]
+
+
+def test_an_adapter_name_differing_only_by_case_is_refused_for_prompt_learning():
+    cfg = lp.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    model = lp.get_peft_model(tiny_gpt2(), cfg, adapter_name="a")
+    with pytest.raises(ValueError, match=r"differs from the existing adapter 'a' only by case"):
+        model.add_adapter("A", cfg)
+    assert list(model.peft_config) == ["a"]

@@ -107,6 +107,20 @@ def freeze_adapter(model: nn.Module, adapter_name: str) -> None:
             p.requires_grad_(False)
 
 
+@contextmanager
+def requires_grad_kept_on_failure(*modules: nn.Module) -> Iterator[None]:
+    """Whatever escapes the block (an error, a KeyboardInterrupt), every parameter of `modules` (as they are on entry)
+    gets back the requires_grad it had on entry. Used by every path that adds an adapter (get_peft_model,
+    from_pretrained, add_adapter, load_adapter, add_weighted_adapter): a refused call changes no flag."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
 def parameter_counts(module: nn.Module) -> tuple[int, int]:
     """(trainable, total); DTensor parameters count at their global size, so every rank agrees."""
     trainable = total = 0
@@ -181,6 +195,13 @@ def check_adapter_name(name: Any, model: Optional[nn.Module] = None, prefix: str
         )
     if name in _DICT_ATTRIBUTES:
         raise ValueError(f"adapter name {name!r} is not valid: it is an attribute of torch's ModuleDict; pick another")
+    twin = next((t for t in taken if t != name and t.casefold() == name.casefold()), None)
+    if twin is not None:
+        raise ValueError(
+            f"adapter name {name!r} differs from the existing adapter {twin!r} only by case: save_pretrained writes "
+            "each adapter to a sub-folder named after it, and the two would be one folder on a case-insensitive "
+            "file system (macOS, Windows); pick another name"
+        )
     if model is None:
         return
     parts = set(RESERVED_NAME_PARTS)
@@ -351,6 +372,10 @@ class ModulesToSaveWrapper(nn.Module):
         if adapter_name in self.modules_to_save:
             del self.modules_to_save[adapter_name]
 
+    @property
+    def adapters_enabled(self) -> bool:
+        return not self._disabled
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._disabled or self._active not in self.modules_to_save:
             return self.original_module(*args, **kwargs)
@@ -360,27 +385,42 @@ class ModulesToSaveWrapper(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # model-level tuners
 # ---------------------------------------------------------------------------------------------
-# the models a live prompt-learning tuner feeds (it leaves no trace in the model's modules): model -> tuner
-_PROMPT_WRAPPED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+# the models a live prompt-learning tuner feeds (it leaves no trace in the model's modules), and every module of
+# them: module -> (tuner, whether the module is the fed model itself)
+_PROMPT_WRAPPED: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, bool]] = weakref.WeakKeyDictionary()
 
 
-def mark_wrapped(model: nn.Module, tuner: Optional[nn.Module]) -> None:
-    """Record (or, with None, forget) that `tuner` feeds `model` without putting layers into it."""
-    if tuner is None:
-        _PROMPT_WRAPPED.pop(model, None)
-    else:
-        _PROMPT_WRAPPED[model] = weakref.ref(tuner)
+def mark_wrapped(model: nn.Module, tuner: nn.Module) -> None:
+    """Record that `tuner` feeds `model` without putting layers into it. Every module of `model` is marked, so a
+    container of `model` and a part of it are refused for wrapping as `model` is."""
+    ref = weakref.ref(tuner)
+    for module in model.modules():
+        _PROMPT_WRAPPED[module] = (ref, module is model)
+
+
+def unmark_wrapped(tuner: nn.Module) -> None:
+    """Forget every mark of `tuner` (its unload())."""
+    for module, (ref, _) in list(_PROMPT_WRAPPED.items()):
+        if ref() is tuner:
+            _PROMPT_WRAPPED.pop(module, None)
 
 
 def describe_wrapping(model: nn.Module) -> Optional[str]:
-    """What of a live adapter `model` holds (tuner layers, saved-module wrappers) or is fed by, or None."""
+    """What of a live adapter `model` holds (tuner layers, saved-module wrappers) or is fed by (itself, a module of
+    it, or a model it is a part of), or None."""
     for name, module in model.named_modules():
         if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
             return f"its module {name or '(the model itself)'} is a {type(module).__name__} of an adapter"
-    ref = _PROMPT_WRAPPED.get(model)
-    tuner = ref() if ref is not None else None
-    if tuner is not None and getattr(tuner, "peft_config", None):
-        return f"a {tuner.peft_type} adapter ({', '.join(tuner.peft_config)}) feeds it its prompt"
+    for name, module in model.named_modules():
+        ref, whole = _PROMPT_WRAPPED.get(module, (None, False))
+        tuner = ref() if ref is not None else None
+        if tuner is None or not getattr(tuner, "peft_config", None) or getattr(tuner, "_unloaded", False):
+            continue
+        what = f"a {tuner.peft_type} adapter ({', '.join(tuner.peft_config)})"
+        if not whole:
+            where = "it is" if not name else f"its module {name} is"
+            return f"{where} a part of a model that {what} feeds its prompt"
+        return f"{what} feeds {'it' if not name else f'its module {name}'} its prompt"
     return None
 
 
@@ -398,6 +438,17 @@ class TunerAttributes:
 
     model: nn.Module
     peft_config: dict[str, Any]
+    _unloaded = False  # set by unload() / merge_and_unload(): the model was given back
+
+    def _check_attached(self) -> None:
+        """After unload() / merge_and_unload() the model belongs to the caller (and maybe to a new PeftModel):
+        every adapter operation of this one is refused rather than acting on it."""
+        if self._unloaded:
+            raise ValueError(
+                "this PeftModel was unloaded (unload() / merge_and_unload() gave its base model back), so it holds "
+                "no adapter any more; wrap the base again with get_peft_model(...) / PeftModel.from_pretrained(...) "
+                "and use that one"
+            )
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -412,6 +463,7 @@ class TunerAttributes:
             return getattr(self.model, name)
 
     def _check_adapter_exists(self, adapter_name: str) -> None:
+        self._check_attached()
         if adapter_name not in self.peft_config:
             raise ValueError(
                 f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config) or 'none'}"
@@ -520,7 +572,9 @@ class BaseTuner(TunerAttributes, nn.Module):
         return keys
 
     def add_adapter(self, adapter_name: str, config: Any) -> None:
-        """Validate everything first, then inject: a bad config leaves the model untouched."""
+        """Validate everything first, then inject: a bad config leaves the model untouched, and a failure (or an
+        interrupt) mid-way takes back every layer, wrapper and requires_grad change made."""
+        self._check_attached()
         check_adapter_name(adapter_name, self, self.prefix, taken=self.peft_config)
         if adapter_name in self.peft_config:
             raise ValueError(
@@ -543,18 +597,19 @@ class BaseTuner(TunerAttributes, nn.Module):
                 "target only supported layer types (Linear, Conv1D, Embedding, Conv2d with groups=1, 8-bit Linear)"
             )
         check_modules_to_save(self.model, getattr(config, "modules_to_save", None))
-        self.peft_config[adapter_name] = config
         originals: list[tuple[nn.Module, str, nn.Module]] = []
-        try:
-            for key in keys:
-                parent, target, target_name = get_submodule_parent(self.model, key)
-                originals.append((parent, target_name, target))
-                self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
-        except Exception:
-            self._undo_injection(adapter_name, originals)
-            raise
-        wrap_modules_to_save(self.model, getattr(config, "modules_to_save", None), adapter_name)
-        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+        with requires_grad_kept_on_failure(self):
+            self.peft_config[adapter_name] = config
+            try:
+                for key in keys:
+                    parent, target, target_name = get_submodule_parent(self.model, key)
+                    originals.append((parent, target_name, target))
+                    self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
+                wrap_modules_to_save(self.model, getattr(config, "modules_to_save", None), adapter_name)
+                self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+            except BaseException:  # a KeyboardInterrupt too: no half-built adapter stays behind
+                self._undo_injection(adapter_name, originals)
+                raise
 
     def _check_layers_exist(self, config: Any, matched: bool) -> None:
         """`layers_to_transform` naming layers the model does not have is blamed on itself: an error when nothing
@@ -580,13 +635,20 @@ class BaseTuner(TunerAttributes, nn.Module):
         warnings.warn(message + "; those are skipped", stacklevel=3)
 
     def _undo_injection(self, adapter_name: str, originals: list[tuple[nn.Module, str, nn.Module]]) -> None:
-        """A layer failed to build mid-way: put back what was replaced, so the model is as before."""
+        """A layer failed to build mid-way: put back what was replaced (layers, saved-module wrappers), so the model
+        is as before."""
         for parent, name, original in originals:
             if isinstance(original, BaseTunerLayer):
                 original.delete_adapter(adapter_name)
             else:
                 setattr(parent, name, original)
-        del self.peft_config[adapter_name]
+        for key, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                module.delete_adapter(adapter_name)
+                if not module.modules_to_save:  # it was made for this adapter: the original goes back
+                    parent, _, child = get_submodule_parent(self.model, key)
+                    setattr(parent, child, module.original_module)
+        self.peft_config.pop(adapter_name, None)
 
     # ---- adapters by name -----------------------------------------------------------------
     def _tuner_layers(self) -> Iterator[tuple[str, BaseTunerLayer | ModulesToSaveWrapper]]:
@@ -599,13 +661,18 @@ class BaseTuner(TunerAttributes, nn.Module):
         return [self.active_adapter] if self.active_adapter else []
 
     def set_adapter(self, adapter_name: str) -> None:
-        self._check_adapter_exists(adapter_name)
+        self._check_adapter_exists(adapter_name)  # also refuses after unload()
         for _, module in self._tuner_layers():
             if isinstance(module, BaseTunerLayer) and module.merged:
                 warnings.warn("an adapter is merged; unmerging it before switching adapters")
                 module.unmerge()
         self.active_adapter = adapter_name
         self._mark_only_adapters_as_trainable()  # also points every layer at the new adapter
+
+    def _sync_trainability(self) -> None:
+        """requires_grad as the configs say (the active adapter trains unless loaded for inference), as
+        PromptLearningModel's of the same name."""
+        self._mark_only_adapters_as_trainable()
 
     def _mark_only_adapters_as_trainable(self) -> None:
         """Freeze every base weight; the active adapter trains unless it was loaded for inference."""
@@ -623,6 +690,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         """Tuner-specific extras that train with the adapter (e.g. LoRA's biases)."""
 
     def _set_adapter_layers(self, enabled: bool) -> None:
+        self._check_attached()
         for _, module in self._tuner_layers():
             module.enable_adapters(enabled)
 
@@ -634,11 +702,18 @@ class BaseTuner(TunerAttributes, nn.Module):
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        self.disable_adapter_layers()
+        """Run the base model alone inside the block; on exit every layer is as it was found (a nested block, or
+        one after disable_adapter_layers(), leaves the adapters disabled), as HF PEFT does."""
+        self._check_attached()
+        layers = [module for _, module in self._tuner_layers()]
+        was = [not _layer_enabled(module) for module in layers]
+        for module in layers:
+            module.enable_adapters(False)
         try:
             yield
         finally:
-            self.enable_adapter_layers()
+            for module, disabled in zip(layers, was):
+                module.enable_adapters(not disabled)
 
     def delete_adapter(self, adapter_name: str, force: bool = False) -> None:
         """`force` (for an adapter that failed to load) skips the active / merged checks."""
@@ -660,6 +735,7 @@ class BaseTuner(TunerAttributes, nn.Module):
 
     # ---- merge ----------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_attached()
         for name in adapter_names or []:
             self._check_adapter_exists(name)
         refusing = [n for n, m in self._tuner_layers() if isinstance(m, BaseTunerLayer) and m.merge_refusal]
@@ -676,6 +752,7 @@ class BaseTuner(TunerAttributes, nn.Module):
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unmerge_adapter(self) -> None:
+        self._check_attached()
         for _, module in self._tuner_layers():
             if isinstance(module, BaseTunerLayer):
                 module.unmerge()
@@ -683,6 +760,7 @@ class BaseTuner(TunerAttributes, nn.Module):
     def _unload_and_optionally_merge(
         self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names: Optional[list[str]]
     ) -> nn.Module:
+        self._check_attached()
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         else:
@@ -700,6 +778,7 @@ class BaseTuner(TunerAttributes, nn.Module):
                 setattr(parent, child, module.modules_to_save[module.active_adapter])
             else:
                 setattr(parent, child, module.original_module)
+        self._unloaded = True  # the model is the caller's now: this tuner refuses every adapter operation
         return self.model
 
     def merge_and_unload(
@@ -724,6 +803,7 @@ class BaseTuner(TunerAttributes, nn.Module):
 
         `save_embedding_layers` ("auto": when `embed_tokens` / `lm_head` are targets, as HF PEFT does) adds the
         full base weights of the targeted input / output embeddings."""
+        self._check_attached()
         if state_dict is None:
             inner = self.state_dict()
         else:
@@ -753,6 +833,7 @@ class BaseTuner(TunerAttributes, nn.Module):
     def load_peft_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
         """Load adapter tensors saved in HF PEFT's format into `adapter_name`; every key and shape is checked
         before anything is written, so a wrong file leaves the model untouched."""
+        self._check_attached()
         own = self.state_dict()
         embedding_keys = self._embedding_base_keys()
         expected = {k: tuple(v.shape) for k, v in self.peft_state_dict(adapter_name).items()}
@@ -801,6 +882,12 @@ class BaseTuner(TunerAttributes, nn.Module):
                 rest = rest.removeprefix("modules_to_save.")
                 return f"model.{name}.modules_to_save.{adapter_name}.{rest}"
         return key
+
+
+def _layer_enabled(module: BaseTunerLayer | ModulesToSaveWrapper) -> bool:
+    if isinstance(module, ModulesToSaveWrapper):
+        return module.adapters_enabled
+    return not module.disable_adapters
 
 
 def strip_adapter_name(key: str, adapter_name: str) -> str:

@@ -8,7 +8,16 @@ from typing import Any, Optional, cast
 import torch
 from torch import nn
 
-from ..base import BaseTuner, check_adapter_name, is_conv1d, pattern_value, resolve_fan_in_fan_out, strip_adapter_name
+from ..base import (
+    BaseTuner,
+    ModulesToSaveWrapper,
+    check_adapter_name,
+    is_conv1d,
+    pattern_value,
+    requires_grad_kept_on_failure,
+    resolve_fan_in_fan_out,
+    strip_adapter_name,
+)
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .layer import Conv2d, Embedding, Linear, LoraLayer
 
@@ -137,7 +146,13 @@ class LoraModel(BaseTuner):
         svd_driver: Optional[str] = None,
     ) -> None:
         """Add `adapter_name` as a weighted combination of existing adapters (its scaling is 1). Everything is
-        checked and computed before the adapter is added, so a failure leaves the model as it was."""
+        checked and computed before the adapter is added, so a failure leaves the model as it was.
+
+        Saved whole modules (`modules_to_save`, e.g. a classifier head) cannot be combined: two or more of
+        `adapters` holding a copy of the same module are refused (as HF PEFT refuses them); where one of them holds
+        it, the new adapter gets a copy of that adapter's trained module (HF PEFT gives it an untrained copy of the
+        original)."""
+        self._check_attached()
         adapters, weights = list(adapters), list(weights)
         if not adapters:
             raise ValueError("add_weighted_adapter needs at least one adapter to combine; got adapters=[]")
@@ -151,6 +166,23 @@ class LoraModel(BaseTuner):
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; choose a new name")
         check_adapter_name(adapter_name, self, self.prefix, taken=self.peft_config)
+        # saved whole modules: which input adapter's trained copy the new adapter takes, per wrapper
+        saved_sources: dict[str, str] = {}
+        for key, wrapper in self.model.named_modules():
+            if not isinstance(wrapper, ModulesToSaveWrapper):
+                continue
+            holders = list(dict.fromkeys(a for a in adapters if a in wrapper.modules_to_save))
+            if len(holders) > 1:
+                raise ValueError(
+                    f"Cannot add weighted adapters if they target the same module with modules_to_save: adapters "
+                    f"{holders} each hold a trained copy of {key}, and whole modules cannot be combined; combine "
+                    "adapters of which at most one saves it"
+                )
+            if holders:
+                saved_sources[key] = holders[0]
+        modules_to_save = list(
+            dict.fromkeys(n for a in adapters for n in (getattr(self.peft_config[a], "modules_to_save", None) or []))
+        )
         ranks = [self.peft_config[a].r for a in adapters]
         layers = [
             (name, m)
@@ -205,25 +237,38 @@ class LoraModel(BaseTuner):
             rank_pattern={},
             alpha_pattern={},
             init_lora_weights=False,
+            modules_to_save=modules_to_save or None,
         )
-        requires_grad = {n: p.requires_grad for n, p in self.named_parameters()}
-        self.add_adapter(adapter_name, config)
-        try:
-            for layer_name, (new_A, new_B) in factors.items():
-                target_A, target_B = _factors(cast(LoraLayer, self.model.get_submodule(layer_name)), adapter_name)
-                if new_A.shape != target_A.shape or new_B.shape != target_B.shape:
-                    raise ValueError(
-                        f"the combined factors of {layer_name} have shapes {tuple(new_A.shape)}, {tuple(new_B.shape)} "
-                        f"but the new adapter's are {tuple(target_A.shape)}, {tuple(target_B.shape)}"
-                    )
-                with torch.no_grad():
-                    target_A.copy_(new_A.to(target_A.dtype))
-                    target_B.copy_(new_B.to(target_B.dtype))
-        except Exception:
-            self.delete_adapter(adapter_name, force=True)
-            for n, p in self.named_parameters():
-                p.requires_grad_(requires_grad.get(n, p.requires_grad))
-            raise
+        with requires_grad_kept_on_failure(self):
+            self.add_adapter(adapter_name, config)
+            try:
+                self._fill_combined(adapter_name, factors, saved_sources)
+            except BaseException:
+                self.delete_adapter(adapter_name, force=True)
+                raise
+
+    def _fill_combined(
+        self,
+        adapter_name: str,
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        saved_sources: dict[str, str],
+    ) -> None:
+        """Write the combined factors into the new adapter, and its saved modules from their source adapter."""
+        with torch.no_grad():
+            for key, source in saved_sources.items():
+                wrapper = cast(ModulesToSaveWrapper, self.model.get_submodule(key))
+                if adapter_name in wrapper.modules_to_save:
+                    wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[source].state_dict())
+        for layer_name, (new_A, new_B) in factors.items():
+            target_A, target_B = _factors(cast(LoraLayer, self.model.get_submodule(layer_name)), adapter_name)
+            if new_A.shape != target_A.shape or new_B.shape != target_B.shape:
+                raise ValueError(
+                    f"the combined factors of {layer_name} have shapes {tuple(new_A.shape)}, {tuple(new_B.shape)} "
+                    f"but the new adapter's are {tuple(target_A.shape)}, {tuple(target_B.shape)}"
+                )
+            with torch.no_grad():
+                target_A.copy_(new_A.to(target_A.dtype))
+                target_B.copy_(new_B.to(target_B.dtype))
 
 
 SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")

@@ -28,10 +28,12 @@ from ..base import (
     check_tensors_fit,
     get_submodule_parent,
     mark_wrapped,
+    requires_grad_kept_on_failure,
+    unmark_wrapped,
     wrap_modules_to_save,
 )
 from .cache import cache_route
-from .config import PROMPT_KEY, PromptLearningConfig, fill_config_from_model
+from .config import PROMPT_KEY, PromptLearningConfig, check_sizes_before_building, fill_config_from_model
 from .encoder import PromptEncoderBase
 from .injection import CAUSAL, ENCODER, SEQ2SEQ, KeyValuePrefix, PrependEmbeddings
 
@@ -136,6 +138,8 @@ class PromptLearningModel(TunerAttributes, nn.Module):
 
     # ---- adapters by name -------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: PromptLearningConfig) -> None:
+        """Validate everything first, then add; a failure (or an interrupt) mid-way takes back what was added."""
+        self._check_attached()
         if adapter_name in self.peft_config:
             raise ValueError(
                 f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter it"
@@ -150,19 +154,39 @@ class PromptLearningModel(TunerAttributes, nn.Module):
             )
         config = fill_config_from_model(copy.deepcopy(config), self.model, self.injection)
         self.injection.check_config(self, config)
+        check_sizes_before_building(config, self.model, self.injection)
         encoder = self.build_encoder(config)
         weight = next(iter(self.model.parameters()), None)
         if weight is not None:
             encoder.to(weight.device)
         encoder.requires_grad_(not config.inference_mode)
         check_modules_to_save(self.model, config.modules_to_save)
-        self.prompt_encoder[adapter_name] = encoder
-        self.prompt_tokens[adapter_name] = torch.arange(config.num_virtual_tokens * config.num_transformer_submodules)
-        self.peft_config[adapter_name] = config
-        for wrapper in wrap_modules_to_save(self.model, config.modules_to_save, adapter_name):
-            if config.inference_mode:
-                wrapper.modules_to_save[adapter_name].requires_grad_(False)
-        self._sync_trainability()
+        with requires_grad_kept_on_failure(self, self.model):
+            try:
+                self.prompt_encoder[adapter_name] = encoder
+                self.prompt_tokens[adapter_name] = torch.arange(
+                    config.num_virtual_tokens * config.num_transformer_submodules
+                )
+                self.peft_config[adapter_name] = config
+                for wrapper in wrap_modules_to_save(self.model, config.modules_to_save, adapter_name):
+                    if config.inference_mode:
+                        wrapper.modules_to_save[adapter_name].requires_grad_(False)
+                self._sync_trainability()
+            except BaseException:  # a KeyboardInterrupt too: no half-added adapter stays behind
+                self._discard(adapter_name)
+                raise
+
+    def _discard(self, adapter_name: str) -> None:
+        """Take back whatever of a failed add_adapter got in (no checks: parts may be missing)."""
+        if adapter_name in self.prompt_encoder:
+            del self.prompt_encoder[adapter_name]
+        self.prompt_tokens.pop(adapter_name, None)
+        self.peft_config.pop(adapter_name, None)
+        for key, wrapper in self._wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                wrapper.delete_adapter(adapter_name)
+                if not wrapper.modules_to_save:
+                    self._put_back(key, wrapper)
 
     def set_adapter(self, adapter_name: str) -> None:
         self._check_adapter_exists(adapter_name)
@@ -192,6 +216,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the model alone inside the block."""
+        self._check_attached()
         was = self._disabled
         wrappers = [w for _, w in self._wrappers()]
         self._disabled = True
@@ -205,13 +230,18 @@ class PromptLearningModel(TunerAttributes, nn.Module):
                 wrapper.enable_adapters(not was)
 
     def unload(self) -> nn.Module:
-        """The model as it was: every wrapped module (e.g. the classifier head) back as the original."""
+        """The model as it was: every wrapped module (e.g. the classifier head) back as the original. The model is
+        the caller's from then on: this tuner refuses every adapter operation, and its forward runs the model
+        alone."""
+        self._check_attached()
         for key, wrapper in self._wrappers():
             self._put_back(key, wrapper)
-        mark_wrapped(self.model, None)
+        unmark_wrapped(self)
+        self._unloaded = True
         return self.model
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        self._check_attached()
         raise ValueError(
             f"{self.peft_type} is prompt learning: there are no weights to merge into the model (the "
             "prompt is fed through forward()); keep the PeftModel, or unload() for the model alone"
@@ -251,7 +281,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
     # ---- running ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = keyword_inputs(args, kwargs, "model")
-        if self._disabled or not self.peft_config:
+        if self._disabled or not self.peft_config or self._unloaded:
             return self.model(**kwargs)
         config = self.peft_config[self.active_adapter]
         self.injection.check_ready(self)
@@ -265,7 +295,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = keyword_inputs(args, kwargs, "generate()")
-        if self._disabled or not self.peft_config:
+        if self._disabled or not self.peft_config or self._unloaded:
             model: Any = self.model  # a transformers model that generates
             return model.generate(**kwargs)
         config = self.peft_config[self.active_adapter]
@@ -336,6 +366,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         self, adapter_name: str, state_dict: Optional[dict] = None, save_embedding_layers: Union[bool, str] = False
     ) -> dict[str, torch.Tensor]:
         """The tensors HF PEFT saves for a prompt-learning adapter (keys as in its files)."""
+        self._check_attached()
         return {
             PROMPT_KEY: self.get_prompt_embedding_to_save(adapter_name),
             **self._modules_to_save_tensors(adapter_name),
@@ -343,6 +374,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
 
     def load_peft_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
         """Load `prompt_embeddings` (+ modules_to_save weights); everything is checked before anything is written."""
+        self._check_attached()
         extra = self._modules_to_save_tensors(adapter_name)
         expected: dict[str, tuple[int, ...]] = {PROMPT_KEY: self.injection.saved_shape(self.peft_config[adapter_name])}
         expected.update({k: tuple(v.shape) for k, v in extra.items()})
