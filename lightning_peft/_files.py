@@ -250,11 +250,12 @@ def recover_and_clean(final: str) -> None:
     for _, token, path in found:
         if not os.path.isdir(path) or os.path.islink(path):
             continue
-        if token in marked:
+        try:
+            alone = set(os.listdir(path)) <= {MARKER}  # killed before / while writing its marker, or removing it
+        except OSError:
+            alone = False
+        if token in marked or alone:
             _remove(path)
-        else:  # killed before its marker was written, or after it was removed with the rest: empty
-            with contextlib.suppress(OSError):
-                os.rmdir(path)  # only ever an empty folder
     final_token = _marker_token(final)
     if final_token is not None:
         _unmark(final, final_token)

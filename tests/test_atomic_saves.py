@@ -218,12 +218,15 @@ def test_a_killed_exports_leftovers_are_removed_by_the_next_export_and_only_they
     for leftover in tmp_path.glob(".merged.*-*"):
         (leftover / "model.safetensors").write_bytes(b"half")
     (tmp_path / ".merged.tmp-00aa11bb").mkdir()  # killed before its marker was written (or after it was removed)
+    (tmp_path / ".merged.tmp-11bb22cc").mkdir()  # killed while writing its marker
+    (tmp_path / ".merged.tmp-11bb22cc" / _files.MARKER).write_text("")
     users = [".merged.old-20240101", ".merged.prev-backup01", ".merged.tmp-zz99zz99", ".merged-other.tmp-ab12cd34"]
     for name in users:  # named like leftovers, but no marker: a user's folders, never touched
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(b"mine")
     (tmp_path / ".merged.new-aa11bb22").mkdir()  # a marker with another token does not make it ours
     (tmp_path / ".merged.new-aa11bb22" / _files.MARKER).write_text("ab12cd34")
+    (tmp_path / ".merged.new-aa11bb22" / "model.safetensors").write_bytes(b"mine")
     users.append(".merged.new-aa11bb22")
     save_merged_model(w.Net(), str(final))
     assert _leftovers(tmp_path) == sorted(users)
