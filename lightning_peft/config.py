@@ -119,28 +119,43 @@ def _parse_regex(pattern: str) -> Any:
     return parser.parse(pattern)
 
 
+REPEATS = ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+# backreferences and conditional groups: module names never need them, and a conditional's branches hide
+# repetitions from simple walkers; they are refused outright
+REFUSED_OPS = {"GROUPREF": "a backreference", "GROUPREF_EXISTS": "a conditional group '(?(1)...)'"}
+
+
+def _children(op: Any, av: Any) -> list:
+    """The sub-patterns directly inside one parsed item, whatever its kind (groups, repeats, alternations,
+    lookarounds, atomic groups, conditionals): every one is walked, so no repetition hides from the checks."""
+    name = str(op)
+    if name in REPEATS:
+        return [av[2]]
+    if name == "SUBPATTERN":
+        return [av[-1]]
+    if name == "BRANCH":
+        return list(av[1])
+    if name in ("ASSERT", "ASSERT_NOT"):
+        return [av[1]]
+    if name == "ATOMIC_GROUP":
+        return [av]
+    if name == "GROUPREF_EXISTS":
+        return [sub for sub in av[1:] if sub is not None]
+    return []
+
+
 def _repeat_profile(items: Any) -> tuple[int, bool]:
     """(number of variable-length repetitions, whether one of them holds another repetition or an alternation)."""
     count, nested = 0, False
     for op, av in items:
-        name = str(op)
-        if name in ("MAX_REPEAT", "MIN_REPEAT"):
+        inner = [_repeat_profile(sub) for sub in _children(op, av)]
+        inner_count = sum(c for c, _ in inner)
+        count, nested = count + inner_count, nested or any(n for _, n in inner)
+        if str(op) in REPEATS:
             low, high, sub = av
-            inner_count, inner_nested = _repeat_profile(sub)
-            variable = high != low
-            count += inner_count + (1 if variable else 0)
-            has_branch = any(str(o) == "BRANCH" for o, _ in _walk(sub))
-            nested = nested or inner_nested or (high > 1 and (inner_count > 0 or has_branch))
-        elif name == "SUBPATTERN":
-            inner_count, inner_nested = _repeat_profile(av[-1])
-            count, nested = count + inner_count, nested or inner_nested
-        elif name == "BRANCH":
-            for branch in av[1]:
-                inner_count, inner_nested = _repeat_profile(branch)
-                count, nested = count + inner_count, nested or inner_nested
-        elif name in ("ASSERT", "ASSERT_NOT"):
-            inner_count, inner_nested = _repeat_profile(av[1])
-            count, nested = count + inner_count, nested or inner_nested
+            count += 1 if high != low else 0
+            has_branch = any(str(o) in ("BRANCH", "GROUPREF_EXISTS") for o, _ in _walk(sub))
+            nested = nested or (high > 1 and (inner_count > 0 or has_branch))
     return count, nested
 
 
@@ -148,16 +163,8 @@ def _walk(items: Any) -> Any:
     """Every (op, av) of a parsed pattern, depth first."""
     for op, av in items:
         yield op, av
-        name = str(op)
-        if name in ("MAX_REPEAT", "MIN_REPEAT"):
-            yield from _walk(av[2])
-        elif name == "SUBPATTERN":
-            yield from _walk(av[-1])
-        elif name == "BRANCH":
-            for branch in av[1]:
-                yield from _walk(branch)
-        elif name in ("ASSERT", "ASSERT_NOT"):
-            yield from _walk(av[1])
+        for sub in _children(op, av):
+            yield from _walk(sub)
 
 
 def check_regex(name: str, pattern: Any, is_key: bool = False) -> None:
@@ -175,6 +182,23 @@ def check_regex(name: str, pattern: Any, is_key: bool = False) -> None:
         re.compile(pattern)
     except re.error as err:
         raise ValueError(f"{label} is not a valid regex ({err})") from None
+    except RecursionError:
+        raise ValueError(f"{label} nests groups too deeply; use a simpler regex or a list of module names") from None
+    refused = sorted({REFUSED_OPS[str(op)] for op, _ in _walk(parsed) if str(op) in REFUSED_OPS})
+    if refused:
+        raise ValueError(
+            f"{label} uses {' and '.join(refused)}, which module names never need and which can make matching "
+            "take exponential time, so it is refused; write it without (e.g. '.*\\.q_proj') or give a list of "
+            "module names"
+        )
+    if is_key:
+        try:  # a key is matched inside a larger regex (`(.*\.)?(key)$`, as HF PEFT does)
+            re.compile(rf"(.*\.)?({pattern})$")
+        except re.error as err:
+            raise ValueError(
+                f"{label} cannot be used as a key ({err}): keys are matched inside a larger regex, so global "
+                "inline flags like '(?i)' are not allowed; use a scoped flag group like '(?i:q_proj)'"
+            ) from None
     count, nested = _repeat_profile(parsed)
     if nested:
         raise ValueError(
@@ -334,6 +358,9 @@ class PeftConfig:
                 data = json.load(fh)
         except json.JSONDecodeError as err:
             raise ValueError(f"{config_file} is not valid JSON ({err}); re-export the adapter") from err
+        except (RecursionError, UnicodeDecodeError, ValueError) as err:  # nested too deeply, not UTF-8, ...
+            what = "its JSON is nested too deeply" if isinstance(err, RecursionError) else str(err)[:200]
+            raise ValueError(f"{config_file} is not a valid adapter config ({what}); re-export the adapter") from None
         if not isinstance(data, dict):
             raise ValueError(f"{config_file} must hold a JSON object")
         data.update(kwargs)
@@ -342,13 +369,16 @@ class PeftConfig:
         weights = os.path.join(path, WEIGHTS_NAME)
         check_regular_file(weights)
         if os.path.isfile(weights):
-            config.check_fits_weights(weights_header_shapes(weights), weights)
+            shapes = weights_header_shapes(weights)
+            if shapes is not None:  # an unreadable file: loading the weights says what is wrong with it
+                config.check_fits_weights(shapes, weights)
         return config
 
     def check_fits_weights(self, shapes: dict[str, tuple[int, ...]], weights_file: str) -> None:
-        """Refuse sizes this config claims that the saved tensors (`shapes`, read from the file's header) cannot
-        have: the adapter is built from the config before its weights are loaded, so a small file claiming a huge
-        size would otherwise allocate it first. Each tuner's config checks its own size fields."""
+        """Refuse sizes this config claims that the saved tensors (`shapes`, read from the file's header, or of a
+        loaded `.bin`) cannot have, and a file without the tensors that back them: the adapter is built from the
+        config before its weights are loaded, so a small file claiming a huge size would otherwise allocate it
+        first. Each tuner's config checks its own size fields."""
 
 
 INTERNAL_FIELDS = frozenset(f.name for f in dataclasses.fields(PeftConfig) if f.metadata.get("internal"))
@@ -377,16 +407,41 @@ def check_regular_file(path: str) -> None:
         )
 
 
-def weights_header_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """{key: shape} from a safetensors file's header; no tensor data is read. An unreadable file gives {} (loading
-    the weights then says what is wrong with it)."""
+def weights_header_shapes(path: str) -> Optional[dict[str, tuple[int, ...]]]:
+    """{key: shape} from a safetensors file's header; no tensor data is read. An unreadable file gives None
+    (loading the weights then says what is wrong with it)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="pt") as fh:
             return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
     except (SafetensorError, OSError, ValueError):
-        return {}
+        return None
+
+
+def check_loaded_weights_fit_folder_config(
+    folder: str | os.PathLike, shapes: dict[str, tuple[int, ...]], weights_file: str
+) -> None:
+    """The check `from_pretrained` makes against a safetensors header, for weights read otherwise (a pickled
+    `.bin`, loaded weights-only before the adapter is built): the folder's own config must fit them. A folder
+    whose config is missing or unreadable is skipped (reading that config says what is wrong)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said once already, when the config was read
+            config = PeftConfig.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        return
+    config.check_fits_weights(shapes, weights_file)
+
+
+def files_missing(weights_file: str, what: str, shapes: dict[str, tuple[int, ...]]) -> str:
+    """The message for a weights file lacking the tensors that back the config's sizes."""
+    keys = sorted(shapes)
+    listed = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "") if keys else "no tensors"
+    return (
+        f"{weights_file} holds no {what} (it holds {listed}), so nothing backs the sizes {CONFIG_NAME} claims: the "
+        "file is not this adapter's weights. Export the adapter again"
+    )
 
 
 def size_mismatch(field_name: str, value: Any, weights_file: str, key: str, shape: tuple[int, ...], want: str) -> str:

@@ -11,7 +11,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ._files import default_mode
-from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, check_regular_file
+from .config import (
+    CONFIG_NAME,
+    PICKLE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    check_loaded_weights_fit_folder_config,
+    check_regular_file,
+)
 
 __all__ = ["PICKLE_WEIGHTS_NAME"]  # re-exported: it was defined here
 
@@ -43,11 +49,24 @@ def _listed(keys: list[str], limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Keys of the floating-point tensors holding a NaN or an inf, sorted."""
-    return sorted(
-        k for k, v in tensors.items() if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())
-    )
+def _finite_as(value: torch.Tensor, dtype: Optional[torch.dtype]) -> bool:
+    """Whether `value` holds no NaN / inf once cast to `dtype` (the model's), where it is loaded: a float64 1e300
+    or a float32 1e5 bound for float16 becomes inf in the cast."""
+    if not (value.is_floating_point() or value.is_complex()):
+        return True
+    if dtype is not None and dtype.is_floating_point and value.dtype != dtype and value.is_floating_point():
+        # cast to be exact: a value just above the target's max may round down to it or up to inf
+        return bool(torch.isfinite(value).all()) and bool(torch.isfinite(value.to(dtype)).all())
+    return bool(torch.isfinite(value).all())
+
+
+def nonfinite_keys(
+    tensors: dict[str, torch.Tensor], target_dtypes: Optional[dict[str, torch.dtype]] = None
+) -> list[str]:
+    """Keys of the floating-point tensors holding a NaN or an inf (as they are, or once cast to their key's dtype
+    in `target_dtypes`), sorted."""
+    targets = target_dtypes or {}
+    return sorted(k for k, v in tensors.items() if not _finite_as(v, targets.get(k)))
 
 
 def check_adapter_tensors(
@@ -73,11 +92,12 @@ def check_adapter_tensors(
             "not cast. The file was not written by save_pretrained; export the adapter again"
         )
     if not allow_nonfinite:
-        bad = nonfinite_keys(tensors)
+        bad = nonfinite_keys(tensors, expected_dtypes)
         if bad:
             raise ValueError(
                 f"{what} hold NaN or inf values in {len(bad)} tensors: {_listed(bad)}. The adapter is broken "
-                f"(retrain it or load an earlier export); {opt_in}"
+                f"(retrain it or load an earlier export; values are checked as saved and once cast to the model's "
+                f"dtype); {opt_in}"
             )
 
 
@@ -103,7 +123,14 @@ def load_peft_weights(
                 f"{model_id} holds only a pickled {PICKLE_WEIGHTS_NAME}; pickles can run code, so it is "
                 "refused. Convert it to safetensors, or pass allow_pickle=True if you trust the file."
             )
-        return torch.load(bin_path, map_location=device, weights_only=True)
+        tensors = torch.load(bin_path, map_location=device, weights_only=True)
+        if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
+            raise ValueError(f"{bin_path} does not hold a dict of named tensors; export the adapter again")
+        # read before the adapter is built, so its config's sizes are checked against these as against a header
+        check_loaded_weights_fit_folder_config(model_id, {k: tuple(v.shape) for k, v in tensors.items()}, bin_path)
+        return tensors
     if not os.path.isdir(model_id):
         raise FileNotFoundError(f"adapter folder {model_id!s} does not exist")
     raise FileNotFoundError(

@@ -142,3 +142,94 @@ def test_short_repr_cuts_long_values():
         ValueError, match=r"r must be a positive integer \(the LoRA rank\), got \[0, 0, .*characters\)$"
     ):
         lp.LoraConfig(r=[0] * 1000)
+
+
+# Patterns known to backtrack catastrophically (nested repeats, alternations under a repeat, repeats hidden in a
+# conditional group, a lookaround or an atomic group, backreferences): each is refused, at once, in every field.
+CATASTROPHIC = [
+    r"()(?(1)(.+)+!)",  # a nested repeat inside a conditional group: hung from_pretrained
+    r"(?:x)?(?(1)a|(.*)*!)",
+    r"(a+)+$",
+    r"(a*)*b",
+    r"(a|aa)+$",
+    r"(?:a|b|ab)*c",
+    r"(.*a){12}",
+    r"(x+x+)+y",
+    r"(\w+\s?)+$",
+    r"((a+)b?)+c",
+    r"(a?){25}a{25}",
+    r"(?=(a+)+)b",
+    r"(?!(a*)*b)c",
+    r"(?>(a+)+)!",
+    r"(a++)+b",
+    r"(?:(?>a+))+b",
+    r"(a)\1",
+    r"(?P<x>a)(?P=x)+",
+    r".*.*.*.*.*x",
+]
+
+
+@pytest.mark.parametrize("pattern", CATASTROPHIC)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: lp.LoraConfig(target_modules=p),
+        lambda p: lp.LoraConfig(target_modules=["q"], rank_pattern={p: 2}),
+        lambda p: lp.LoraConfig(target_modules=["q"], alpha_pattern={p: 2.0}),
+        lambda p: lp.IA3Config(target_modules=".*", feedforward_modules=p),
+    ],
+    ids=["target_modules", "rank_pattern", "alpha_pattern", "feedforward_modules"],
+)
+def test_catastrophic_regexes_are_refused_at_once(make, pattern):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(
+        ValueError, match="repeats a group that itself repeats|variable-length repetitions|uses a (conditional|backref)"
+    ):
+        make(pattern)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    "pattern,message",
+    [
+        (r"()(?(1)(.+)+!)", r"uses a conditional group '\(\?\(1\)\.\.\.\)', which module names never need"),
+        (r"(a)\1", "uses a backreference, which module names never need"),
+        (r"(?>(a+)+)!", "repeats a group that itself repeats"),  # inside an atomic group
+        (r"(?=(a+)+)b", "repeats a group that itself repeats"),  # inside a lookahead
+    ],
+)
+def test_repeats_hidden_in_any_kind_of_group_are_found(pattern, message):
+    with pytest.raises(ValueError, match=message):
+        lp.LoraConfig(target_modules=pattern)
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_a_global_inline_flag_in_a_pattern_key_is_refused_naming_the_field(field):
+    # the key is matched inside `(.*\.)?(key)$`, where a global flag is a bare re.error at adapter creation
+    with pytest.raises(
+        ValueError, match=rf"{field} key '\(\?i\)q_proj' cannot be used as a key .*use a scoped flag group"
+    ):
+        lp.LoraConfig(target_modules=["q_proj"], **{field: {"(?i)q_proj": 2}})
+    assert lp.LoraConfig(target_modules=["q_proj"], **{field: {"(?i:Q_PROJ)": 2}})  # the scoped form passes
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: lp.LoraConfig(r=2**40), r"r=1099511627776 is above 1048576 \(2\*\*20\)"),
+        (lambda: lp.LoraConfig(rank_pattern={"q": 2**21}), r"rank_pattern\['q'\]=2097152 is above 1048576"),
+        (
+            lambda: lp.PromptTuningConfig(num_virtual_tokens=2**40),
+            r"num_virtual_tokens=1099511627776 is above 1048576 \(2\*\*20\)",
+        ),
+        (
+            lambda: lp.PromptEncoderConfig(num_virtual_tokens=4, encoder_num_layers=10**7),
+            "encoder_num_layers must be a positive integer of at most 64, got 10000000",
+        ),
+    ],
+)
+def test_absurd_sizes_are_refused_whatever_the_weights(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

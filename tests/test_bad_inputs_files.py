@@ -250,26 +250,28 @@ def load_in_child(folder, limit_bytes=3 * 2**30, timeout=120):
 
 def test_a_huge_rank_in_a_small_folder_is_refused_before_anything_is_allocated(saved_adapter):
     _, folder = saved_adapter
-    edit_config(folder, r=10**7)  # LoRA A/B at rank 1e7 over tiny GPT-2 would take 6.5 GB
+    # r=10**7 (6.5 GB of LoRA A/B over tiny GPT-2) is now refused by the absolute bound (2**20) before any file
+    # is read; just below it, the file check is what refuses
+    edit_config(folder, r=10**6)
     assert sum(f.stat().st_size for f in folder.iterdir()) < 20_000
-    out = load_in_child(folder)  # 3 GB of address space: building the adapter first would fail to allocate
-    assert "REFUSED r=10000000 in adapter_config.json does not fit the weights" in out, out
+    out = load_in_child(folder)  # 3 GB of address space
+    assert "REFUSED r=1000000 in adapter_config.json does not fit the weights" in out, out
     assert "c_attn.lora_A.weight of shape (8, 32) (rank 8)" in out
 
 
 def test_a_rank_pattern_larger_than_every_saved_rank_is_refused(saved_adapter):
     base, folder = saved_adapter
-    edit_config(folder, rank_pattern={"c_proj": 10**7}, target_modules=["c_attn", "c_proj"])
-    load_fails(base, folder, r"rank_pattern\['c_proj'\]=10000000 in adapter_config\.json.*no saved rank is above 8")
+    edit_config(folder, rank_pattern={"c_proj": 10**6}, target_modules=["c_attn", "c_proj"])
+    load_fails(base, folder, r"rank_pattern\['c_proj'\]=1000000 in adapter_config\.json.*no saved rank is above 8")
 
 
 def test_a_huge_number_of_virtual_tokens_in_a_small_folder_is_refused(tmp_path):
     lp.get_peft_model(tiny_gpt2(), lp.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
         tmp_path
     )
-    edit_config(tmp_path, num_virtual_tokens=10**9)
+    edit_config(tmp_path, num_virtual_tokens=10**6)  # (10**9 is refused by the absolute bound, 2**20)
     out = load_in_child(tmp_path)
-    assert "REFUSED num_virtual_tokens=1000000000 in adapter_config.json does not fit the weights" in out, out
+    assert "REFUSED num_virtual_tokens=1000000 in adapter_config.json does not fit the weights" in out, out
     assert "prompt_embeddings of shape (4, 32)" in out
 
 
@@ -556,3 +558,179 @@ def test_from_pretrained_and_load_adapter_take_the_non_finite_opt_in(saved_adapt
     assert "second" not in model.peft_config
     model.load_adapter(folder, adapter_name="second", allow_nonfinite=True)
     assert torch.isnan(model.base_model.model.transformer.h[0].attn.c_attn.lora_B["second"].weight[0, 0])
+
+
+# ---- every size a file claims is backed by the file before anything is allocated at it -------------------------
+CHILD_LOAD_BIN = CHILD_LOAD.replace("is_trainable=True)", "is_trainable=True, allow_pickle=True)")
+
+
+def _rewrite_weights(folder, keep):
+    path = folder / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(path).items() if keep(k)}
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize(
+    "keep,held",
+    [
+        (lambda k: False, "it holds no tensors"),  # an empty (valid) safetensors file
+        (lambda k: "lora_B" in k, "it holds base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"),
+    ],
+)
+def test_a_lora_file_without_lora_a_backs_no_rank(saved_adapter, keep, held):
+    _, folder = saved_adapter
+    _rewrite_weights(folder, keep)
+    edit_config(folder, r=10**6)  # below the absolute bound; no lora_A to compare it with
+    out = load_in_child(folder)
+    assert "REFUSED" in out and "adapter_model.safetensors holds no lora_A tensor" in out, out
+    assert held in out and "the file is not this adapter's weights" in out
+
+
+def test_a_lora_file_holding_only_modules_to_save_tensors_is_refused(tmp_path):
+    model = lp.get_peft_model(
+        tiny_bert_classifier(), lp.LoraConfig(target_modules=["query"], modules_to_save=["classifier"])
+    )
+    model.save_pretrained(tmp_path)
+    _rewrite_weights(tmp_path, lambda k: "lora_" not in k)
+    edit_config(tmp_path, r=10**6)
+    load_fails(tiny_bert_classifier(), tmp_path, r"holds no lora_A tensor .*it holds base_model\.model\.classifier")
+
+
+def test_a_pickled_bin_is_checked_against_the_config_before_building(saved_adapter):
+    _, folder = saved_adapter
+    tensors = load_file(folder / "adapter_model.safetensors")
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save(tensors, folder / "adapter_model.bin")
+    edit_config(folder, r=10**6)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD_LOAD_BIN, str(folder), str(3 * 2**30)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "REFUSED r=1000000 in adapter_config.json does not fit the weights: " in out.stdout, out.stdout
+    assert "adapter_model.bin holds base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" in out.stdout
+
+
+def test_a_pickled_bin_that_fits_still_loads(saved_adapter):
+    base, folder = saved_adapter
+    tensors = load_file(folder / "adapter_model.safetensors")
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save(tensors, folder / "adapter_model.bin")
+    model = lp.PeftModel.from_pretrained(base, folder, allow_pickle=True)
+    assert torch.equal(lp.get_peft_model_state_dict(model)[LORA_B0], tensors[LORA_B0])
+
+
+def _saved_prompt(tmp_path, config):
+    lp.get_peft_model(tiny_gpt2(), config).save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "tensors,found",
+    [
+        ({}, "it holds no tensors"),
+        ({"prompt_embeddings": torch.zeros(4)}, r"its prompt_embeddings has shape \(4,\)"),
+        ({"x": torch.zeros(4, 32)}, "it holds x"),
+    ],
+)
+def test_a_prompt_file_without_2d_prompt_embeddings_backs_no_size(tmp_path, tensors, found):
+    folder = _saved_prompt(tmp_path, lp.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    save_file(tensors, folder / "adapter_model.safetensors")
+    edit_config(folder, num_virtual_tokens=10**6, token_dim=10**6)  # 4 TB of embedding if built
+    out = load_in_child(folder)
+    assert "REFUSED" in out and "holds no 2-D prompt_embeddings tensor" in out, out
+    assert re.search(found, out), out
+
+
+def test_prefix_num_layers_must_be_the_models(tmp_path):
+    folder = _saved_prompt(tmp_path, lp.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    edit_config(folder, num_layers=3)  # fits width 128 / 2, but tiny GPT-2 has 2 layers
+    load_fails(tiny_gpt2(), folder, r"PrefixTuningConfig\.num_layers=3 but the model has 2 layers")
+
+
+def test_prefix_sizes_must_give_exactly_the_saved_shape_before_building(tmp_path):
+    folder = _saved_prompt(tmp_path, lp.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    edit_config(folder, token_dim=64)  # each size alone fits width 128; together 2 x 2 x 64 = 256 does not
+    load_fails(
+        tiny_gpt2(),
+        folder,
+        r"the sizes in adapter_config\.json \(.*token_dim=64.*\) give prompt_embeddings of shape \(4, 256\), but "
+        r".*holds shape \(4, 128\)",
+    )
+
+
+@pytest.mark.parametrize(
+    "config,changes",
+    [
+        (lp.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), dict(encoder_hidden_size=10**6)),
+        (
+            lp.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_reparameterization_type="LSTM"),
+            dict(encoder_hidden_size=10**6, encoder_num_layers=64),
+        ),
+        (
+            lp.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True),
+            dict(encoder_hidden_size=10**8),
+        ),
+    ],
+    ids=["p-tuning-mlp", "p-tuning-lstm", "prefix-projection"],
+)
+def test_encoder_sizes_from_a_file_are_never_allocated(tmp_path, config, changes):
+    # the saved rows replace the reparameterisation on load, so loading builds the plain embedding directly
+    folder = _saved_prompt(tmp_path, config)
+    edit_config(folder, **changes)  # MLP / LSTM at these widths: terabytes
+    out = load_in_child(folder)  # is_trainable=True
+    assert out.strip() == "LOADED", out
+    with pytest.warns(UserWarning, match="holds the encoder's output only"):
+        model = lp.PeftModel.from_pretrained(tiny_gpt2(), folder, is_trainable=True)
+    encoder = model.prompt_encoder["default"]
+    assert not encoder.reparameterized and encoder.embedding.weight.requires_grad
+
+
+def test_values_that_overflow_the_models_dtype_are_refused(saved_adapter):
+    base, folder = saved_adapter
+    tensors = {k: v.double() for k, v in load_file(folder / "adapter_model.safetensors").items()}
+    tensors[LORA_B0][0, 0] = 1e300  # finite in float64, inf once cast to the model's float32
+    save_file(tensors, folder / "adapter_model.safetensors")
+    load_fails(base, folder, rf"NaN or inf values in 1 tensors: {re.escape(LORA_B0)}\. .*once cast to the model's")
+    model = lp.PeftModel.from_pretrained(base, folder, allow_nonfinite=True)  # the same opt-in
+    assert torch.isinf(lp.get_peft_model_state_dict(model)[LORA_B0][0, 0])
+
+
+def test_float32_values_beyond_float16_are_refused_for_a_float16_model(tmp_path):
+    # LoRA weights train in float32 over a float16 base; a modules_to_save copy keeps the module's float16
+    config = lp.LoraConfig(target_modules=["query"], modules_to_save=["classifier"])
+    lp.get_peft_model(tiny_bert_classifier(), config).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("classifier.weight"))
+    tensors[key][0, 0] = 1e5  # float16 tops out at 65504
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    load_fails(tiny_bert_classifier().half(), tmp_path, rf"NaN or inf values in 1 tensors: {re.escape(key)}\.")
+
+
+def test_a_config_file_nested_too_deeply_is_named(saved_adapter):
+    base, folder = saved_adapter
+    (folder / "adapter_config.json").write_text("[" * 200_000 + "]" * 200_000)
+    load_fails(base, folder, r"adapter_config\.json is not a valid adapter config \(its JSON is nested too deeply\)")
+
+
+def test_a_conditional_group_regex_from_a_file_does_not_hang(saved_adapter):
+    _, folder = saved_adapter
+    edit_config(folder, target_modules=r"()(?(1)(.+)+!)")  # ran for minutes per module name
+    out = load_in_child(folder, timeout=60)
+    assert "REFUSED target_modules='()(?(1)(.+)+!)' uses a conditional group" in out, out
+
+
+def test_an_inline_global_flag_in_a_file_key_is_named(saved_adapter):
+    base, folder = saved_adapter
+    edit_config(folder, alpha_pattern={"(?i)c_attn": 4})
+    load_fails(base, folder, r"alpha_pattern key '\(\?i\)c_attn' cannot be used as a key")

@@ -10,6 +10,7 @@ from ...config import (
     check_finite,
     check_regex,
     check_target_modules,
+    files_missing,
     short_repr,
     size_mismatch,
     validate_choice,
@@ -41,6 +42,21 @@ DEFAULT_TARGET_MODULES = {
 }
 
 
+# No layer has use for a rank this large (HF PEFT allows r above min(in, out), but not in the millions): a
+# config claiming one is refused before anything is allocated at that size.
+MAX_RANK = 2**20
+
+
+def _check_rank(where: str, value: object, what: str = "a positive integer (the LoRA rank)") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{where} must be {what}, got {short_repr(value)}")
+    if value > MAX_RANK:
+        raise ValueError(
+            f"{where}={value} is above {MAX_RANK} (2**20); no layer has use for such a rank and building it would "
+            "exhaust memory. Use a rank of at most the layer's width"
+        )
+
+
 @dataclass
 class LoraConfig(PeftConfig):
     """Low-rank adaptation: output = base(x) + B(A(dropout(x))) * lora_alpha / r."""
@@ -62,8 +78,7 @@ class LoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer (the LoRA rank), got {short_repr(self.r)}")
+        _check_rank("r", self.r)
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
             raise TypeError(f"lora_alpha must be a number, got {short_repr(self.lora_alpha)}")
         check_finite("lora_alpha", self.lora_alpha)
@@ -118,8 +133,8 @@ class LoraConfig(PeftConfig):
                     raise TypeError(f"{name} keys must be module-name regexes, got {short_repr(key)}")
                 check_regex(name, key, is_key=True)
                 where = f"{name}[{short_repr(key, 60)}]"
-                if positive_int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                    raise ValueError(f"{where} must be a positive integer rank, got {short_repr(value)}")
+                if positive_int:
+                    _check_rank(where, value, "a positive integer rank")
                 if not positive_int and (isinstance(value, bool) or not isinstance(value, (int, float))):
                     raise TypeError(f"{where} must be a number, got {short_repr(value)}")
                 check_finite(where, value)
@@ -128,7 +143,8 @@ class LoraConfig(PeftConfig):
     def check_fits_weights(self, shapes: dict[str, tuple[int, ...]], weights_file: str) -> None:
         """Every saved `lora_A` has the rank this config gives its module (`r` or a `rank_pattern` entry), and no
         rank the config claims is larger than every saved one: the adapter is built at the config's ranks before
-        the file is read, so a huge `r` in a small folder is refused here instead of being allocated."""
+        the file is read, so a huge `r` in a small folder is refused here instead of being allocated; a file without
+        any `lora_A` is refused (it cannot be this adapter's, and it backs no rank)."""
         from ..base import pattern_value
 
         file_ranks = {}
@@ -136,8 +152,8 @@ class LoraConfig(PeftConfig):
             module, sep, tail = key.removeprefix(SAVED_PREFIX + "model.").rpartition(".lora_")
             if sep and tail in ("A.weight", "embedding_A") and shape:
                 file_ranks[key] = (module, shape)
-        if not file_ranks:
-            return
+        if not file_ranks:  # no tensor backs any rank: the config's ranks would be allocated as it claims
+            raise ValueError(files_missing(weights_file, "lora_A tensor (lora_A.weight / lora_embedding_A)", shapes))
         for key, (module, shape) in file_ranks.items():
             pattern = next((p for p in self.rank_pattern if pattern_value({p: True}, module, False)), None)
             field_name, rank = (

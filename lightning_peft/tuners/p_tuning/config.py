@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional, Union
 
 from ...config import PeftType, StrEnum, _coerce_enum, short_repr
-from ..prompt_learning.config import PromptLearningConfig, _check_positive_int
+from ..prompt_learning.config import MAX_ENCODER_LAYERS, PromptLearningConfig, _check_positive_int
 
 
 class PromptEncoderReparameterizationType(StrEnum):
@@ -36,10 +36,11 @@ class PromptEncoderConfig(PromptLearningConfig):
         if (
             isinstance(self.encoder_num_layers, bool)
             or not isinstance(self.encoder_num_layers, int)
-            or self.encoder_num_layers <= 0
+            or not 0 < self.encoder_num_layers <= MAX_ENCODER_LAYERS
         ):
             raise ValueError(
-                f"encoder_num_layers must be a positive integer, got {short_repr(self.encoder_num_layers)}"
+                f"encoder_num_layers must be a positive integer of at most {MAX_ENCODER_LAYERS}, got "
+                f"{short_repr(self.encoder_num_layers)}"
             )
         if (
             isinstance(self.encoder_dropout, bool)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, cast
 
 from torch import nn
 
-from ..prompt_learning.encoder import PromptEncoderBase
+from ..prompt_learning.encoder import PromptEncoderBase, builds_direct
 from ..prompt_learning.injection import PrependEmbeddings
 from ..prompt_learning.model import PromptLearningModel
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType
@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 class PromptEncoder(PromptEncoderBase):
     """(batch, total_virtual_tokens) ids -> (batch, total_virtual_tokens, token_dim).
 
-    Built for inference (`inference_mode=True`) it is the bare embedding, which then holds the saved output.
+    Built for inference (`inference_mode=True`), or to load a saved adapter, it is the bare embedding, which then
+    holds the saved output.
     """
 
     _heads = ("lstm_head", "mlp_head")
@@ -32,7 +33,7 @@ class PromptEncoder(PromptEncoderBase):
         self.total_virtual_tokens = config.num_virtual_tokens * (config.num_transformer_submodules or 1)
         self.encoder_type = config.encoder_reparameterization_type
         self.embedding = nn.Embedding(self.total_virtual_tokens, self.token_dim)
-        if config.inference_mode:
+        if builds_direct(config, type(self).__name__):
             return
         hidden = self.hidden_size
         if self.encoder_type == PromptEncoderReparameterizationType.LSTM:

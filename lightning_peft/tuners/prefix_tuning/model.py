@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, cast
 
 from torch import nn
 
-from ..prompt_learning.encoder import PromptEncoderBase
+from ..prompt_learning.encoder import PromptEncoderBase, builds_direct
 from ..prompt_learning.injection import KeyValuePrefix
 from ..prompt_learning.model import PromptLearningModel
 from .config import PrefixTuningConfig
@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 class PrefixEncoder(PromptEncoderBase):
     """(batch, num_virtual_tokens) ids -> (batch, num_virtual_tokens, num_layers * 2 * token_dim).
 
-    With `prefix_projection` the ids go Embedding(token_dim) -> Linear -> Tanh -> Linear; built for inference the
-    encoder is a bare embedding of the full width, holding the saved (projected) output.
+    With `prefix_projection` the ids go Embedding(token_dim) -> Linear -> Tanh -> Linear; built for inference (or
+    to load a saved adapter) the encoder is a bare embedding of the full width, holding the saved (projected) output.
     """
 
     _heads = ("transform",)
@@ -29,7 +29,7 @@ class PrefixEncoder(PromptEncoderBase):
         super().__init__()
         self.prefix_projection = config.prefix_projection
         width = config.num_layers * 2 * config.token_dim
-        if self.prefix_projection and not config.inference_mode:
+        if self.prefix_projection and not builds_direct(config, type(self).__name__):
             hidden = config.encoder_hidden_size or config.token_dim
             self.embedding = nn.Embedding(config.num_virtual_tokens, config.token_dim)
             self.transform = nn.Sequential(nn.Linear(config.token_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, cast
 
-from ...config import PeftConfig, TaskType, short_repr, size_mismatch
+from ...config import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    PeftConfig,
+    TaskType,
+    files_missing,
+    short_repr,
+    size_mismatch,
+    weights_header_shapes,
+)
 
 PROMPT_KEY = "prompt_embeddings"  # HF PEFT's name for the saved encoder output
 SIZE_FIELDS = ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers")
+# Bounds no real adapter comes near, checked before anything is allocated at a size a config claims
+MAX_VIRTUAL_TOKENS = 2**20
+MAX_ENCODER_LAYERS = 64  # P-tuning's LSTM layers
 
 
 def _check_positive_int(name: str, value: Any, none_means: str = "filled from the model") -> None:
@@ -31,6 +44,11 @@ class PromptLearningConfig(PeftConfig):
         super().__post_init__()
         for name in SIZE_FIELDS:
             _check_positive_int(name, getattr(self, name))
+        if self.num_virtual_tokens is not None and self.num_virtual_tokens > MAX_VIRTUAL_TOKENS:
+            raise ValueError(
+                f"num_virtual_tokens={self.num_virtual_tokens} is above {MAX_VIRTUAL_TOKENS} (2**20); prompts are a "
+                "few to a few hundred virtual tokens, and building this many would exhaust memory"
+            )
         if self.num_transformer_submodules not in (None, 1, 2):
             raise ValueError(
                 "num_transformer_submodules must be 1 (decoder-only / encoder-only), 2 (encoder-decoder) "
@@ -49,8 +67,9 @@ class PromptLearningConfig(PeftConfig):
         """The sizes this config claims fit the saved `prompt_embeddings`: the encoder is built at the config's
         sizes before the file is read, so a huge `num_virtual_tokens` in a small folder is refused here."""
         shape = shapes.get(PROMPT_KEY)
-        if shape is None or len(shape) != 2:
-            return  # loading the weights says what is missing
+        if shape is None or len(shape) != 2:  # nothing backs the sizes: they would be allocated as claimed
+            found = f" (its {PROMPT_KEY} has shape {shape})" if shape is not None else ""
+            raise ValueError(files_missing(weights_file, f"2-D {PROMPT_KEY} tensor{found}", shapes))
         rows, width = shape
         nvt = self.num_virtual_tokens
         if nvt is not None:
@@ -138,3 +157,32 @@ def fill_config_from_model(config: PromptLearningConfig, model: Any, injection: 
     if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
     return cast("FilledPromptLearningConfig", config)  # every size is set (or a ValueError was raised)
+
+
+def check_sizes_before_building(config: FilledPromptLearningConfig, model: Any, injection: Any) -> None:
+    """Last check before the encoder is allocated, on the sizes as filled and fitted to the model: prefix tuning's
+    `num_layers` must be the model's layer count (when its config says it), and a config read from a folder must
+    give exactly the shape of the saved `prompt_embeddings` (the header only is read)."""
+    kind = type(config).__name__
+    model_config = _text_config(model)
+    if config.SAVED_LAYOUT == "prefix" and model_config is not None:
+        layers = first_int(model_config, ("num_hidden_layers", "num_layers", "n_layer"))
+        if layers is not None and config.num_layers != layers:
+            raise ValueError(
+                f"{kind}.num_layers={short_repr(config.num_layers)} but the model has {layers} layers; the prefix "
+                "gives every layer its keys and values. Set num_layers to the model's (or leave it None)"
+            )
+    source = config._source_dir
+    if source is None:
+        return
+    weights = os.path.join(source, WEIGHTS_NAME)
+    shapes = weights_header_shapes(weights) if os.path.isfile(weights) else None
+    saved = shapes.get(PROMPT_KEY) if shapes else None
+    want = tuple(injection.saved_shape(config))
+    if saved is not None and tuple(saved) != want:
+        sizes = ", ".join(f"{name}={getattr(config, name)}" for name in SIZE_FIELDS)
+        raise ValueError(
+            f"the sizes in {CONFIG_NAME} ({sizes}, fitted to the model) give {PROMPT_KEY} of shape {want}, but "
+            f"{weights} holds shape {tuple(saved)}. The config and weights file do not belong together; export "
+            "the adapter again"
+        )

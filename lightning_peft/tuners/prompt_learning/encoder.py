@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
+
+from ...config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+
+SAVED_OUTPUT_ONLY = (
+    "the saved adapter holds the encoder's output only (HF PEFT's format), not its reparameterisation layers; the "
+    "virtual tokens continue as a plain embedding of that output"
+)
+
+
+def builds_direct(config: Any, kind: str) -> bool:
+    """Whether an encoder is built as the bare embedding: for inference, or when its config was read from a folder
+    holding weights (about to be loaded: HF PEFT's files hold the encoder's output only, so the reparameterisation
+    layers would be dropped on load). Those layers are then never built, so no size a file claims for them
+    (`encoder_hidden_size`, `encoder_num_layers`) is ever allocated."""
+    if config.inference_mode:
+        return True
+    source = getattr(config, "_source_dir", None)
+    if source is None or not any(os.path.isfile(os.path.join(source, n)) for n in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)):
+        return False
+    warnings.warn(f"{kind}: {SAVED_OUTPUT_ONLY}", stacklevel=3)
+    return True
 
 
 class PromptEncoderBase(nn.Module):
@@ -38,10 +61,7 @@ class PromptEncoderBase(nn.Module):
     def load_output_rows(self, rows: torch.Tensor) -> None:
         """Load saved output rows; a reparameterised encoder becomes a direct embedding of them."""
         if self.reparameterized:
-            warnings.warn(
-                f"{type(self).__name__}: the saved adapter holds the encoder's output only (HF PEFT's format), not "
-                "its reparameterisation layers; the virtual tokens continue as a plain embedding of that output"
-            )
+            warnings.warn(f"{type(self).__name__}: {SAVED_OUTPUT_ONLY}")
             for name in self._heads:
                 if hasattr(self, name):
                     delattr(self, name)
