@@ -243,12 +243,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         after = _flatten(trainer.validate(module, datamodule=datamodule, verbose=False))
 
     metrics: dict[str, Any] = {
-        "tuner": job["choices"].get("tuner"),
-        "strategy": job["choices"].get("strategy"),
-        "recipe": job["choices"].get("recipe"),
-        "model": job["choices"].get("model"),
-        "overrides": job["overrides"],
-        "job_num": job["job_num"],
+        **_job_fields(job),
         "monitor": monitor,
         "metric": after.get(monitor),
         "before": before,
@@ -306,6 +301,15 @@ def _log_each_line_once() -> None:
 FAILED_JOBS: list[str] = []  # "job <n> (<overrides>): <error>" for each failed job of this process's multirun
 
 
+def _job_fields(job: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a job in its metrics.json and the sweep report: its choices, overrides and number."""
+    return {
+        **{group: job["choices"].get(group) for group in ("tuner", "strategy", "recipe", "model")},
+        "overrides": job["overrides"],
+        "job_num": job["job_num"],
+    }
+
+
 def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
@@ -319,16 +323,7 @@ def record_failed_job(cfg: DictConfig, err: BaseException) -> None:
     FAILED_JOBS.append(f"job {job['job_num']} ({' '.join(job['overrides'])}): {_error_text(err)}")
     if os.environ.get("LOCAL_RANK", "0") != "0":
         return
-    record = {
-        "error": _error_text(err),
-        "tuner": job["choices"].get("tuner"),
-        "strategy": job["choices"].get("strategy"),
-        "recipe": job["choices"].get("recipe"),
-        "model": job["choices"].get("model"),
-        "overrides": job["overrides"],
-        "job_num": job["job_num"],
-        "metric": None,
-    }
+    record = {"error": _error_text(err), **_job_fields(job), "metric": None}
     try:
         run_dir = _run_dir(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -540,9 +540,9 @@ class BaseTuner(TunerAttributes, nn.Module):
             )
         return config
 
-    def _create_and_replace(
-        self, config: Any, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module, current_key: str
-    ) -> None:
+    def _create_and_replace(self, config: Any, adapter_name: str, target: nn.Module, key: str) -> Optional[nn.Module]:
+        """Add `adapter_name` to the module named `key`: a new tuner layer wrapping `target` to put in its place,
+        or None when `target` already is one of this tuner's layers and took the adapter in place."""
         raise NotImplementedError
 
     def _is_supported_target(self, module: nn.Module) -> bool:
@@ -604,7 +604,9 @@ class BaseTuner(TunerAttributes, nn.Module):
                 for key in keys:
                     parent, target, target_name = get_submodule_parent(self.model, key)
                     originals.append((parent, target_name, target))
-                    self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
+                    new_module = self._create_and_replace(config, adapter_name, target, key)
+                    if new_module is not None:
+                        setattr(parent, target_name, new_module)
                 wrap_modules_to_save(self.model, getattr(config, "modules_to_save", None), adapter_name)
                 self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
             except BaseException:  # a KeyboardInterrupt too: no half-built adapter stays behind

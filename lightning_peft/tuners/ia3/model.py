@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
 from ..base import BaseTuner, describe_module_names, is_conv1d, name_matches, resolve_fan_in_fan_out
@@ -62,14 +64,8 @@ class IA3Model(BaseTuner):
         )
 
     def _create_and_replace(
-        self,
-        config: IA3Config,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-    ) -> None:
+        self, config: IA3Config, adapter_name: str, target: nn.Module, current_key: str
+    ) -> Optional[nn.Module]:
         is_feedforward = is_feedforward_key(config, current_key)
         if isinstance(target, IA3Layer):
             if target.is_feedforward != is_feedforward:
@@ -78,7 +74,7 @@ class IA3Model(BaseTuner):
                     "for an existing IA3 adapter; every adapter must agree on feedforward_modules"
                 )
             target.update_layer(adapter_name, config.init_ia3_weights)
-            return
+            return None
         kwargs = dict(is_feedforward=is_feedforward, init_ia3_weights=config.init_ia3_weights)
         quantized = self.quantized_layer_for(target)
         if quantized is not None:
@@ -102,7 +98,7 @@ class IA3Model(BaseTuner):
                 f"cannot apply IA3 to {current_key} of type {type(target).__name__}; "
                 f"supported: Linear, Conv1D, Conv2d, 8-bit Linear. {describe_module_names(self.model)}"
             )
-        setattr(parent, target_name, new_module)
+        return new_module
 
 
 __all__ = ["IA3Model", "is_feedforward_key"]

@@ -131,18 +131,10 @@ class _LoraLinearFunction(torch.autograd.Function):
     """y = x W_base^T + b + s * B(A(dropout_p(x))) over a frozen base weight (see above)."""
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        scaling: float,
-        p: float,
-        fan_in_fan_out: bool,
-    ) -> torch.Tensor:
-        out, x_lora, mask, after_A = _lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, fan_in_fan_out)
+    def forward(ctx: Any, *args: Any) -> torch.Tensor:
+        """`args`: those of `_lora_linear` (x, weight, bias, lora_A, lora_B, scaling, p, fan_in_fan_out)."""
+        out, x_lora, mask, after_A = _lora_linear(*args)
+        x, weight, _, lora_A, lora_B, scaling, p, fan_in_fan_out = args
         ctx.save_for_backward(x_lora, mask, after_A, weight, lora_A, lora_B)
         ctx.scaling, ctx.keep, ctx.fan_in_fan_out, ctx.x_shape = scaling, 1.0 - p, fan_in_fan_out, x.shape
         return out
@@ -437,12 +429,12 @@ class Linear(nn.Module, LoraLayer):
     __repr__ = LoraLayer.lora_repr
 
 
-class Embedding(nn.Module, LoraLayer):
-    """LoRA over `nn.Embedding`: A (r, num_embeddings) starts at zero, B (dim, r) normal."""
+class _SizedByBaseLayer(nn.Module, LoraLayer):
+    """LoRA over a base layer whose input / output sizes it reads from the layer itself (`_sizes`)."""
 
     def __init__(
         self,
-        base_layer: nn.Embedding,
+        base_layer: nn.Module,
         adapter_name: str,
         r: int = 0,
         lora_alpha: float = 1,
@@ -451,8 +443,20 @@ class Embedding(nn.Module, LoraLayer):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        self._init_lora_layer(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
+        self._init_lora_layer(base_layer, *self._sizes(base_layer))
         self._add_first_adapter(adapter_name, False, r, lora_alpha, lora_dropout, init_lora_weights)
+
+    def _sizes(self, base_layer: Any) -> tuple[int, int]:
+        raise NotImplementedError
+
+    __repr__ = LoraLayer.lora_repr
+
+
+class Embedding(_SizedByBaseLayer):
+    """LoRA over `nn.Embedding`: A (r, num_embeddings) starts at zero, B (dim, r) normal."""
+
+    def _sizes(self, base_layer: nn.Embedding) -> tuple[int, int]:
+        return base_layer.num_embeddings, base_layer.embedding_dim
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
@@ -484,27 +488,14 @@ class Embedding(nn.Module, LoraLayer):
             result = result + (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
         return result.to(result_dtype)
 
-    __repr__ = LoraLayer.lora_repr
 
-
-class Conv2d(nn.Module, LoraLayer):
+class Conv2d(_SizedByBaseLayer):
     """LoRA over `nn.Conv2d`: A is a conv with the base kernel/stride/padding, B a 1x1 conv."""
 
-    def __init__(
-        self,
-        base_layer: nn.Conv2d,
-        adapter_name: str,
-        r: int = 0,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        init_lora_weights: bool | str = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__()
+    def _sizes(self, base_layer: nn.Conv2d) -> tuple[int, int]:
         if base_layer.groups != 1:
             raise ValueError(f"LoRA supports Conv2d with groups=1 only, got groups={base_layer.groups}")
-        self._init_lora_layer(base_layer, base_layer.in_channels, base_layer.out_channels)
-        self._add_first_adapter(adapter_name, False, r, lora_alpha, lora_dropout, init_lora_weights)
+        return base_layer.in_channels, base_layer.out_channels
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         base = cast(nn.Conv2d, self.get_base_layer())
@@ -525,5 +516,3 @@ class Conv2d(nn.Module, LoraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._forward_with_adapter_modules(x, *args, **kwargs)
-
-    __repr__ = LoraLayer.lora_repr

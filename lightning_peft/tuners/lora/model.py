@@ -67,14 +67,8 @@ class LoraModel(BaseTuner):
         )
 
     def _create_and_replace(
-        self,
-        config: LoraConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-    ) -> None:
+        self, config: LoraConfig, adapter_name: str, target: nn.Module, current_key: str
+    ) -> Optional[nn.Module]:
         kwargs = dict(
             r=pattern_value(config.rank_pattern, current_key, config.r),
             lora_alpha=pattern_value(config.alpha_pattern, current_key, config.lora_alpha),
@@ -83,7 +77,7 @@ class LoraModel(BaseTuner):
         )
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, **kwargs)
-            return
+            return None
         kwargs["fan_in_fan_out"] = config.fan_in_fan_out
         quantized = self.quantized_layer_for(target)
         if quantized is not None:
@@ -93,7 +87,7 @@ class LoraModel(BaseTuner):
             new_module = _new_layer(target, adapter_name, config, **kwargs)
         if new_module is None:
             raise ValueError(f"cannot apply LoRA to {current_key} of type {type(target).__name__}")
-        setattr(parent, target_name, new_module)
+        return new_module
 
     def _mark_extra_trainable(self, config: LoraConfig) -> None:
         bias = config.bias

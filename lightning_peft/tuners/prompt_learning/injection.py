@@ -43,6 +43,12 @@ def gradient_checkpointing_on(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
+def _prepend_mask(inputs: dict, key: str, count: int) -> None:
+    """The mask under `key` (if any) covers the virtual tokens too."""
+    if inputs.get(key) is not None:
+        inputs[key] = prepend(inputs[key], count)
+
+
 def _drop_token_type_ids(kwargs: dict) -> None:
     if kwargs.get("token_type_ids") is not None:
         warnings.warn("token_type_ids are ignored with prompt learning for this task")
@@ -102,71 +108,36 @@ class PrependEmbeddings:
             )
             kwargs["position_ids"] = None
 
-    def causal_forward(
-        self,
-        tuner: Any,
-        config: FilledPromptLearningConfig,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ) -> Any:
-        vt = config.num_virtual_tokens
-        if attention_mask is not None:
-            attention_mask = prepend(attention_mask, vt)
-        self._drop_position_ids(kwargs)
-        _drop_token_type_ids(kwargs)
-        if labels is not None:  # the virtual tokens predict nothing
-            labels = prepend(labels, vt, -100)
-        return tuner.model(
-            inputs_embeds=self._prompts_and_embeds(tuner, input_ids, inputs_embeds),
-            attention_mask=attention_mask,
-            labels=labels,
-            **kwargs,
-        )
+    def _with_prompts(self, tuner: Any, inputs: dict, rows: Optional[int] = None) -> dict:
+        """`inputs` with the prompts followed by the input's embeddings in place of `input_ids`."""
+        input_ids = inputs.pop("input_ids", None)
+        inputs["inputs_embeds"] = self._prompts_and_embeds(tuner, input_ids, inputs.get("inputs_embeds"), rows)
+        return inputs
 
-    def seq2seq_forward(
-        self,
-        tuner: Any,
-        config: FilledPromptLearningConfig,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ) -> Any:
+    def causal_forward(self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict) -> Any:
+        vt = config.num_virtual_tokens
+        _prepend_mask(inputs, "attention_mask", vt)
+        self._drop_position_ids(inputs)
+        _drop_token_type_ids(inputs)
+        if inputs.get("labels") is not None:  # the virtual tokens predict nothing
+            inputs["labels"] = prepend(inputs["labels"], vt, -100)
+        return tuner.model(**self._with_prompts(tuner, inputs))
+
+    def seq2seq_forward(self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict) -> Any:
         # the first num_virtual_tokens rows go in front of the encoder input; the decoder is untouched
         vt = config.num_virtual_tokens
-        self._drop_position_ids(kwargs)
-        _drop_token_type_ids(kwargs)
-        if attention_mask is not None:
-            attention_mask = prepend(attention_mask, vt)
-        return tuner.model(
-            inputs_embeds=self._prompts_and_embeds(tuner, input_ids, inputs_embeds, rows=vt),
-            attention_mask=attention_mask,
-            **kwargs,
-        )
+        self._drop_position_ids(inputs)
+        _drop_token_type_ids(inputs)
+        _prepend_mask(inputs, "attention_mask", vt)
+        return tuner.model(**self._with_prompts(tuner, inputs, rows=vt))
 
-    def encoder_forward(
-        self,
-        tuner: Any,
-        config: FilledPromptLearningConfig,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ) -> Any:
+    def encoder_forward(self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict) -> Any:
         vt = config.num_virtual_tokens
-        if attention_mask is not None:
-            attention_mask = prepend(attention_mask, vt)
-        self._drop_position_ids(kwargs)
-        if kwargs.get("token_type_ids") is not None:
-            kwargs["token_type_ids"] = prepend(kwargs["token_type_ids"], vt, 0)
-        return tuner.model(
-            inputs_embeds=self._prompts_and_embeds(tuner, input_ids, inputs_embeds),
-            attention_mask=attention_mask,
-            **kwargs,
-        )
+        _prepend_mask(inputs, "attention_mask", vt)
+        self._drop_position_ids(inputs)
+        if inputs.get("token_type_ids") is not None:
+            inputs["token_type_ids"] = prepend(inputs["token_type_ids"], vt, 0)
+        return tuner.model(**self._with_prompts(tuner, inputs))
 
     def generate(self, tuner: Any, config: FilledPromptLearningConfig, kind: str, kwargs: dict) -> Any:
         if kind != SEQ2SEQ:
@@ -241,58 +212,31 @@ class KeyValuePrefix:
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + config.num_virtual_tokens
 
-    def causal_forward(
-        self,
-        tuner: Any,
-        config: FilledPromptLearningConfig,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ) -> Any:
-        if attention_mask is not None:
-            attention_mask = prepend(attention_mask, config.num_virtual_tokens)
-        self._shift_position_ids(config, kwargs)
-        _drop_token_type_ids(kwargs)
-        kwargs[tuner.cache_kwarg()] = tuner.get_prompt(batch_size_of(input_ids, inputs_embeds))
-        return tuner.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+    @staticmethod
+    def _prefix_for(tuner: Any, inputs: dict) -> Any:
+        """The prefix cache for this batch."""
+        return tuner.get_prompt(batch_size_of(inputs.get("input_ids"), inputs.get("inputs_embeds")))
 
-    def seq2seq_forward(
-        self,
-        tuner: Any,
-        config: FilledPromptLearningConfig,
-        input_ids: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        decoder_attention_mask: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ) -> Any:
+    def causal_forward(self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict) -> Any:
+        _prepend_mask(inputs, "attention_mask", config.num_virtual_tokens)
+        self._shift_position_ids(config, inputs)
+        _drop_token_type_ids(inputs)
+        inputs[tuner.cache_kwarg()] = self._prefix_for(tuner, inputs)
+        return tuner.model(**inputs)
+
+    def seq2seq_forward(self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict) -> Any:
         # the prefix sits in the decoder's self-attention cache; the encoder is untouched
-        self._shift_position_ids(config, kwargs)
-        _drop_token_type_ids(kwargs)
-        if decoder_attention_mask is not None:
-            decoder_attention_mask = prepend(decoder_attention_mask, config.num_virtual_tokens)
-        kwargs[tuner.cache_kwarg()] = tuner.get_prompt(batch_size_of(input_ids, inputs_embeds))
-        return tuner.model(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, decoder_attention_mask=decoder_attention_mask, **kwargs
-        )
+        self._shift_position_ids(config, inputs)
+        _drop_token_type_ids(inputs)
+        _prepend_mask(inputs, "decoder_attention_mask", config.num_virtual_tokens)
+        inputs[tuner.cache_kwarg()] = self._prefix_for(tuner, inputs)
+        return tuner.model(**inputs)
 
-    def encoder_forward(
-        self,
-        tuner: Any,
-        config: FilledPromptLearningConfig,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ) -> Any:
-        if attention_mask is not None:
-            attention_mask = prepend(attention_mask, config.num_virtual_tokens)
-        self._shift_position_ids(config, kwargs)
-        cache = tuner.get_prompt(batch_size_of(input_ids, inputs_embeds))
-        with prefix_cache_passed(tuner.model, cache, tuner.cache_route) as extra:
-            return tuner.model(
-                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **extra, **kwargs
-            )
+    def encoder_forward(self, tuner: Any, config: FilledPromptLearningConfig, inputs: dict) -> Any:
+        _prepend_mask(inputs, "attention_mask", config.num_virtual_tokens)
+        self._shift_position_ids(config, inputs)
+        with prefix_cache_passed(tuner.model, self._prefix_for(tuner, inputs), tuner.cache_route) as extra:
+            return tuner.model(**inputs, **extra)
 
     def generate(self, tuner: Any, config: FilledPromptLearningConfig, kind: str, kwargs: dict) -> Any:
         self.check_ready(tuner)

@@ -291,7 +291,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
             SEQ2SEQ: self.injection.seq2seq_forward,
             ENCODER: self.injection.encoder_forward,
         }[kind]
-        return run(self, config, **kwargs)
+        return run(self, config, kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = keyword_inputs(args, kwargs, "generate()")
