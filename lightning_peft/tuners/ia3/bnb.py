@@ -8,29 +8,16 @@ import torch
 from torch import nn
 
 from ..base import is_linear8bit
-from .layer import IA3Layer
+from .layer import SizedByBaseLayer
 
 
-class Linear8bitLt(nn.Module, IA3Layer):
+class Linear8bitLt(SizedByBaseLayer):
     """(IA)^3 over a bitsandbytes `Linear8bitLt`; runs and trains, but cannot be merged into the int8 weight."""
 
     accepts = staticmethod(is_linear8bit)  # which base layers this class wraps
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        is_feedforward: bool = False,
-        init_ia3_weights: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__()
-        self._init_ia3_layer(
-            base_layer, is_feedforward, cast(int, base_layer.in_features), cast(int, base_layer.out_features)
-        )
-        self.fan_in_fan_out = False
-        self._active_adapters = [adapter_name]
-        self.update_layer(adapter_name, init_ia3_weights)
+    def _sizes(self, base_layer: Any) -> tuple[int, int]:
+        return base_layer.in_features, base_layer.out_features
 
     def update_layer(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
         vector = torch.ones(self._vector_shape()) if init_ia3_weights else torch.randn(self._vector_shape())
@@ -58,6 +45,3 @@ class Linear8bitLt(nn.Module, IA3Layer):
         else:
             result = self.base_layer(x, *args, **kwargs) * scaling
         return result.to(previous_dtype)
-
-    def __repr__(self) -> str:
-        return "ia3." + super().__repr__()

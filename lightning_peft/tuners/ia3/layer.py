@@ -31,6 +31,11 @@ class IA3Layer(BaseTunerLayer):
         self.in_features = in_features
         self.out_features = out_features
 
+    def _add_first_adapter(self, adapter_name: str, init_ia3_weights: bool, fan_in_fan_out: bool = False) -> None:
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapters = [adapter_name]
+        self.update_layer(adapter_name, init_ia3_weights)
+
     def _vector_shape(self) -> tuple[int, ...]:
         return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
 
@@ -107,10 +112,8 @@ class Linear(nn.Module, IA3Layer):
             rows, cols = cast(torch.Tensor, base_layer.weight).shape
             in_features, out_features = (rows, cols) if fan_in_fan_out else (cols, rows)
         self._init_ia3_layer(base_layer, is_feedforward, in_features, out_features)
-        self.fan_in_fan_out = fan_in_fan_out
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
-        self._active_adapters = [adapter_name]
-        self.update_layer(adapter_name, init_ia3_weights)
+        self._add_first_adapter(adapter_name, init_ia3_weights, fan_in_fan_out)
 
     def _weight_factor(self, adapter_name: str) -> torch.Tensor:
         # (out, 1) scales weight rows, (1, in) columns; a (in, out) Conv1D weight needs the transpose
@@ -132,22 +135,33 @@ class Linear(nn.Module, IA3Layer):
         return "ia3." + super().__repr__()
 
 
-class Conv2d(nn.Module, IA3Layer):
-    """(IA)^3 over `nn.Conv2d`; the vector is (1, channels, 1, 1) as in HF PEFT."""
+class SizedByBaseLayer(nn.Module, IA3Layer):
+    """(IA)^3 over a base layer whose input / output sizes it reads from the layer itself (`_sizes`)."""
 
     def __init__(
         self,
-        base_layer: nn.Conv2d,
+        base_layer: nn.Module,
         adapter_name: str,
         is_feedforward: bool = False,
         init_ia3_weights: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        self._init_ia3_layer(base_layer, is_feedforward, base_layer.in_channels, base_layer.out_channels)
-        self.fan_in_fan_out = False
-        self._active_adapters = [adapter_name]
-        self.update_layer(adapter_name, init_ia3_weights)
+        self._init_ia3_layer(base_layer, is_feedforward, *self._sizes(base_layer))
+        self._add_first_adapter(adapter_name, init_ia3_weights)
+
+    def _sizes(self, base_layer: Any) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return "ia3." + super().__repr__()
+
+
+class Conv2d(SizedByBaseLayer):
+    """(IA)^3 over `nn.Conv2d`; the vector is (1, channels, 1, 1) as in HF PEFT."""
+
+    def _sizes(self, base_layer: nn.Conv2d) -> tuple[int, int]:
+        return base_layer.in_channels, base_layer.out_channels
 
     def _vector_shape(self) -> tuple[int, ...]:
         return (1, self.in_features if self.is_feedforward else self.out_features, 1, 1)
@@ -177,6 +191,3 @@ class Conv2d(nn.Module, IA3Layer):
         else:
             result = self.base_layer(x, *args, **kwargs).to(scaling.dtype) * scaling
         return result.to(previous_dtype)
-
-    def __repr__(self) -> str:
-        return "ia3." + super().__repr__()
