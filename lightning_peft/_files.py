@@ -183,7 +183,7 @@ def _unmark(folder: str, token: str) -> None:
 
 
 def _leftovers(parent: str, name: str) -> list[tuple[str, str, str]]:
-    """(kind, token, path) of every real folder beside `final` named like one of ours (whoever made it)."""
+    """(kind, token, path) of every real folder in `parent` named like one of ours for `name` (whoever made it)."""
     found = []
     for entry in os.listdir(parent):
         for kind in (_TMP, _NEW, _PREV):
@@ -244,17 +244,17 @@ def recover_and_clean(final: str) -> None:
         news = {token: path for kind, token, path in found if kind == _NEW}
         complete = [path for kind, token, path in found if kind == _NEW and _marker_token(path) == token]
         paired = [path for kind, token, path in found if kind == _PREV and token in news]
-        for candidate in _by_age(complete) + _by_age(paired):
-            os.rename(candidate, final)
-            break
+        candidates = _by_age(complete) + _by_age(paired)
+        if candidates:  # the newest complete version first, else the previous one of that save
+            os.rename(candidates[0], final)
     for _, token, path in found:
         if not os.path.isdir(path) or os.path.islink(path):
             continue
         try:
-            alone = set(os.listdir(path)) <= {MARKER}  # killed before / while writing its marker, or removing it
+            only_marker = set(os.listdir(path)) <= {MARKER}  # killed before / while writing its marker, or removing it
         except OSError:
-            alone = False
-        if token in marked or alone:
+            only_marker = False
+        if token in marked or only_marker:
             _remove(path)
     final_token = _marker_token(final)
     if final_token is not None:

@@ -21,7 +21,7 @@ from .tuners.registry import get_config_class
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-SAVED_PREFIX = "base_model."  # every LoRA / IA3 key in HF PEFT's files starts with it
+SAVED_PREFIX = "base_model."  # adapter keys in HF PEFT's files start with it (its PeftModel's attribute)
 
 
 class StrEnum(str, enum.Enum):
@@ -89,6 +89,12 @@ class TaskType(StrEnum):
     TOKEN_CLS = "TOKEN_CLS"  # noqa: S105  (a task name, not a password)
     QUESTION_ANS = "QUESTION_ANS"
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+def listed(items: list[str], limit: int = 5) -> str:
+    """The first `limit` items, comma-separated, and how many more there are (for error messages)."""
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def short_repr(value: Any, limit: int = 80) -> str:
@@ -282,7 +288,7 @@ class PeftConfig:
             self.modules_to_save: Optional[list[str]] = list(names)
 
     @property
-    def is_prompt_learning(self) -> bool:
+    def is_prompt_learning(self) -> bool:  # HF PEFT's name; kept for code written for it
         return False
 
     # ---- serialisation -------------------------------------------------------------------
@@ -436,10 +442,9 @@ def check_loaded_weights_fit_folder_config(
 
 def files_missing(weights_file: str, what: str, shapes: dict[str, tuple[int, ...]]) -> str:
     """The message for a weights file lacking the tensors that back the config's sizes."""
-    keys = sorted(shapes)
-    listed = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "") if keys else "no tensors"
+    held = listed(sorted(shapes), 3) if shapes else "no tensors"
     return (
-        f"{weights_file} holds no {what} (it holds {listed}), so nothing backs the sizes {CONFIG_NAME} claims: the "
+        f"{weights_file} holds no {what} (it holds {held}), so nothing backs the sizes {CONFIG_NAME} claims: the "
         "file is not this adapter's weights. Export the adapter again"
     )
 

@@ -13,10 +13,9 @@ import torch
 from torch import nn
 
 from ._files import atomic_folder
-from .config import WEIGHTS_NAME, PeftConfig, TaskType
+from .config import SAVED_PREFIX, WEIGHTS_NAME, PeftConfig, TaskType
 from .serialization import atomic_save_file, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .tuners.base import (
-    SAVED_KEY_PREFIX,
     BaseTuner,
     BaseTunerLayer,
     TunerAttributes,
@@ -284,7 +283,7 @@ class PeftModel(nn.Module):
         """Before anything changes: the file's tensors (and, for a tuner that wraps layers, its config's targets)
         must be those of adapter `name`, so the rebuilt adapter has the same layers and shapes."""
         tuner = self.tuner
-        optional = {SAVED_KEY_PREFIX + k for k in getattr(tuner, "_embedding_base_keys", set)()}
+        optional = {SAVED_PREFIX + k for k in getattr(tuner, "_embedding_base_keys", set)()}
         shapes = {k: tuple(v.shape) for k, v in weights.items() if k not in optional}
         old_shapes = {k: tuple(v.shape) for k, v in old_tensors.items()}
         differ = sorted(set(shapes) ^ set(old_shapes)) or sorted(k for k in shapes if shapes[k] != old_shapes[k])

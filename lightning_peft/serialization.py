@@ -13,13 +13,12 @@ from safetensors.torch import load_file, save_file
 from ._files import default_mode
 from .config import (
     CONFIG_NAME,
-    PICKLE_WEIGHTS_NAME,
+    PICKLE_WEIGHTS_NAME,  # noqa: F401  (re-exported: it was defined here)
     WEIGHTS_NAME,
     check_loaded_weights_fit_folder_config,
     check_regular_file,
+    listed,
 )
-
-__all__ = ["PICKLE_WEIGHTS_NAME"]  # re-exported: it was defined here
 
 
 def get_peft_model_state_dict(
@@ -42,11 +41,6 @@ def set_peft_model_state_dict(
     expected = {k: v.dtype for k, v in model.tuner.peft_state_dict(adapter_name).items()}
     check_adapter_tensors(peft_state_dict, expected, allow_nonfinite=allow_nonfinite)
     model.tuner.load_peft_state_dict(peft_state_dict, adapter_name)
-
-
-def _listed(keys: list[str], limit: int = 5) -> str:
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
 
 
 def _finite_as(value: torch.Tensor, dtype: Optional[torch.dtype]) -> bool:
@@ -88,14 +82,14 @@ def check_adapter_tensors(
     )
     if wrong:
         raise ValueError(
-            f"{what} hold integer or bool tensors where the model has float weights: {_listed(wrong)}; they are "
+            f"{what} hold integer or bool tensors where the model has float weights: {listed(wrong)}; they are "
             "not cast. The file was not written by save_pretrained; export the adapter again"
         )
     if not allow_nonfinite:
         bad = nonfinite_keys(tensors, expected_dtypes)
         if bad:
             raise ValueError(
-                f"{what} hold NaN or inf values in {len(bad)} tensors: {_listed(bad)}. The adapter is broken "
+                f"{what} hold NaN or inf values in {len(bad)} tensors: {listed(bad)}. The adapter is broken "
                 f"(retrain it or load an earlier export; values are checked as saved and once cast to the model's "
                 f"dtype); {opt_in}"
             )

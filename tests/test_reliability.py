@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 import lightning_peft as lp
+from lightning_peft._files import atomic_folder
 from lightning_peft.lightning import PEFTCallback
-from lightning_peft.lightning._state import atomic_directory
 from lightning_peft.lightning.rng import (
     CHECKPOINT_KEY,
     SeedEpochSampler,
@@ -517,17 +517,17 @@ def test_sigkill_during_export_leaves_the_previous_export_whole(tmp_path, which)
     assert loaded.base_model.model.fc1.lora_A["default"].weight.shape == (4, 16)
 
 
-def test_atomic_directory_keeps_the_old_folder_when_writing_fails(tmp_path):
+def test_atomic_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
     final = tmp_path / "adapter"
-    with atomic_directory(str(final)) as tmp:
+    with atomic_folder(str(final)) as tmp:
         Path(tmp, "a.txt").write_text("old")
     with pytest.raises(RuntimeError, match="disk full"):
-        with atomic_directory(str(final)) as tmp:
+        with atomic_folder(str(final)) as tmp:
             Path(tmp, "a.txt").write_text("new, half")
             raise RuntimeError("disk full")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary folder left behind
     assert (final / "a.txt").read_text() == "old"
-    with atomic_directory(str(final)) as tmp:
+    with atomic_folder(str(final)) as tmp:
         Path(tmp, "b.txt").write_text("new")
     assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

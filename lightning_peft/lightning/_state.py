@@ -18,7 +18,6 @@ Hooks rather than callback hooks because Lightning loads module weights before a
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import os
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from .._files import atomic_folder
-from ..config import PeftConfig
+from ..config import PeftConfig, listed
 from ..peft_model import PeftModel, get_peft_model
 from ..serialization import check_adapter_tensors, get_peft_model_state_dict, nonfinite_keys
 from ..tuners.registry import get_tuner
@@ -82,11 +81,6 @@ def resolve_peft_config(config: Any) -> PeftConfig:
 # One mechanism for every export (`lightning_peft/_files.py::atomic_folder`): the folder is filled beside
 # the target, with whatever else goes into it (`extras`, e.g. the app's tokenizer), then swapped in whole.
 ExportExtras = Optional[Callable[[str], None]]
-
-
-def atomic_directory(final: str) -> contextlib.AbstractContextManager[str]:
-    """Yield a temporary folder beside `final`; on success it replaces `final` whole, on error it is removed."""
-    return atomic_folder(final)
 
 
 def save_merged_model(model: nn.Module, directory: str, extras: ExportExtras = None) -> None:
@@ -330,10 +324,9 @@ class AdapterState:
         peft = self.require_peft(action)
         bad = nonfinite_keys(get_peft_model_state_dict(peft, adapter_name=self.adapter_name))
         if bad:
-            more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
             raise ValueError(
                 f"adapter {self.adapter_name!r} holds NaN or inf values in {len(bad)} tensors "
-                f"({', '.join(bad[:5])}{more}); refusing to {action}. Training diverged: lower the learning rate or "
+                f"({listed(bad)}); refusing to {action}. Training diverged: lower the learning rate or "
                 "resume from an earlier checkpoint"
             )
 
@@ -416,9 +409,8 @@ def _load_pre_hook(
         return
     problems = []
     if missing:
-        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
         problems.append(
-            f"{len(missing)} of {len(state.adapter_keys)} adapter tensors are missing: {', '.join(missing[:3])}{more}"
+            f"{len(missing)} of {len(state.adapter_keys)} adapter tensors are missing: {listed(missing, 3)}"
         )
     if shapes:
         problems.append(f"shape mismatches: {'; '.join(shapes[:3])}")

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, cast
 import torch
 from torch import nn
 
+from ..config import SAVED_PREFIX, listed
 from .registry import get_tuner
 
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
-SAVED_KEY_PREFIX = "base_model."  # every adapter key in HF PEFT's files starts with it (its PeftModel's attribute)
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 TASK_HEAD_NAMES = frozenset({"classifier", "score", "qa_outputs"})
 
@@ -470,11 +470,6 @@ class TunerAttributes:
             )
 
 
-def _describe_mismatches(items: list[str], what: str, limit: int = 5) -> str:
-    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-    return f"{what}: {', '.join(items[:limit])}{more}"
-
-
 def check_tensors_fit(
     expected: dict[str, tuple[int, ...]],
     tensors: dict[str, torch.Tensor],
@@ -491,7 +486,7 @@ def check_tensors_fit(
     missing = sorted(set(expected) - set(tensors) - optional)
     unexpected = sorted(set(tensors) - set(expected))
     problems = [
-        _describe_mismatches(items, what)
+        f"{what}: {listed(items)}"
         for what, items in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected))
         if items
     ]
@@ -809,14 +804,14 @@ class BaseTuner(TunerAttributes, nn.Module):
         if state_dict is None:
             inner = self.state_dict()
         else:
-            inner = {k[len(SAVED_KEY_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(SAVED_KEY_PREFIX)}
-        out = {SAVED_KEY_PREFIX + k: v for k, v in self.adapter_state_dict(inner, adapter_name).items()}
+            inner = {k[len(SAVED_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(SAVED_PREFIX)}
+        out = {SAVED_PREFIX + k: v for k, v in self.adapter_state_dict(inner, adapter_name).items()}
         if save_embedding_layers == "auto":
             targets = self.peft_config[adapter_name].target_modules
             save_embedding_layers = not isinstance(targets, str) and any(n in targets for n in EMBEDDING_LAYER_NAMES)
         if save_embedding_layers:
             embedding_keys = self._embedding_base_keys()
-            out.update({SAVED_KEY_PREFIX + k: v for k, v in inner.items() if k in embedding_keys})
+            out.update({SAVED_PREFIX + k: v for k, v in inner.items() if k in embedding_keys})
         return out
 
     def _embedding_base_keys(self) -> set[str]:
@@ -839,15 +834,13 @@ class BaseTuner(TunerAttributes, nn.Module):
         own = self.state_dict()
         embedding_keys = self._embedding_base_keys()
         expected = {k: tuple(v.shape) for k, v in self.peft_state_dict(adapter_name).items()}
-        expected.update({SAVED_KEY_PREFIX + k: tuple(own[k].shape) for k in embedding_keys})
-        check_tensors_fit(
-            expected, tensors, adapter_name, optional=frozenset(SAVED_KEY_PREFIX + k for k in embedding_keys)
-        )
+        expected.update({SAVED_PREFIX + k: tuple(own[k].shape) for k in embedding_keys})
+        check_tensors_fit(expected, tensors, adapter_name, optional=frozenset(SAVED_PREFIX + k for k in embedding_keys))
         targets: dict[str, torch.Tensor] = dict(self.named_parameters())
         targets.update(dict(self.named_buffers()))
         with torch.no_grad():
             for key, value in tensors.items():
-                target = targets[self.adapter_key_to_model_key(key[len(SAVED_KEY_PREFIX) :], adapter_name)]
+                target = targets[self.adapter_key_to_model_key(key[len(SAVED_PREFIX) :], adapter_name)]
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
 
     def adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:

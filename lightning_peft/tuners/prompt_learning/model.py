@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union, cast
 import torch
 from torch import nn
 
-from ...config import TaskType
+from ...config import SAVED_PREFIX, TaskType
 from ..base import (
-    SAVED_KEY_PREFIX,
     ModulesToSaveWrapper,
     TunerAttributes,
     check_adapter_name,
@@ -359,7 +358,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         for key, wrapper in self._wrappers():
             if adapter_name in wrapper.modules_to_save:
                 for name, value in wrapper.modules_to_save[adapter_name].state_dict().items():
-                    out[f"{SAVED_KEY_PREFIX}{key}.{name}"] = value
+                    out[f"{SAVED_PREFIX}{key}.{name}"] = value
         return out
 
     def peft_state_dict(
