@@ -9,6 +9,7 @@ import os
 import re
 import warnings
 from types import SimpleNamespace
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -777,3 +778,45 @@ def final_adapter_loss(adapter_dir: str) -> float:
     peft.eval()
     with torch.no_grad():
         return forward_loss(peft, next(iter(loader("gpt2", seed=2)))).item()  # limit_val_batches=1
+
+
+class SuperCallingMixinModule(PEFTMixin, TaskModule):
+    """Overrides every exact-resume hook and calls super() in each: the mixin's part must run once per call."""
+
+    def __init__(self) -> None:
+        super().__init__(model=build("gpt2"))
+        self.peft_config = config_for("lora", "gpt2")
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        return super().on_train_batch_start(batch, batch_idx)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+
+
+def test_mixin_hooks_overridden_with_super_run_the_exact_resume_part_once(tmp_path, monkeypatch):
+    import lightning_peft.lightning.mixin as mixin_module
+
+    calls: list[tuple[str, bool]] = []
+    real = mixin_module.exact_resume_hook
+
+    def counting(name, trainer, module, *args):
+        calls.append((name, bool(args) and isinstance(args[0], dict)))
+        return real(name, trainer, module, *args)
+
+    monkeypatch.setattr(mixin_module, "exact_resume_hook", counting)
+    full = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
+    trainer = make_trainer(tmp_path, [full], max_steps=2)
+    trainer.fit(SuperCallingMixinModule(), loader("gpt2"))
+    names = [name for name, _ in calls]
+    assert names.count("on_train_start") == 1
+    assert names.count("on_train_batch_start") == names.count("on_train_batch_end") == 2
+    assert names.count("on_save_checkpoint") >= 1
+    # only the checkpoint hooks hand something on, and it is the checkpoint dict (never a batch)
+    assert all(has_checkpoint == name.endswith("_checkpoint") for name, has_checkpoint in calls)

@@ -157,6 +157,8 @@ class PEFTMixin(_MixinBase):
         )
 
     def _peft_hook(self, name: str, *args: Any) -> None:
+        if self.__dict__.get("_peft_hook_done") == name:  # a subclass's hook ran it first, then called super()
+            return
         if name == "on_load_checkpoint":
             trainer = getattr(self, "_trainer", None)
             if trainer is not None and trainer.state.fn == "fit" and get_state(self) is not None:
@@ -199,12 +201,18 @@ class PEFTMixin(_MixinBase):
 def _with_rng_hook(name: str, hook: Any) -> Any:
     """A subclass's own `on_train_batch_start` (etc.) with the mixin's part run first."""
 
+    takes_checkpoint = name.endswith("_checkpoint")
+
     @functools.wraps(hook)
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(self, PEFTMixin):
-            first = args[0] if args else kwargs.get("checkpoint")
-            self._peft_hook(name, first)
-        return hook(self, *args, **kwargs)
+        if not isinstance(self, PEFTMixin):
+            return hook(self, *args, **kwargs)
+        self._peft_hook(name, *([args[0] if args else kwargs["checkpoint"]] if takes_checkpoint else []))
+        self.__dict__["_peft_hook_done"] = name  # the mixin's own hook, reached through super(), is not run again
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            self.__dict__.pop("_peft_hook_done", None)
 
     setattr(wrapped, "_lightning_peft_wrapped", True)
     return wrapped
