@@ -13,9 +13,13 @@ import os
 import warnings
 from pathlib import Path
 
-import pytest
-import torch
-from torch import nn
+# MKL may otherwise use fewer threads when the machine is busy, and a GEMM split differently rounds differently:
+# the tests compare repeated forwards bit for bit. Set before torch loads MKL.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -383,6 +383,9 @@ def test_disable_adapter_gives_back_the_state_it_found(kind):
     """HF peft keeps a nested block, and a block after disable_adapter_layers(), disabled on exit; so do we."""
     import peft
 
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:  # equal but for the BLAS's thread-dependent rounding
+        return torch.allclose(a, b, rtol=0, atol=1e-6)
+
     for lib in (lp, peft):
         kwargs = GPT2_LORA if kind == "LoraConfig" else _IA3_GPT2
         model = quiet(lib.get_peft_model, tiny_gpt2(), getattr(lib, kind)(**kwargs))
@@ -390,18 +393,18 @@ def test_disable_adapter_gives_back_the_state_it_found(kind):
         with model.disable_adapter():
             base_out = logits(model, ids())
         adapted = logits(model, ids())
-        assert not torch.equal(base_out, adapted)
+        assert not same(base_out, adapted)
         with model.disable_adapter():
             with model.disable_adapter():
                 pass
-            assert torch.equal(logits(model, ids()), base_out), lib.__name__  # the outer block still holds
-        assert torch.equal(logits(model, ids()), adapted)
+            assert same(logits(model, ids()), base_out), lib.__name__  # the outer block still holds
+        assert same(logits(model, ids()), adapted)
         model.base_model.disable_adapter_layers()
         with model.disable_adapter():
             pass
-        assert torch.equal(logits(model, ids()), base_out), lib.__name__  # disabled as it was found
+        assert same(logits(model, ids()), base_out), lib.__name__  # disabled as it was found
         model.base_model.enable_adapter_layers()
-        assert torch.equal(logits(model, ids()), adapted)
+        assert same(logits(model, ids()), adapted)
 
 
 @pytest.mark.parametrize("how", ["unload", "merge_and_unload"])
