@@ -33,15 +33,21 @@ ADAPTER_API = (
 )
 
 
-def test_the_registry_holds_exactly_the_five_tuners():
-    assert set(registry.registered_tuners()) == {"LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"}
+def test_the_registry_holds_the_five_tuners_and_names_them_all():
+    # a new tuner adds itself here; this list is what must never go missing
+    assert {"LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"} <= set(registry.registered_tuners())
     assert registry.get_config_class("lora") is lp.LoraConfig
     assert registry.get_model_class(PeftType.PREFIX_TUNING).__name__ == "PrefixTuningModel"
-    with pytest.raises(
-        ValueError,
-        match="unknown peft_type 'LOHA'; lightning_peft knows: IA3, LORA, PREFIX_TUNING, PROMPT_TUNING, P_TUNING",
-    ):
-        registry.get_tuner("LOHA")
+    known = ", ".join(sorted(registry.registered_tuners()))
+    with pytest.raises(ValueError, match=re.escape(f"unknown peft_type 'NOT_A_TUNER'; lightning_peft knows: {known}")):
+        registry.get_tuner("NOT_A_TUNER")
+
+
+def test_the_app_tests_cover_every_registered_tuner():
+    import test_app
+
+    missing = sorted({t.lower() for t in registry.registered_tuners()} - set(test_app.TUNERS))
+    assert missing == [], f"add {missing} to tests/test_app.py's TUNERS, LEARNING_RATE and CONFIG_CLASS"
 
 
 @pytest.mark.parametrize("peft_type", sorted(registry.registered_tuners()))
