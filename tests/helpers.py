@@ -12,6 +12,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 # MKL may otherwise use fewer threads when the machine is busy, and a GEMM split differently rounds differently:
 # the tests compare repeated forwards bit for bit. Set before torch loads MKL.
@@ -28,17 +29,27 @@ VOCAB = 64
 
 
 # ---- tiny models ---------------------------------------------------------------------------------
-def tiny_gpt2(seed: int = 0) -> nn.Module:
+def tiny_gpt2(seed: int = 0, **overrides: Any) -> nn.Module:
+    """`overrides`: config fields (e.g. dropout 0 for exact-resume tests)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0, pad_token_id=0
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        **overrides,
     )
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
+def tiny_llama(seed: int = 0, **overrides: Any) -> nn.Module:
+    """`overrides`: config fields (e.g. dropout 0 for exact-resume tests)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -53,11 +64,13 @@ def tiny_llama(seed: int = 0) -> nn.Module:
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
+        **overrides,
     )
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_bert_classifier(seed: int = 0, num_labels: int = 3) -> nn.Module:
+def tiny_bert_classifier(seed: int = 0, num_labels: int = 3, **overrides: Any) -> nn.Module:
+    """`overrides`: config fields (e.g. dropout 0 for exact-resume tests)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
@@ -69,11 +82,13 @@ def tiny_bert_classifier(seed: int = 0, num_labels: int = 3) -> nn.Module:
         vocab_size=VOCAB,
         max_position_embeddings=64,
         num_labels=num_labels,
+        **overrides,
     )
     return BertForSequenceClassification(config).eval()
 
 
-def tiny_t5(seed: int = 0) -> nn.Module:
+def tiny_t5(seed: int = 0, **overrides: Any) -> nn.Module:
+    """`overrides`: config fields (e.g. dropout 0 for exact-resume tests)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -88,6 +103,7 @@ def tiny_t5(seed: int = 0) -> nn.Module:
         decoder_start_token_id=0,
         pad_token_id=0,
         eos_token_id=1,
+        **overrides,
     )
     return T5ForConditionalGeneration(config).eval()
 
@@ -216,3 +232,21 @@ def edit_config(folder, **changes):
     data.update(changes)
     (folder / "adapter_config.json").write_text(json.dumps(data))
     return data
+
+
+# ---- Lightning runs --------------------------------------------------------------------------------
+def quiet_trainer(**kwargs: Any) -> Any:
+    """A CPU `lightning.pytorch.Trainer` without logger, progress bar or model summary; `kwargs` add or override."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        **{"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False, **kwargs}
+    )
+
+
+def token_loader(rows: int = 6, length: int = 12, batch_size: int = 2, seed: int = 0) -> Any:
+    """Batches of random token ids (1..VOCAB-1) in a `(input_ids,)` TensorDataset."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    ids = torch.randint(1, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return DataLoader(TensorDataset(ids), batch_size=batch_size)

@@ -28,23 +28,9 @@ SAMPLES = 4  # batch 2 on 2 ranks: one step per epoch, each rank always sees its
 
 
 def build_model(seed: int = 0) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from helpers import tiny_gpt2
 
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=4,
-        vocab_size=64,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(seed, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: ranks must agree
 
 
 def tuner_config(name: str):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import quiet_trainer
 
 import lightning_peft as lp
 from lightning_peft import _files
@@ -448,10 +449,9 @@ def test_callback_re_export_never_leaves_adapter_missing_and_extras_are_always_i
         callback = PEFTCallback(
             lp.LoraConfig(r=2, target_modules=["fc1"]), export_dir=str(tmp_path / "run"), export_extras=tokenizer
         )
-        trainer = pl.Trainer(
-            max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[callback],
-        )  # fmt: skip
+        trainer = quiet_trainer(
+            max_steps=2, enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[callback]
+        )
         trainer.fit(Module())
         return callback
 

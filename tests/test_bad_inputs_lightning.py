@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import quiet_trainer, tiny_llama
 
 import lightning_peft as lp
 
@@ -59,12 +59,8 @@ def _fit(callback, root, ckpt_path=None, steps=2, holder=None):
     module = Module()
     if holder is not None:
         holder["module"] = module
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=root,
         callbacks=[callback, ModelCheckpoint(dirpath=root, save_last=True)],
     )

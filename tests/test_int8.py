@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from helpers import quiet_trainer, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_loader
 from torch import nn
 
 pytest.importorskip("bitsandbytes")
@@ -161,7 +161,6 @@ def test_missing_bitsandbytes_names_the_extra(monkeypatch):
 def test_lightning_run_over_int8_exports_an_adapter_that_loads_back(tmp_path, token_ids):
     import lightning.pytorch as pl
     from safetensors.torch import load_file
-    from torch.utils.data import DataLoader, TensorDataset
     from transformers import LlamaForCausalLM
 
     from lightning_peft.lightning import PEFTCallback
@@ -180,19 +179,8 @@ def test_lightning_run_over_int8_exports_an_adapter_that_loads_back(tmp_path, to
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     module = LitLM()
     callback = PEFTCallback(config, export_dir=str(tmp_path), merge_on_train_end=True)
-    trainer = pl.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
-    data = DataLoader(
-        TensorDataset(torch.randint(1, 64, (6, 12), generator=torch.Generator().manual_seed(0))), batch_size=2
-    )
+    trainer = quiet_trainer(max_steps=3, devices=1, enable_checkpointing=False, callbacks=[callback])
+    data = token_loader()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, data)

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import VOCAB, quiet_trainer, tiny_bert_classifier, tiny_gpt2, tiny_t5
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
@@ -35,8 +36,6 @@ from lightning_peft.lightning import PEFTCallback, PEFTMixin
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-VOCAB = 64
-
 
 # ---------------------------------------------------------------------------------------------
 # tiny models without dropout (exact resume needs no randomness in the forward)
@@ -52,60 +51,19 @@ class MLP(nn.Module):
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
+NO_DROPOUT = {
+    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "t5": dict(dropout_rate=0.0),
+    "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+}
+
+
 def build(kind: str, seed: int = 0) -> nn.Module:
+    """The tiny model of `kind` without dropout, in training mode (as a LightningModule holds it)."""
+    builders = {"gpt2": tiny_gpt2, "t5": tiny_t5, "bert": tiny_bert_classifier}
+    if kind in builders:
+        return builders[kind](seed, **NO_DROPOUT[kind]).train()
     torch.manual_seed(seed)
-    if kind == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        return GPT2LMHeadModel(
-            GPT2Config(
-                n_layer=2,
-                n_embd=32,
-                n_head=4,
-                vocab_size=VOCAB,
-                n_positions=64,
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                attn_pdrop=0.0,
-                bos_token_id=0,
-                eos_token_id=0,
-                pad_token_id=0,
-            )
-        )
-    if kind == "t5":
-        from transformers import T5Config, T5ForConditionalGeneration
-
-        return T5ForConditionalGeneration(
-            T5Config(
-                num_layers=2,
-                num_decoder_layers=2,
-                d_model=32,
-                d_ff=64,
-                num_heads=4,
-                d_kv=8,
-                vocab_size=VOCAB,
-                dropout_rate=0.0,
-                decoder_start_token_id=0,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        )
-    if kind == "bert":
-        from transformers import BertConfig, BertForSequenceClassification
-
-        return BertForSequenceClassification(
-            BertConfig(
-                num_hidden_layers=2,
-                hidden_size=32,
-                intermediate_size=64,
-                num_attention_heads=4,
-                vocab_size=VOCAB,
-                max_position_embeddings=64,
-                num_labels=3,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            )
-        )
     return MLP()
 
 
@@ -220,16 +178,8 @@ def model_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 
 def make_trainer(tmp_path, callbacks, max_steps=4, **kwargs) -> pl.Trainer:
-    kwargs.setdefault("logger", False)
-    return pl.Trainer(
-        max_steps=max_steps,
-        callbacks=callbacks,
-        default_root_dir=str(tmp_path),
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
+    return quiet_trainer(
+        max_steps=max_steps, callbacks=callbacks, default_root_dir=str(tmp_path), num_sanity_val_steps=0, **kwargs
     )
 
 

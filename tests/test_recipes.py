@@ -11,9 +11,9 @@ import re
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -166,13 +166,10 @@ def _fit(module, dm, steps, tmp_path):
     loss on that batch must drop. Returns the metrics before and after, and the validation batches used."""
     dm.setup("fit")
     batch = dm.collate([dm.train_set[i] for i in range(dm.hparams.batch_size)])
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
         overfit_batches=1,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
     )

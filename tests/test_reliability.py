@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import quiet_trainer
 from safetensors.torch import load_file
 
 import lightning_peft as lp
@@ -232,17 +233,13 @@ def _fit_in_process(tmp_path: Path, name: str, val_every: int | None, exact: boo
     callback = PEFTCallback(
         lp.LoraConfig(**w.LORA), export_dir=str(tmp_path / name), exact_resume=exact, merge_on_train_end=False
     )
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=12,
-        accelerator="cpu",
         callbacks=[callback],
         val_check_interval=val_every,
         limit_val_batches=1 if val_every else 0,
         num_sanity_val_steps=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -288,19 +285,15 @@ def _collate_and_step_draws(out: Path, val_every: int | None) -> tuple[list[floa
             )
 
     pl.seed_everything(5, verbose=False)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=12,
-        accelerator="cpu",
         callbacks=[
             PEFTCallback(lp.LoraConfig(**w.LORA), export_dir=str(out), exact_resume=True, merge_on_train_end=False)
         ],
         val_check_interval=val_every,
         limit_val_batches=1 if val_every else 0,
         num_sanity_val_steps=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

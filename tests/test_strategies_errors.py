@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from helpers import quiet_trainer, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_loader
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_peft import LoraConfig, get_peft_model
@@ -97,7 +97,6 @@ def test_full_tensors_is_a_no_op_without_dtensors():
 def test_lightning_precisions_keep_adapters_in_fp32_and_train_them(tmp_path, precision):
     import lightning.pytorch as pl
     from safetensors.torch import load_file
-    from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_peft.lightning import PEFTCallback
 
@@ -121,20 +120,10 @@ def test_lightning_precisions_keep_adapters_in_fp32_and_train_them(tmp_path, pre
         export_dir=str(tmp_path),
         merge_on_train_end=False,
     )
-    trainer = pl.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        devices=1,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
+    trainer = quiet_trainer(
+        max_steps=3, devices=1, precision=precision, enable_checkpointing=False, callbacks=[callback]
     )
-    data = DataLoader(
-        TensorDataset(torch.randint(1, 64, (6, 12), generator=torch.Generator().manual_seed(0))), batch_size=2
-    )
+    data = token_loader()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, data)

@@ -198,3 +198,14 @@ def test_registering_a_second_config_for_a_type_is_refused(new_tuner):
 
     with pytest.raises(ValueError, match="peft_type LOHA is registered twice"):
         registry.register_tuner(Other, ScaledLoraModel)
+
+
+def test_registering_something_that_is_not_a_tuner_is_refused(new_tuner):
+    before = registry.registered_tuners()
+    with pytest.raises(TypeError, match="is not a tuner config class"):
+        registry.register_tuner(dict, ScaledLoraModel)
+    with pytest.raises(TypeError, match="is not a tuner model class"):
+        registry.register_tuner(ScaledLoraConfig, dict)
+    with pytest.raises(TypeError, match=r"quantized layers for \['int8'\] need an `accepts"):
+        registry.register_tuner(ScaledLoraConfig, ScaledLoraModel, quantized_layers={"int8": dict})
+    assert registry.registered_tuners() == before

@@ -55,6 +55,27 @@ def register_tuner(
     merges_into_quantized: bool = False,
 ) -> TunerSpec:
     """Called once by each tuner folder; the config class says which peft type it is (`PEFT_TYPE`)."""
+    if not isinstance(config_class, type) or getattr(config_class, "PEFT_TYPE", None) is None:
+        raise TypeError(f"register_tuner: {config_class!r} is not a tuner config class (one with PEFT_TYPE set)")
+    missing = [
+        name
+        for name in (
+            "add_adapter",
+            "set_adapter",
+            "delete_adapter",
+            "peft_state_dict",
+            "load_peft_state_dict",
+            "peft_model_modules",
+        )
+        if not callable(getattr(model_class, name, None))
+    ]
+    if not isinstance(model_class, type) or missing:
+        raise TypeError(f"register_tuner: {model_class!r} is not a tuner model class (it lacks {', '.join(missing)})")
+    bad_layers = [
+        kind for kind, layer in (quantized_layers or {}).items() if not callable(getattr(layer, "accepts", None))
+    ]
+    if bad_layers:
+        raise TypeError(f"register_tuner: the quantized layers for {bad_layers} need an `accepts(module)` check")
     spec = TunerSpec(config_class, model_class, dict(quantized_layers or {}), merges_into_quantized)
     known = _TUNERS.get(spec.peft_type)
     if known is not None and known != spec:
