@@ -223,6 +223,8 @@ def check_regex(name: str, pattern: Any, is_key: bool = False) -> None:
 def _coerce_enum(enum_cls: type[enum.Enum], value: Any, field_name: str) -> Any:
     if value is None or isinstance(value, enum_cls):
         return value
+    if isinstance(value, enum.Enum):  # another library's member (HF PEFT's TaskType, ...): its value names it
+        value = value.value
     try:
         return enum_cls(str(value).upper())
     except ValueError:
@@ -253,10 +255,42 @@ MATH_CHANGING_KEYS = frozenset(
 
 
 INTERNAL = {"internal": True}  # metadata of fields that are never written to (or read from) adapter_config.json
+# metadata of settings that only matter while the adapter runs (HF PEFT's `runtime_config`): not written to
+# adapter_config.json, and dropped with a warning when a file has them (as HF PEFT does)
+RUNTIME = {"runtime": True}
 
 
 def _is_neutral(value: Any) -> bool:
-    return value is None or value is False or (isinstance(value, (dict, list, tuple, str)) and len(value) == 0)
+    return value is None or value is False or (isinstance(value, (dict, list, tuple, set, str)) and len(value) == 0)
+
+
+def refuse_not_implemented(config: Any, features: dict[str, str], none_only: Iterable[str] = ()) -> None:
+    """HF PEFT fields a config class has so that HF's configs read (`{field: the feature it switches on}`), whose
+    feature lightning_peft does not implement: at their neutral value (None / False / empty, HF's default; only None
+    for the fields in `none_only`, which HF PEFT switches on by being set at all, e.g. `kasa_config={}`) they are
+    kept, any other value is refused, since the adapter would compute something else than it was made for."""
+    defaults = {f.name: f for f in dataclasses.fields(config)}
+    strict = set(none_only)
+    for name, feature in features.items():
+        value = getattr(config, name)
+        if value is None or (name not in strict and _is_neutral(value)):
+            continue
+        spec = defaults[name]
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        raise ValueError(
+            f"{name}={short_repr(value)} asks for {feature}, which lightning_peft does not implement (yet): the "
+            f"adapter would not compute what it was made for. Leave {name} at its default ({default!r})"
+        )
+
+
+def plain_subconfig(name: str, value: Any) -> Any:
+    """An HF PEFT sub-config field (`eva_config`, ...) as plain JSON data: None, a dict, or a dataclass instance
+    (HF's own class, say) turned into its dict; anything else is a TypeError, as in HF PEFT."""
+    if value is None or isinstance(value, dict):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"{name} must be a dict of its settings or None, got {short_repr(value)}")
 
 
 @dataclass
@@ -271,6 +305,7 @@ class PeftConfig:
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     auto_mapping: Optional[dict] = None
+    peft_version: Optional[str] = None  # the HF PEFT version that wrote the file (kept as read; no effect)
     # the folder `from_pretrained` read this config from (None: built in code). Not saved, and a file cannot set it:
     # what came from a file is untrusted (e.g. prompt tuning's tokenizer_kwargs are hardened for it).
     _source_dir: Optional[str] = field(default=None, kw_only=True, repr=False, compare=False, metadata=INTERNAL)
@@ -281,6 +316,10 @@ class PeftConfig:
         self.task_type = _coerce_enum(TaskType, self.task_type, "task_type")
         if not isinstance(self.inference_mode, bool):
             raise TypeError(f"inference_mode must be True or False, got {self.inference_mode!r}")
+        if self.peft_version is None:  # HF PEFT's field: the library that made the config (one read is kept)
+            self.peft_version = written_by()
+        elif not isinstance(self.peft_version, str):
+            raise TypeError(f"peft_version must be a version string, got {short_repr(self.peft_version)}")
         names = getattr(self, "modules_to_save", None)  # the field of every tuner that has one
         if names is not None:
             if isinstance(names, str) or not isinstance(names, Iterable) or not all(isinstance(m, str) for m in names):
@@ -295,7 +334,7 @@ class PeftConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for f in dataclasses.fields(self):
-            if f.metadata.get("internal"):
+            if f.metadata.get("internal") or f.metadata.get("runtime"):
                 continue
             value = getattr(self, f.name)
             if isinstance(value, enum.Enum):
@@ -329,6 +368,14 @@ class PeftConfig:
                 f"load it with {get_config_class(data['peft_type']).__name__} or PeftConfig.from_pretrained"
             )
         data = {k: v for k, v in data.items() if k not in INTERNAL_FIELDS}
+        runtime = sorted(f.name for f in dataclasses.fields(target_cls) if f.metadata.get("runtime") and f.name in data)
+        if runtime:
+            warnings.warn(
+                f"the adapter config has {', '.join(runtime)}; ignored: runtime settings are only set in code, "
+                "not read from a file",
+                stacklevel=2,
+            )
+            data = {k: v for k, v in data.items() if k not in runtime}
         known = {f.name for f in dataclasses.fields(target_cls) if f.init}
         unknown = {k: v for k, v in data.items() if k not in known}
         refused = sorted(k for k, v in unknown.items() if k in MATH_CHANGING_KEYS and not _is_neutral(v))
@@ -342,6 +389,24 @@ class PeftConfig:
         if ignored:
             warnings.warn(f"ignoring adapter config keys unknown to lightning_peft: {', '.join(ignored)}", stacklevel=2)
         return target_cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """The settings in a config JSON file, as a dict (HF PEFT's classmethod; `from_dict` / `from_pretrained`
+        build the config). A `runtime_config` key is dropped with a warning, as HF PEFT does."""
+        path = os.fspath(path_json_file)
+        check_regular_file(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} does not exist; give the path of an {CONFIG_NAME}")
+        data = _read_json_object(path)
+        if "runtime_config" in data:
+            warnings.warn(
+                "The configuration file contains a `runtime_config` key. This is ignored. Runtime configurations are "
+                "only valid at runtime.",
+                stacklevel=2,
+            )
+            del data["runtime_config"]
+        return data
 
     @classmethod
     def from_pretrained(
@@ -359,16 +424,7 @@ class PeftConfig:
             raise FileNotFoundError(
                 f"{config_file} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
             )
-        try:
-            with open(config_file, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_file} is not valid JSON ({err}); re-export the adapter") from err
-        except (RecursionError, UnicodeDecodeError, ValueError) as err:  # nested too deeply, not UTF-8, ...
-            what = "its JSON is nested too deeply" if isinstance(err, RecursionError) else str(err)[:200]
-            raise ValueError(f"{config_file} is not a valid adapter config ({what}); re-export the adapter") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{config_file} must hold a JSON object")
+        data = _read_json_object(config_file)
         data.update(kwargs)
         config = cls.from_dict(data)
         config._source_dir = os.path.abspath(path)
@@ -385,6 +441,29 @@ class PeftConfig:
         loaded `.bin`) cannot have, and a file without the tensors that back them: the adapter is built from the
         config before its weights are loaded, so a small file claiming a huge size would otherwise allocate it
         first. Each tuner's config checks its own size fields."""
+
+
+def written_by() -> str:
+    """What `peft_version` says in configs made here: lightning_peft's version, marked as ours after an "@" (where
+    HF PEFT puts a development build's commit), so a reader that parses the part before it gets a version."""
+    from . import __version__
+
+    return f"{__version__}@lightning_peft"
+
+
+def _read_json_object(config_file: str) -> dict[str, Any]:
+    """A config file's JSON object; any file that is not one is a ValueError naming it."""
+    try:
+        with open(config_file, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err}); re-export the adapter") from err
+    except (RecursionError, UnicodeDecodeError, ValueError) as err:  # nested too deeply, not UTF-8, ...
+        what = "its JSON is nested too deeply" if isinstance(err, RecursionError) else str(err)[:200]
+        raise ValueError(f"{config_file} is not a valid adapter config ({what}); re-export the adapter") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_file} must hold a JSON object")
+    return data
 
 
 INTERNAL_FIELDS = frozenset(f.name for f in dataclasses.fields(PeftConfig) if f.metadata.get("internal"))

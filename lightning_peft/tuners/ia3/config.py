@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
-from ...config import PeftConfig, PeftType, check_regex, check_target_modules, short_repr
+from ...config import PeftConfig, PeftType, check_regex, check_target_modules, refuse_not_implemented, short_repr
 
 # Used when target_modules / feedforward_modules are None, keyed by transformers `model_type` (HF PEFT's defaults).
 DEFAULT_TARGET_MODULES = {
@@ -72,9 +72,12 @@ class IA3Config(PeftConfig):
     fan_in_fan_out: bool = False
     modules_to_save: Optional[list[str]] = None
     init_ia3_weights: bool = True
+    # HF PEFT's field, not implemented here: None (or empty) only
+    exclude_modules: Optional[Union[list[str], set[str], str]] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        refuse_not_implemented(self, {"exclude_modules": "modules excluded from the targets"})
         check_target_modules(self)
         ff = self.feedforward_modules
         if isinstance(ff, str):

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from ...config import (
+    RUNTIME,
     SAVED_PREFIX,
     PeftConfig,
     PeftType,
@@ -11,6 +14,8 @@ from ...config import (
     check_regex,
     check_target_modules,
     files_missing,
+    plain_subconfig,
+    refuse_not_implemented,
     short_repr,
     size_mismatch,
     validate_choice,
@@ -57,9 +62,54 @@ def _check_rank(where: str, value: object, what: str = "a positive integer (the 
         )
 
 
+# HF PEFT 0.21's LoraConfig fields whose feature lightning_peft does not implement: kept at their neutral value
+# (so HF's adapter_config.json and code naming them work), refused at any other
+NOT_IMPLEMENTED = {
+    "exclude_modules": "modules excluded from the targets",
+    "use_rslora": "rank-stabilised LoRA (scaling lora_alpha / sqrt(r))",
+    "megatron_config": "LoRA on Megatron parallel layers",
+    "trainable_token_indices": "trainable tokens",
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "velora_config": "VeLoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA",
+    "monteclora_config": "MonteCLoRA",
+    "layer_replication": "layer replication",
+    "lora_bias": "a bias on lora_B",
+    "target_parameters": "LoRA on nn.Parameter targets",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "ensure_weight_tying": "adapters tied like the weights they adapt",
+}
+# of those, the ones HF PEFT switches on whenever they are not None (a sub-config `{}` means its defaults)
+NONE_ONLY = (
+    "velora_config",
+    "alora_invocation_tokens",
+    "monteclora_config",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+)
+# init_lora_weights values of HF PEFT that lightning_peft does not implement (data-driven or base-changing starts)
+HF_ONLY_INITS = ("eva", "olora", "pissa", "corda", "loftq", "orthogonal", "lora_ga", "mica")
+# sub-configs of HF initialisations: only read with their `init_lora_weights`, so here they never have an effect
+INIT_SUBCONFIGS = {"eva_config": "eva", "corda_config": "corda", "lora_ga_config": "lora_ga"}
+
+
+@dataclass
+class LoraRuntimeConfig:
+    """HF PEFT's runtime settings of a LoRA config (never saved). `ephemeral_gpu_offload` only speeds up the set-up
+    of DoRA / LoftQ in HF PEFT, which lightning_peft does not have, so it is kept and has no effect."""
+
+    ephemeral_gpu_offload: bool = False
+
+
 @dataclass
 class LoraConfig(PeftConfig):
-    """Low-rank adaptation: output = base(x) + B(A(dropout(x))) * lora_alpha / r."""
+    """Low-rank adaptation: output = base(x) + B(A(dropout(x))) * lora_alpha / r.
+
+    Every field of HF PEFT 0.21's LoraConfig is here; those in `NOT_IMPLEMENTED` must keep their neutral value."""
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
 
@@ -75,9 +125,35 @@ class LoraConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = None
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    # HF PEFT's other fields: kept (and saved) as given, without effect here
+    megatron_core: Optional[str] = "megatron.core"
+    qalora_group_size: int = 16
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: Optional[dict] = None
+    corda_config: Optional[dict] = None
+    lora_ga_config: Optional[dict] = None
+    runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig, metadata=RUNTIME)
+    # HF PEFT's fields of features not implemented here: neutral values only (see NOT_IMPLEMENTED)
+    exclude_modules: Optional[Union[list[str], set[str], str]] = None
+    use_rslora: bool = False
+    megatron_config: Optional[dict] = None
+    trainable_token_indices: Optional[Union[list[int], dict]] = None
+    use_dora: bool = False
+    velora_config: Optional[dict] = None
+    alora_invocation_tokens: Optional[list[int]] = None
+    use_qalora: bool = False
+    monteclora_config: Optional[dict] = None
+    layer_replication: Optional[list[tuple[int, int]]] = None
+    lora_bias: bool = False
+    target_parameters: Optional[list[str]] = None
+    use_bdlora: Optional[dict] = None
+    arrow_config: Optional[dict] = None
+    kasa_config: Optional[dict] = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_hf_fields()
         _check_rank("r", self.r)
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
             raise TypeError(f"lora_alpha must be a number, got {short_repr(self.lora_alpha)}")
@@ -90,7 +166,7 @@ class LoraConfig(PeftConfig):
         ):
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {short_repr(self.lora_dropout)}")
         validate_choice("bias", self.bias, ("none", "all", "lora_only"))
-        validate_choice("init_lora_weights", self.init_lora_weights, (True, False, "gaussian"))
+        self._check_init()
         check_target_modules(self)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
@@ -139,6 +215,49 @@ class LoraConfig(PeftConfig):
                     raise TypeError(f"{where} must be a number, got {short_repr(value)}")
                 check_finite(where, value)
             setattr(self, name, dict(patterns))
+
+    def _check_init(self) -> None:
+        init = self.init_lora_weights
+        if init is True or init is False or init == "gaussian":
+            return
+        if isinstance(init, str) and (init in HF_ONLY_INITS or init.startswith("pissa_niter_")):
+            raise ValueError(
+                f"init_lora_weights={init!r} is an HF PEFT initialisation lightning_peft does not implement (yet); "
+                "use True (lora_B zero), False (random, for tests) or 'gaussian'"
+            )
+        raise ValueError(
+            f"init_lora_weights={short_repr(init)} is not valid; use True (lora_B zero), False (random) or 'gaussian'"
+        )
+
+    def _check_hf_fields(self) -> None:
+        """HF PEFT's fields this class keeps for compatibility: their types, HF's warnings, and the refusal of the
+        features not implemented here (`NOT_IMPLEMENTED`)."""
+        if isinstance(self.target_parameters, str):  # HF PEFT's own check, before the feature is refused
+            raise TypeError(
+                f"target_parameters must be a list of parameter names or None, got {self.target_parameters!r}"
+            )
+        refuse_not_implemented(self, NOT_IMPLEMENTED, NONE_ONLY)
+        if self.megatron_core is not None and not isinstance(self.megatron_core, str):
+            raise TypeError(f"megatron_core must be a module name (str), got {short_repr(self.megatron_core)}")
+        if isinstance(self.qalora_group_size, bool) or not isinstance(self.qalora_group_size, int):
+            raise TypeError(f"qalora_group_size must be an integer, got {short_repr(self.qalora_group_size)}")
+        for name, init in INIT_SUBCONFIGS.items():
+            value = plain_subconfig(name, getattr(self, name))
+            setattr(self, name, value)
+            if value is not None:  # HF PEFT warns alike (its init_lora_weights would use it; none here can)
+                warnings.warn(f"{name} is set but ignored: only init_lora_weights={init!r} uses it", stacklevel=4)
+        loftq = plain_subconfig("loftq_config", self.loftq_config)
+        if loftq:  # HF PEFT drops it with the same warning unless init_lora_weights='loftq'
+            warnings.warn("loftq_config is set but ignored: only init_lora_weights='loftq' uses it", stacklevel=4)
+        self.loftq_config = {}
+        runtime: Any = self.runtime_config
+        if isinstance(runtime, dict):
+            runtime = LoraRuntimeConfig(**runtime)
+        elif not isinstance(runtime, LoraRuntimeConfig) and dataclasses.is_dataclass(runtime):
+            runtime = LoraRuntimeConfig(ephemeral_gpu_offload=getattr(runtime, "ephemeral_gpu_offload", False))
+        if not isinstance(runtime, LoraRuntimeConfig) or not isinstance(runtime.ephemeral_gpu_offload, bool):
+            raise TypeError(f"runtime_config must be a LoraRuntimeConfig (or a dict of it), got {short_repr(runtime)}")
+        self.runtime_config = runtime
 
     def check_fits_weights(self, shapes: dict[str, tuple[int, ...]], weights_file: str) -> None:
         """Every saved `lora_A` has the rank this config gives its module (`r` or a `rank_pattern` entry), and no

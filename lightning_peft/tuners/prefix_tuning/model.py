@@ -35,6 +35,11 @@ class PrefixEncoder(PromptEncoderBase):
             self.transform = nn.Sequential(nn.Linear(config.token_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
         else:
             self.embedding = nn.Embedding(config.num_virtual_tokens, width)
+        if config.init_weights == "zero":  # the prefix starts as zero keys and values (HF PEFT's option)
+            last = cast("nn.Linear", self.transform[-1]) if hasattr(self, "transform") else self.embedding
+            nn.init.zeros_(last.weight)
+            if isinstance(last, nn.Linear):
+                nn.init.zeros_(last.bias)
 
 
 class PrefixTuningModel(PromptLearningModel):
