@@ -98,10 +98,29 @@ class PeftModel(nn.Module):
 
     # ---- running ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward through the adapters. `adapter_names=[...]` (LoRA): one adapter name per sample of
+        the batch, "__base__" for the base model alone (inference only, no merged adapter)."""
+        if "adapter_names" in kwargs:
+            self._check_adapter_names(kwargs)
         return self.tuner(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's generate() through the adapters; `adapter_names=[...]` as in forward()."""
+        if "adapter_names" in kwargs:
+            self._check_adapter_names(kwargs)
         return self.tuner.generate(*args, **kwargs)
+
+    def _check_adapter_names(self, kwargs: dict) -> None:
+        """`adapter_names=None` is no request (dropped); a list goes to a tuner that runs mixed batches, and is
+        refused by the others (HF PEFT ignores it for IA3 and prompt learning: each sample would silently run the
+        active adapter)."""
+        if kwargs["adapter_names"] is None:
+            del kwargs["adapter_names"]
+        elif not getattr(type(self.tuner), "supports_mixed_batch", False):
+            raise ValueError(
+                f"adapter_names= (one adapter per sample of the batch) is supported for LoRA adapters only; this "
+                f"model holds {self.peft_type} adapters. Run one batch per adapter with set_adapter() instead"
+            )
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import SAVED_PREFIX, listed
+from .mixed_batch import MixedBatch, check_batch_size
 from .registry import get_tuner
 
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
@@ -377,9 +378,30 @@ class ModulesToSaveWrapper(nn.Module):
         return not self._disabled
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._mixed_batch is not None and args:
+            return self._mixed_batch_forward(*args, **kwargs)
         if self._disabled or self._active not in self.modules_to_save:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self._active](*args, **kwargs)
+
+    _mixed_batch: Optional[MixedBatch] = None  # set by the tuner for one call with `adapter_names=`
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each sample through its adapter's copy (`__base__`, an adapter without a copy here, or disabled
+        adapters: the original module), the outputs put back in the batch's order."""
+        batch = cast(MixedBatch, self._mixed_batch)
+        check_batch_size(x, batch)
+        if self._disabled:
+            return self.original_module(x, *args, **kwargs)
+        result: Optional[torch.Tensor] = None
+        for name in batch.groups:
+            rows = batch.rows(name, x.device)
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            out = module(x[rows], *args, **kwargs)
+            if result is None:
+                result = out.new_empty((len(batch), *out.shape[1:]))
+            result[rows] = out
+        return cast(torch.Tensor, result)
 
 
 # ---------------------------------------------------------------------------------------------

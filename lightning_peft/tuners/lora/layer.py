@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import BaseTunerLayer, adapter_dtype
+from ..mixed_batch import MixedBatch, add_rows, check_batch_size, checked_names
 
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -178,6 +179,8 @@ class LoraLayer(BaseTunerLayer):
     lora_B: nn.ModuleDict
     lora_embedding_A: nn.ParameterDict
     lora_embedding_B: nn.ParameterDict
+    # set by the tuner for one call with `adapter_names=` (a mixed-adapter batch), None otherwise
+    _mixed_batch: Optional[MixedBatch] = None
 
     def _init_lora_layer(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         self._init_tuner_layer(base_layer)
@@ -297,12 +300,52 @@ class LoraLayer(BaseTunerLayer):
             rows.copy_(block.add_(rows))
         return True
 
+    # ---- mixed-adapter batches ------------------------------------------------------------------
+    def _batch_of(self, kwargs: dict) -> Optional[MixedBatch]:
+        """The per-sample adapters of this call: `adapter_names=` given to the layer itself (taken out of `kwargs`,
+        which go on to the base layer), else those the tuner set for the model's call, else None."""
+        names = kwargs.pop("adapter_names", None)
+        return MixedBatch(checked_names(names)) if names is not None else self._mixed_batch
+
+    def _check_mixed_batch(self, x: torch.Tensor, batch: MixedBatch) -> None:
+        """HF PEFT's refusals, in its order: one name per sample, no merged adapter."""
+        check_batch_size(x, batch)
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Linear / Conv2d: the base output for the whole batch, plus each adapter's update on its own rows
+        (`__base__` rows and adapters this layer does not hold get none)."""
+        self._check_mixed_batch(x, batch)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        result_dtype = result.dtype
+        for name in batch.adapters():
+            if name not in self.lora_A:
+                continue
+            rows = batch.rows(name, x.device)
+            lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            weight_A = cast(torch.Tensor, lora_A.weight)
+            sub = x[rows]
+            sub = sub if sub.dtype == weight_A.dtype else sub.to(weight_A.dtype)
+            if not isinstance(dropout, nn.Identity):
+                sub = dropout(sub)
+            update = lora_B(lora_A(sub)) * self.scaling[name]
+            add_rows(result, rows, update if update.dtype == result_dtype else update.to(result_dtype))
+        return result
+
     def _forward_with_adapter_modules(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Shared by Linear and Conv2d, whose A and B are modules applied to the input.
 
         The general path, written op for op as `base(x) + B(A(dropout(x))) * scaling`: any base layer
         (8-bit, hooked, extra arguments), several active adapters, autocast, torch.compile.
         """
+        batch = self._batch_of(kwargs)
+        if batch is not None:
+            return self._mixed_batch_forward(x, batch, *args, **kwargs)
         if not self._check_forward():
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
@@ -382,7 +425,12 @@ class Linear(nn.Module, LoraLayer):
         """(base, A, B, scaling, p) when the fused path computes exactly what the general one would:
         one active adapter, unmerged, over a plain frozen nn.Linear / Conv1D of x's dtype, no hooks
         or autocast that the general path would honour."""
-        if self.disable_adapters or self.merged_adapters or len(self._active_adapters) != 1:
+        if (
+            self.disable_adapters
+            or self.merged_adapters
+            or len(self._active_adapters) != 1
+            or self._mixed_batch is not None
+        ):
             return None
         name = self._active_adapters[0]
         if name not in self.lora_A:
@@ -479,6 +527,9 @@ class Embedding(_SizedByBaseLayer):
         )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        batch = self._batch_of(kwargs)
+        if batch is not None:
+            return self._mixed_batch_forward(x, batch, *args, **kwargs)
         if not self._check_forward():
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
@@ -487,6 +538,21 @@ class Embedding(_SizedByBaseLayer):
             after_A = self._embed(x, self.lora_embedding_A[name].T)
             result = result + (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
         return result.to(result_dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each sample's ids looked up in its own adapter's A, then through its B (see the Linear one)."""
+        self._check_mixed_batch(x, batch)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in batch.adapters():
+            if name not in self.lora_embedding_A:
+                continue
+            rows = batch.rows(name, x.device)
+            after_A = self._embed(x[rows], self.lora_embedding_A[name].T)
+            update = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+            add_rows(result, rows, update if update.dtype == result.dtype else update.to(result.dtype))
+        return result
 
 
 class Conv2d(_SizedByBaseLayer):

@@ -3,7 +3,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Optional, cast
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, cast
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from ..base import (
     resolve_fan_in_fan_out,
     strip_adapter_name,
 )
+from ..mixed_batch import BASE_NAME, MixedBatch, check_batch_size, checked_names, generate_expansion
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .layer import Conv2d, Embedding, Linear, LoraLayer
 
@@ -41,6 +43,64 @@ class LoraModel(BaseTuner):
 
     prefix = "lora_"
     peft_type = LoraConfig.PEFT_TYPE
+
+    # ---- running, and mixed-adapter batches --------------------------------------------------
+    supports_mixed_batch = True  # `adapter_names=` in forward() / generate(): one adapter per sample
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if "adapter_names" not in kwargs:
+            return self.model(*args, **kwargs)
+        names = kwargs.pop("adapter_names")
+        if names is None:
+            return self.model(*args, **kwargs)
+        with self.mixed_batch(names, batch_size=_batch_size(args, kwargs)):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        names = kwargs.pop("adapter_names", None)
+        model: Any = self.model  # a transformers model that generates
+        if names is None:
+            return model.generate(*args, **kwargs)
+        with self.mixed_batch(names, batch_size=_batch_size(args, kwargs), expand=generate_expansion(model, kwargs)):
+            return model.generate(*args, **kwargs)
+
+    @contextmanager
+    def mixed_batch(
+        self, adapter_names: list[str], batch_size: Optional[int] = None, expand: int = 1
+    ) -> Iterator[None]:
+        """Inside the block every forward runs sample i of the batch through adapter `adapter_names[i]`
+        ("__base__": the base model alone), as HF PEFT's `adapter_names=` does. Refused as HF PEFT refuses it (in
+        training mode, with merged adapters, an unknown name, or a name count other than the batch size), before
+        anything runs. `expand`: generate() runs each sample as that many rows (beams / returned sequences) past
+        the encoder. The layers hold the names only for the block: they are taken back however it ends."""
+        names = checked_names(adapter_names)
+        self._check_attached()
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        unknown = sorted({n for n in names if n != BASE_NAME} - set(self.peft_config))
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
+                f"{', '.join(self.peft_config) or 'no adapter'} (and {BASE_NAME!r} runs the base model alone)"
+            )
+        if any(isinstance(m, LoraLayer) and m.merged for _, m in self._tuner_layers()):
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        batch = MixedBatch(names)
+        if batch_size is not None:
+            check_batch_size(range(batch_size), batch)
+        expanded = batch.repeated(expand)
+        encoder = _encoder_modules(self.model) if expand > 1 else set()
+        layers = [m for _, m in self._tuner_layers() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+        before = [m._mixed_batch for m in layers]
+        try:
+            for m in layers:
+                m._mixed_batch = batch if id(m) in encoder else expanded  # the encoder runs before the expansion
+            yield
+        finally:
+            for m, was in zip(layers, before):
+                m._mixed_batch = was
 
     def _prepare_adapter_config(self, config: LoraConfig, model: nn.Module) -> LoraConfig:
         if config.target_modules is None:
@@ -302,6 +362,23 @@ def _delta_shape(layer: LoraLayer, adapter: str) -> tuple[int, int]:
     if adapter in layer.lora_A:
         return B.shape[0], int(A[0].numel())  # (out, in * kernel) for Linear and Conv2d
     return A.shape[1], B.shape[0]  # embedding: (num_embeddings, embedding_dim)
+
+
+def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
+    """The batch size of a model call, where its inputs show it (input_ids / inputs_embeds / a first tensor)."""
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
+def _encoder_modules(model: nn.Module) -> set[int]:
+    """ids of the modules of an encoder-decoder model's encoder (empty for other models)."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return set()
+    get_encoder = getattr(model, "get_encoder", None)
+    encoder = get_encoder() if callable(get_encoder) else None
+    return {id(m) for m in encoder.modules()} if isinstance(encoder, nn.Module) else set()
 
 
 def _all_linear_names(model: nn.Module) -> set[str]:
