@@ -10,6 +10,7 @@ import math
 import os
 import re
 import stat
+import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -358,8 +359,8 @@ class PeftConfig:
         data = dict(data)
         target_cls = cls
         if cls.PEFT_TYPE is None:  # called on a base class: the file's peft_type picks the class
-            if "peft_type" not in data:
-                raise ValueError("the config has no 'peft_type'; say which tuner it is for (e.g. LORA)")
+            if "peft_type" not in data:  # a missing required key: a TypeError, as in HF PEFT
+                raise TypeError("the config has no 'peft_type'; say which tuner it is for (e.g. LORA)")
             target_cls = get_config_class(data["peft_type"])
         own = target_cls.PEFT_TYPE
         if own is not None and "peft_type" in data and _coerce_enum(PeftType, data["peft_type"], "peft_type") != own:
@@ -446,9 +447,8 @@ class PeftConfig:
 def written_by() -> str:
     """What `peft_version` says in configs made here: lightning_peft's version, marked as ours after an "@" (where
     HF PEFT puts a development build's commit), so a reader that parses the part before it gets a version."""
-    from . import __version__
-
-    return f"{__version__}@lightning_peft"
+    package = sys.modules[__name__.rpartition(".")[0]]  # loaded already (it imports this module), not imported here
+    return f"{package.__version__}@lightning_peft"
 
 
 def _read_json_object(config_file: str) -> dict[str, Any]:
@@ -544,17 +544,22 @@ def validate_choice(name: str, value: Any, allowed: tuple) -> None:
 def check_target_modules(config: Any) -> None:
     """`target_modules` of tuners that adapt named modules (LoRA, IA3): list entries are names, a string is a regex
     over the full name."""
+    from .utils.error import NoMatchingPeftModuleError  # (utils imports this module)
+
     targets = config.target_modules
     if targets is None:
         return
+    # targets that can match no module: HF PEFT's NoMatchingPeftModuleError (a ValueError), raised here already
     if isinstance(targets, str):
         if not targets:
-            raise ValueError("target_modules is an empty string; give module names or a regex")
+            raise NoMatchingPeftModuleError("target_modules is an empty string; give module names or a regex")
         check_regex("target_modules", targets)
         return
     names = list(targets) if isinstance(targets, Iterable) else None
-    if names is None or not all(isinstance(t, str) and t for t in names):
+    if names is None or not all(isinstance(t, str) for t in names):
         raise TypeError(f"target_modules must be a list of module names or a regex string, got {short_repr(targets)}")
     if not names:
-        raise ValueError("target_modules is empty; name at least one module (e.g. ['q_proj', 'v_proj'])")
+        raise NoMatchingPeftModuleError("target_modules is empty; name at least one module (e.g. ['q_proj', 'v_proj'])")
+    if "" in names:
+        raise NoMatchingPeftModuleError(f"target_modules={short_repr(targets)} has an empty name: it matches no module")
     config.target_modules = set(names)

@@ -15,14 +15,14 @@ def test_unknown_tuner():
 
 
 def test_config_without_peft_type():
-    with pytest.raises(ValueError, match="no 'peft_type'; say which tuner"):
+    with pytest.raises(TypeError, match="no 'peft_type'; say which tuner"):  # a missing key, as in HF PEFT
         lp.PeftConfig.from_dict({"r": 8})
 
 
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [
-        (dict(r="8"), ValueError, "r must be a positive integer"),
+        (dict(r="8"), TypeError, "r must be a positive integer"),
         (dict(lora_alpha="16"), TypeError, "lora_alpha must be a number"),
         (dict(lora_dropout=-0.1), ValueError, r"lora_dropout must be a number in \[0, 1\)"),
         (dict(target_modules=[3]), TypeError, "target_modules must be a list of module names or a regex"),
@@ -139,7 +139,7 @@ def test_short_repr_cuts_long_values():
     assert short_repr("abc") == "'abc'"
     assert short_repr("x" * 200, 20) == "'xxxxxxxxxxxxxxxx... (202 characters)"
     with pytest.raises(
-        ValueError, match=r"r must be a positive integer \(the LoRA rank\), got \[0, 0, .*characters\)$"
+        TypeError, match=r"r must be a positive integer \(the LoRA rank\), got \[0, 0, .*characters\)$"
     ):
         lp.LoraConfig(r=[0] * 1000)
 

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from ..config import SAVED_PREFIX, listed
+from ..utils.error import NoMatchingPeftModuleError
+from ..utils.warning import PeftWarning
 from .mixed_batch import MixedBatch, check_batch_size
 from .registry import get_tuner
 
@@ -137,14 +139,35 @@ def get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, nn.Modu
     return parent, getattr(parent, child_name), child_name
 
 
+# modules that cannot be saved whole: containers without a forward of their own (HF PEFT refuses the same)
+UNSAVEABLE_CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
+
 def check_modules_to_save(model: nn.Module, names: Optional[list[str]]) -> None:
     """Every `modules_to_save` entry must name a module of `model` (exact dotted name or its last part(s));
-    the usual task-head names are exempt (task wrappers add them all, as HF PEFT does; a model has one)."""
+    the usual task-head names are exempt (task wrappers add them all, as HF PEFT does; a model has one). A container
+    (ModuleDict, ModuleList, ...) or an adapted layer is refused with a TypeError, as in HF PEFT."""
     for name in names or []:
-        if name in TASK_HEAD_NAMES:
-            continue
-        if not any(name_matches(k, [name]) for k, _ in model.named_modules()):
+        matched = [(k, m) for k, m in model.named_modules() if name_matches(k, [name])]
+        if not matched and name not in TASK_HEAD_NAMES:
             raise ValueError(f"modules_to_save entry {name!r} matches no module; {describe_module_names(model)}")
+        for key, module in matched:
+            if ".modules_to_save." in f".{key}." or ".original_module" in f".{key}":
+                continue
+            if isinstance(module, UNSAVEABLE_CONTAINERS) or isinstance(module, BaseTunerLayer):
+                what = "a container without a forward" if not isinstance(module, BaseTunerLayer) else "an adapted layer"
+                raise TypeError(
+                    f"modules_to_save entry {name!r} names {key!r}, a {type(module).__name__} ({what}), which cannot "
+                    "be saved as a whole module; name the modules inside it (e.g. "
+                    f"{key}.<child>) or leave it out"
+                )
+
+
+def inside_saved_module(key: str, names: Any) -> bool:
+    """Whether a module above `key` is named in `modules_to_save`: it is saved whole, so nothing in it is adapted
+    (as in HF PEFT, where such targets are excluded)."""
+    parts = key.split(".")
+    return bool(names) and any(name_matches(".".join(parts[:i]), names) for i in range(1, len(parts)))
 
 
 def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_name: str) -> list[ModulesToSaveWrapper]:
@@ -580,7 +603,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         for key, module in self.model.named_modules():
             if not key or f".{self.prefix}" in f".{key}" or ".base_layer" in key or ".original_module" in key:
                 continue
-            if name_matches(key, modules_to_save):
+            if name_matches(key, modules_to_save) or inside_saved_module(key, modules_to_save):
                 continue
             if ".modules_to_save." in key:
                 continue
@@ -601,6 +624,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         self._check_new_adapter_config(config)
         keys = self._matching_keys(config)
         self._check_layers_exist(config, matched=bool(keys))
+        self._warn_unmatched_patterns(config, keys)
         if not keys:
             raise ValueError(
                 f"target_modules={config.target_modules!r} matched no module of the model; "
@@ -649,9 +673,22 @@ class BaseTuner(TunerAttributes, nn.Module):
             else f"no numbered layers (layers_pattern={pattern!r}) hold {sorted(targets)}"
         )
         message = f"layers_to_transform={layers!r} names layers {missing} that the model does not have: {where}"
-        if not matched:
-            raise ValueError(message + "; pick layers that exist")
-        warnings.warn(message + "; those are skipped", stacklevel=3)
+        if not matched:  # nothing to adapt: HF PEFT's NoMatchingPeftModuleError (a ValueError)
+            raise NoMatchingPeftModuleError(message + "; pick layers that exist")
+        warnings.warn(message + "; those are skipped", PeftWarning, stacklevel=3)
+
+    def _warn_unmatched_patterns(self, config: Any, keys: list[str]) -> None:
+        """`rank_pattern` / `alpha_pattern` keys that match no targeted module have no effect: HF PEFT's warning."""
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            patterns = getattr(config, field_name, None) or {}
+            unmatched = sorted(p for p in patterns if not any(pattern_value({p: True}, key, False) for key in keys))
+            if unmatched:
+                warnings.warn(
+                    f"The following {field_name} keys did not match any targeted module and were ignored: {unmatched}.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
 
     def _undo_injection(self, adapter_name: str, originals: list[tuple[nn.Module, str, nn.Module]]) -> None:
         """A layer failed to build mid-way: put back what was replaced (layers, saved-module wrappers), so the model

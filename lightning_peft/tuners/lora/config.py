@@ -53,7 +53,9 @@ MAX_RANK = 2**20
 
 
 def _check_rank(where: str, value: object, what: str = "a positive integer (the LoRA rank)") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int):  # a wrong type is a TypeError, as in HF PEFT
+        raise TypeError(f"{where} must be {what}, got {short_repr(value)}")
+    if value <= 0:
         raise ValueError(f"{where} must be {what}, got {short_repr(value)}")
     if value > MAX_RANK:
         raise ValueError(
@@ -159,12 +161,13 @@ class LoraConfig(PeftConfig):
             raise TypeError(f"lora_alpha must be a number, got {short_repr(self.lora_alpha)}")
         check_finite("lora_alpha", self.lora_alpha)
         check_finite("lora_dropout", self.lora_dropout)
-        if (
-            isinstance(self.lora_dropout, bool)
-            or not isinstance(self.lora_dropout, (int, float))
-            or not 0.0 <= self.lora_dropout < 1.0
-        ):
-            raise ValueError(f"lora_dropout must be a number in [0, 1), got {short_repr(self.lora_dropout)}")
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):  # TypeError, as in HF PEFT
+            raise TypeError(f"lora_dropout must be a number in [0, 1), got {short_repr(dropout)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {short_repr(dropout)}")
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise TypeError(f"fan_in_fan_out must be True or False, got {short_repr(self.fan_in_fan_out)}")
         validate_choice("bias", self.bias, ("none", "all", "lora_only"))
         self._check_init()
         check_target_modules(self)
