@@ -114,6 +114,20 @@ def test_to_dict_has_hf_peft_keys(hf_cls, ours, extra):
     assert set(ours(**extra).to_dict()) == hf_keys  # LoraConfig: runtime_config is left out by both
 
 
+def test_hf_peft_enum_members_are_accepted():
+    config = lp.PromptEncoderConfig(
+        task_type=peft.TaskType.SEQ_2_SEQ_LM,
+        num_virtual_tokens=2,
+        encoder_reparameterization_type=peft.PromptEncoderReparameterizationType.LSTM,
+    )
+    assert config.task_type is lp.TaskType.SEQ_2_SEQ_LM
+    assert config.encoder_reparameterization_type is lp.PromptEncoderReparameterizationType.LSTM
+    assert (
+        lp.PromptTuningConfig(prompt_tuning_init=peft.PromptTuningInit.SAMPLE_VOCAB).prompt_tuning_init
+        == "SAMPLE_VOCAB"
+    )
+
+
 # a non-neutral value for each field of a feature lightning_peft does not implement
 NOT_NEUTRAL = {
     "exclude_modules": ["c_proj"],
