@@ -2,45 +2,131 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import sys
 import tempfile
-from typing import Any, Optional
+import warnings
+from typing import Any, NamedTuple, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ._files import default_mode
+from ._files import atomic_write_text, default_mode
 from .config import (
     CONFIG_NAME,
     PICKLE_WEIGHTS_NAME,  # noqa: F401  (re-exported: it was defined here)
+    SAVED_PREFIX,
     WEIGHTS_NAME,
     check_loaded_weights_fit_folder_config,
     check_regular_file,
     listed,
 )
 
+# where an injected model (`inject_adapter_in_model`: no PeftModel) keeps the tuner that manages its layers
+INJECTED_TUNER_ATTRIBUTE = "_lightning_peft_tuner"
+PEFT_MODEL_PREFIX = SAVED_PREFIX + "model."  # what a PeftModel's keys have before a wrapped model's own
+
+
+def tuner_of(model: Any) -> tuple[Any, str]:
+    """The tuner holding `model`'s adapters and the prefix that `model`'s own state-dict keys lack compared with a
+    `PeftModel`'s: "" for a PeftModel, "base_model." for a tuner (`LoraModel`, ...), "base_model.model." for a model
+    that `inject_adapter_in_model` gave adapters to."""
+    tuner = model.__dict__.get("tuner") if isinstance(model, torch.nn.Module) else None
+    if tuner is not None:
+        return tuner, ""
+    if callable(getattr(model, "peft_state_dict", None)) and hasattr(model, "peft_config"):
+        return model, SAVED_PREFIX
+    tuner = getattr(model, "__dict__", {}).get(INJECTED_TUNER_ATTRIBUTE)
+    if tuner is not None:
+        return tuner, PEFT_MODEL_PREFIX
+    raise TypeError(
+        f"{type(model).__name__} holds no lightning_peft adapter: pass a PeftModel (get_peft_model / "
+        "PeftModel.from_pretrained), a tuner model, or a model given adapters by inject_adapter_in_model"
+    )
+
 
 def get_peft_model_state_dict(
     model: Any,
     state_dict: Optional[dict] = None,
     adapter_name: str = "default",
-    save_embedding_layers: bool | str = False,
+    unwrap_compiled: bool = False,
+    save_embedding_layers: bool | str = "auto",
 ) -> dict[str, torch.Tensor]:
-    """The adapter's tensors keyed as HF PEFT saves them (adapter name stripped); see the tuner's
-    `peft_state_dict` for `save_embedding_layers`."""
-    return model.tuner.peft_state_dict(adapter_name, state_dict, save_embedding_layers)
+    """The adapter's tensors keyed as HF PEFT saves them (adapter name stripped), for a `PeftModel` (keys
+    `base_model.model....`), a tuner model (`model....`) or a model given adapters by `inject_adapter_in_model` (the
+    model's own names), as HF PEFT keys them. `state_dict`: `model.state_dict()` (or one keyed alike) to read the
+    tensors from; `unwrap_compiled`: `model` is `torch.compile`'s wrapper; `save_embedding_layers` ("auto": when
+    `embed_tokens` / `lm_head` are targets, as HF PEFT does) adds the full base weights of targeted embeddings."""
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    tuner, prefix = tuner_of(model)
+    if adapter_name not in tuner.peft_config:
+        raise ValueError(f"no adapter named {adapter_name!r}; this model has: {', '.join(tuner.peft_config) or 'none'}")
+    if state_dict is not None and prefix:
+        state_dict = {prefix + k: v for k, v in state_dict.items()}
+    tensors = tuner.peft_state_dict(adapter_name, state_dict, save_embedding_layers)
+    return {k[len(prefix) :]: v for k, v in tensors.items()} if prefix else tensors
+
+
+class LoadResult(NamedTuple):
+    """What `set_peft_model_state_dict` returns, as torch's `load_state_dict` (and HF PEFT's) does: the model's keys
+    the call did not write, and the given keys it did not use (always empty: any such key is refused)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 def set_peft_model_state_dict(
-    model: Any, peft_state_dict: dict[str, torch.Tensor], adapter_name: str = "default", allow_nonfinite: bool = False
-) -> None:
-    """Load adapter weights saved in HF PEFT's format into `adapter_name`. Every key, shape and dtype is checked
-    before anything is written, so a wrong file leaves the model untouched; NaN / inf values are refused unless
-    `allow_nonfinite=True`."""
-    expected = {k: v.dtype for k, v in model.tuner.peft_state_dict(adapter_name).items()}
-    check_adapter_tensors(peft_state_dict, expected, allow_nonfinite=allow_nonfinite)
-    model.tuner.load_peft_state_dict(peft_state_dict, adapter_name)
+    model: Any,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+    *,
+    allow_nonfinite: bool = False,
+) -> LoadResult:
+    """Load adapter weights saved in HF PEFT's format (keyed as `get_peft_model_state_dict` gives them for `model`)
+    into `adapter_name`. Every key, shape and dtype is checked before anything is written, so a wrong file leaves
+    the model untouched; NaN / inf values are refused unless `allow_nonfinite=True`. `ignore_mismatched_sizes=True`
+    leaves the tensors whose shape differs from the model's out (with a warning, as HF PEFT does) and loads the rest.
+    `low_cpu_mem_usage` is accepted for HF PEFT's signature (the adapter's tensors exist already: they are
+    overwritten in place).
+
+    Returns the model's state-dict keys that were not written (`missing_keys`: the base model's and other adapters'
+    among them, as HF PEFT / torch count them) and `unexpected_keys` (empty)."""
+    tuner, prefix = tuner_of(model)
+    if adapter_name not in tuner.peft_config:
+        raise ValueError(f"no adapter named {adapter_name!r}; this model has: {', '.join(tuner.peft_config) or 'none'}")
+    if not isinstance(peft_model_state_dict, dict):
+        raise TypeError(f"peft_model_state_dict must be a dict of tensors, got {type(peft_model_state_dict).__name__}")
+    tensors = {prefix + k: v for k, v in peft_model_state_dict.items()} if prefix else dict(peft_model_state_dict)
+    own = tuner.peft_state_dict(adapter_name)
+    if ignore_mismatched_sizes:
+        mismatched = [
+            f"- {k[len(prefix) :]}: found shape {tuple(v.shape)} in the checkpoint and {tuple(own[k].shape)} in the "
+            "model instantiated"
+            for k, v in tensors.items()
+            if k in own and tuple(v.shape) != tuple(own[k].shape)
+        ]
+        if mismatched:
+            for key in [k for k, v in tensors.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]:
+                tensors[key] = own[key].detach().clone()  # left as it is in the model
+            warnings.warn(
+                f"Some weights of {type(model).__name__} were not initialized from the model checkpoint and are being "
+                f"ignored because you passed `ignore_mismatched_sizes=True`: {chr(10).join(mismatched)}.",
+                stacklevel=2,
+            )
+    expected = {k: v.dtype for k, v in own.items()}
+    check_adapter_tensors(tensors, expected, allow_nonfinite=allow_nonfinite)
+    # the keys written are those whose tensor changed version (every write is in place) or was replaced
+    before = {k: (v, v._version) for k, v in model.state_dict(keep_vars=True).items()}
+    tuner.load_peft_state_dict(tensors, adapter_name)
+    after = model.state_dict(keep_vars=True)
+    missing = [k for k, (v, version) in before.items() if after.get(k) is v and v._version == version]
+    return LoadResult(missing_keys=missing, unexpected_keys=[])
 
 
 def _finite_as(value: torch.Tensor, dtype: Optional[torch.dtype]) -> bool:
@@ -156,3 +242,106 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: Opti
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_torch_save(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """`save_pretrained(safe_serialization=False)`: `torch.save` of plain CPU tensors (a pickle HF PEFT reads;
+    lightning_peft reads it with `allow_pickle=True`), written aside and renamed into place."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bin", dir=folder)
+    os.close(fd)
+    try:
+        torch.save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp)
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+MODEL_CARD_NAME = "README.md"
+
+
+def write_model_card(peft_model: Any, folder: str) -> None:
+    """Write `folder/README.md` as HF PEFT's `create_or_update_model_card` does: its YAML metadata says
+    `library_name: peft`, the tags (`transformers`, `lora`, `base_model:adapter:<base>`), the base model and, for a
+    causal LM, `pipeline_tag: text-generation`; the text lists the framework version. A README.md already there
+    keeps its text and metadata, with these fields set and the version line added once; one whose metadata cannot
+    be read is kept unchanged, with a warning."""
+    path = os.path.join(folder, MODEL_CARD_NAME)
+    check_regular_file(path)
+    base = peft_model.get_base_model()
+    name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+    fields: dict[str, Any] = {"library_name": "peft"}
+    tags = set(getattr(base, "model_tags", None) or [])
+    if is_transformers_model(base):
+        tags.add("transformers")
+    if str(peft_model.peft_type) == "LORA":
+        tags.add("lora")
+    if name:
+        tags.add(f"base_model:adapter:{name}")
+        fields["base_model"] = name
+    causal = str(peft_model.active_peft_config.task_type) == "CAUSAL_LM"
+    version_line, heading = f"- lightning_peft {_package_version()}", "### Framework versions"
+    text = (
+        f"\n# {name or type(base).__name__} adapter\n\nA {peft_model.peft_type} adapter in HF PEFT's format. Load it "
+        f"with `PeftModel.from_pretrained(base_model, <this folder>)` (lightning_peft or HF PEFT).\n\n{heading}\n\n"
+        f"{version_line}\n"
+    )
+    meta = dict(fields, **({"tags": sorted(tags)} if tags else {}))
+    if causal:
+        meta["pipeline_tag"] = "text-generation"
+    # JSON strings are YAML strings: the card written for a new folder needs no YAML library
+    fresh = "---\n" + "".join(f"{k}: {json.dumps(v)}\n" for k, v in sorted(meta.items())) + "---\n" + text
+    if not os.path.exists(path):
+        atomic_write_text(path, fresh)
+        return
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        content = fh.read()
+    if content == fresh:  # this model's card, as a previous save wrote it
+        return
+    import yaml  # a dependency of transformers
+
+    try:
+        meta, text = _split_card(content, yaml)
+    except (ValueError, yaml.YAMLError) as err:
+        warnings.warn(f"{path} could not be read as a model card ({err}); it is kept unchanged", stacklevel=3)
+        return
+    meta.update(fields)
+    tags |= set(meta.get("tags") or [])
+    if tags:
+        meta["tags"] = sorted(tags)
+    if not meta.get("pipeline_tag") and causal:
+        meta["pipeline_tag"] = "text-generation"
+    lines = text.splitlines()
+    if version_line not in lines:
+        if heading in lines:
+            lines.insert(lines.index(heading) + 2, version_line)
+        else:
+            lines += ["", heading, "", version_line]
+    front = yaml.safe_dump(meta, sort_keys=True, allow_unicode=True)
+    atomic_write_text(path, f"---\n{front}---\n" + "\n".join(lines) + "\n")
+
+
+def _split_card(content: str, yaml: Any) -> tuple[dict[str, Any], str]:
+    """(metadata, text) of a model card: the YAML block between `---` lines at its top, and the rest."""
+    match = re.match(r"\A---\s*\n(.*?\n)?---\s*(?:\n|\Z)", content, re.S)
+    if match is None:
+        return {}, content
+    meta = yaml.safe_load(match.group(1) or "") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("its metadata block is not a YAML mapping")
+    return meta, content[match.end() :]
+
+
+def _package_version() -> str:
+    # read from the loaded package, not imported (the package imports this module)
+    return str(sys.modules[__name__.rpartition(".")[0]].__version__)
+
+
+def is_transformers_model(model: Any) -> bool:
+    """Whether `model` is a transformers `PreTrainedModel` (never when transformers was not imported: the check
+    does not import it, which takes seconds)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
