@@ -82,15 +82,29 @@ class PeftModel(nn.Module):
         return self.tuner.peft_config
 
     @property
-    def active_adapter(self) -> str:
-        return self.tuner.active_adapter
+    def active_adapter(self) -> Any:
+        """The active adapter's name, as HF PEFT's: with several active (`base_model.set_adapter([...])`), the one
+        set through this PeftModel (or first added) if it is among them, else the first of them (HF peft 0.21 names
+        it even when it is not active any more); `[]` when none is (after the last adapter was deleted; HF peft 0.21
+        goes on naming the deleted one there)."""
+        active = self.tuner.active_adapter
+        if isinstance(active, str):
+            return active
+        named = self.__dict__.get("_set_adapter_name", next(iter(self.peft_config), None))
+        if named in active:
+            return named
+        return active[0] if active else []
 
     @property
     def active_peft_config(self) -> PeftConfig:
-        return self.peft_config[self.active_adapter]
+        active = self.active_adapter
+        if not isinstance(active, str):
+            raise ValueError("no adapter is active (the last one was deleted); add_adapter() / load_adapter() one")
+        return self.peft_config[active]
 
     @property
     def active_adapters(self) -> list[str]:
+        """Every active adapter's name (one, or several after `base_model.set_adapter([...])`; `[]`: none)."""
         return self.tuner.active_adapters
 
     def get_base_model(self) -> nn.Module:
@@ -124,7 +138,8 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the block."""
+        """Run the base model alone inside the block. LoRA / IA3: every adapter parameter is frozen inside it (as in
+        HF PEFT); on exit every layer's enabled state and every requires_grad flag is as it was found."""
         with self.tuner.disable_adapter():
             yield
 
@@ -139,11 +154,33 @@ class PeftModel(nn.Module):
             )
         self.tuner.add_adapter(adapter_name, peft_config)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        self.tuner.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make `adapter_name` the active adapter; it trains unless `inference_mode` (every other adapter is
+        frozen), as in HF PEFT. One name: several adapters run together through `model.base_model.set_adapter([...])`
+        (LoRA / IA3)."""
+        if not isinstance(adapter_name, str):
+            raise TypeError(
+                f"PeftModel.set_adapter takes one adapter name, got {adapter_name!r}; to run several adapters "
+                "together (LoRA / IA3), call model.base_model.set_adapter([...]) as in HF PEFT"
+            )
+        self.tuner.set_adapter(adapter_name, inference_mode=inference_mode)
+        self.__dict__["_set_adapter_name"] = adapter_name
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Make the named adapters train or not, active or not (LoRA / IA3), as in HF PEFT."""
+        if not isinstance(self.tuner, BaseTuner):
+            raise TypeError(
+                f"set_requires_grad is not supported for prompt learning methods like {self.peft_type}; the active "
+                "adapter trains unless it was loaded for inference"
+            )
+        self.tuner.set_requires_grad(adapter_names, requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter, as HF PEFT does: deleting the active one activates another (the other active ones,
+        else the first remaining by name, with a warning); a merged one is refused."""
         self.tuner.delete_adapter(adapter_name)
+        if len(self.active_adapters) == 1:  # HF PEFT's PeftModel names it from then on
+            self.__dict__["_set_adapter_name"] = self.active_adapters[0]
         if not self.peft_config:
             warnings.warn(
                 f"deleted {adapter_name!r}, the only adapter: the model now runs the base model alone and "
@@ -216,12 +253,16 @@ class PeftModel(nn.Module):
         ignore_base_model_mismatch: bool = False,
         allow_nonfinite: bool = False,
         **kwargs: Any,
-    ) -> None:
+    ) -> Any:
         """Add `adapter_name` from a folder written by `save_pretrained` (ours or HF PEFT's); `subfolder=` reads
-        both files from `model_id/subfolder`. Into an existing adapter, the file's config comes with its weights:
+        both files from `model_id/subfolder`. A new adapter is not made active (`set_adapter` does); it trains when
+        `is_trainable`, as in HF PEFT. Into an existing adapter, the file's config comes with its weights:
         the adapter is rebuilt under it when its targets and shapes are the same, else the load is refused; its
         parameters then train or not as `is_trainable` says. A refused load changes nothing (requires_grad
-        included)."""
+        included).
+
+        Returns the load result as HF PEFT does (`missing_keys`, `unexpected_keys`): both are empty, as a file with
+        missing or extra adapter keys is refused."""
         self.tuner._check_attached()
         check_adapter_name(adapter_name)
         folder = adapter_folder(model_id, kwargs.pop("subfolder", None))
@@ -237,8 +278,6 @@ class PeftModel(nn.Module):
         weights = load_peft_weights(folder, allow_pickle=allow_pickle)
         if adapter_name in self.peft_config:
             self._load_into_existing(adapter_name, config, weights, folder, allow_nonfinite)
-            if is_trainable:  # an adapter loaded frozen before trains now, as its config says
-                self.tuner._sync_trainability()
         else:
             with requires_grad_kept_on_failure(self):
                 self.add_adapter(adapter_name, config)
@@ -250,6 +289,15 @@ class PeftModel(nn.Module):
         if not is_trainable:
             freeze_adapter(self, adapter_name)  # also when the weights went into an existing adapter
             self.eval()
+        elif isinstance(self.tuner, BaseTuner):
+            self.tuner.set_requires_grad(adapter_name)  # trains, active or not (as HF PEFT)
+        else:
+            self.tuner._sync_trainability()  # prompt learning: the active adapter trains, as its config now says
+        # torch's own type for a load result (what nn.Module.load_state_dict returns, and HF PEFT's load_adapter);
+        # its class is private to torch, but the value is public API
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
     def _load_into_existing(
         self,
@@ -271,7 +319,7 @@ class PeftModel(nn.Module):
             old_config.inference_mode = config.inference_mode
             set_peft_model_state_dict(self, weights, adapter_name=name, allow_nonfinite=allow_nonfinite)
             return
-        order, active = list(tuner.peft_config), tuner.active_adapter
+        order, active = list(tuner.peft_config), copy.copy(tuner.active_adapter)
         old_tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self, adapter_name=name).items()}
         self._check_same_layout(name, config, weights, old_tensors, folder)
         requires_grad = {n: p.requires_grad for n, p in self.named_parameters()}
@@ -290,6 +338,9 @@ class PeftModel(nn.Module):
                     p.requires_grad_(requires_grad[n])
             raise
         _restore_order(tuner, order, active)
+        for n, p in self.named_parameters():  # the rebuilt adapter's parameters have the same names
+            if n in requires_grad:
+                p.requires_grad_(requires_grad[n])
 
     def _check_same_layout(
         self,
@@ -338,6 +389,10 @@ class PeftModel(nn.Module):
         folder = adapter_folder(model_id, kwargs.pop("subfolder", None))
         if config is None:
             config = PeftConfig.from_pretrained(folder, **kwargs)
+        elif isinstance(config, PeftConfig):
+            config = copy.deepcopy(config)  # used instead of the folder's; the caller's object stays as given
+        else:
+            raise ValueError(f"config must be a PeftConfig (e.g. LoraConfig), got {type(config).__name__}")
         if not ignore_base_model_mismatch:
             check_base_model(config, model, folder)
         config.inference_mode = not is_trainable
@@ -391,13 +446,19 @@ def _comparable(config: PeftConfig) -> dict[str, Any]:
     return data
 
 
-def _restore_order(tuner: Any, order: list[str], active: str) -> None:
-    """Put the adapters back in their order, with the same one active."""
+def _restore_order(tuner: Any, order: list[str], active: Any) -> None:
+    """Put the adapters back in their order, with the same ones active (the caller restores requires_grad)."""
     configs = {n: tuner.peft_config[n] for n in order if n in tuner.peft_config}
     tuner.peft_config.clear()
     tuner.peft_config.update(configs)
-    if active in tuner.peft_config:
-        tuner.set_adapter(active)
+    names = [active] if isinstance(active, str) else list(active)
+    if not all(n in tuner.peft_config for n in names):
+        return
+    if isinstance(tuner, BaseTuner):
+        tuner._activate(names)  # no unmerge of other adapters, no checks: this was the active set
+        tuner.active_adapter = active
+    elif names:
+        tuner.set_adapter(names[0])
 
 
 def _model_name(name_or_path: Optional[str]) -> str:

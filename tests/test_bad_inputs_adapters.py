@@ -43,11 +43,13 @@ def test_adding_an_adapter_under_a_taken_name():
         model.add_adapter("default", lp.LoraConfig(target_modules=["q_proj"]))
 
 
-def test_deleting_the_active_adapter_says_what_to_do():
+def test_deleting_the_active_adapter_activates_a_remaining_one_with_a_warning():
+    """As HF PEFT (tests/test_hf_adapter_state.py compares the two)."""
     model = lp.get_peft_model(tiny_llama(), lp.LoraConfig(target_modules=["q_proj"]))
     model.add_adapter("b", lp.LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match=r"'default' is the active adapter; set_adapter\(\) another one \(b\)"):
+    with pytest.warns(UserWarning, match="Adapter default was active which is now deleted. Setting active adapter to"):
         model.delete_adapter("default")
+    assert model.active_adapter == "b" and list(model.peft_config) == ["b"]
 
 
 def test_deleting_a_merged_adapter_is_refused():

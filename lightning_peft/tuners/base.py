@@ -289,6 +289,7 @@ class BaseTunerLayer:
 
     @property
     def active_adapter(self) -> list[str]:
+        """A list, as HF PEFT's layers answer (its `set_adapter` keeps even a single name as a list)."""
         return self._active_adapters
 
     def active_adapters_in(self, holder: Any) -> list[str]:
@@ -309,24 +310,63 @@ class BaseTunerLayer:
             names.extend(k for k in getattr(self, attr).keys() if k not in names)
         return names
 
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    def _adapter_parameters(self, names: Optional[Any] = None) -> Iterator[tuple[str, nn.Parameter]]:
+        """(adapter name, parameter) for every adapter parameter of this layer (of `names` only, when given)."""
         for attr in self.adapter_layer_names:
             for key, holder in getattr(self, attr).items():
-                for p in holder.parameters() if isinstance(holder, nn.Module) else [holder]:
-                    p.requires_grad_(key in names)
-        self._active_adapters = [n for n in names if n in self.adapter_names()]
+                if names is None or key in names:
+                    for p in holder.parameters() if isinstance(holder, nn.Module) else [holder]:
+                        yield key, p
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Make `adapter_names` the active adapters here (their outputs add up; names this layer does not hold are
+        kept and skipped in forward, as in HF PEFT). Their parameters train unless `inference_mode`; every other
+        adapter's are frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for key, p in self._adapter_parameters():
+            p.requires_grad_(key in names and not inference_mode)
+        self._active_adapters = names
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """requires_grad of the named adapters' parameters here (active or not), as HF PEFT's."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for _, p in self._adapter_parameters(names):
+            p.requires_grad_(requires_grad)
 
     def enable_adapters(self, enabled: bool) -> None:
+        """As HF PEFT: disabling freezes every adapter parameter here, enabling makes the active ones train again."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+        else:
+            for _, p in self._adapter_parameters():
+                p.requires_grad_(False)
         self._disable_adapters = not enabled
 
-    def delete_adapter(self, adapter_name: str) -> None:
+    def _remove_adapter(self, adapter_name: str) -> None:
+        """Drop the adapter's entries (the active list as it is: the caller says what is active next)."""
         for attr in self.adapter_layer_names + self.other_param_names:
             holder = getattr(self, attr)
             if adapter_name in holder:
                 del holder[adapter_name]
-        if adapter_name in self._active_adapters:
-            self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete the adapter here. When it was active, the other active ones stay; when none is left, the first
+        remaining adapter (by name) becomes active, with a warning, as HF PEFT's layers do. (A tuner's
+        delete_adapter picks one adapter for the whole model.)"""
+        self._remove_adapter(adapter_name)
+        if adapter_name not in self._active_adapters:
+            return
+        others = [a for a in self._active_adapters if a != adapter_name]
+        if not others:
+            remaining = sorted(self.adapter_names())
+            if remaining:
+                warnings.warn(
+                    f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                    f"{remaining[0]}.",
+                    stacklevel=2,
+                )
+                others = remaining[:1]
+        self.set_adapter(others)
 
     def _check_forward(self) -> bool:
         """True when the adapters take part in this forward (not disabled, not merged)."""
@@ -361,51 +401,107 @@ class BaseTunerLayer:
 
 class ModulesToSaveWrapper(nn.Module):
     """A trainable copy per adapter of a whole module (e.g. a classifier head); the original stays
-    frozen for `unload()` and disabled adapters. Its parameters never require grad while unused."""
+    frozen for `unload()` and disabled adapters. At most one adapter is active here (two active adapters cannot
+    both replace the module: `check_set_adapter`), as in HF PEFT; with none, the original runs."""
 
     def __init__(self, module: nn.Module, adapter_name: str) -> None:
         super().__init__()
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
-        self._active = adapter_name
+        self._active_adapter: str | list[str] = [adapter_name]
         self._disabled = False
         self.add(adapter_name)
 
     def add(self, adapter_name: str) -> None:
+        """A copy of the original for `adapter_name`, frozen until the adapter is set active (`set_adapter`)."""
+        self.original_module.requires_grad_(False)
         if adapter_name not in self.modules_to_save:
             copy_ = copy.deepcopy(self.original_module)
-            copy_.requires_grad_(True)
+            copy_.requires_grad_(False)
             self.modules_to_save[adapter_name] = copy_
-        self.set_adapter(self._active)
 
     @property
-    def active_adapter(self) -> str:
-        return self._active
+    def active_adapter(self) -> str | list[str]:
+        """As HF PEFT's: the name after set_adapter(name), a list when set with one (empty: none active)."""
+        return self._active_adapter
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        name = adapter_name if isinstance(adapter_name, str) else adapter_name[0]
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self._active_adapter] if isinstance(self._active_adapter, str) else list(self._active_adapter)
+
+    def check_set_adapter(self, adapter_names: str | list[str]) -> Optional[str]:
+        """The adapter of `adapter_names` to activate here (None: none of them has a copy here). Two of them
+        holding a copy of this module cannot be active together: ValueError, as HF PEFT."""
+        if isinstance(adapter_names, str):
+            return adapter_names
+        if not adapter_names:
+            raise ValueError(
+                "set_adapter([]) on a model with modules_to_save: name at least one adapter (HF PEFT refuses it too)"
+            )
+        here = [n for n in adapter_names if n in self.modules_to_save]
+        if len(here) > 1:
+            raise ValueError(
+                f"adapters {here} each have their own copy of this module ({type(self.original_module).__name__}, "
+                "modules_to_save) and only one copy can run: only one adapter can be set at a time for it; activate "
+                "adapters whose modules_to_save differ"
+            )
+        return here[0] if here else None
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter's copy (it trains unless `inference_mode`) or none (`[]`: the original runs)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if len(names) > 1:
+            raise ValueError(f"Attempted to set multiple ({names}) adapters at once for modules_to_save.")
+        if names and names[0] not in self.modules_to_save:
+            raise ValueError(f"adapter {names[0]!r} has no copy of this module; it holds: {list(self.modules_to_save)}")
+        for module in self.modules_to_save.values():
+            module.requires_grad_(False)
         self.original_module.requires_grad_(False)
+        if not names:
+            self._active_adapter = []
+            return
+        self.modules_to_save[names[0]].requires_grad_(not inference_mode)
+        self._active_adapter = names[0]
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
         for key, module in self.modules_to_save.items():
-            module.requires_grad_(key == name)
-        self._active = name
+            if key in names:
+                module.requires_grad_(requires_grad)
 
     def enable_adapters(self, enabled: bool) -> None:
+        """As HF PEFT: disabling freezes every copy, enabling makes the active one train again."""
         self._disabled = not enabled
+        for key, module in self.modules_to_save.items():
+            module.requires_grad_(enabled and key in self.active_adapters)
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name in self.modules_to_save:
-            del self.modules_to_save[adapter_name]
+    def delete_adapter(self, adapter_name: str, new_active_adapters: Optional[list[str]] = None) -> None:
+        """Drop the adapter's copy; when it was the active one, the copy of `new_active_adapters` held here (if any)
+        becomes active."""
+        if adapter_name not in self.modules_to_save:
+            return
+        was_active = adapter_name in self.active_adapters
+        del self.modules_to_save[adapter_name]
+        if was_active:
+            here = [n for n in new_active_adapters or [] if n in self.modules_to_save]
+            self.set_adapter(here[:1])
 
     @property
     def adapters_enabled(self) -> bool:
         return not self._disabled
 
+    def _running(self) -> Optional[nn.Module]:
+        """The copy the forward runs, or None for the original."""
+        active = self.active_adapters
+        if self._disabled or not active or active[0] not in self.modules_to_save:
+            return None
+        return self.modules_to_save[active[0]]
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._mixed_batch is not None and args:
             return self._mixed_batch_forward(*args, **kwargs)
-        if self._disabled or self._active not in self.modules_to_save:
-            return self.original_module(*args, **kwargs)
-        return self.modules_to_save[self._active](*args, **kwargs)
+        running = self._running()
+        return (self.original_module if running is None else running)(*args, **kwargs)
 
     _mixed_batch: Optional[MixedBatch] = None  # set by the tuner for one call with `adapter_names=`
 
@@ -558,7 +654,9 @@ class BaseTuner(TunerAttributes, nn.Module):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, Any] = {}
-        self.active_adapter: str = adapter_name
+        # as HF PEFT's: the name after set_adapter(name), a list after set_adapter([...]), add_adapter and
+        # delete_adapter (empty: none active)
+        self.active_adapter: str | list[str] = adapter_name
         self.add_adapter(adapter_name, config)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -639,6 +737,10 @@ class BaseTuner(TunerAttributes, nn.Module):
             )
         check_modules_to_save(self.model, getattr(config, "modules_to_save", None))
         originals: list[tuple[nn.Module, str, nn.Module]] = []
+        # the first adapter (of a new model, or after the last was deleted) becomes active and trains unless loaded
+        # for inference; a later one is added inactive and frozen, every existing flag kept (as HF PEFT)
+        first = not self.peft_config
+        flags = [] if first else [(p, p.requires_grad) for p in self.parameters()]
         with requires_grad_kept_on_failure(self):
             self.peft_config[adapter_name] = config
             try:
@@ -649,7 +751,15 @@ class BaseTuner(TunerAttributes, nn.Module):
                     if new_module is not None:
                         setattr(parent, target_name, new_module)
                 wrap_modules_to_save(self.model, getattr(config, "modules_to_save", None), adapter_name)
-                self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+                if first:
+                    self.active_adapter = adapter_name
+                    self._mark_only_adapters_as_trainable()
+                else:
+                    self._unmerge_before_switching()
+                    self._activate(self.active_adapters, inference_mode=True)  # new layers run the active adapters
+                    for p, flag in flags:
+                        p.requires_grad_(flag)
+                self.active_adapter = list(self.active_adapters)
             except BaseException:  # a KeyboardInterrupt too: no half-built adapter stays behind
                 self._undo_injection(adapter_name, originals)
                 raise
@@ -689,13 +799,12 @@ class BaseTuner(TunerAttributes, nn.Module):
                     stacklevel=3,
                 )
 
-
     def _undo_injection(self, adapter_name: str, originals: list[tuple[nn.Module, str, nn.Module]]) -> None:
         """A layer failed to build mid-way: put back what was replaced (layers, saved-module wrappers), so the model
         is as before."""
         for parent, name, original in originals:
             if isinstance(original, BaseTunerLayer):
-                original.delete_adapter(adapter_name)
+                original._remove_adapter(adapter_name)
             else:
                 setattr(parent, name, original)
         for key, module in list(self.model.named_modules()):
@@ -714,33 +823,72 @@ class BaseTuner(TunerAttributes, nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self.active_adapter] if self.active_adapter else []
+        active = self.active_adapter
+        return [active] if isinstance(active, str) else list(active)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        self._check_adapter_exists(adapter_name)  # also refuses after unload()
+    def _wrappers(self) -> list[ModulesToSaveWrapper]:
+        return [m for _, m in self._tuner_layers() if isinstance(m, ModulesToSaveWrapper)]
+
+    def _adapter_list(self, adapter_names: Any, what: str = "adapter_name") -> list[str]:
+        """`adapter_names` (a name or a list of names) as a list of existing adapters; TypeError / ValueError
+        otherwise, before anything changes."""
+        if isinstance(adapter_names, str):
+            names = [adapter_names]
+        elif isinstance(adapter_names, (list, tuple)) and all(isinstance(n, str) for n in adapter_names):
+            names = list(adapter_names)
+        else:
+            raise TypeError(f"{what} must be an adapter name or a list of adapter names, got {adapter_names!r}")
+        self._check_attached()
+        for name in names:
+            self._check_adapter_exists(name)
+        return names
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make `adapter_name` (one name, or a list: their outputs add up) the active adapter(s), as HF PEFT's
+        `LoraModel.set_adapter`. Their parameters (and their copies of `modules_to_save`) train unless
+        `inference_mode`; every other adapter's are frozen; base weights keep their flags. Merged layers are
+        unmerged first (with a warning). Two active adapters cannot both hold a copy of one `modules_to_save` module
+        (ValueError, as HF PEFT; nothing changes)."""
+        names = self._adapter_list(adapter_name)
+        for wrapper in self._wrappers():
+            wrapper.check_set_adapter(adapter_name)  # every refusal before any change
+        self._unmerge_before_switching()
+        self._activate(names, inference_mode)
+        self.active_adapter = adapter_name if isinstance(adapter_name, str) else names
+
+    def _unmerge_before_switching(self) -> None:
         for _, module in self._tuner_layers():
             if isinstance(module, BaseTunerLayer) and module.merged:
                 warnings.warn("an adapter is merged; unmerging it before switching adapters")
                 module.unmerge()
-        self.active_adapter = adapter_name
-        self._mark_only_adapters_as_trainable()  # also points every layer at the new adapter
 
-    def _sync_trainability(self) -> None:
-        """requires_grad as the configs say (the active adapter trains unless loaded for inference), as
-        PromptLearningModel's of the same name."""
-        self._mark_only_adapters_as_trainable()
+    def _activate(self, names: list[str], inference_mode: bool = False) -> None:
+        """Point every layer and saved-module wrapper at `names` (a wrapper at the one of them it holds, if any),
+        with requires_grad as `set_adapter` says. No checks (the callers made them)."""
+        for _, module in self._tuner_layers():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.set_adapter([n for n in names if n in module.modules_to_save][:1], inference_mode)
+            else:
+                module.set_adapter(names, inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Make the named adapters' parameters (and their `modules_to_save` copies) train or not, active or not, as
+        HF PEFT's."""
+        names = self._adapter_list(adapter_names, "adapter_names")
+        for _, module in self._tuner_layers():
+            module.set_requires_grad(names, requires_grad)
 
     def _mark_only_adapters_as_trainable(self) -> None:
-        """Freeze every base weight; the active adapter trains unless it was loaded for inference."""
+        """The first adapter: freeze every base weight; the active adapter trains unless it was loaded for
+        inference (with its config's extras, e.g. LoRA's biases)."""
         for n, p in self.model.named_parameters():
             if f".{self.prefix}" not in f".{n}" and ".modules_to_save." not in n:
                 p.requires_grad_(False)
-        for _, module in self._tuner_layers():
-            module.set_adapter(self.active_adapter)
-        self._mark_extra_trainable(self.peft_config[self.active_adapter])
-        for name, config in self.peft_config.items():
-            if config.inference_mode:
-                freeze_adapter(self.model, name)
+        configs = [self.peft_config[name] for name in self.active_adapters]
+        self._activate(self.active_adapters, inference_mode=all(c.inference_mode for c in configs))
+        for config in configs:
+            if not config.inference_mode:
+                self._mark_extra_trainable(config)
 
     def _mark_extra_trainable(self, config: Any) -> None:
         """Tuner-specific extras that train with the adapter (e.g. LoRA's biases)."""
@@ -751,18 +899,23 @@ class BaseTuner(TunerAttributes, nn.Module):
             module.enable_adapters(enabled)
 
     def enable_adapter_layers(self) -> None:
+        """Enable every layer; the active adapters train again (as HF PEFT)."""
         self._set_adapter_layers(True)
 
     def disable_adapter_layers(self) -> None:
+        """Disable every layer (the base model runs alone); every adapter parameter is frozen (as HF PEFT)."""
         self._set_adapter_layers(False)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the block; on exit every layer is as it was found (a nested block, or
-        one after disable_adapter_layers(), leaves the adapters disabled), as HF PEFT does."""
+        """Run the base model alone inside the block, every adapter parameter frozen (as HF PEFT does). On exit every
+        layer is as it was found (a nested block, or one after disable_adapter_layers(), leaves the adapters
+        disabled), and so is every requires_grad flag (HF PEFT makes the active adapters train after the block,
+        also ones that were frozen before it)."""
         self._check_attached()
         layers = [module for _, module in self._tuner_layers()]
         was = [not _layer_enabled(module) for module in layers]
+        flags = [(p, p.requires_grad) for p in self.parameters()]
         for module in layers:
             module.enable_adapters(False)
         try:
@@ -770,24 +923,39 @@ class BaseTuner(TunerAttributes, nn.Module):
         finally:
             for module, disabled in zip(layers, was):
                 module.enable_adapters(not disabled)
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def delete_adapter(self, adapter_name: str, force: bool = False) -> None:
-        """`force` (for an adapter that failed to load) skips the active / merged checks."""
+        """Delete an adapter, as HF PEFT does: a merged one is refused (unmerge first). When it was active, the other
+        active adapters stay active (and train); when none is left, the first remaining adapter by name becomes
+        active, with a warning; after the last one, no adapter is active (`active_adapter == []`). `force` (for an
+        adapter that failed to load) skips the merged check and the warning."""
         self._check_adapter_exists(adapter_name)
-        if not force and adapter_name == self.active_adapter and len(self.peft_config) > 1:
-            raise ValueError(
-                f"{adapter_name!r} is the active adapter; set_adapter() another one "
-                f"({', '.join(n for n in self.peft_config if n != adapter_name)}) before deleting it"
-            )
         if not force and any(
             isinstance(m, BaseTunerLayer) and adapter_name in m.merged_adapters for _, m in self._tuner_layers()
         ):
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
+        active = self.active_adapters
+        new_active = [a for a in active if a != adapter_name]
+        if adapter_name in active and not new_active:
+            remaining = sorted(n for n in self.peft_config if n != adapter_name)
+            new_active = remaining[:1]
+            if remaining and not force:
+                warnings.warn(
+                    f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                    f"{remaining[0]}.",
+                    stacklevel=3,
+                )
         for _, module in self._tuner_layers():
-            module.delete_adapter(adapter_name)
+            if isinstance(module, ModulesToSaveWrapper):
+                module.delete_adapter(adapter_name, new_active)
+            else:
+                module._remove_adapter(adapter_name)
         del self.peft_config[adapter_name]
-        if not self.peft_config:
-            self.active_adapter = ""
+        if adapter_name in active:
+            self._activate(new_active)
+        self.active_adapter = new_active
 
     # ---- merge ----------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
@@ -830,8 +998,8 @@ class BaseTuner(TunerAttributes, nn.Module):
             parent, _, child = get_submodule_parent(self.model, key)
             if isinstance(module, BaseTunerLayer):
                 setattr(parent, child, module.get_base_layer())
-            elif merge and module.active_adapter in module.modules_to_save:
-                setattr(parent, child, module.modules_to_save[module.active_adapter])
+            elif merge and module.active_adapters and module.active_adapters[0] in module.modules_to_save:
+                setattr(parent, child, module.modules_to_save[module.active_adapters[0]])
             else:
                 setattr(parent, child, module.original_module)
         self._unloaded = True  # the model is the caller's now: this tuner refuses every adapter operation

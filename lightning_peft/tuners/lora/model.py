@@ -158,7 +158,8 @@ class LoraModel(BaseTuner):
             for n, p in self.model.named_parameters():
                 # not the frozen originals of saved modules nor other adapters' copies: they never run
                 unused = ".original_module." in n or (
-                    ".modules_to_save." in n and f".modules_to_save.{self.active_adapter}." not in n
+                    ".modules_to_save." in n
+                    and not any(f".modules_to_save.{name}." in n for name in self.active_adapters)
                 )
                 if n.rsplit(".", 1)[-1] == "bias" and not unused:
                     p.requires_grad_(True)

@@ -77,7 +77,8 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, FilledPromptLearningConfig] = {}
-        self.active_adapter = adapter_name
+        self.active_adapter: Any = adapter_name  # a name; `[]` once the last adapter is deleted (as HF PEFT)
+        self._frozen_active = False  # set_adapter(..., inference_mode=True)
         self.prompt_encoder = nn.ModuleDict()
         self.prompt_tokens: dict[str, torch.Tensor] = {}
         self._disabled = False
@@ -105,7 +106,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self.active_adapter] if self.active_adapter else []
+        return [self.active_adapter] if isinstance(self.active_adapter, str) and self.active_adapter else []
 
     def cache_kwarg(self) -> str:
         """The keyword the model's forward takes a key/value cache by (`past_key_values` when it takes none)."""
@@ -187,19 +188,29 @@ class PromptLearningModel(TunerAttributes, nn.Module):
                 if not wrapper.modules_to_save:
                     self._put_back(key, wrapper)
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make `adapter_name` the active adapter; it trains unless `inference_mode` or loaded for inference. One
+        adapter at a time: prompt learning feeds one prompt (a list is refused with a TypeError, as HF PEFT's
+        PeftModel.set_adapter refuses it)."""
+        if not isinstance(adapter_name, str):
+            raise TypeError(
+                f"{self.peft_type} runs one adapter at a time (it feeds one prompt); set_adapter takes one adapter "
+                f"name, got {adapter_name!r}"
+            )
         self._check_adapter_exists(adapter_name)
         self.active_adapter = adapter_name
+        self._frozen_active = inference_mode
         self._sync_trainability()
 
     def delete_adapter(self, adapter_name: str, force: bool = False) -> None:
-        """`force` (for an adapter that failed to load) skips the active-adapter check."""
+        """Delete an adapter, as HF PEFT does: deleting the active one makes the first remaining adapter active (with
+        a warning; `force`, for an adapter that failed to load, skips it); after the last, none is active (`[]`)."""
         self._check_adapter_exists(adapter_name)
         others = [n for n in self.peft_config if n != adapter_name]
         if adapter_name == self.active_adapter and others and not force:
-            raise ValueError(
-                f"{adapter_name!r} is the active adapter; set_adapter() another one "
-                f"({', '.join(others)}) before deleting it"
+            warnings.warn(
+                f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {others[0]}.",
+                stacklevel=3,
             )
         del self.prompt_encoder[adapter_name]
         self.prompt_tokens.pop(adapter_name, None)
@@ -209,7 +220,8 @@ class PromptLearningModel(TunerAttributes, nn.Module):
             if not wrapper.modules_to_save:  # no adapter uses it any more: put the original back
                 self._put_back(key, wrapper)
         if adapter_name == self.active_adapter:
-            self.active_adapter = others[0] if others else ""
+            self.active_adapter = others[0] if others else []
+            self._frozen_active = False
             self._sync_trainability()
 
     @contextmanager
@@ -259,13 +271,17 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         the modules_to_save require grad; every other adapter's are frozen. Every wrapper holding the active adapter
         is pointed at it here, so every path that changes the active adapter (set_adapter, add, delete) must call
         this; forward and generate do not re-check."""
+
+        def trains(name: str) -> bool:
+            return name == self.active_adapter and not self.peft_config[name].inference_mode and not self._frozen_active
+
         for name, encoder in self.prompt_encoder.items():
-            encoder.requires_grad_(name == self.active_adapter and not self.peft_config[name].inference_mode)
+            encoder.requires_grad_(trains(name))
         for _, wrapper in self._wrappers():
-            if self.active_adapter in wrapper.modules_to_save:
-                wrapper.set_adapter(self.active_adapter)
+            # a wrapper of other adapters only runs its original module (also one just made for a new adapter)
+            wrapper.set_adapter([n for n in self.active_adapters if n in wrapper.modules_to_save])
             for name, module in wrapper.modules_to_save.items():
-                module.requires_grad_(name == self.active_adapter and not self.peft_config[name].inference_mode)
+                module.requires_grad_(trains(name))
 
     # ---- the virtual tokens -----------------------------------------------------------------
     def get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> Any:
