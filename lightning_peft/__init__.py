@@ -3,8 +3,12 @@
 `import lightning_peft as peft` works in code written for HF PEFT where the names overlap.
 """
 
+__version__ = "0.1.0"  # first: configs made while the package loads read it (peft_version)
+
 from .config import PeftConfig, PeftType, TaskType
+from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, get_peft_config, inject_adapter_in_model
 from .peft_model import (
+    MODEL_TYPE_TO_PEFT_MODEL,
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -12,6 +16,8 @@ from .peft_model import (
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
+    get_layer_status,
+    get_model_status,
     get_peft_model,
 )
 from .serialization import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
@@ -19,11 +25,31 @@ from .tuners.ia3 import IA3Config, IA3Model
 from .tuners.lora import LoraConfig, LoraModel
 from .tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from .tuners.prompt_learning import PromptLearningConfig
 from .tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .utils import (
+    TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING,
+    NoMatchingPeftModuleError,
+    PeftError,
+    PeftWarning,
+)
 
-__version__ = "0.1.0"
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING = MODEL_TYPE_TO_PEFT_MODEL  # HF PEFT's name
+
 
 __all__ = [
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING",
+    "TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING",
+    "NoMatchingPeftModuleError",
+    "PeftError",
+    "PeftWarning",
+    "PromptLearningConfig",
+    "get_layer_status",
+    "get_model_status",
+    "get_peft_config",
+    "inject_adapter_in_model",
     "PeftConfig",
     "PeftType",
     "TaskType",

@@ -7,21 +7,31 @@ import dataclasses
 import os
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional, Union, cast
 
 import torch
 from torch import nn
 
 from ._files import atomic_folder
-from .config import SAVED_PREFIX, WEIGHTS_NAME, PeftConfig, TaskType
-from .serialization import atomic_save_file, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .config import PICKLE_WEIGHTS_NAME, SAVED_PREFIX, WEIGHTS_NAME, PeftConfig, TaskType
+from .serialization import (
+    atomic_save_file,
+    atomic_torch_save,
+    get_peft_model_state_dict,
+    is_transformers_model,
+    load_peft_weights,
+    set_peft_model_state_dict,
+    write_model_card,
+)
 from .tuners.base import (
     BaseTuner,
     BaseTunerLayer,
+    ModulesToSaveWrapper,
     TunerAttributes,
     check_adapter_name,
     describe_wrapping,
     freeze_adapter,
+    is_linear8bit,
     parameter_counts,
     requires_grad_kept_on_failure,
 )
@@ -39,7 +49,17 @@ class PeftModel(nn.Module):
 
     tuner: Any
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """`autocast_adapter_dtype=False` keeps the adapter's weights in a half-precision base layer's dtype (by
+        default they are float32, as in HF PEFT); `low_cpu_mem_usage` is accepted for HF PEFT's signature (the
+        adapter is created with its initial values, not on the meta device)."""
         super().__init__()
         check_adapter_name(adapter_name)
         if not isinstance(peft_config, PeftConfig):
@@ -56,6 +76,8 @@ class PeftModel(nn.Module):
         self.__dict__["tuner"] = tuner  # not a child itself: its modules are, under HF PEFT's attribute names
         for name, module in tuner.peft_model_modules().items():
             setattr(self, name, module)
+        if not autocast_adapter_dtype:
+            keep_base_dtype(tuner, adapter_name)
 
     # ---- attributes -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -109,6 +131,22 @@ class PeftModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.tuner.model
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """The `modules_to_save` names of every adapter's config together; None when there are none (HF PEFT's)."""
+        names: set[str] = set()
+        for config in self.peft_config.values():
+            names.update(getattr(config, "modules_to_save", None) or [])
+        return names or None
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """The status of each adapter layer (see the function `get_layer_status`)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The adapters' status over the whole model (see the function `get_model_status`)."""
+        return get_model_status(self)
 
     # ---- running ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -202,21 +240,37 @@ class PeftModel(nn.Module):
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
         selected_adapters: Optional[list[str]] = None,
-        is_main_process: bool = True,
         save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         """Write `adapter_config.json` + `adapter_model.safetensors` per adapter (non-default ones in a
-        sub-folder named after them).
+        sub-folder named after them) and a `README.md` model card, as HF PEFT does (HF PEFT's signature).
+
+        `safe_serialization=False` writes `adapter_model.bin` (a pickle of plain tensors) instead, on request; the
+        other format's file, if the folder held one, is removed so it cannot shadow the new weights. A
+        `README.md` already there is kept, with the adapter's fields added to it. `state_dict=` (a keyword) is
+        the model's state dict to take the tensors from.
 
         The folder is one unit (`atomic_folder`): everything is written into a new folder beside it (starting
         from hard links to the files already there, which are kept as HF PEFT keeps them) that is swapped in
         whole, so a crash or a full disk leaves the previous folder exactly as it was; a second process saving
         to the same folder waits for the first."""
         self.tuner._check_attached()  # after unload() there is nothing of this model's to save
+        if path_initial_model_for_weight_conversion is not None:
+            raise NotImplementedError(
+                "path_initial_model_for_weight_conversion (converting a PiSSA / OLoRA / CorDA adapter to plain LoRA) "
+                "is not provided: lightning_peft does not implement those initialisations. Leave it None"
+            )
+        if not isinstance(safe_serialization, bool):
+            raise TypeError(f"safe_serialization must be True or False, got {safe_serialization!r}")
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!s} is a file; give a folder")
+        if isinstance(selected_adapters, str):
+            raise TypeError(f"selected_adapters must be a list of adapter names, got the string {selected_adapters!r}")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         if not names:
             raise ValueError(
@@ -226,16 +280,27 @@ class PeftModel(nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"no adapter named {name!r} to save; this model has: {', '.join(self.peft_config)}")
+        state_dict = kwargs.get("state_dict")
         if not is_main_process:
             return
+        weights_name, stale_name = (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
+        if not safe_serialization:
+            weights_name, stale_name = stale_name, weights_name
         with atomic_folder(save_directory, keep_existing=True) as root:
+            write_model_card(self, root)
             for name in names:
                 folder = root if name == "default" else os.path.join(root, name)
                 os.makedirs(folder, exist_ok=True)
                 tensors = get_peft_model_state_dict(
-                    self, adapter_name=name, save_embedding_layers=save_embedding_layers
+                    self, state_dict=state_dict, adapter_name=name, save_embedding_layers=save_embedding_layers
                 )
-                atomic_save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+                path = os.path.join(folder, weights_name)
+                if safe_serialization:
+                    atomic_save_file(tensors, path, metadata={"format": "pt"})
+                else:
+                    atomic_torch_save(tensors, path)
+                if os.path.lexists(os.path.join(folder, stale_name)):
+                    os.remove(os.path.join(folder, stale_name))  # the new folder's link: the old folder keeps it
                 config = self.peft_config[name]
                 inference_mode = config.inference_mode
                 config.inference_mode = True
@@ -320,7 +385,10 @@ class PeftModel(nn.Module):
             set_peft_model_state_dict(self, weights, adapter_name=name, allow_nonfinite=allow_nonfinite)
             return
         order, active = list(tuner.peft_config), copy.copy(tuner.active_adapter)
-        old_tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self, adapter_name=name).items()}
+        old_tensors = {
+            k: v.detach().clone()
+            for k, v in get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=False).items()
+        }
         self._check_same_layout(name, config, weights, old_tensors, folder)
         requires_grad = {n: p.requires_grad for n, p in self.named_parameters()}
         tuner.delete_adapter(name, force=True)
@@ -378,12 +446,25 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: Optional[PeftConfig] = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: Optional[dict[str, str]] = None,
         allow_pickle: bool = False,
         ignore_base_model_mismatch: bool = False,
         allow_nonfinite: bool = False,
         **kwargs: Any,
     ) -> "PeftModel":
-        """Wrap `model` with the adapter saved in `model_id` (`subfolder=`: in `model_id/subfolder`)."""
+        """Wrap `model` with the adapter saved in `model_id` (`subfolder=`: in `model_id/subfolder`).
+
+        HF PEFT's arguments: `autocast_adapter_dtype` as in `get_peft_model`; `ephemeral_gpu_offload` and
+        `low_cpu_mem_usage` (memory-saving ways of loading) are accepted and change nothing here; `key_mapping`
+        (renaming the file's keys) is not provided."""
+        if key_mapping:
+            raise NotImplementedError(
+                "key_mapping (renaming the saved keys while loading) is not provided by lightning_peft; rename the "
+                "keys of the weights file (get_peft_model_state_dict / set_peft_model_state_dict) instead"
+            )
         check_adapter_name(adapter_name)
         check_not_wrapped(model)  # before anything is read: a failed load must not touch a live adapter either
         folder = adapter_folder(model_id, kwargs.pop("subfolder", None))
@@ -401,7 +482,7 @@ class PeftModel(nn.Module):
         peft_model = None
         with requires_grad_kept_on_failure(model):  # wrapping froze the model: a failure gives back the user's flags
             try:
-                peft_model = wrapper_cls(model, config, adapter_name)
+                peft_model = wrapper_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
                 set_peft_model_state_dict(
                     peft_model, weights, adapter_name=adapter_name, allow_nonfinite=allow_nonfinite
                 )
@@ -441,7 +522,7 @@ def check_not_wrapped(model: nn.Module) -> None:
 def _comparable(config: PeftConfig) -> dict[str, Any]:
     """A config's fields that decide the adapter's math and layout (not where it came from or whether it trains)."""
     data = config.to_dict()
-    for key in ("inference_mode", "base_model_name_or_path", "revision"):
+    for key in ("inference_mode", "base_model_name_or_path", "revision", "peft_version"):
         data.pop(key, None)
     return data
 
@@ -492,8 +573,8 @@ class _HeadTrainingPeftModel(PeftModel):
 
     head_names: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
-        super().__init__(model, self._with_head(peft_config), adapter_name)
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> None:
+        super().__init__(model, self._with_head(peft_config), adapter_name, **kwargs)
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         super().add_adapter(adapter_name, self._with_head(peft_config))  # each adapter gets its own head copy
@@ -534,9 +615,228 @@ MODEL_TYPE_TO_PEFT_MODEL: dict[Optional[str], type[PeftModel]] = {
 }
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
-    """Wrap `model` with a new adapter; the wrapper class follows `peft_config.task_type`."""
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: Optional[str] = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap `model` with a new adapter; the wrapper class follows `peft_config.task_type` (HF PEFT's signature).
+
+    `autocast_adapter_dtype=False`: adapter weights over a half-precision base keep its dtype (float32 otherwise);
+    `revision`: the base model's revision, recorded in the adapter's config (a different one already there is
+    replaced with a warning, as HF PEFT does); `low_cpu_mem_usage`: accepted (the adapter is created with its
+    initial values). `mixed=True` (HF PEFT's `PeftMixedModel`, adapters of several tuner types) is not provided."""
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a tuner config (e.g. LoraConfig), got {type(peft_config).__name__}")
+    if mixed:
+        raise NotImplementedError(
+            "get_peft_model(..., mixed=True) (HF PEFT's PeftMixedModel: adapters of several tuner types in one model) "
+            "is not provided by lightning_peft; use one PeftModel per tuner type"
+        )
+    if revision is not None:
+        if not isinstance(revision, str):
+            raise TypeError(f"revision must be a string (a branch, tag or commit of the base model), got {revision!r}")
+        if peft_config.revision is not None and peft_config.revision != revision:
+            warnings.warn(
+                f"peft config has already set base model revision to {peft_config.revision}, overwriting with "
+                f"revision {revision}",
+                stacklevel=2,
+            )
+        peft_config = copy.deepcopy(peft_config)  # the caller's config stays as given (PeftModel copies it too)
+        peft_config.revision = revision
     wrapper_cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)
-    return wrapper_cls(model, peft_config, adapter_name)
+    return wrapper_cls(
+        model,
+        peft_config,
+        adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def keep_base_dtype(tuner: Any, adapter_name: str) -> None:
+    """`autocast_adapter_dtype=False`: the adapter's float32 tensors in each layer over a float16 / bfloat16 base
+    layer take the base layer's dtype (as HF PEFT leaves them); prompt-learning encoders stay float32 (HF PEFT's
+    too)."""
+    for module in tuner.modules() if isinstance(tuner, nn.Module) else []:
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        dtype = getattr(getattr(module.get_base_layer(), "weight", None), "dtype", None)
+        if dtype not in _HALF_DTYPES:
+            continue
+        for attr in module.adapter_layer_names:
+            holder = getattr(module, attr)
+            if adapter_name not in holder:
+                continue
+            entry = holder[adapter_name]
+            tensors = [entry] if isinstance(entry, torch.Tensor) else list(entry.parameters())
+            for tensor in tensors:
+                if tensor.dtype == torch.float32:
+                    tensor.data = tensor.data.to(dtype)
+
+
+# ---- status, as HF PEFT's `get_layer_status` / `get_model_status` report it -----------------------------------
+@dataclasses.dataclass
+class TunerLayerStatus:
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    requires_grad: dict[str, Union[bool, Literal["irregular"]]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: Optional[str]
+
+
+@dataclasses.dataclass
+class TunerModelStatus:
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: dict[str, str]
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: Union[bool, Literal["irregular"]]
+    active_adapters: Union[list[str], Literal["irregular"]]
+    merged_adapters: Union[list[str], Literal["irregular"]]
+    requires_grad: dict[str, Union[bool, Literal["irregular"]]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: Union[Optional[str], Literal["irregular"]]
+
+
+def _all_or_irregular(values: list[Any]) -> Any:
+    """True / False when every value is it, else "irregular"."""
+    if all(v is True for v in values):
+        return True
+    if all(v is False for v in values):
+        return False
+    return "irregular"
+
+
+def _adapter_tensors(module: nn.Module, attrs: tuple[str, ...]) -> dict[str, list[torch.Tensor]]:
+    """adapter name -> its tensors among the per-adapter dicts `attrs` of a tuner layer."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for attr in attrs:
+        holder: Any = getattr(module, attr, None)
+        if isinstance(holder, (nn.ModuleDict, nn.ParameterDict)) or type(holder).__name__ == "BufferDict":
+            for key, entry in holder.items():
+                found = [entry] if isinstance(entry, torch.Tensor) else list(entry.parameters())
+                out.setdefault(key, []).extend(found)
+    return out
+
+
+def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus:
+    if isinstance(module, ModulesToSaveWrapper):
+        trainable = _adapter_tensors(module, ("modules_to_save",))
+        devices_of = trainable
+        enabled = module.adapters_enabled
+        active, merged = list(module.active_adapters), []
+        available = sorted(module.modules_to_save)
+        module_type = "ModulesToSaveWrapper"
+        backend = None
+    else:
+        layer = cast(BaseTunerLayer, module)
+        trainable = _adapter_tensors(module, layer.adapter_layer_names)
+        devices_of = _adapter_tensors(module, layer.adapter_layer_names + layer.other_param_names)
+        enabled = not layer.disable_adapters
+        active, merged = list(layer.active_adapters), list(layer.merged_adapters)
+        available = sorted(layer.adapter_names())
+        module_type = repr(module).partition("(")[0]
+        backend = getattr(getattr(module, "quantization_backend", None), "backend_name", None)
+        if backend is None and is_linear8bit(layer.get_base_layer()):
+            backend = "bnb 8bit"
+    return TunerLayerStatus(
+        name=name,
+        module_type=module_type,
+        enabled=enabled,
+        active_adapters=active,
+        merged_adapters=merged,
+        requires_grad={k: _all_or_irregular([t.requires_grad for t in v]) for k, v in trainable.items()},
+        available_adapters=available,
+        devices={k: sorted({t.device.type for t in v}) for k, v in devices_of.items()},
+        quantization_backend=backend,
+    )
+
+
+def _status_root(model: nn.Module, what: str) -> nn.Module:
+    if isinstance(model, PeftModel):
+        if not isinstance(model.tuner, BaseTuner):
+            raise TypeError(
+                f"{what}() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported."
+            )
+        return model.tuner
+    return model
+
+
+def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
+    """One `TunerLayerStatus` per adapter layer (tuner layers and `modules_to_save` wrappers) of a `PeftModel`, a
+    tuner model or a model given adapters by `inject_adapter_in_model`, with HF PEFT's fields and values."""
+    root = _status_root(model, "get_layer_status")
+    statuses = [
+        _layer_status(name, cast(nn.Module, module))
+        for name, module in root.named_modules()
+        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))
+    ]
+    if not statuses:
+        raise ValueError(
+            "No adapter layers found in the model, please ensure that it's a PEFT model or that you have PEFT adapters "
+            "injected in the model."
+        )
+    return statuses
+
+
+def get_model_status(model: nn.Module) -> TunerModelStatus:
+    """The adapters' state over the whole model (HF PEFT's `get_model_status`): a field whose layers disagree is
+    "irregular"."""
+    if isinstance(model, PeftModel):
+        _status_root(model, "get_model_status")
+        base_model_type = type(model.get_base_model()).__name__
+        trainable, total = model.get_nb_trainable_parameters()
+        peft_types = {name: str(config.peft_type) for name, config in model.peft_config.items()}
+        adapter_model_type = type(model.tuner).__name__
+    else:
+        base_model_type = type(model).__name__ if is_transformers_model(model) else "other"
+        trainable, total = parameter_counts(model)
+        peft_types, adapter_model_type = {}, "None"
+    layers = get_layer_status(model)
+    enabled_values = {s.enabled for s in layers}
+    enabled: Union[bool, Literal["irregular"]] = enabled_values.pop() if len(enabled_values) == 1 else "irregular"
+    available = sorted(set().union(*(s.available_adapters for s in layers)))
+    active_sets = {tuple(s.active_adapters) for s in layers}
+    active: Any = list(active_sets.pop()) if len(active_sets) == 1 else "irregular"
+    merged_all = set().union(*(s.merged_adapters for s in layers))
+    merged: Any = sorted(merged_all)
+    if any((set(s.available_adapters) - set(s.merged_adapters)) & merged_all for s in layers):
+        merged = "irregular"
+    grads: dict[str, list[Any]] = {}
+    devices: dict[str, set[str]] = {}
+    for status in layers:
+        for key, value in status.requires_grad.items():
+            grads.setdefault(key, []).append(value)
+        for key, found in status.devices.items():
+            devices.setdefault(key, set()).update(found)
+    backends = {s.quantization_backend for s in layers}
+    return TunerModelStatus(
+        base_model_type=base_model_type,
+        adapter_model_type=adapter_model_type,
+        peft_types=peft_types,
+        trainable_params=trainable,
+        total_params=total,
+        num_adapter_layers=len(layers),
+        enabled=enabled,
+        active_adapters=active,
+        merged_adapters=merged,
+        requires_grad={k: _all_or_irregular(v) for k, v in grads.items()},
+        available_adapters=available,
+        devices={k: sorted(v) for k, v in devices.items()},
+        quantization_backend=backends.pop() if len(backends) == 1 else "irregular",
+    )

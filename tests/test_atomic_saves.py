@@ -180,7 +180,9 @@ def test_save_pretrained_keeps_other_files_in_the_folder_like_hf_peft(tmp_path):
     (folder / "notes" / "a.txt").write_text("also mine")
     w.build(0).save_pretrained(folder)
     w.build(1).save_pretrained(folder, selected_adapters=["default"])  # "other" stays version 0's
-    assert (folder / "README.md").read_text() == "mine" and (folder / "notes" / "a.txt").read_text() == "also mine"
+    card = (folder / "README.md").read_text()  # the user's text stays, the model card's fields are added (as HF's)
+    assert card.startswith("---\nlibrary_name: peft\n") and "\nmine\n" in card
+    assert (folder / "notes" / "a.txt").read_text() == "also mine"
     model = lp.PeftModel.from_pretrained(w.Net(), folder)
     model.load_adapter(folder / "other", "other")
     assert model.peft_config["default"].lora_alpha == 32 and model.peft_config["other"].lora_alpha == 16
@@ -245,7 +247,7 @@ def test_a_folder_the_user_deleted_is_not_brought_back(tmp_path):
     _mark(stale, "ab12cd34")
     shutil.rmtree(folder)  # rm -rf adapter: the user wants a fresh folder
     w.build(1).save_pretrained(folder, selected_adapters=["default"])
-    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]  # no "other"
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # no "other"
     assert _leftovers(tmp_path) == []
 
 
@@ -380,7 +382,7 @@ def test_export_extras_are_written_before_the_folder_is_put_in_place(tmp_path):
     seen = []
     state.save_adapter(str(adapter), extras=lambda d: seen.append((os.path.exists(adapter), sorted(os.listdir(d)))))
     # not there before the extras; the marker (taken out once the folder is in place) says the folder is ours
-    assert seen == [(False, [_files.MARKER, "adapter_config.json", "adapter_model.safetensors"])]
+    assert seen == [(False, [_files.MARKER, "README.md", "adapter_config.json", "adapter_model.safetensors"])]
     assert _leftovers(tmp_path) == []
 
 
@@ -458,7 +460,9 @@ def test_callback_re_export_never_leaves_adapter_missing_and_extras_are_always_i
     fit()
     adapter, merged = tmp_path / "run" / "adapter", tmp_path / "run" / "merged"
     first = (adapter.stat().st_ino, merged.stat().st_ino)
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} == set(os.listdir(adapter))
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} == set(
+        os.listdir(adapter)
+    )
     assert {"model.safetensors", "tokenizer.json"} == set(os.listdir(merged))
     observer = _Observer([adapter, merged], {"tokenizer.json"})
     observer.start()

@@ -253,7 +253,11 @@ def test_bad_adapter_names_are_refused_and_nothing_changes(name, call, saved_ada
             model.load_adapter(folder, adapter_name=name)
     assert unchanged(model, before) and unchanged(base, base_before) and list(model.peft_config) == ["default"]
     model.save_pretrained(tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert not (tmp_path / "lp-abs").exists() and not __import__("os").path.exists("/tmp/lp-abs")
 
 

@@ -335,7 +335,7 @@ def test_exported_adapter_reproduces_the_trained_model_on_a_fresh_base(lifecycle
     run = lifecycle(kind, tuner)
     adapter_dir = run.root / "export" / "adapter"
     assert run.callback.adapter_dir == str(adapter_dir)
-    assert sorted(os.listdir(adapter_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(adapter_dir)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     reloaded = PeftModel.from_pretrained(build(kind), str(adapter_dir))
     torch.testing.assert_close(model_output(reloaded, run.probe_batch), run.probe.reference, rtol=0, atol=1e-5)
     assert not [p for p in os.listdir(run.root / "export") if p.startswith(".")]  # no temporary folders left
@@ -678,6 +678,7 @@ def test_readme_example_runs(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})  # noqa: S102  (the README's own example)
     assert sorted(os.listdir(tmp_path / "lightning_logs" / "version_0" / "adapter")) == [
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
     ]

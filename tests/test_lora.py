@@ -206,7 +206,12 @@ def test_save_and_load_round_trip_named_adapters(tmp_path):
     model.add_adapter("other", lp.LoraConfig(r=2, **GPT2_TARGETS))
     _randomise_adapters(model)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",  # the model card, as HF PEFT writes it
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "other",
+    ]
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",

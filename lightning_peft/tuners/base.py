@@ -666,6 +666,15 @@ class BaseTuner(TunerAttributes, nn.Module):
         """The modules a `PeftModel` registers for this tuner, by attribute (HF PEFT's layout: the tuner itself)."""
         return {"base_model": self}
 
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """The names (relative to `model`) of the modules holding this tuner's layers (HF PEFT's attribute), in HF
+        PEFT's order: each adapter's in model order, the adapters in the order they were added."""
+        layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)]
+        names = {name: None for adapter in self.peft_config for name, m in layers if adapter in m.adapter_names()}
+        names.update({name: None for name, _ in layers})  # a layer left without adapters stays targeted
+        return list(names)
+
     # ---- hooks for subclasses --------------------------------------------------------------
     def _check_new_adapter_config(self, config: Any) -> None:
         """Raise on configs that cannot live beside the adapters already present."""
@@ -724,7 +733,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         self._check_layers_exist(config, matched=bool(keys))
         self._warn_unmatched_patterns(config, keys)
         if not keys:
-            raise ValueError(
+            raise NoMatchingPeftModuleError(
                 f"target_modules={config.target_modules!r} matched no module of the model; "
                 f"{describe_module_names(self.model)}"
             )

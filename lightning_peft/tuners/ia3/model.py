@@ -4,8 +4,13 @@ from typing import Optional
 
 from torch import nn
 
+from ...utils.constants import (
+    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    model_type_of,
+)
 from ..base import BaseTuner, describe_module_names, is_conv1d, name_matches, resolve_fan_in_fan_out
-from .config import DEFAULT_FEEDFORWARD_MODULES, DEFAULT_TARGET_MODULES, IA3Config, check_feedforward_subset
+from .config import IA3Config, check_feedforward_subset
 from .layer import Conv2d, IA3Layer, Linear
 
 
@@ -20,19 +25,19 @@ class IA3Model(BaseTuner):
     peft_type = IA3Config.PEFT_TYPE
 
     def _prepare_adapter_config(self, config: IA3Config, model: nn.Module) -> IA3Config:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if config.target_modules is None and model_type in DEFAULT_TARGET_MODULES:
-            config.target_modules = set(DEFAULT_TARGET_MODULES[model_type])
+        model_type = model_type_of(model) or ""
+        if config.target_modules is None and model_type in TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING:
+            config.target_modules = set(TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[model_type])
         if config.feedforward_modules is None:
-            if (
-                model_type in DEFAULT_FEEDFORWARD_MODULES
-                and config.target_modules is not None
-                and not isinstance(config.target_modules, str)
-                and set(DEFAULT_FEEDFORWARD_MODULES[model_type]) <= set(config.target_modules)
-            ):
-                config.feedforward_modules = set(DEFAULT_FEEDFORWARD_MODULES[model_type])
+            # HF PEFT's default feedforward modules for the model's family where they are targets (as they are with
+            # the default targets, and where a regex targets); none otherwise: every vector then scales an output
+            default = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type)
+            targets = config.target_modules
+            fits = targets is not None and (isinstance(targets, str) or set(default or ()) <= set(targets))
+            if default is not None and fits:
+                config.feedforward_modules = set(default)
             else:
-                config.feedforward_modules = set()  # no feedforward targets: every vector scales an output
+                config.feedforward_modules = set()
         check_feedforward_subset(config)
         return super()._prepare_adapter_config(config, model)
 

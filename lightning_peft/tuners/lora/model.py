@@ -9,6 +9,7 @@ from typing import Any, Iterator, Optional, cast
 import torch
 from torch import nn
 
+from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, model_type_of
 from ..base import (
     BaseTuner,
     ModulesToSaveWrapper,
@@ -20,7 +21,7 @@ from ..base import (
     strip_adapter_name,
 )
 from ..mixed_batch import BASE_NAME, MixedBatch, check_batch_size, checked_names, generate_expansion
-from .config import DEFAULT_TARGET_MODULES, LoraConfig
+from .config import LoraConfig
 from .layer import Conv2d, Embedding, Linear, LoraLayer
 
 
@@ -103,10 +104,10 @@ class LoraModel(BaseTuner):
                 m._mixed_batch = was
 
     def _prepare_adapter_config(self, config: LoraConfig, model: nn.Module) -> LoraConfig:
-        if config.target_modules is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            if model_type in DEFAULT_TARGET_MODULES:
-                config.target_modules = set(DEFAULT_TARGET_MODULES[model_type])
+        if config.target_modules is None:  # HF PEFT's default targets for the model's family (a regex stays one)
+            default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type_of(model) or "")
+            if default is not None:
+                config.target_modules = default if isinstance(default, str) else set(default)
         if config.target_modules == "all-linear":
             config.target_modules = _all_linear_names(model)
         return super()._prepare_adapter_config(config, model)
