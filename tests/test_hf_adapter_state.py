@@ -210,6 +210,25 @@ def test_deleting_an_active_adapter_with_saved_modules_as_in_hf_peft(bert):
     assert flags(ours) == flags(theirs) and ours.active_adapter == theirs.active_adapter == "a"
 
 
+def test_deleting_the_active_adapter_activates_every_saved_copy_of_the_new_one(bert):
+    """HF peft 0.21 leaves the saved copies of an adapter added later inactive when deleting makes it the active one
+    (its pooler runs the original: not what set_adapter gives); ours activates them, as set_adapter does."""
+    models = {}
+    for lib in (lp, peft):
+        cfg = lambda saves: lib.LoraConfig(target_modules=["query"], modules_to_save=saves)  # noqa: E731
+        model = quiet(lib.get_peft_model, copy.deepcopy(bert), cfg(["classifier"]), adapter_name="a")
+        quiet(model.add_adapter, "d", cfg(["pooler", "classifier"]))
+        perturb(model.base_model.model.bert.pooler, trainable_only=False)
+        quiet(model.delete_adapter, "a")
+        models[lib] = model.eval()
+    assert wrappers_state(models[peft]) == ("d", [])
+    ours = models[lp]
+    assert wrappers_state(ours) == ("d", "d") and ours.active_adapter == "d"
+    out = logits(ours, ids())
+    ours.set_adapter("d")
+    assert torch.equal(logits(ours, ids()), out)
+
+
 # ---- the adapter life cycle ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["LoraConfig", "IA3Config"])
 def test_delete_adapter_activates_what_hf_peft_activates(gpt2, kind):
