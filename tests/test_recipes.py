@@ -163,12 +163,15 @@ def test_seq2seq_targets_decode_back(tokenizer):
 
 def _fit(module, dm, steps, tmp_path):
     """Validate, fit `steps` steps on the first training batch (overfit_batches=1), validate; the model's
-    loss on that batch must drop. Returns the metrics before and after, and the validation batches used."""
+    loss on that batch must drop. Returns the metrics before and after, and the validation batches used.
+    No validation inside the fit (each of its one-step epochs would run one, with generation): only the two
+    validate() calls around it are used."""
     dm.setup("fit")
     batch = dm.collate([dm.train_set[i] for i in range(dm.hparams.batch_size)])
     trainer = quiet_trainer(
         max_steps=steps,
         overfit_batches=1,
+        check_val_every_n_epoch=steps + 1,
         enable_checkpointing=False,
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
@@ -242,11 +245,11 @@ def test_causal_lm_module_reports_perplexity_and_generates(tokenizer, tmp_path):
 def test_seq2seq_module_reports_rouge(tokenizer, tmp_path):
     torch.manual_seed(0)
     model = build_model("AutoModelForSeq2SeqLM", config=TINY["t5"], tokenizer=tokenizer)
-    module = Seq2SeqModule(model, tokenizer, learning_rate=1e-2, max_new_tokens=6)
+    module = Seq2SeqModule(model, tokenizer, learning_rate=3e-2, max_new_tokens=6)
     dm = Seq2SeqDataModule(ASPECTS, tokenizer, batch_size=16, limit_val_rows=16)
-    before, after, batches = _fit(module, dm, steps=30, tmp_path=tmp_path)
+    before, after, batches = _fit(module, dm, steps=15, tmp_path=tmp_path)
     assert set(after) == {"val_loss", "val_rouge1", "val_rougeL"}
-    # the untrained model generates no word of any target; after 30 steps it has learned their form
+    # the untrained model generates no word of any target; after 15 steps it has learned their form
     # ("<aspect> : positive"), so generations share words with the validation targets
     assert before["val_rouge1"] == 0.0 and after["val_rouge1"] > 0.2
     # the logged scores are the mean ROUGE F-measures of the greedy generations, computed here by hand
