@@ -7,7 +7,7 @@
 Sections: step (LoRA vs peft vs full FT), forward (unmerged / merged vs base), trainer (Trainer +
 PEFTCallback vs a bare loop), memory (peak RSS, one process per case), checkpoint (bytes vs adapter
 bytes), large (injection / merge_and_unload on a 1.1B Llama), compile (graph breaks), methods (IA3 and
-prompt learning vs peft).
+prompt learning vs peft), multi (2 active adapters and mixed-adapter batches vs peft).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, HERE)
 
 import common  # noqa: E402
 
-SECTIONS = ["step", "forward", "trainer", "memory", "checkpoint", "large", "compile", "methods"]
+SECTIONS = ["step", "forward", "trainer", "memory", "checkpoint", "large", "compile", "methods", "multi"]
 
 
 def collect(section: str, quick: bool, log) -> list[dict]:
@@ -70,6 +70,14 @@ def collect(section: str, quick: bool, log) -> list[dict]:
         return bench_methods.rows(
             bench_methods.run(["ia3", "prompt", "p-tuning", "prefix"], 3 if quick else 5, log=log)
         )
+    if section == "multi":
+        import bench_multi_adapter
+
+        return [
+            row
+            for arch in ("llama", "gpt2")
+            for row in bench_multi_adapter.rows(arch, bench_multi_adapter.run(arch, 5 if quick else 11, log=log))
+        ]
     raise ValueError(section)
 
 
