@@ -190,3 +190,14 @@ def test_compiled_model_is_not_recompiled(tmp_path):
         torch.testing.assert_close(second, fresh(x), atol=1e-5, rtol=1e-6)
     assert not torch.allclose(first, second, atol=1e-3)
     torch._dynamo.reset()
+
+
+def test_injected_model_and_non_adapter_model(gpt2_adapters):
+    """A model given adapters by inject_adapter_in_model swaps too; a plain model is refused with TypeError."""
+    base, folders = gpt2_adapters
+    config = lp.PeftConfig.from_pretrained(folders["a0"])
+    injected = lp.inject_adapter_in_model(config, copy.deepcopy(base)).eval()
+    hotswap_adapter(injected, folders["a1"], adapter_name="default")
+    torch.testing.assert_close(logits_of(injected, X), logits_of(loaded(lp, base, folders["a1"]), X), atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="holds no lightning_peft adapter"):
+        hotswap_adapter(nn.Linear(2, 2), folders["a1"], adapter_name="default")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import SAVED_PREFIX, PeftConfig, PeftType
-from ..serialization import check_adapter_tensors, load_peft_weights
+from ..serialization import check_adapter_tensors, load_peft_weights, tuner_of
 from ..tuners.base import pattern_value
 from ..tuners.lora.config import LoraConfig
 from ..tuners.lora.layer import LoraLayer
@@ -49,19 +49,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _lora_tuner(model: nn.Module) -> tuple[LoraModel, str]:
-    """The LoRA tuner of `model` (a PeftModel or a LoraModel, compiled or not) and the prefix `model`'s own keys
-    lack compared with a PeftModel's."""
-    inner = _unwrap(model)
-    tuner = inner.__dict__.get("tuner", inner)  # a PeftModel keeps its tuner out of its modules
-    if not hasattr(tuner, "peft_config"):
-        raise TypeError(
-            f"{type(inner).__name__} holds no lightning_peft adapter: pass a PeftModel (get_peft_model / "
-            "PeftModel.from_pretrained) or its base_model, compiled or not"
-        )
+    """The LoRA tuner of `model` (a PeftModel, its LoraModel, or a model given adapters by inject_adapter_in_model;
+    compiled or not) and the prefix `model`'s own keys lack compared with a PeftModel's."""
+    tuner, prefix = tuner_of(_unwrap(model))
     if not isinstance(tuner, LoraModel):
-        raise ValueError(f"Hotswapping only supports LORA but {tuner.peft_type} was passed.")
+        raise ValueError(f"Hotswapping only supports LORA but {getattr(tuner, 'peft_type', None)} was passed.")
     tuner._check_attached()
-    return tuner, "" if tuner is not inner else SAVED_PREFIX
+    return tuner, prefix
 
 
 def _is_compiled(model: nn.Module) -> bool:
