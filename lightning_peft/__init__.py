@@ -5,10 +5,19 @@
 
 __version__ = "0.1.0"  # first: configs made while the package loads read it (peft_version)
 
+from .auto import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .config import PeftConfig, PeftType, TaskType
 from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, get_peft_config, inject_adapter_in_model
 from .peft_model import (
-    MODEL_TYPE_TO_PEFT_MODEL,
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -22,7 +31,7 @@ from .peft_model import (
 )
 from .serialization import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .tuners.ia3 import IA3Config, IA3Model
-from .tuners.lora import LoraConfig, LoraModel
+from .tuners.lora import LoraConfig, LoraModel, LoraRuntimeConfig
 from .tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .tuners.prompt_learning import PromptLearningConfig
@@ -32,12 +41,18 @@ from .utils import (
     NoMatchingPeftModuleError,
     PeftError,
     PeftWarning,
+    cast_mixed_precision_params,
+    shift_tokens_right,
 )
 
-MODEL_TYPE_TO_PEFT_MODEL_MAPPING = MODEL_TYPE_TO_PEFT_MODEL  # HF PEFT's name
-
-
 __all__ = [
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",
@@ -64,8 +79,11 @@ __all__ = [
     "get_peft_model_state_dict",
     "load_peft_weights",
     "set_peft_model_state_dict",
+    "cast_mixed_precision_params",
+    "shift_tokens_right",
     "LoraConfig",
     "LoraModel",
+    "LoraRuntimeConfig",
     "IA3Config",
     "IA3Model",
     "PromptTuningConfig",

@@ -2,10 +2,10 @@
 
 from ..registry import register_tuner
 from .bnb import Linear8bitLt
-from .config import LoraConfig
+from .config import LoraConfig, LoraRuntimeConfig
 from .layer import Conv2d, Embedding, Linear, LoraLayer
 from .model import LoraModel
 
 register_tuner(LoraConfig, LoraModel, quantized_layers={"int8": Linear8bitLt}, merges_into_quantized=True)
 
-__all__ = ["LoraConfig", "LoraModel", "LoraLayer", "Linear", "Embedding", "Conv2d", "Linear8bitLt"]
+__all__ = ["LoraConfig", "LoraRuntimeConfig", "LoraModel", "LoraLayer", "Linear", "Embedding", "Conv2d", "Linear8bitLt"]
