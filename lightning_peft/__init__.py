@@ -15,6 +15,7 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
+from .base_state_dict import get_base_model_state_dict, set_base_model_state_dict
 from .config import PeftConfig, PeftType, TaskType
 from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, get_peft_config, inject_adapter_in_model
 from .peft_model import (
@@ -81,6 +82,8 @@ __all__ = [
     "set_peft_model_state_dict",
     "cast_mixed_precision_params",
     "shift_tokens_right",
+    "get_base_model_state_dict",
+    "set_base_model_state_dict",
     "LoraConfig",
     "LoraModel",
     "LoraRuntimeConfig",

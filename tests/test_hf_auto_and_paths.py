@@ -4,6 +4,7 @@ the same folders loaded by both (bases saved here, offline), outputs, types and 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -245,9 +246,21 @@ HF_PATHS = {
     "peft.auto": AUTO_NAMES + ["MODEL_TYPE_TO_PEFT_MODEL_MAPPING"],
     "peft.tuners.lora": ["LoraLayer", "Linear", "Embedding", "Conv2d", "LoraModel", "LoraConfig", "LoraRuntimeConfig"],
     "peft.tuners.tuners_utils": ["BaseTuner", "BaseTunerLayer"],
-    "peft.utils": ["ModulesToSaveWrapper", "shift_tokens_right", "cast_mixed_precision_params"],
+    "peft.utils": [
+        "ModulesToSaveWrapper",
+        "shift_tokens_right",
+        "cast_mixed_precision_params",
+        "get_base_model_state_dict",
+        "set_base_model_state_dict",
+    ],
     "peft.utils.other": ["ModulesToSaveWrapper", "shift_tokens_right", "cast_mixed_precision_params"],
-    "peft.utils.save_and_load": ["get_peft_model_state_dict", "set_peft_model_state_dict", "load_peft_weights"],
+    "peft.utils.save_and_load": [
+        "get_peft_model_state_dict",
+        "set_peft_model_state_dict",
+        "load_peft_weights",
+        "get_base_model_state_dict",
+        "set_base_model_state_dict",
+    ],
     "peft.utils.peft_types": ["PeftType", "TaskType"],
     "peft.utils.hotswap": ["hotswap_adapter", "hotswap_adapter_from_state_dict"],
 }
@@ -318,3 +331,67 @@ def test_cast_mixed_precision_params_as_hf_peft():
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.float(), before[name].to(p.dtype).float())
     torch.testing.assert_close(logits(ours, ids()), logits(theirs, ids()))
+
+
+# ---- the base model's own weights ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
+def test_base_model_state_dict_as_hf_peft(method):
+    """Keys and tensors equal to HF PEFT's (adapters left out, the original of a modules_to_save module kept); set
+    loads new base weights into both alike and leaves the adapters; strict refusals (RuntimeError, as HF) and a wrong
+    shape change nothing here."""
+    base = tiny_bert_classifier()
+    if method == "lora":
+        make = {"r": 4, "target_modules": ["query", "value"]}
+        configs = peft.LoraConfig(task_type="SEQ_CLS", **make), lp.LoraConfig(task_type="SEQ_CLS", **make)
+    elif method == "ia3":
+        make = {"target_modules": ["query", "intermediate.dense"], "feedforward_modules": ["intermediate.dense"]}
+        configs = peft.IA3Config(task_type="SEQ_CLS", **make), lp.IA3Config(task_type="SEQ_CLS", **make)
+    else:
+        configs = (
+            peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+            lp.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+        )
+    theirs = quiet(peft.get_peft_model, copy.deepcopy(base), configs[0])
+    ours = quiet(lp.get_peft_model, copy.deepcopy(base), configs[1])
+    perturb(ours)  # trained adapters and head copy: not part of the base state
+    quiet(peft.set_peft_model_state_dict, theirs, lp.get_peft_model_state_dict(ours))
+    want, got = peft.get_base_model_state_dict(theirs), lp.get_base_model_state_dict(ours)
+    if method == "prompt":  # HF peft 0.21 returns the raw state dict here, wrapper keys and the adapter's head copy
+        want = {k.replace(".original_module", ""): v for k, v in want.items() if ".modules_to_save." not in k}
+    assert list(got) == list(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value)
+    assert got.keys() == base.state_dict().keys()
+
+    new = {k: v + 0.01 for k, v in base.state_dict().items()}
+    result = lp.set_base_model_state_dict(ours, new)
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])
+    if method != "prompt":  # (HF peft 0.21 wants the wrapper keys there: see above)
+        peft.set_base_model_state_dict(theirs, new)
+        torch.testing.assert_close(logits(ours, ids()), logits(theirs, ids()))
+    for key in want:
+        torch.testing.assert_close(lp.get_base_model_state_dict(ours)[key], new[key])
+
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    broken = dict(new)
+    first = next(iter(broken))
+    broken["extra.weight"] = broken.pop(first)
+    for lib, model in ((peft, theirs), (lp, ours)):
+        with pytest.raises(RuntimeError, match="Missing key"):
+            lib.set_base_model_state_dict(model, broken)
+    got_result = lp.set_base_model_state_dict(ours, {"extra.weight": new[first]}, strict=False)
+    assert (got_result.missing_keys, got_result.unexpected_keys) == (list(want), ["extra.weight"])
+    if method != "prompt":
+        want_result = peft.set_base_model_state_dict(theirs, {"extra.weight": new[first]}, strict=False)
+        assert (got_result.missing_keys, got_result.unexpected_keys) == (
+            list(want_result.missing_keys),
+            list(want_result.unexpected_keys),
+        )
+    wrong = dict(new)
+    wrong[first] = torch.zeros(2, 2)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        lp.set_base_model_state_dict(ours, wrong)
+    with pytest.raises(TypeError, match="PeftModel"):
+        lp.get_base_model_state_dict(base)
+    after = ours.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

@@ -2,7 +2,8 @@
 target tables, file names, and the state-dict functions.
 
 Imports only modules that import nothing of the tuners, so the tuners can import from here; `ModulesToSaveWrapper`
-(a tuner class) is looked up on first use.
+(a tuner class) and `get_base_model_state_dict` / `set_base_model_state_dict` (which read tuner classes) are looked up
+on first use.
 """
 
 from typing import Any
@@ -43,17 +44,24 @@ __all__ = [
     "PeftWarning",
     "TaskType",
     "cast_mixed_precision_params",
+    "get_base_model_state_dict",
     "get_peft_model_state_dict",
     "load_peft_weights",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
     "shift_tokens_right",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    """`ModulesToSaveWrapper` (HF PEFT's `peft.utils` name), imported on first use: the tuners import this package."""
+    """HF PEFT's `peft.utils` names that need the tuner classes, imported on first use: the tuners import this
+    package."""
     if name == "ModulesToSaveWrapper":
         from ..tuners.base import ModulesToSaveWrapper
 
         return ModulesToSaveWrapper
+    if name in ("get_base_model_state_dict", "set_base_model_state_dict"):
+        from .. import base_state_dict
+
+        return getattr(base_state_dict, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
