@@ -49,7 +49,8 @@ _LONGEST_AFFIX = len(".") + len(_PREV) + 8  # ".<name>.prev-<token>": the longes
 # (or paired to one that does through the token) are ever restored or removed; a user's `.adapter.old-2024`
 # or `.adapter.prev-backup1` is never touched. It is removed from the folder once it is in place.
 MARKER = ".lightning-peft-save"
-_building: set[str] = set()  # temporary folders this process is filling (a save nested in one writes straight in)
+# temporary folders this process is filling -> the folder each becomes (a save nested in one writes straight in)
+_building: dict[str, str] = {}
 _building_lock = threading.Lock()
 _held_locks: dict[str, int] = {}  # lock file -> the thread of this process holding it
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -62,6 +63,16 @@ class FolderLockTimeout(TimeoutError):
 def _inside_building(path: str) -> bool:
     with _building_lock:
         return any(path == tmp or path.startswith(tmp + os.sep) for tmp in _building)
+
+
+def user_path(path: str) -> str:
+    """`path` as the user knows it: a path inside a temporary folder `atomic_folder` is filling is given under the
+    folder it becomes (for messages: `.adapter.tmp-x1y2z3ab/README.md` reads `adapter/README.md`)."""
+    with _building_lock:
+        for tmp, final in _building.items():
+            if path == tmp or path.startswith(tmp + os.sep):
+                return final + path[len(tmp) :]
+    return path
 
 
 def _writable_error(final: str, parent: str, error: OSError) -> OSError:
@@ -506,7 +517,7 @@ def atomic_folder(
             raise _writable_error(final, parent, error) from error
         token = os.path.basename(tmp)[len(f".{name}{_TMP}") :]
         with _building_lock:
-            _building.add(tmp)
+            _building[tmp] = final
         try:
             _mark(tmp, token)
             kept: set[tuple[int, int]] = set()
@@ -537,4 +548,4 @@ def atomic_folder(
             raise
         finally:
             with _building_lock:
-                _building.discard(tmp)
+                _building.pop(tmp, None)

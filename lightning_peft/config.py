@@ -261,7 +261,15 @@ INTERNAL = {"internal": True}  # metadata of fields that are never written to (o
 RUNTIME = {"runtime": True}
 
 
-def _is_neutral(value: Any) -> bool:
+# Of those, the on/off flags (False by default in HF PEFT, which tests them for truth: a file's `use_dora: 0` is off)
+FLAG_KEYS = frozenset({"use_dora", "use_rslora", "lora_bias", "use_qalora", "ensure_weight_tying"})
+
+
+def _is_neutral(value: Any, flag: bool = False) -> bool:
+    """Whether `value` leaves a feature off: None, False, empty; for an on/off `flag` a number 0 as well (HF PEFT
+    reads `use_dora: 0` as off), while 1 / True stay a request."""
+    if flag and type(value) in (int, float) and value == 0:
+        return True
     return value is None or value is False or (isinstance(value, (dict, list, tuple, set, str)) and len(value) == 0)
 
 
@@ -274,10 +282,10 @@ def refuse_not_implemented(config: Any, features: dict[str, str], none_only: Ite
     strict = set(none_only)
     for name, feature in features.items():
         value = getattr(config, name)
-        if value is None or (name not in strict and _is_neutral(value)):
-            continue
         spec = defaults[name]
         default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        if value is None or (name not in strict and _is_neutral(value, flag=default is False)):
+            continue
         raise ValueError(
             f"{name}={short_repr(value)} asks for {feature}, which lightning_peft does not implement (yet): the "
             f"adapter would not compute what it was made for. Leave {name} at its default ({default!r})"
@@ -319,8 +327,16 @@ class PeftConfig:
             raise TypeError(f"inference_mode must be True or False, got {self.inference_mode!r}")
         if self.peft_version is None:  # HF PEFT's field: the library that made the config (one read is kept)
             self.peft_version = written_by()
-        elif not isinstance(self.peft_version, str):
-            raise TypeError(f"peft_version must be a version string, got {short_repr(self.peft_version)}")
+        elif not isinstance(self.peft_version, str):  # it has no effect: kept as text rather than refused
+            from .utils.warning import PeftWarning  # (utils imports this module)
+
+            warnings.warn(
+                f"peft_version should be a version string, got {short_repr(self.peft_version)}; kept as "
+                f"{str(self.peft_version)!r} (the field has no effect)",
+                PeftWarning,
+                stacklevel=3,
+            )
+            self.peft_version = str(self.peft_version)
         names = getattr(self, "modules_to_save", None)  # the field of every tuner that has one
         if names is not None:
             if isinstance(names, str) or not isinstance(names, Iterable) or not all(isinstance(m, str) for m in names):
@@ -379,7 +395,9 @@ class PeftConfig:
             data = {k: v for k, v in data.items() if k not in runtime}
         known = {f.name for f in dataclasses.fields(target_cls) if f.init}
         unknown = {k: v for k, v in data.items() if k not in known}
-        refused = sorted(k for k, v in unknown.items() if k in MATH_CHANGING_KEYS and not _is_neutral(v))
+        refused = sorted(
+            k for k, v in unknown.items() if k in MATH_CHANGING_KEYS and not _is_neutral(v, flag=k in FLAG_KEYS)
+        )
         if refused:
             raise ValueError(
                 f"the adapter config sets {', '.join(f'{k}={short_repr(unknown[k])}' for k in refused)}, which "
@@ -415,14 +433,16 @@ class PeftConfig:
     ) -> "PeftConfig":
         path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         config_file = os.path.join(path, CONFIG_NAME)
+        from .utils.error import AdapterNotFoundError  # (utils imports this module)
+
         if not os.path.isdir(path):
-            raise FileNotFoundError(
+            raise AdapterNotFoundError(
                 f"adapter folder {path!s} does not exist; pass the folder save_pretrained wrote"
                 + interrupted_save_note(path)
             )
         check_regular_file(config_file)
         if not os.path.isfile(config_file):
-            raise FileNotFoundError(
+            raise AdapterNotFoundError(
                 f"{config_file} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
             )
         data = _read_json_object(config_file)
@@ -444,11 +464,19 @@ class PeftConfig:
         first. Each tuner's config checks its own size fields."""
 
 
+# The HF PEFT version whose adapter file format (config fields, weight keys) lightning_peft writes and reads, tested
+# against that release. It is the part of `peft_version` before the "@": HF PEFT splits the field on "@" and compares
+# that part with its own versions (e.g. to know whether a file predates a change of format), so it must be a PEFT
+# version, not ours. Raise it when the format tests pass against a newer HF PEFT.
+HF_PEFT_FORMAT_VERSION = "0.21.2"
+
+
 def written_by() -> str:
-    """What `peft_version` says in configs made here: lightning_peft's version, marked as ours after an "@" (where
-    HF PEFT puts a development build's commit), so a reader that parses the part before it gets a version."""
+    """What `peft_version` says in configs made here: the HF PEFT version whose format we write, then after an "@"
+    (where HF PEFT puts a development build's commit) `lightning_peft-<our version>`, e.g.
+    "0.21.2@lightning_peft-0.1.0"."""
     package = sys.modules[__name__.rpartition(".")[0]]  # loaded already (it imports this module), not imported here
-    return f"{package.__version__}@lightning_peft"
+    return f"{HF_PEFT_FORMAT_VERSION}@lightning_peft-{package.__version__}"
 
 
 def _read_json_object(config_file: str) -> dict[str, Any]:

@@ -129,6 +129,21 @@ class PeftModel(nn.Module):
         """Every active adapter's name (one, or several after `base_model.set_adapter([...])`; `[]`: none)."""
         return self.tuner.active_adapters
 
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether an adapter runs in this model's forward (HF PEFT's property): some adapter is active and its
+        layers are enabled (any of them). False inside `disable_adapter()`, after `base_model.disable_adapter_layers()`,
+        after the last adapter was deleted, and after `unload()`. HF peft 0.21 answers True after
+        `disable_adapter_layers()` and raises KeyError once the last adapter is deleted."""
+        tuner = self.tuner
+        if getattr(tuner, "_unloaded", False) or not self.active_adapters:
+            return False
+        if isinstance(tuner, BaseTuner):
+            return any(
+                not module.disable_adapters for _, module in tuner._tuner_layers() if isinstance(module, BaseTunerLayer)
+            )
+        return not getattr(tuner, "_disabled", False)
+
     def get_base_model(self) -> nn.Module:
         return self.tuner.model
 

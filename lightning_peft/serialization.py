@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 import warnings
@@ -14,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ._files import atomic_write_text, default_mode
+from ._files import atomic_write_text, default_mode, user_path
 from .config import (
     CONFIG_NAME,
     PICKLE_WEIGHTS_NAME,  # noqa: F401  (re-exported: it was defined here)
@@ -63,12 +64,21 @@ def get_peft_model_state_dict(
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
     tuner, prefix = tuner_of(model)
-    if adapter_name not in tuner.peft_config:
-        raise ValueError(f"no adapter named {adapter_name!r}; this model has: {', '.join(tuner.peft_config) or 'none'}")
+    _check_adapter_named(tuner, adapter_name)
     if state_dict is not None and prefix:
         state_dict = {prefix + k: v for k, v in state_dict.items()}
     tensors = tuner.peft_state_dict(adapter_name, state_dict, save_embedding_layers)
     return {k[len(prefix) :]: v for k, v in tensors.items()} if prefix else tensors
+
+
+def _check_adapter_named(tuner: Any, adapter_name: str) -> None:
+    """An adapter name the model does not have: `UnknownNameError`, a ValueError and (as in HF PEFT) a KeyError."""
+    if adapter_name not in tuner.peft_config:
+        from .utils.error import UnknownNameError  # (utils imports this module)
+
+        raise UnknownNameError(
+            f"no adapter named {adapter_name!r}; this model has: {', '.join(tuner.peft_config) or 'none'}"
+        )
 
 
 class LoadResult(NamedTuple):
@@ -98,12 +108,12 @@ def set_peft_model_state_dict(
     Returns the model's state-dict keys that were not written (`missing_keys`: the base model's and other adapters'
     among them, as HF PEFT / torch count them) and `unexpected_keys` (empty)."""
     tuner, prefix = tuner_of(model)
-    if adapter_name not in tuner.peft_config:
-        raise ValueError(f"no adapter named {adapter_name!r}; this model has: {', '.join(tuner.peft_config) or 'none'}")
+    _check_adapter_named(tuner, adapter_name)
     if not isinstance(peft_model_state_dict, dict):
         raise TypeError(f"peft_model_state_dict must be a dict of tensors, got {type(peft_model_state_dict).__name__}")
     tensors = {prefix + k: v for k, v in peft_model_state_dict.items()} if prefix else dict(peft_model_state_dict)
-    own = tuner.peft_state_dict(adapter_name)
+    # with the base embedding tensors a file may carry (save_embedding_layers), checked and loaded alike
+    own = {**tuner.peft_state_dict(adapter_name), **getattr(tuner, "embedding_tensors", dict)()}
     if ignore_mismatched_sizes:
         mismatched = [
             f"- {k[len(prefix) :]}: found shape {tuple(v.shape)} in the checkpoint and {tuple(own[k].shape)} in the "
@@ -211,9 +221,11 @@ def load_peft_weights(
         # read before the adapter is built, so its config's sizes are checked against these as against a header
         check_loaded_weights_fit_folder_config(model_id, {k: tuple(v.shape) for k, v in tensors.items()}, bin_path)
         return tensors
+    from .utils.error import AdapterNotFoundError  # (utils imports this module)
+
     if not os.path.isdir(model_id):
-        raise FileNotFoundError(f"adapter folder {model_id!s} does not exist")
-    raise FileNotFoundError(
+        raise AdapterNotFoundError(f"adapter folder {model_id!s} does not exist")
+    raise AdapterNotFoundError(
         f"{model_id} has no {WEIGHTS_NAME}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
     )
 
@@ -267,10 +279,15 @@ def write_model_card(peft_model: Any, folder: str) -> None:
     """Write `folder/README.md` as HF PEFT's `create_or_update_model_card` does: its YAML metadata says
     `library_name: peft`, the tags (`transformers`, `lora`, `base_model:adapter:<base>`), the base model and, for a
     causal LM, `pipeline_tag: text-generation`; the text lists the framework version. A README.md already there
-    keeps its text and metadata, with these fields set and the version line added once; one whose metadata cannot
-    be read is kept unchanged, with a warning."""
+    keeps its text and metadata (its tags too: a single string is one tag, other values are written as text, empty
+    ones dropped), with these fields set and the version line added once. The card never fails a save: one that is
+    not UTF-8 text or whose metadata cannot be read or written back is kept byte for byte, with one warning, and so
+    is a README.md symlink to nothing (the link is kept). A symlink to a file is replaced by the updated card (the
+    file it pointed to, maybe outside the folder, is not written); a folder, FIFO, ... named README.md is refused,
+    naming the user's folder (nothing is saved)."""
     path = os.path.join(folder, MODEL_CARD_NAME)
-    check_regular_file(path)
+    shown = user_path(path)  # `folder` may be the temporary folder of the save: messages name the user's
+    exists = _card_exists(path, shown)
     base = peft_model.get_base_model()
     name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
     fields: dict[str, Any] = {"library_name": "peft"}
@@ -294,22 +311,65 @@ def write_model_card(peft_model: Any, folder: str) -> None:
         meta["pipeline_tag"] = "text-generation"
     # JSON strings are YAML strings: the card written for a new folder needs no YAML library
     fresh = "---\n" + "".join(f"{k}: {json.dumps(v)}\n" for k, v in sorted(meta.items())) + "---\n" + text
-    if not os.path.exists(path):
+    if exists is None:  # a symlink to nothing: kept as it is
+        return
+    if not exists:
         atomic_write_text(path, fresh)
         return
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        content = fh.read()
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        content = raw.decode("utf-8-sig")  # strict: a card that is not UTF-8 is not rewritten with U+FFFD
+    except UnicodeDecodeError as err:
+        warnings.warn(f"{shown} is not UTF-8 text ({err}); it is kept unchanged as the model card", stacklevel=3)
+        return
     if content == fresh:  # this model's card, as a previous save wrote it
         return
     import yaml  # a dependency of transformers
 
     try:
-        meta, text = _split_card(content, yaml)
-    except (ValueError, yaml.YAMLError) as err:
-        warnings.warn(f"{path} could not be read as a model card ({err}); it is kept unchanged", stacklevel=3)
+        card = _updated_card(content, fields, tags, causal, version_line, heading, yaml)
+    except (ValueError, TypeError, RecursionError, yaml.YAMLError) as err:  # what a card's content can cause
+        warnings.warn(f"{shown} could not be read as a model card ({err}); it is kept unchanged", stacklevel=3)
         return
+    atomic_write_text(path, card)
+
+
+def _card_exists(path: str, shown: str) -> Optional[bool]:
+    """Whether a README.md is there to update (True: a regular file, or a symlink to one), none is (False), or it is
+    a symlink to nothing (None, with a warning: it is kept as it is). Anything else at `path` (a folder, a FIFO, ...)
+    is refused, naming `shown` (the user's path)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(mode):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as err:  # missing target, a loop, ...
+            warnings.warn(
+                f"{shown} is a symlink to {os.readlink(path)!r}, which cannot be opened ({err.strerror}); the model "
+                "card is not written and the link is kept as it is",
+                stacklevel=4,
+            )
+            return None
+    if stat.S_ISREG(mode):
+        return True
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")]
+    what = next((kind for test, kind in kinds if test(mode)), "a device file")
+    raise ValueError(
+        f"{shown} is {what}, not a file: save_pretrained writes the adapter's model card there. Move or rename it, "
+        "then save again (nothing was saved)"
+    )
+
+
+def _updated_card(
+    content: str, fields: dict[str, Any], tags: set[str], causal: bool, version_line: str, heading: str, yaml: Any
+) -> str:
+    """The card `content` with the adapter's metadata `fields` and `tags` set and the version line added once."""
+    meta, text = _split_card(content, yaml)
     meta.update(fields)
-    tags |= set(meta.get("tags") or [])
+    tags = tags | set(_card_tags(meta.get("tags")))
     if tags:
         meta["tags"] = sorted(tags)
     if not meta.get("pipeline_tag") and causal:
@@ -321,7 +381,22 @@ def write_model_card(peft_model: Any, folder: str) -> None:
         else:
             lines += ["", heading, "", version_line]
     front = yaml.safe_dump(meta, sort_keys=True, allow_unicode=True)
-    atomic_write_text(path, f"---\n{front}---\n" + "\n".join(lines) + "\n")
+    return f"---\n{front}---\n" + "\n".join(lines) + "\n"
+
+
+def _card_tags(value: Any) -> list[str]:
+    """A card's `tags` as tag names: a string is one tag, a list's items are written as text (None dropped); a
+    mapping (or a list holding one, or a list) is not a tag: ValueError."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    tags = []
+    for item in items:
+        if item is None:
+            continue
+        if isinstance(item, (dict, list, tuple, set)):
+            raise ValueError(f"its tags hold {type(item).__name__} {str(item)[:80]}, not a tag name")
+        if str(item):
+            tags.append(str(item))
+    return tags
 
 
 def _split_card(content: str, yaml: Any) -> tuple[dict[str, Any], str]:

@@ -291,6 +291,20 @@ OURS = {NO_MATCH: NoMatchingPeftModuleError}
 # (mistake, set-up (None: the bare tiny GPT-2), the mistake made on the set-up's result in library L (the module
 # `peft` or `lightning_peft`; `d` a scratch folder), HF PEFT's exception type, a fragment of our message)
 SAME_TYPE = [
+    (  # ours is a ValueError too (UnknownNameError)
+        "unknown peft_type in a file",
+        None,
+        lambda L, m, d: L.PeftConfig.from_pretrained(config_file(d, {"peft_type": "FOO"})),
+        KeyError,
+        "unknown peft_type 'FOO'",
+    ),
+    (  # ours is a FileNotFoundError too (AdapterNotFoundError)
+        "config folder missing",
+        None,
+        lambda L, m, d: L.PeftConfig.from_pretrained(str(d / "nowhere")),
+        ValueError,
+        "does not exist",
+    ),
     (
         "config file without peft_type",
         None,
@@ -527,22 +541,6 @@ def test_the_same_mistake_raises_hf_peft_s_exception_type(tmp_path, gpt2, name, 
 # one, or nothing (accepting a mistake silently); lightning_peft raises the type a caller would catch for it.
 DIFFERS = [
     # (mistake: why, set-up, mistake, what HF PEFT does (an exception type, or None: accepted), our type, message)
-    (
-        "unknown peft_type in a file: HF's KeyError is a dict lookup leaking out",
-        None,
-        lambda L, m, d: L.PeftConfig.from_pretrained(config_file(d, {"peft_type": "FOO"})),
-        KeyError,
-        ValueError,
-        "unknown peft_type 'FOO'",
-    ),
-    (
-        "config folder missing: HF's ValueError comes from its Hub fallback",
-        None,
-        lambda L, m, d: L.PeftConfig.from_pretrained(str(d / "nowhere")),
-        ValueError,
-        FileNotFoundError,
-        "does not exist",
-    ),
     (
         "bias='foo': HF raises NotImplementedError (at injection) for a value that is simply invalid",
         None,

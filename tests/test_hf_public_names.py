@@ -381,7 +381,7 @@ def test_model_card_and_peft_version_both_ways(bases, tmp_path):
     assert f"- lightning_peft {lp.__version__}" in (tmp_path / "ours" / "README.md").read_text()
     # peft_version: ours written, HF's kept when read (by either library), without warnings
     written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert written["peft_version"] == f"{lp.__version__}@lightning_peft"
+    assert written["peft_version"] == f"{peft.__version__}@lightning_peft-{lp.__version__}"  # HF's format version
     assert json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["peft_version"] == peft.__version__
     with warnings.catch_warnings():
         warnings.simplefilter("error")

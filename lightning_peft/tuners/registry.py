@@ -113,7 +113,9 @@ def find_tuner(peft_type: Any) -> TunerSpec | None:
 def get_tuner(peft_type: Any) -> TunerSpec:
     spec = find_tuner(peft_type)
     if spec is None:
-        raise ValueError(f"unknown peft_type {peft_type!r}; lightning_peft knows: {', '.join(sorted(_TUNERS))}")
+        from ..utils.error import UnknownNameError  # a ValueError, and a KeyError as in HF PEFT (utils imports tuners)
+
+        raise UnknownNameError(f"unknown peft_type {peft_type!r}; lightning_peft knows: {', '.join(sorted(_TUNERS))}")
     return spec
 
 

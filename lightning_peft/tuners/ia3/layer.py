@@ -131,9 +131,6 @@ class Linear(nn.Module, IA3Layer):
         result = self.base_layer(x, *args, **kwargs)
         return (result * scaling).to(result.dtype)
 
-    def __repr__(self) -> str:
-        return "ia3." + super().__repr__()
-
 
 class SizedByBaseLayer(nn.Module, IA3Layer):
     """(IA)^3 over a base layer whose input / output sizes it reads from the layer itself (`_sizes`)."""
@@ -152,9 +149,6 @@ class SizedByBaseLayer(nn.Module, IA3Layer):
 
     def _sizes(self, base_layer: Any) -> tuple[int, int]:
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return "ia3." + super().__repr__()
 
 
 class Conv2d(SizedByBaseLayer):
