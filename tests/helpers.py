@@ -250,3 +250,187 @@ def token_loader(rows: int = 6, length: int = 12, batch_size: int = 2, seed: int
 
     ids = torch.randint(1, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
     return DataLoader(TensorDataset(ids), batch_size=batch_size)
+
+
+# ---- child processes without paying the imports again ---------------------------------------------
+# Many tests run a script in a child process: to SIGKILL it and resume in a new process, to cap its memory, to run
+# the command line end to end. `python script.py` spends 5-10 s of CPU importing torch, transformers, Lightning and
+# Hydra before it does anything. `Forked` / `run_forked()` start the child from multiprocessing's fork server,
+# which imported those once: each child is still a new process (its own pid and memory, nothing of an earlier
+# child left in it, killed by a signal like any other) that runs the script as `__main__` with the given argv,
+# cwd and environment, and gives Popen's returncode (-9 after a SIGKILL). Not for DDP / FSDP runs: Lightning's
+# launcher re-executes `sys.executable` with the script for the other ranks, which needs a real interpreter.
+# Environment variables that libraries read at import (HF_HUB_OFFLINE, OMP_NUM_THREADS, ...) keep the values
+# this test process had when the server started (helpers sets the offline switches above).
+FORK_PRELOAD = [
+    "numpy",
+    "torch",
+    "transformers",
+    "safetensors.torch",
+    "lightning.pytorch",
+    "torchmetrics",
+    "torchdata.stateful_dataloader",
+    "lightning_peft",
+    "lightning_peft.lightning",
+    "lightning_peft.recipes.classification",
+    "lightning_peft.recipes.causal_lm",
+    "lightning_peft.recipes.seq2seq",
+    "hydra",
+    "omegaconf",
+    "lightning_peft.app.train",
+    "lightning_peft.app.schema",
+    "lightning_peft.app.report",
+    "lightning_peft.app.multirun",
+]
+_fork_context: Any = None
+_python_path: list[str] = []  # sys.path of a new interpreter (no script, no PYTHONPATH)
+
+
+def _fork_server() -> Any:
+    global _fork_context
+    if _fork_context is None:
+        import multiprocessing
+        import subprocess
+        import sys
+
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        code = "import json, sys; print(json.dumps(sys.path[1:]))"
+        _python_path[:] = json.loads(subprocess.check_output([sys.executable, "-c", code], env=env, text=True))
+        _fork_context = multiprocessing.get_context("forkserver")
+        _fork_context.set_forkserver_preload(FORK_PRELOAD)
+    return _fork_context
+
+
+def _forked_main(
+    args: list[str],
+    cwd: str | None,
+    env: dict[str, str] | None,
+    stdout: str,
+    stderr: str,
+    limit_as: int | None,
+    python_path: list[str],
+) -> None:
+    """In the child: what `python *args` would do, in `cwd` with `env`, stdout / stderr into the given files."""
+    import multiprocessing
+    import resource
+    import runpy
+    import sys
+    import warnings
+
+    multiprocessing.set_start_method(None, force=True)  # as in a new interpreter (the server set "forkserver")
+    if cwd is not None:
+        os.chdir(cwd)
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    sys.stdout.flush()  # nothing of the server's own output may end up in the child's
+    sys.stderr.flush()
+    out = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    err = out if stderr == stdout else os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    os.close(out)
+    if err != out:
+        os.close(err)
+    # sys.path as python would make it: the script's folder ('' for -c), PYTHONPATH, then the interpreter's own
+    extra = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    first = "" if args[0] == "-c" else os.path.dirname(os.path.abspath(args[0]))
+    sys.path[:] = [first, *extra, *python_path]
+    for option in [o for o in os.environ.get("PYTHONWARNINGS", "").split(",") if o]:
+        warnings._setoption(option)  # type: ignore[attr-defined]  # what python does with PYTHONWARNINGS
+    if limit_as is not None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit_as, limit_as))
+    if args[0] == "-c":
+        sys.argv = ["-c", *args[2:]]
+        exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})  # noqa: S102  (the test's own code)
+    else:
+        sys.argv = list(args)
+        runpy.run_path(args[0], run_name="__main__")
+
+
+class Forked:
+    """A Popen-like handle on `python *args` run by the fork server (see above). `merge_stderr`: stderr goes into
+    stdout, as `stderr=subprocess.STDOUT`; `limit_as`: RLIMIT_AS of the child in bytes, set before the script runs."""
+
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Any = None,
+        env: dict[str, str] | None = None,
+        merge_stderr: bool = False,
+        limit_as: int | None = None,
+    ) -> None:
+        import tempfile
+
+        self.args = [str(a) for a in args]
+        self._dir = tempfile.mkdtemp(prefix="forked-")
+        self._stdout = os.path.join(self._dir, "stdout")
+        self._stderr = self._stdout if merge_stderr else os.path.join(self._dir, "stderr")
+        self._merged = merge_stderr
+        server = _fork_server()
+        self._process = server.Process(
+            target=_forked_main,
+            args=(
+                self.args,
+                None if cwd is None else str(cwd),
+                env,
+                self._stdout,
+                self._stderr,
+                limit_as,
+                _python_path,
+            ),
+        )
+        self._process.start()
+        self.pid = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def kill(self) -> None:
+        if self._process.exitcode is None:
+            self._process.kill()
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
+        return self._process.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str | None]:
+        """Wait (killing the child if it outlives `timeout`, then raising TimeoutExpired) and read its output."""
+        import shutil
+
+        try:
+            self.wait(timeout)
+        except Exception:
+            self.kill()
+            self._process.join()
+            raise
+        out = Path(self._stdout).read_text(errors="replace") if os.path.exists(self._stdout) else ""
+        err = None
+        if not self._merged:
+            err = Path(self._stderr).read_text(errors="replace") if os.path.exists(self._stderr) else ""
+        shutil.rmtree(self._dir, ignore_errors=True)
+        return out, err
+
+
+def run_forked(
+    args: list[str],
+    cwd: Any = None,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    limit_as: int | None = None,
+) -> Any:
+    """`subprocess.run([sys.executable, *args], capture_output=True, text=True, ...)` through the fork server:
+    a CompletedProcess with returncode, stdout and stderr."""
+    import subprocess
+
+    proc = Forked(args, cwd=cwd, env=env, limit_as=limit_as)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

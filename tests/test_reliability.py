@@ -3,7 +3,8 @@
 The multi-process tests run tests/reliability_worker.py (a plain LightningModule with dropout in the
 base and in LoRA, a StatefulDataLoader, checkpoints every 4 steps, validation every 4 steps) and
 `train.py`, kill them with SIGKILL mid-epoch, resume from last.ckpt in a fresh process, and compare
-the final adapter with a run that was never interrupted.
+the final adapter with a run that was never interrupted. Each run is a new process forked from the fork server of
+tests/helpers.py (`Forked`), which imported torch, Lightning and Hydra once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import Forked, quiet_trainer
 from safetensors.torch import load_file
 
 import lightning_peft as lp
@@ -44,17 +44,13 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _worker(out: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), "--out", str(out), *args],
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def _worker(out: Path, *args: str) -> Forked:
+    """`python reliability_worker.py --out OUT *args` in a new process (forked from the preloaded fork server,
+    see tests/helpers.py: the same script run without paying its imports again), stderr into stdout."""
+    return Forked([str(WORKER), "--out", str(out), *args], env=ENV, merge_stderr=True)
 
 
-def _finish(proc: subprocess.Popen, expect_rc: int = 0) -> str:
+def _finish(proc: Forked, expect_rc: int = 0) -> str:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == expect_rc, f"worker exited with {proc.returncode}, expected {expect_rc}:\n{out[-4000:]}"
     return out
@@ -323,7 +319,7 @@ class _References:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.procs: dict[tuple[str, ...], tuple[Path, subprocess.Popen]] = {}
+        self.procs: dict[tuple[str, ...], tuple[Path, Forked]] = {}
         self.done: set[tuple[str, ...]] = set()
 
     def start(self, *args: str) -> None:
@@ -444,14 +440,7 @@ def test_persistent_workers_resumed_at_an_epoch_end_warn(tmp_path):
     common = ["--workers", "2", "--augment", "--epoch-end-ckpt"]
 
     def run(out: Path, *args: str) -> str:
-        proc = subprocess.Popen(
-            [sys.executable, str(WORKER), "--out", str(out), *common, *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        return _finish(proc)
+        return _finish(Forked([str(WORKER), "--out", str(out), *common, *args], env=env, merge_stderr=True))
 
     for name, extra in (("persistent", ["--persistent"]), ("fresh", [])):
         run(tmp_path / name, "--epochs", "1", *extra)
@@ -561,15 +550,11 @@ TRAIN = [
 KILL = "+trainer.callbacks=[{_target_: reliability_worker.Kill, step: 5}]"
 
 
-def _train(run: Path, *args: str) -> subprocess.Popen:
+def _train(run: Path, *args: str) -> Forked:
+    """`python train.py hydra.run.dir=RUN *TRAIN *args` from RUN's parent, in a new (forked) process."""
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run}", *TRAIN, *args],
-        cwd=run.parent,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    return Forked(
+        [str(REPO / "train.py"), f"hydra.run.dir={run}", *TRAIN, *args], cwd=run.parent, env=env, merge_stderr=True
     )
 
 
