@@ -59,8 +59,8 @@ def get_peft_model_state_dict(
     """The adapter's tensors keyed as HF PEFT saves them (adapter name stripped), for a `PeftModel` (keys
     `base_model.model....`), a tuner model (`model....`) or a model given adapters by `inject_adapter_in_model` (the
     model's own names), as HF PEFT keys them. `state_dict`: `model.state_dict()` (or one keyed alike) to read the
-    tensors from; `unwrap_compiled`: `model` is `torch.compile`'s wrapper; `save_embedding_layers` ("auto": when
-    `embed_tokens` / `lm_head` are targets, as HF PEFT does) adds the full base weights of targeted embeddings."""
+    tensors from; `unwrap_compiled`: `model` is `torch.compile`'s wrapper; `save_embedding_layers` (True; "auto":
+    when `embed_tokens` / `lm_head` are targets) adds the base model's embedding weights as HF PEFT saves them."""
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
     tuner, prefix = tuner_of(model)

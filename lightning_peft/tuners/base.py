@@ -67,6 +67,74 @@ def target_matches(config: Any, key: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
+ALL_LINEAR = "all-linear"  # HF PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND (any case)
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")  # HF PEFT's: a classifier's head, left out of "all-linear" for SEQ_CLS
+MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20  # HF PEFT's: a target list this long is condensed to the suffixes needed
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A layer that "all-linear" adapts, as HF PEFT counts them: nn.Linear (bitsandbytes' 8-bit / 4-bit linears
+    subclass it), transformers' Conv1D, and a tuner layer already wrapping one (HF PEFT goes by its class name)."""
+    if isinstance(module, nn.Linear) or is_conv1d(module) or is_linear8bit(module):
+        return True
+    return isinstance(module, BaseTunerLayer) and "Linear" in type(module).__name__
+
+
+def expand_all_linear(config: Any, model: nn.Module) -> None:
+    """`target_modules="all-linear"` (any case) becomes, in place, the set of the full names of `model`'s linear
+    layers (`_is_linear`), as HF PEFT's `_maybe_include_all_linear_layers` does (LoRA and IA3 alike): a
+    transformers model's output layer (`get_output_embeddings()`) is left out, and, when it has none and the task is
+    SEQ_CLS, its `score` / `classifier` head; so is everything inside a tuner layer or a saved module's wrapper."""
+    targets = config.target_modules
+    if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
+        return
+    from transformers import PreTrainedModel
+
+    excluded: set[int] = set()
+    if isinstance(model, PreTrainedModel):
+        head = model.get_output_embeddings()
+        if head is None and getattr(config, "task_type", None) == "SEQ_CLS":
+            head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if getattr(model, n, None) is not None), None)
+        if isinstance(head, nn.Module):
+            excluded.add(id(head))
+    for module in model.modules():
+        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            excluded.update(id(m) for m in module.modules() if m is not module)
+    config.target_modules = {
+        name for name, module in model.named_modules() if name and id(module) not in excluded and _is_linear(module)
+    }
+
+
+def _suffixes(name: str) -> list[str]:
+    """The names a list entry may give for module `name`, shortest first: "a.b.c" -> ["c", "b.c", "a.b.c"]."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def condense_target_modules(config: Any, model: nn.Module) -> None:
+    """HF PEFT's optimisation of a long target list (>= 20 names; not for IA3): in place, the fewest module-name
+    suffixes that match exactly the modules the list matched (e.g. T5's 32 "all-linear" paths become
+    {"q", "k", "v", "o", "wi", "wo"}), so the saved config is HF PEFT's."""
+    targets = config.target_modules
+    if isinstance(targets, str) or targets is None or len(targets) < MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+        return
+    targets = set(targets)
+    if "" in targets:
+        return
+    others = [n for n, _ in model.named_modules() if n not in targets and not name_matches(n, targets)]
+    blocked = {suffix for name in others for suffix in _suffixes(name)}
+    chosen: set[str] = set()
+    for name in sorted(targets, key=_suffixes):
+        if name_matches(name, chosen):
+            continue
+        free = next((s for s in _suffixes(name) if s not in blocked), None)
+        if free is None:
+            return  # cannot happen (the full name is never another module's suffix); keep the list as it is
+        chosen.add(free)
+    if len(chosen) < len(targets):
+        config.target_modules = chosen
+
+
 def pattern_value(patterns: dict, key: str, default: Any) -> Any:
     """`rank_pattern` / `alpha_pattern` lookup: a pattern applies to names matching `(.*\\.)?pattern$`."""
     for pattern, value in patterns.items():
@@ -679,12 +747,19 @@ class BaseTuner(TunerAttributes, nn.Module):
     def _check_new_adapter_config(self, config: Any) -> None:
         """Raise on configs that cannot live beside the adapters already present."""
 
+    condenses_target_list = True  # HF PEFT condenses long target lists (not IA3's: its feedforward list pairs them)
+
     def _prepare_adapter_config(self, config: Any, model: nn.Module) -> Any:
+        """The config's targets as matched: "all-linear" expanded (`expand_all_linear`), a long list condensed as HF
+        PEFT condenses it (`condense_target_modules`). Subclasses fill their defaults first, then call this."""
         if config.target_modules is None:
             raise ValueError(
                 f"{type(config).__name__}.target_modules is None and no default is known for this model; "
                 f"name the modules to adapt. {describe_module_names(model)}"
             )
+        expand_all_linear(config, model)
+        if self.condenses_target_list:
+            condense_target_modules(config, model)
         return config
 
     def _create_and_replace(self, config: Any, adapter_name: str, target: nn.Module, key: str) -> Optional[nn.Module]:
@@ -1034,46 +1109,94 @@ class BaseTuner(TunerAttributes, nn.Module):
         """The adapter's tensors keyed as HF PEFT saves them (adapter name stripped). `state_dict` is the
         PeftModel's (keys `base_model.…`) when given, else this tuner's own.
 
-        `save_embedding_layers` ("auto": when `embed_tokens` / `lm_head` are targets, as HF PEFT does) adds the
-        full base weights of the targeted input / output embeddings."""
+        `save_embedding_layers=True` adds the base model's input / output embedding tensors as HF PEFT saves them
+        (`_embedding_base_keys`); "auto" means True when the config targets `embed_tokens` / `lm_head` (HF PEFT's
+        test, with its warning)."""
         self._check_attached()
         if state_dict is None:
             inner = self.state_dict()
         else:
             inner = {k[len(SAVED_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(SAVED_PREFIX)}
         out = {SAVED_PREFIX + k: v for k, v in self.adapter_state_dict(inner, adapter_name).items()}
+        targeted = self._embedding_targeted(self.peft_config[adapter_name])
         if save_embedding_layers == "auto":
-            targets = self.peft_config[adapter_name].target_modules
-            save_embedding_layers = not isinstance(targets, str) and any(n in targets for n in EMBEDDING_LAYER_NAMES)
+            save_embedding_layers = targeted
+            if targeted:
+                warnings.warn(
+                    "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+                    stacklevel=3,
+                )
         if save_embedding_layers:
-            embedding_keys = self._embedding_base_keys()
+            if not callable(getattr(self.model, "get_input_embeddings", None)):
+                warnings.warn(
+                    "Could not identify embedding layer(s) because the model is not a 🤗 transformers model.",
+                    stacklevel=3,
+                )
+            embedding_keys = self._embedding_base_keys(targeted)
             out.update({SAVED_PREFIX + k: v for k, v in inner.items() if k in embedding_keys})
         return out
 
-    def _embedding_base_keys(self) -> set[str]:
-        """Keys of the base weights of the targeted input / output embeddings (HF PEFT may save them)."""
-        layers = [
-            getattr(self.model, f)()
-            for f in ("get_input_embeddings", "get_output_embeddings")
-            if hasattr(self.model, f)
-        ]
-        return {
-            f"model.{name}.base_layer.weight"
-            for name, module in self.model.named_modules()
-            if any(module is layer for layer in layers if layer is not None) and hasattr(module, "base_layer")
-        }
+    def _embedding_targeted(self, config: Any) -> bool:
+        """HF PEFT's test of whether the config targets the embeddings: a name list holding `embed_tokens` /
+        `lm_head` as such, or a regex (not "all-linear") matching a module whose name ends in one of them."""
+        targets = getattr(config, "target_modules", None)
+        if isinstance(targets, str):
+            if targets == ALL_LINEAR:
+                return False
+            ends = re.compile(rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})$")
+            return any(ends.match(k) and name_matches(k, targets) for k, _ in self.model.named_modules())
+        return targets is not None and any(n in targets for n in EMBEDDING_LAYER_NAMES)
+
+    def _embedding_layers(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of the model's input and output embeddings as its `get_input_embeddings()` /
+        `get_output_embeddings()` give them (a tuner layer where one wraps them); none for other models."""
+        found = []
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            method = getattr(self.model, getter, None)
+            try:
+                layer = method() if callable(method) else None
+            except (NotImplementedError, AttributeError):
+                layer = None
+            if isinstance(layer, nn.Module):
+                name = next((n for n, m in self.model.named_modules() if m is layer), None)
+                if name:
+                    found.append((name, layer))
+        return found
+
+    def _embedding_base_keys(self, targeted: Optional[bool] = None) -> set[str]:
+        """Keys (relative to this tuner) of the base embedding tensors that HF PEFT's `save_embedding_layers`
+        saves: those of a tuner layer's base layer (`….wte.base_layer.weight`), and, when the config does not target
+        the embeddings (`targeted=False`, HF PEFT's test), those of an embedding left as it is (`….wte.weight`,
+        `lm_head.weight`). `targeted=None`: all of them, the keys a file may carry (loading)."""
+        prefixes = []
+        for name, layer in self._embedding_layers():
+            if isinstance(layer, BaseTunerLayer):
+                if isinstance(layer.get_base_layer(), (nn.Linear, nn.Embedding)):
+                    prefixes.append(f"model.{name}.base_layer.")
+            elif not targeted and not isinstance(layer, ModulesToSaveWrapper):
+                prefixes.append(f"model.{name}.")
+        if not prefixes:
+            return set()
+        return {k for k in self.state_dict() if k.startswith(tuple(prefixes))}
+
+    def embedding_tensors(self) -> dict[str, torch.Tensor]:
+        """{saved key: the model's tensor} for every base embedding tensor a file may carry (`_embedding_base_keys`):
+        loading checks their shapes and dtypes as the adapter's and writes them into the base model, as HF PEFT
+        restores them."""
+        own = self.state_dict()
+        return {SAVED_PREFIX + k: own[k] for k in self._embedding_base_keys()}
 
     def load_peft_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
         """Load adapter tensors saved in HF PEFT's format into `adapter_name`; every key and shape is checked
-        before anything is written, so a wrong file leaves the model untouched."""
+        before anything is written, so a wrong file leaves the model untouched. Base embedding tensors (saved with
+        `save_embedding_layers`) may be present: they are checked alike and written into the base model."""
         self._check_attached()
-        own = self.state_dict()
-        embedding_keys = self._embedding_base_keys()
+        embeddings = self.embedding_tensors()
         expected = {k: tuple(v.shape) for k, v in self.peft_state_dict(adapter_name).items()}
-        expected.update({SAVED_PREFIX + k: tuple(own[k].shape) for k in embedding_keys})
-        check_tensors_fit(expected, tensors, adapter_name, optional=frozenset(SAVED_PREFIX + k for k in embedding_keys))
-        targets: dict[str, torch.Tensor] = dict(self.named_parameters())
-        targets.update(dict(self.named_buffers()))
+        expected.update({k: tuple(v.shape) for k, v in embeddings.items()})
+        check_tensors_fit(expected, tensors, adapter_name, optional=frozenset(embeddings))
+        # keep_vars: parameters as such, and every name of a tied one (lm_head.weight is wte.weight in GPT-2)
+        targets: dict[str, torch.Tensor] = self.state_dict(keep_vars=True)
         with torch.no_grad():
             for key, value in tensors.items():
                 target = targets[self.adapter_key_to_model_key(key[len(SAVED_PREFIX) :], adapter_name)]

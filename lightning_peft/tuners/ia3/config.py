@@ -15,11 +15,13 @@ DEFAULT_FEEDFORWARD_MODULES = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAP
 
 
 def check_feedforward_subset(config: "IA3Config") -> None:
-    """Every feedforward module must also be a target; otherwise it would silently get no vector."""
+    """Every feedforward module must also be a target; otherwise it would silently get no vector. A feedforward
+    name may also end a target's name ("mlp.c_proj" of "transformer.h.0.mlp.c_proj"): "all-linear" targets become
+    full names while the family's feedforward default stays short, in HF PEFT's saved configs as here."""
     ff, targets = config.feedforward_modules, config.target_modules
     if ff is None or targets is None or isinstance(ff, str) or isinstance(targets, str):
         return
-    outside = sorted(set(ff) - set(targets))
+    outside = sorted(f for f in set(ff) if f not in targets and not any(t.endswith("." + f) for t in targets))
     if outside:
         raise ValueError(
             f"feedforward_modules must be a subset of target_modules; {outside} are not in "

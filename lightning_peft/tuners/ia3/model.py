@@ -23,6 +23,7 @@ class IA3Model(BaseTuner):
 
     prefix = "ia3_"
     peft_type = IA3Config.PEFT_TYPE
+    condenses_target_list = False  # as HF PEFT: the feedforward list is paired with the target list
 
     def _prepare_adapter_config(self, config: IA3Config, model: nn.Module) -> IA3Config:
         model_type = model_type_of(model) or ""
@@ -38,8 +39,9 @@ class IA3Model(BaseTuner):
                 config.feedforward_modules = set(default)
             else:
                 config.feedforward_modules = set()
+        config = super()._prepare_adapter_config(config, model)  # "all-linear" expanded (HF PEFT: after the defaults)
         check_feedforward_subset(config)
-        return super()._prepare_adapter_config(config, model)
+        return config
 
     def _check_new_adapter_config(self, config: IA3Config) -> None:
         if not isinstance(config, IA3Config):

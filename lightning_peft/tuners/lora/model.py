@@ -108,8 +108,6 @@ class LoraModel(BaseTuner):
             default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type_of(model) or "")
             if default is not None:
                 config.target_modules = default if isinstance(default, str) else set(default)
-        if config.target_modules == "all-linear":
-            config.target_modules = _all_linear_names(model)
         return super()._prepare_adapter_config(config, model)
 
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
@@ -381,16 +379,6 @@ def _encoder_modules(model: nn.Module) -> set[int]:
     get_encoder = getattr(model, "get_encoder", None)
     encoder = get_encoder() if callable(get_encoder) else None
     return {id(m) for m in encoder.modules()} if isinstance(encoder, nn.Module) else set()
-
-
-def _all_linear_names(model: nn.Module) -> set[str]:
-    """HF PEFT's 'all-linear': every Linear / Conv1D except the output head."""
-    head = getattr(model, "get_output_embeddings")() if hasattr(model, "get_output_embeddings") else None
-    names = set()
-    for name, module in model.named_modules():
-        if (isinstance(module, nn.Linear) or is_conv1d(module)) and module is not head:
-            names.add(name.rsplit(".", 1)[-1])
-    return names
 
 
 def _factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
