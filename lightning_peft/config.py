@@ -366,6 +366,9 @@ class PeftConfig:
             raise ValueError(f"save_directory {save_directory!s} is a file; give a folder")
         os.makedirs(save_directory, exist_ok=True)
         data = self.to_dict()
+        auto_mapping = kwargs.pop("auto_mapping_dict", None)  # HF PEFT's keyword for the `auto_mapping` entry
+        if auto_mapping is not None:
+            data["auto_mapping"] = auto_mapping
         data.update(kwargs)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True) + "\n")
 

@@ -320,9 +320,17 @@ class PeftModel(nn.Module):
                 inference_mode = config.inference_mode
                 config.inference_mode = True
                 try:
-                    config.save_pretrained(folder)
+                    config.save_pretrained(folder, auto_mapping_dict=self._auto_mapping(config))
                 finally:
                     config.inference_mode = inference_mode
+
+    def _auto_mapping(self, config: PeftConfig) -> Optional[dict[str, str]]:
+        """For an adapter without a task type, the base model's class, so `AutoPeftModel` can rebuild it (HF's
+        `auto_mapping`)."""
+        if config.task_type is not None:
+            return None
+        base_class = type(self.get_base_model())
+        return {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
 
     def load_adapter(
         self,

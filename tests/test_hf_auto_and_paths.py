@@ -395,3 +395,23 @@ def test_base_model_state_dict_as_hf_peft(method):
         lp.get_base_model_state_dict(base)
     after = ours.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_task_less_adapter_we_save_names_its_base_class_as_hf_peft_does(folders, tmp_path):
+    """save_pretrained writes HF's `auto_mapping` for an adapter without a task type, so AutoPeftModel (ours and
+    HF's) rebuilds the base from our folder too."""
+    theirs = json.loads((folders["bert_none"] / "adapter_config.json").read_text())
+    model = lp.get_peft_model(_saved_base(tiny_bert_classifier().bert, tmp_path / "bert"), lp.LoraConfig(r=4))
+    model.save_pretrained(tmp_path / "ours")
+    ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert (
+        ours["auto_mapping"]
+        == theirs["auto_mapping"]
+        == {
+            "base_model_class": "BertModel",
+            "parent_library": "transformers.models.bert.modeling_bert",
+        }
+    )
+    for library in (lp, peft):
+        loaded = quiet(library.AutoPeftModel.from_pretrained, str(tmp_path / "ours"))
+        assert type(loaded.get_base_model()).__name__ == "BertModel"
