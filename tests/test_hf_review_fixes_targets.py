@@ -226,3 +226,13 @@ def test_saved_embedding_tensors_are_checked_strictly(bases, tmp_path, edit, mat
     tensors[key] = edit(tensors)
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "adapter_model.safetensors")
     load_fails(copy.deepcopy(bases[family]), tmp_path, match)
+
+
+def test_all_linear_without_linear_layers_is_refused_as_hf_peft_does():
+    net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Embedding(4, 3))
+    for lib in (peft, lp):
+        with pytest.raises(lib.NoMatchingPeftModuleError):
+            quiet(lib.get_peft_model, copy.deepcopy(net), lib.LoraConfig(target_modules="all-linear"))
+    with pytest.raises(lp.NoMatchingPeftModuleError, match="'all-linear' found no linear layer"):
+        lp.get_peft_model(net, lp.IA3Config(target_modules="all-linear"))
+    assert all(type(m) in (nn.Sequential, nn.Conv2d, nn.Embedding) for m in net.modules())

@@ -100,9 +100,13 @@ def expand_all_linear(config: Any, model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
             excluded.update(id(m) for m in module.modules() if m is not module)
-    config.target_modules = {
-        name for name, module in model.named_modules() if name and id(module) not in excluded and _is_linear(module)
-    }
+    names = {n for n, module in model.named_modules() if n and id(module) not in excluded and _is_linear(module)}
+    if not names:  # HF PEFT's error type, before anything changes
+        raise NoMatchingPeftModuleError(
+            f"target_modules={targets!r} found no linear layer (nn.Linear, transformers Conv1D, 8-bit Linear) to adapt "
+            f"outside the output layer; name the modules to adapt instead. {describe_module_names(model)}"
+        )
+    config.target_modules = names
 
 
 def _suffixes(name: str) -> list[str]:
