@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_forked
 
 REPO = Path(__file__).resolve().parent.parent
+CLEAN_ENV = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _train_py(*args: str, cwd: Path):
+    """`python train.py *args` from `cwd` with a clean environment: a new process forked from the preloaded fork
+    server of tests/helpers.py (the same run without paying the imports again)."""
+    return run_forked([str(REPO / "train.py"), *args], cwd=cwd, env=CLEAN_ENV, timeout=300)
 
 
 def _compose(override):
@@ -107,14 +113,7 @@ def test_trainer_arguments_that_take_several_types_keep_them():
 
 
 def test_train_py_with_a_non_integer_max_steps_exits_before_training(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "trainer.max_steps=2.5", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
-    )
+    proc = _train_py("trainer.max_steps=2.5", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode != 0
     assert "trainer.max_steps=2.5" in proc.stderr and "could not be converted to Integer" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained
@@ -173,14 +172,7 @@ def test_non_utf8_data_is_named_with_its_file(tmp_path):
 
 def test_train_py_names_the_bad_row_of_a_csv(tmp_path):
     (tmp_path / "bad.csv").write_text("text,label,split\nfine,0,train\nfine,0,val\nbad,x,train\n")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "model=tiny_bert", "data.path=bad.csv", "hydra.run.dir=run"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
-    )
+    proc = _train_py("model=tiny_bert", "data.path=bad.csv", "hydra.run.dir=run", cwd=tmp_path)
     assert proc.returncode != 0
     assert "data file 'bad.csv', line 4: 'label' must be an integer, got 'x'" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -197,24 +189,18 @@ def test_a_local_model_path_that_does_not_exist_is_said_as_such(tmp_path):
 
 
 def test_train_py_with_a_missing_local_model_fails_before_training(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
+    import os
 
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run(
+    proc = run_forked(
         [
-            sys.executable,
-            str(root / "train.py"),
+            str(REPO / "train.py"),
             "model=tiny_bert",
             "model.name_or_path=./nope",
             "model.config=null",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode != 0
     assert "model.name_or_path='./nope' is a local path that does not exist" in proc.stderr + proc.stdout
@@ -317,24 +303,10 @@ def test_run_dir_that_is_an_existing_file_is_refused_before_anything(tmp_path):
 
 def test_train_py_refuses_a_bad_value_and_a_file_run_dir_before_training(tmp_path):
     (tmp_path / "afile").write_text("x")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "hydra.run.dir=afile", "tuner.optim.lr=inf"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
-    )
+    proc = _train_py("hydra.run.dir=afile", "tuner.optim.lr=inf", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.startswith("Error: hydra.run.dir='afile' is an existing file, not a folder")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "hydra.run.dir=run", "tuner.optim.lr=inf"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
-    )
+    proc = _train_py("hydra.run.dir=run", "tuner.optim.lr=inf", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("Error: tuner.optim.lr=inf: must be a finite number > 0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no run dir
 
