@@ -461,6 +461,36 @@ class BaseTunerLayer:
                 "or reload it)"
             )
 
+    # ---- merging into a weight another module shares (tied input / output embeddings) ----------------------------
+    # (the shared Parameter,) while this layer's base layer holds its own merged copy of it; () otherwise. A tuple:
+    # nn.Module does not register it as a parameter of this layer.
+    _shared_weight: tuple[nn.Parameter, ...] = ()
+
+    def pending_merges(self, adapter_names: Optional[list[str]]) -> list[str]:
+        """The adapters a `merge(adapter_names=...)` would merge here (no warning: `_adapters_to_merge` warns)."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        held = self.adapter_names()
+        return [n for n in names if n not in self.merged_adapters and n in held]
+
+    def untie_base_weight(self) -> None:
+        """Before merging into a weight that another module shares (GPT-2's `lm_head.weight` is `wte.weight`): give
+        the base layer its own copy to merge into, so the other module keeps the weight it was trained with; `unmerge`
+        puts the shared Parameter itself back (`retie_base_weight`)."""
+        base = self.get_base_layer()
+        shared = cast(nn.Parameter, base.weight)
+        base.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+        self._shared_weight = (shared,)
+
+    def retie_base_weight(self) -> bool:
+        """Undo `untie_base_weight` exactly (the shared Parameter itself, unmerged, back in the base layer) and forget
+        the merged adapters; False when the layer was not untied (unmerge by arithmetic then)."""
+        if not self._shared_weight:
+            return False
+        self.get_base_layer().weight = self._shared_weight[0]
+        self._shared_weight = ()
+        self.merged_adapters.clear()
+        return True
+
     def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
         names = self.active_adapters if adapter_names is None else adapter_names
         already = [n for n in names if n in self.merged_adapters]
@@ -1060,8 +1090,37 @@ class BaseTuner(TunerAttributes, nn.Module):
             for layer in layers:
                 for name in layer._adapters_to_merge(adapter_names):
                     layer.check_finite_delta(name)
+        for layer in self._layers_to_untie(layers, adapter_names):
+            layer.untie_base_weight()
         for layer in layers:
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def _layers_to_untie(
+        self, layers: list[BaseTunerLayer], adapter_names: Optional[list[str]]
+    ) -> list[BaseTunerLayer]:
+        """The layers about to merge into a weight that another module of the model also holds (tied embeddings:
+        GPT-2's `lm_head.weight` is `transformer.wte.weight`). Merging in place would change that other module too
+        (HF PEFT 0.21 does: the merged model's logits then differ from the trained one's); these get their own copy
+        to merge into instead. A weight that cannot be copied as a plain Parameter is refused before any change."""
+        uses: dict[int, int] = {}
+        for _, p in self.model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        found = []
+        for layer in layers:
+            weight = getattr(layer.get_base_layer(), "weight", None)
+            if weight is None or uses.get(id(weight), 0) < 2 or layer._shared_weight:
+                continue
+            if not layer.pending_merges(adapter_names):
+                continue
+            if type(weight) is not nn.Parameter:
+                raise ValueError(
+                    f"cannot merge into {type(layer.get_base_layer()).__name__}: its weight "
+                    f"({type(weight).__name__}) is shared with another module of the model (tied weights) and cannot "
+                    "be given its own copy; untie it first (e.g. set the model config's tie_word_embeddings=False and "
+                    "clone the output embedding's weight) or keep the adapter unmerged"
+                )
+            found.append(layer)
+        return found
 
     def unmerge_adapter(self) -> None:
         self._check_attached()
@@ -1077,6 +1136,9 @@ class BaseTuner(TunerAttributes, nn.Module):
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         else:
             self.unmerge_adapter()
+        untied = [
+            m._shared_weight[0] for _, m in self._tuner_layers() if isinstance(m, BaseTunerLayer) and m._shared_weight
+        ]
         entries = list(self._tuner_layers())
         if progressbar:
             from tqdm.auto import tqdm
@@ -1085,12 +1147,15 @@ class BaseTuner(TunerAttributes, nn.Module):
         for key, module in entries:
             parent, _, child = get_submodule_parent(self.model, key)
             if isinstance(module, BaseTunerLayer):
+                module._shared_weight = ()  # the model is the caller's now: no unmerge to come
                 setattr(parent, child, module.get_base_layer())
             elif merge and module.active_adapters and module.active_adapters[0] in module.modules_to_save:
                 setattr(parent, child, module.modules_to_save[module.active_adapters[0]])
             else:
                 setattr(parent, child, module.original_module)
         self._unloaded = True  # the model is the caller's now: this tuner refuses every adapter operation
+        if untied:
+            untie_in_config(self.model, untied)
         return self.model
 
     def merge_and_unload(
@@ -1240,6 +1305,40 @@ class BaseTuner(TunerAttributes, nn.Module):
                 rest = rest.removeprefix("modules_to_save.")
                 return f"model.{name}.modules_to_save.{adapter_name}.{rest}"
         return key
+
+
+def untie_in_config(model: nn.Module, shared: list[nn.Parameter]) -> None:
+    """After a merge gave some modules their own copy of a tied weight (`BaseTuner._layers_to_untie`), make the
+    transformers model say so: the pairs of its `all_tied_weights_keys` that no longer hold one Parameter are dropped
+    (a later `tie_weights()` call from transformers' own code must not tie them back), and when no pair is left tied
+    its config gets `tie_word_embeddings=False`, so that `save_pretrained` / `from_pretrained` keep the merged
+    embedding and the untouched output layer apart. (When some pairs stay tied, e.g. T5's encoder / decoder / lm_head
+    with only `shared` merged, the config stays as it is: `save_pretrained` writes both untied tensors and
+    `from_pretrained` does not tie tensors whose values differ.)"""
+    ids = {id(p) for p in shared}
+    for module in model.modules():
+        pairs = getattr(module, "all_tied_weights_keys", None)
+        config = getattr(module, "config", None)
+        if not isinstance(pairs, dict) or not pairs or not getattr(config, "tie_word_embeddings", False):
+            continue
+        params = dict(module.named_parameters(remove_duplicate=False))
+        broken = [
+            target
+            for target, source in pairs.items()
+            if target in params
+            and source in params
+            and params[target] is not params[source]
+            and (id(params[target]) in ids or id(params[source]) in ids)
+        ]
+        if not broken:
+            continue
+        for target in broken:
+            del pairs[target]
+        if not pairs:
+            config.tie_word_embeddings = False
+            text_config = getattr(config, "get_text_config", lambda: config)()
+            if text_config is not config and getattr(text_config, "tie_word_embeddings", False):
+                text_config.tie_word_embeddings = False
 
 
 def _layer_enabled(module: BaseTunerLayer | ModulesToSaveWrapper) -> bool:

@@ -77,7 +77,7 @@ class IA3Layer(BaseTunerLayer):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        if not self.merged:
+        if not self.merged or self.retie_base_weight():  # retie: the tied weight back as it was, exactly
             return
         warnings.warn("unmerging (IA)^3 divides the weights by the learned vector; the result can be inexact")
         while self.merged_adapters:

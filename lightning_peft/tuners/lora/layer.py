@@ -268,6 +268,8 @@ class LoraLayer(BaseTunerLayer):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        if self.retie_base_weight():  # merged into its own copy of a tied weight: the shared one is back, exact
+            return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if not self._add_delta_in_place(name, -1.0):
