@@ -10,7 +10,16 @@ import shutil
 
 import pytest
 import torch
-from helpers import GPT2_LORA, edit_config, load_fails, snapshot, tiny_bert_classifier, tiny_gpt2, unchanged
+from helpers import (
+    GPT2_LORA,
+    edit_config,
+    load_fails,
+    run_forked,
+    snapshot,
+    tiny_bert_classifier,
+    tiny_gpt2,
+    unchanged,
+)
 from safetensors.torch import load_file, save_file
 
 import lightning_peft as lp
@@ -228,18 +237,16 @@ else:
 """
 
 
-def load_in_child(folder, limit_bytes=3 * 2**30, timeout=120):
-    """from_pretrained(tiny GPT-2, folder) in a child process whose address space is capped; its stdout."""
+def load_in_child(folder, limit_bytes=3 * 2**30, timeout=120, code=CHILD_LOAD):
+    """from_pretrained(tiny GPT-2, folder) in a child process whose address space is capped; its stdout. The child
+    is forked from the preloaded fork server of tests/helpers.py (a new process without paying the imports again;
+    it caps its address space itself, as the code above says)."""
     import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD_LOAD, str(folder), str(limit_bytes)],
-        capture_output=True,
-        text=True,
+    out = run_forked(
+        ["-c", code, str(folder), str(limit_bytes)],
         timeout=timeout,
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
@@ -602,23 +609,9 @@ def test_a_pickled_bin_is_checked_against_the_config_before_building(saved_adapt
     (folder / "adapter_model.safetensors").unlink()
     torch.save(tensors, folder / "adapter_model.bin")
     edit_config(folder, r=10**6)
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD_LOAD_BIN, str(folder), str(3 * 2**30)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "REFUSED r=1000000 in adapter_config.json does not fit the weights: " in out.stdout, out.stdout
-    assert "adapter_model.bin holds base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" in out.stdout
+    out = load_in_child(folder, code=CHILD_LOAD_BIN)  # 3 GB of address space, allow_pickle=True
+    assert "REFUSED r=1000000 in adapter_config.json does not fit the weights: " in out, out
+    assert "adapter_model.bin holds base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" in out
 
 
 def test_a_pickled_bin_that_fits_still_loads(saved_adapter):
