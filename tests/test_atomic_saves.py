@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import Forked, quiet_trainer, run_forked
 
 import lightning_peft as lp
 from lightning_peft import _files
@@ -34,6 +34,12 @@ KILLS = 200
 
 def _spawn(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, WORKER, *args], text=True, **kwargs)
+
+
+def _fork(*args: str) -> Forked:
+    """The worker in a new process forked from the preloaded fork server (tests/helpers.py), for the modes that
+    talk to no pipe: the same run without paying the imports again; communicate() gives (stdout, stderr)."""
+    return Forked([WORKER, *args])
 
 
 def _expected() -> dict[int, dict[str, dict[str, torch.Tensor]]]:
@@ -105,7 +111,7 @@ def test_disk_full_between_the_weights_and_the_config_keeps_the_old_folder(tmp_p
     weights, config = (os.path.getsize(folder / n) for n in ("adapter_model.safetensors", "adapter_config.json"))
     limit = (weights + config) // 2
     assert weights < limit < config  # the weights file is written, then the config fails
-    proc = _spawn("fsize", str(folder), "1", str(limit), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = _fork("fsize", str(folder), "1", str(limit))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
     assert f"OSError errno={errno.EFBIG}" in out  # the error reached the caller
@@ -120,7 +126,7 @@ def test_read_only_parent_is_a_clear_error_and_nothing_changes():
         w.build(0).save_pretrained(folder)
         before = _snapshot(parent)
         os.chmod(parent, 0o555)  # noqa: S103 - read-only, the point of the test
-        proc = _spawn("readonly", str(folder), "1", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = _fork("readonly", str(folder), "1")
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 3, err
         assert "PermissionError" in out and f"cannot save {folder}" in out and "is not writable" in out
@@ -137,10 +143,11 @@ def test_two_processes_saving_at_once_leave_one_whole_adapter(tmp_path):
     expected = _expected()
     results = []
     for round_ in range(2):
-        writers = [_spawn("save", str(folder), str(v), "10", str(start), stderr=subprocess.PIPE) for v in (0, 1)]
+        writers = [_fork("save", str(folder), str(v), "10", str(start)) for v in (0, 1)]
         start.touch()  # both begin together
         for proc in writers:
-            assert proc.wait(timeout=300) == 0, proc.stderr.read()
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err
         start.unlink()
         results.append(_version_of(folder, expected))
         assert _leftovers(tmp_path) == []
@@ -490,12 +497,10 @@ def test_the_apps_exports_hold_the_tokenizer_the_moment_they_appear(tmp_path):
     observer = _Observer([run / "adapter", run / "merged"], {"tokenizer.json", "tokenizer_config.json"})
     observer.start()
     try:
-        proc = subprocess.run(
-            [sys.executable, str(REPO_ROOT / "train.py"), f"hydra.run.dir={run}", "trainer.max_steps=2", *FAST],
+        proc = run_forked(  # `python train.py ...` forked from the preloaded fork server (tests/helpers.py)
+            [str(REPO_ROOT / "train.py"), f"hydra.run.dir={run}", "trainer.max_steps=2", *FAST],
             cwd=tmp_path,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            capture_output=True,
-            text=True,
             timeout=600,
         )
     finally:
@@ -590,7 +595,7 @@ def _as_nobody(parent: Path, folder: Path, prepare) -> str:
     """Save version 1 into `folder` as uid 65534 (tests/atomic_saves_worker.py readonly); the OSError it prints."""
     os.chmod(parent, 0o755)  # noqa: S103 - the unprivileged worker must reach the folder
     prepare()
-    proc = _spawn("readonly", str(folder), "1", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = _fork("readonly", str(folder), "1")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
     return out
