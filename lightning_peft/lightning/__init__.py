@@ -3,5 +3,6 @@ themselves."""
 
 from .callback import PEFTCallback
 from .mixin import PEFTMixin
+from .types import TunerConfig
 
-__all__ = ["PEFTCallback", "PEFTMixin"]
+__all__ = ["PEFTCallback", "PEFTMixin", "TunerConfig"]

@@ -39,6 +39,7 @@ from ._state import (
     validate_model_attr,
 )
 from .rng import exact_resume_hook, training_rng
+from .types import TunerConfig
 
 
 class PEFTCallback(pl.Callback):
@@ -64,7 +65,7 @@ class PEFTCallback(pl.Callback):
 
     def __init__(
         self,
-        config: Any,
+        config: TunerConfig,
         model_attr: str = "model",
         adapter_name: str = "default",
         merge_on_train_end: bool = True,
