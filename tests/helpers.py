@@ -30,80 +30,88 @@ VOCAB = 64
 
 # ---- tiny models ---------------------------------------------------------------------------------
 def tiny_gpt2(seed: int = 0, **overrides: Any) -> nn.Module:
-    """`overrides`: config fields (e.g. dropout 0 for exact-resume tests)."""
+    """`overrides`: config fields, the sizes below included (e.g. dropout 0 for exact-resume tests, one layer)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=4,
-        vocab_size=VOCAB,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        **overrides,
+        **{
+            "n_layer": 2,
+            "n_embd": 32,
+            "n_head": 4,
+            "vocab_size": VOCAB,
+            "n_positions": 64,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "pad_token_id": 0,
+            **overrides,
+        }
     )
     return GPT2LMHeadModel(config).eval()
 
 
 def tiny_llama(seed: int = 0, **overrides: Any) -> nn.Module:
-    """`overrides`: config fields (e.g. dropout 0 for exact-resume tests)."""
+    """`overrides`: config fields, the sizes below included (e.g. dropout 0 for exact-resume tests, one layer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        **overrides,
+        **{
+            "num_hidden_layers": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": VOCAB,
+            "max_position_embeddings": 64,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "pad_token_id": 0,
+            **overrides,
+        }
     )
     return LlamaForCausalLM(config).eval()
 
 
 def tiny_bert_classifier(seed: int = 0, num_labels: int = 3, **overrides: Any) -> nn.Module:
-    """`overrides`: config fields (e.g. dropout 0 for exact-resume tests)."""
+    """`overrides`: config fields, the sizes below included (e.g. dropout 0 for exact-resume tests, one layer)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
     config = BertConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-        **overrides,
+        **{
+            "num_hidden_layers": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "vocab_size": VOCAB,
+            "max_position_embeddings": 64,
+            "num_labels": num_labels,
+            **overrides,
+        }
     )
     return BertForSequenceClassification(config).eval()
 
 
 def tiny_t5(seed: int = 0, **overrides: Any) -> nn.Module:
-    """`overrides`: config fields (e.g. dropout 0 for exact-resume tests)."""
+    """`overrides`: config fields, the sizes below included (e.g. dropout 0 for exact-resume tests, one layer)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
     config = T5Config(
-        num_layers=2,
-        num_decoder_layers=2,
-        d_model=32,
-        d_ff=64,
-        num_heads=4,
-        d_kv=8,
-        vocab_size=VOCAB,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-        **overrides,
+        **{
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "d_model": 32,
+            "d_ff": 64,
+            "num_heads": 4,
+            "d_kv": 8,
+            "vocab_size": VOCAB,
+            "decoder_start_token_id": 0,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            **overrides,
+        }
     )
     return T5ForConditionalGeneration(config).eval()
 

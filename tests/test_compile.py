@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -10,10 +11,12 @@ from helpers import tiny_gpt2, tiny_llama
 
 import lightning_peft as lp
 
+# one transformer block each: dynamo traces every block again (the time of these tests), and a second block runs
+# the same adapter code as the first
 CASES = {
-    "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+    "gpt2": (partial(tiny_gpt2, n_layer=1), dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
     "llama": (
-        tiny_llama,
+        partial(tiny_llama, num_hidden_layers=1),
         dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     ),
 }
