@@ -25,8 +25,24 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 SAVED_PREFIX = "base_model."  # adapter keys in HF PEFT's files start with it (its PeftModel's attribute)
 
 
+def allow_in_weights_only_loads(cls: Any) -> Any:
+    """Let `torch.load(weights_only=True)` (torch's default, so Lightning's) rebuild `cls`, a class of plain data (a
+    tuner config, its enums and sub-configs): a Lightning checkpoint whose `hyper_parameters` hold a tuner config
+    (`self.save_hyperparameters()` of a module given `LoraConfig(...)`) loads, and `load_from_checkpoint` gives the
+    config object back. Rebuilding one runs no code of the file (a new instance, its fields set). Config classes
+    and StrEnums register themselves (`__init_subclass__`); other sub-config classes use this as a decorator."""
+    import torch.serialization
+
+    torch.serialization.add_safe_globals([cls])
+    return cls
+
+
 class StrEnum(str, enum.Enum):
     """An enum of strings that prints as its value (HF PEFT's enums compare and print as plain strings)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        allow_in_weights_only_loads(cls)
 
     def __str__(self) -> str:
         return self.value
@@ -307,6 +323,10 @@ class PeftConfig:
     """Fields every tuner config has. Subclasses validate their own fields in `__post_init__`."""
 
     PEFT_TYPE: ClassVar[Optional[PeftType]] = None  # each tuner's config class names its tuner
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        allow_in_weights_only_loads(cls)  # checkpoints holding a config load with weights_only=True
 
     peft_type: Optional[Union[str, PeftType]] = field(default=None, metadata={"help": "the tuner"})
     task_type: Optional[Union[str, TaskType]] = field(default=None, metadata={"help": "the model's task"})

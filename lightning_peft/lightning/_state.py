@@ -121,6 +121,42 @@ def _children_names(module: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# torch.compile: `torch.compile(model)` is a wrapper (`OptimizedModule`) holding the model as `_orig_mod`, so
+# every state-dict key under it gains a `_orig_mod.` part. Checkpoints and exports use the keys without it
+# (`plain_key`): the same names whether and wherever the user compiled, loadable either way.
+# ---------------------------------------------------------------------------------------------
+COMPILED_PART = "_orig_mod."
+
+
+def plain_key(key: str) -> str:
+    """`key` without the `_orig_mod.` parts that torch.compile's wrapper adds."""
+    if COMPILED_PART not in key:
+        return key
+    return ".".join(part for part in key.split(".") if part != COMPILED_PART[:-1])
+
+
+def is_compiled(model: Any) -> bool:
+    """Whether `model` is `torch.compile(module)`'s wrapper (torch's `OptimizedModule`, kept private by torch)."""
+    return (
+        isinstance(model, nn.Module)
+        and isinstance(getattr(model, "_orig_mod", None), nn.Module)
+        and (hasattr(model, "dynamo_ctx"))
+    )
+
+
+def uncompiled(model: Any) -> Any:
+    while is_compiled(model):
+        model = model._orig_mod
+    return model
+
+
+def recompiled(compiled: nn.Module, model: nn.Module) -> nn.Module:
+    """`model` under a wrapper like `compiled` (same class, same compile options: `dynamo_ctx`)."""
+    wrapper: Any = type(compiled)  # torch's OptimizedModule(mod, dynamo_ctx)
+    return cast(nn.Module, wrapper(model, compiled.dynamo_ctx))
+
+
+# ---------------------------------------------------------------------------------------------
 # the state
 # ---------------------------------------------------------------------------------------------
 def validate_model_attr(model_attr: Any) -> None:
@@ -149,6 +185,22 @@ def log_trainable_parameters(trainer: Any, state: "AdapterState") -> None:
     }
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def refresh_module_copies(trainer: Any, module: nn.Module) -> None:
+    """Callbacks that copied the LightningModule before the tuner went in get a new copy.
+
+    `StochasticWeightAveraging` deep-copies the module in its `setup` (`_average_model`) and later pairs that copy's
+    parameters with the module's by position: a copy made before injection (SWA listed before PEFTCallback, or any
+    PEFTMixin module, which injects in `configure_model`, after every callback's `setup`) pairs base weights with
+    adapter tensors (a shape error, or silently wrong weights)."""
+    if trainer is None:
+        return
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, StochasticWeightAveraging) and callback._average_model is not None:
+            callback._average_model = cast(Any, copy.deepcopy(module))
 
 
 class AdapterState:
@@ -216,13 +268,15 @@ class AdapterState:
         model = self.find_model(module)
         if model is None:
             raise self.missing_model_error(module, who)
-        if isinstance(model, PeftModel):
+        if isinstance(uncompiled(model), PeftModel):
             raise ValueError(
                 f"{type(module).__name__}.{self.model_attr} is already a PeftModel; give {who} the "
                 "plain model (it applies the tuner itself) or drop the tuner config"
             )
-        peft = get_peft_model(model, self.config, self.adapter_name)
-        _set_path(module, self.model_attr, peft)
+        # a model compiled before injection (`self.model = torch.compile(model)` in __init__): the tuner goes into
+        # the model itself and the compiled wrapper, with the user's options, goes around the PeftModel
+        peft = get_peft_model(uncompiled(model), self.config, self.adapter_name)
+        _set_path(module, self.model_attr, recompiled(model, peft) if is_compiled(model) else peft)
         self._adopt(module, peft)
         return True
 
@@ -234,6 +288,9 @@ class AdapterState:
             log_trainable_parameters(trainer, self)
         elif self.merged and fitting:
             self.restore_unmerged(module)  # train on: the adapter as it was before the merge
+        else:
+            return
+        refresh_module_copies(trainer, module)
 
     def _adopt(self, module: nn.Module, peft: PeftModel) -> None:
         self.peft = peft
@@ -243,7 +300,7 @@ class AdapterState:
         owners = {k.rpartition(".")[0] for k in trainable}
         buffers = {n for n, _ in peft.named_buffers(remove_duplicate=False)}
         adapter = trainable | {k for k in state if k in buffers and k.rpartition(".")[0] in owners}
-        self.adapter_keys = frozenset(self.prefix + k for k in adapter)
+        self.adapter_keys = frozenset(plain_key(self.prefix + k) for k in adapter)  # as checkpoints hold them
         self.trainable_counts = peft.get_nb_trainable_parameters()
         if not self._hooks:
             self._hooks = [
@@ -358,10 +415,11 @@ def _state_dict_post_hook(
 ) -> None:
     if state.peft is None:  # merged (the plain model is the state) or not injected yet
         return
-    model_prefix = prefix + state.prefix
-    keep = {prefix + k for k in state.adapter_keys}
-    for key in [k for k in state_dict if k.startswith(model_prefix) and k not in keep]:
-        del state_dict[key]
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        name = plain_key(key[len(prefix) :])  # torch.compile's `_orig_mod.` parts out
+        if name.startswith(state.prefix) and name not in state.adapter_keys:
+            del state_dict[key]  # the frozen base
+    _rename_keys(state_dict, prefix, state, plain_key)  # the adapter's keys as an uncompiled model has them
 
 
 def _load_pre_hook(
@@ -375,6 +433,7 @@ def _load_pre_hook(
     unexpected_keys: list,
     error_msgs: list,
 ) -> None:
+    _rename_keys(state_dict, prefix, state, plain_key)  # a checkpoint of a compiled model: `_orig_mod.` out
     if state.merged:
         if not any(prefix + k in state_dict for k in state.adapter_keys):
             return  # a plain (e.g. merged) state: load it as such
@@ -384,7 +443,7 @@ def _load_pre_hook(
     present = [k for k in state.adapter_keys if prefix + k in state_dict]
     if not strict and not present:
         return  # a non-strict load of other parts of the module
-    params = state.peft.state_dict(keep_vars=True)
+    params = {plain_key(k): v for k, v in state.peft.state_dict(keep_vars=True).items()}
     missing = sorted(k for k in state.adapter_keys if prefix + k not in state_dict)
     shapes = sorted(
         f"{k}: checkpoint {tuple(state_dict[prefix + k].shape)} vs model {tuple(params[k[len(state.prefix) :]].shape)}"
@@ -406,6 +465,8 @@ def _load_pre_hook(
             raise ValueError(
                 f"refusing to load this state into {type(module).__name__}: {err}; nothing was loaded"
             ) from None
+        names = _module_names(module, state)  # the module's own names (`_orig_mod.` where it is compiled)
+        _rename_keys(state_dict, prefix, state, lambda name: names.get(name, name))
         return
     problems = []
     if missing:
@@ -422,11 +483,31 @@ def _load_pre_hook(
     )
 
 
+def _rename_keys(state_dict: dict, prefix: str, state: AdapterState, rename: Callable[[str], str]) -> None:
+    """Rename, in place and in order, the keys of `state_dict` under the model (`prefix` + `model_attr`)."""
+    renames = {}
+    for key in state_dict:
+        if key.startswith(prefix) and plain_key(key[len(prefix) :]).startswith(state.prefix):
+            new = prefix + rename(key[len(prefix) :])
+            if new != key:
+                renames[key] = new
+    if renames:
+        items = list(state_dict.items())
+        state_dict.clear()
+        state_dict.update((renames.get(k, k), v) for k, v in items)
+
+
+def _module_names(module: nn.Module, state: AdapterState) -> dict[str, str]:
+    """The adapter's checkpoint keys (`plain_key`) -> the module's names for them."""
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    return {plain_key(n): n for n, _ in named if plain_key(n) in state.adapter_keys}
+
+
 def _load_post_hook(state: AdapterState, module: nn.Module, incompatible_keys: Any) -> None:
     if state.peft is None:
         return
     missing = incompatible_keys.missing_keys
-    frozen = [k for k in missing if k.startswith(state.prefix) and k not in state.adapter_keys]
+    frozen = [k for k in missing if plain_key(k).startswith(state.prefix) and plain_key(k) not in state.adapter_keys]
     for key in frozen:
         missing.remove(key)
 

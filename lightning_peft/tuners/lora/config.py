@@ -10,6 +10,7 @@ from ...config import (
     SAVED_PREFIX,
     PeftConfig,
     PeftType,
+    allow_in_weights_only_loads,
     check_finite,
     check_regex,
     check_target_modules,
@@ -78,6 +79,7 @@ HF_ONLY_INITS = ("eva", "olora", "pissa", "corda", "loftq", "orthogonal", "lora_
 INIT_SUBCONFIGS = {"eva_config": "eva", "corda_config": "corda", "lora_ga_config": "lora_ga"}
 
 
+@allow_in_weights_only_loads
 @dataclass
 class LoraRuntimeConfig:
     """HF PEFT's runtime settings of a LoRA config (never saved). `ephemeral_gpu_offload` only speeds up the set-up
