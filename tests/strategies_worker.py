@@ -1,13 +1,14 @@
 """Driven by tests/test_strategies.py: train a tiny GPT-2 with adapters on 2 CPU processes.
 
-    python tests/strategies_worker.py --strategy ddp|fsdp --out DIR [--tuners lora,ia3,prompt_tuning]
+    python tests/strategies_worker.py --strategy ddp|fsdp|ddp,fsdp --out DIR [--tuners lora,ia3,prompt_tuning]
 
 Lightning's launcher re-runs this script for rank 1, so everything below runs on both ranks. For each
 tuner it runs three fits: `full` (4 steps), `part` (2 steps, checkpoint) and `resume` (from `part`'s
 last.ckpt up to step 4). Each rank writes, under DIR/<tuner>/<phase>/:
   rank<r>.pt   - the adapter tensors as gathered on that rank, logits of the trained model on a fixed
                  input, parameter counts (our count with DTensors at global size, and the callback's)
-and PEFTCallback exports adapter/ (and merged/) there on rank 0.
+and PEFTCallback exports adapter/ (and merged/) there on rank 0. With several strategies (`ddp,fsdp`: one pair of
+processes runs them one after the other, started and importing once) DIR/<strategy>/ takes the place of DIR/.
 """
 
 from __future__ import annotations
@@ -139,9 +140,12 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
-    for tuner in args.tuners.split(","):
-        for phase in args.phases.split(","):
-            run(args.strategy, tuner, phase, Path(args.out))
+    strategies = args.strategy.split(",")
+    for strategy in strategies:
+        out = Path(args.out) / strategy if len(strategies) > 1 else Path(args.out)
+        for tuner in args.tuners.split(","):
+            for phase in args.phases.split(","):
+                run(strategy, tuner, phase, out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """DDP and FSDP2 on 2 CPU processes (gloo), end to end through Lightning's own launcher.
 
 `tests/strategies_worker.py` trains a tiny GPT-2 with LoRA (+ modules_to_save), IA3 and prompt tuning:
-a 4-step run, a 2-step run and its resume to step 4. Here we check what it left behind.
+a 4-step run, a 2-step run and its resume to step 4, with DDP and then with FSDP2 (one pair of processes for
+both: each start imports torch, transformers and Lightning again). Here we check what it left behind.
 """
 
 from __future__ import annotations
@@ -30,17 +31,22 @@ def _run_worker(strategy: str, out: Path) -> float:
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=480,  # both strategies
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return time.perf_counter() - start
 
 
+@pytest.fixture(scope="module")
+def worker_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("strategies")
+    _run_worker("ddp,fsdp", out)
+    return out
+
+
 @pytest.fixture(scope="module", params=["ddp", "fsdp"])
-def run(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param)
-    _run_worker(request.param, out)
-    return request.param, out
+def run(request, worker_out):
+    return request.param, worker_out / request.param
 
 
 def _single_process(tuner: str):
