@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 
 def default_mode(directory: bool = False) -> int:
@@ -24,18 +24,36 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write to a temporary file in the same folder and rename it: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
+    """`write(tmp)` writes the file at the path it is given: a temporary file in `path`'s folder, given the
+    permissions a plain `open()` would (mkstemp makes it private; exports are read by other processes) and renamed
+    to `path`, so a crash never leaves half a file (on failure the temporary file is removed)."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        write(tmp)
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """`text` written to `path` as UTF-8 by `atomic_write`."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    atomic_write(path, write)
+
+
+def package_version() -> str:
+    """lightning_peft's version, read from the loaded package (it imports the modules that ask, so importing it here
+    would be circular)."""
+    return str(sys.modules[__name__.rpartition(".")[0]].__version__)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,13 +13,14 @@ only modules of the libraries in `import_allowlist` are imported for it.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 from typing import Any, ClassVar, Optional
 
 from torch import nn
 
-from .config import PeftConfig
+from .config import PeftConfig, adapter_folder
 from .peft_model import (
     MODEL_TYPE_TO_PEFT_MODEL,
     PeftModel,
@@ -29,7 +30,6 @@ from .peft_model import (
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
-    adapter_folder,
 )
 from .tuners.base import check_adapter_name
 
@@ -38,19 +38,14 @@ TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 # HF PEFT's `peft.auto.MODEL_TYPE_TO_PEFT_MODEL_MAPPING` (also a top-level name): task type -> its PeftModel class
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING = MODEL_TYPE_TO_PEFT_MODEL
 
-# the keyword arguments of our PeftModel.from_pretrained; every other one goes to the base model's from_pretrained
-_PEFT_KWARGS = frozenset(
-    {
-        "subfolder",
-        "autocast_adapter_dtype",
-        "ephemeral_gpu_offload",
-        "key_mapping",
-        "allow_pickle",
-        "ignore_base_model_mismatch",
-        "allow_nonfinite",
-    }
-)
 _SHARED_KWARGS = frozenset({"low_cpu_mem_usage"})  # HF PEFT hands these to both loads
+# the keyword arguments of our PeftModel.from_pretrained that the Auto class does not pass itself (and `subfolder`,
+# which it reads from **kwargs); every other one goes to the base model's from_pretrained
+_PEFT_KWARGS = (
+    frozenset(inspect.signature(PeftModel.from_pretrained).parameters)
+    - {"model", "model_id", "adapter_name", "is_trainable", "config", "kwargs"}
+    - _SHARED_KWARGS
+) | {"subfolder"}
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -72,7 +67,7 @@ class _BaseAutoPeftModel:
         name = type(self).__name__
         raise OSError(  # transformers' Auto classes raise EnvironmentError (an OSError) here, and so does HF PEFT
             f"{name} is designed to be instantiated using the `{name}.from_pretrained(pretrained_model_name_or_path)` "
-            f"or `{name}.from_config(config)` methods."
+            "method."
         )
 
     @classmethod

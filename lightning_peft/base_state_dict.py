@@ -3,19 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from ._compat import child_modules, incompatible_keys
 from .tuners.base import BaseTunerLayer, ModulesToSaveWrapper
-
-
-class IncompatibleKeys(NamedTuple):
-    """What `set_base_model_state_dict` did not match (HF PEFT's namedtuple fields)."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
 
 
 def _base_of(model: Any) -> nn.Module:
@@ -32,7 +26,7 @@ def _original_key(root: nn.Module, key: str) -> Optional[str]:
     kept: list[str] = []
     module: Optional[nn.Module] = root
     for part in key.split("."):
-        child = module._modules.get(part) if module is not None else None
+        child = child_modules(module).get(part) if module is not None else None
         if isinstance(module, BaseTunerLayer):
             if part != "base_layer":
                 return None
@@ -62,7 +56,7 @@ def get_base_model_state_dict(model: Any) -> dict[str, torch.Tensor]:
     return {original: state[key] for original, key in _original_to_wrapped(base).items()}
 
 
-def set_base_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor], strict: bool = True) -> IncompatibleKeys:
+def set_base_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any:
     """Load `state_dict` (original keys, as `get_base_model_state_dict` gives) into the base model inside a
     PeftModel; the adapters are not touched. `strict=True`: a RuntimeError for missing or unexpected keys, as HF
     PEFT. A tensor of another shape is a RuntimeError too, and every refusal comes before anything is written."""
@@ -88,7 +82,8 @@ def set_base_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor], s
     if wrong:
         raise RuntimeError(f"Error(s) in loading state_dict: size mismatch for {', '.join(wrong[:5])}")
     base.load_state_dict({mapping[k]: v for k, v in state_dict.items() if k in mapping}, strict=False)
-    return IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
+    # torch's `_IncompatibleKeys` (HF PEFT returns a namedtuple of these fields, torch's on one path)
+    return incompatible_keys(missing_keys=missing, unexpected_keys=unexpected)
 
 
 __all__ = ["get_base_model_state_dict", "set_base_model_state_dict"]

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import importlib
 import json
 import math
 import os
 import re
 import stat
-import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
-from ._files import atomic_write_text, interrupted_save_note
-from .tuners.registry import get_config_class
+from ._compat import regex_parser
+from ._files import atomic_write_text, interrupted_save_note, package_version
+from .tuners.registry import get_config_class, registered_tuners
 
 CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 SAVED_PREFIX = "base_model."  # adapter keys in HF PEFT's files start with it (its PeftModel's attribute)
 
@@ -137,8 +136,7 @@ MAX_VARIABLE_REPEATS = 4
 
 
 def _parse_regex(pattern: str) -> Any:
-    # _compat: the stdlib's own regex parser (re._parser since 3.11, sre_parse before); there is no public one
-    parser: Any = getattr(re, "_parser", None) or importlib.import_module("sre_parse")
+    parser: Any = regex_parser()  # the stdlib's own (private) regex parser, see _compat
     return parser.parse(pattern)
 
 
@@ -249,36 +247,20 @@ def _coerce_enum(enum_cls: type[enum.Enum], value: Any, field_name: str) -> Any:
         raise ValueError(f"{field_name}={short_repr(value)} is not valid; use one of: {allowed}") from None
 
 
-# Keys that newer HF PEFT versions write and that we do not implement. At their neutral value
-# (None/False/empty) they are dropped silently; any other value changes the math, so we refuse.
-MATH_CHANGING_KEYS = frozenset(
-    {
-        "use_dora",
-        "use_rslora",
-        "lora_bias",
-        "layer_replication",
-        "exclude_modules",
-        "target_parameters",
-        "trainable_token_indices",
-        "use_qalora",
-        "alora_invocation_tokens",
-        "loftq_config",
-        "corda_config",
-        "arrow_config",
-        "ensure_weight_tying",
-        "use_bdlora",
-    }
-)
-
-
 INTERNAL = {"internal": True}  # metadata of fields that are never written to (or read from) adapter_config.json
 # metadata of settings that only matter while the adapter runs (HF PEFT's `runtime_config`): not written to
 # adapter_config.json, and dropped with a warning when a file has them (as HF PEFT does)
 RUNTIME = {"runtime": True}
 
 
-# Of those, the on/off flags (False by default in HF PEFT, which tests them for truth: a file's `use_dora: 0` is off)
-FLAG_KEYS = frozenset({"use_dora", "use_rslora", "lora_bias", "use_qalora", "ensure_weight_tying"})
+def _math_changing_file_keys() -> dict[str, bool]:
+    """Every registered tuner's `MATH_CHANGING_FILE_KEYS`: keys a config file may carry that lightning_peft does not
+    implement; at their neutral value (None/False/empty) they are dropped silently, any other value changes the math,
+    so it is refused."""
+    keys: dict[str, bool] = {}
+    for spec in registered_tuners().values():
+        keys.update(spec.config_class.MATH_CHANGING_FILE_KEYS)
+    return keys
 
 
 def _is_neutral(value: Any, flag: bool = False) -> bool:
@@ -327,6 +309,11 @@ class PeftConfig:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         allow_in_weights_only_loads(cls)  # checkpoints holding a config load with weights_only=True
+
+    # keys of this tuner's HF config that switch on a feature lightning_peft does not implement, refused (at a
+    # non-neutral value) also when they turn up in another tuner's file: {key: whether it is an on/off flag, which
+    # HF PEFT tests for truth, so `use_dora: 0` is off}
+    MATH_CHANGING_FILE_KEYS: ClassVar[dict[str, bool]] = {}
 
     peft_type: Optional[Union[str, PeftType]] = field(default=None, metadata={"help": "the tuner"})
     task_type: Optional[Union[str, TaskType]] = field(default=None, metadata={"help": "the model's task"})
@@ -386,10 +373,11 @@ class PeftConfig:
             raise ValueError(f"save_directory {save_directory!s} is a file; give a folder")
         os.makedirs(save_directory, exist_ok=True)
         data = self.to_dict()
-        auto_mapping = kwargs.pop("auto_mapping_dict", None)  # HF PEFT's keyword for the `auto_mapping` entry
+        # HF PEFT's keyword for the `auto_mapping` entry; other keywords (HF's push-to-hub options) are ignored, as
+        # HF PEFT does: they are no config settings
+        auto_mapping = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping is not None:
             data["auto_mapping"] = auto_mapping
-        data.update(kwargs)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     @classmethod
@@ -418,16 +406,19 @@ class PeftConfig:
             data = {k: v for k, v in data.items() if k not in runtime}
         known = {f.name for f in dataclasses.fields(target_cls) if f.init}
         unknown = {k: v for k, v in data.items() if k not in known}
+        math_changing = _math_changing_file_keys()
         refused = sorted(
-            k for k, v in unknown.items() if k in MATH_CHANGING_KEYS and not _is_neutral(v, flag=k in FLAG_KEYS)
+            k for k, v in unknown.items() if k in math_changing and not _is_neutral(v, flag=math_changing[k])
         )
         if refused:
             raise ValueError(
                 f"the adapter config sets {', '.join(f'{k}={short_repr(unknown[k])}' for k in refused)}, which "
                 "lightning_peft "
-                "does not implement; loading it would give different outputs than the adapter was trained for"
+                "does not implement; loading it would give different outputs than the adapter was trained for. "
+                "Load it with HF PEFT, or, if the adapter was not trained with those settings, remove the keys from "
+                f"its {CONFIG_NAME}"
             )
-        ignored = sorted(k for k, v in unknown.items() if k not in MATH_CHANGING_KEYS and not _is_neutral(v))
+        ignored = sorted(k for k, v in unknown.items() if k not in math_changing and not _is_neutral(v))
         if ignored:
             warnings.warn(f"ignoring adapter config keys unknown to lightning_peft: {', '.join(ignored)}", stacklevel=2)
         return target_cls(**{k: v for k, v in data.items() if k in known})
@@ -454,7 +445,7 @@ class PeftConfig:
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
     ) -> "PeftConfig":
-        path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        path = adapter_folder(pretrained_model_name_or_path, subfolder)
         config_file = os.path.join(path, CONFIG_NAME)
         from .utils.error import AdapterNotFoundError  # (utils imports this module)
 
@@ -466,13 +457,13 @@ class PeftConfig:
         check_regular_file(config_file)
         if not os.path.isfile(config_file):
             raise AdapterNotFoundError(
-                f"{config_file} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+                f"{config_file} is missing; an adapter folder holds {CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME}"
             )
         data = _read_json_object(config_file)
         data.update(kwargs)
         config = cls.from_dict(data)
         config._source_dir = os.path.abspath(path)
-        weights = os.path.join(path, WEIGHTS_NAME)
+        weights = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
         check_regular_file(weights)
         if os.path.isfile(weights):
             shapes = weights_header_shapes(weights)
@@ -494,12 +485,16 @@ class PeftConfig:
 HF_PEFT_FORMAT_VERSION = "0.21.2"
 
 
+def adapter_folder(model_id: str | os.PathLike, subfolder: Optional[str]) -> str | os.PathLike:
+    """The folder an adapter's files are read from: `model_id`, or its `subfolder` (HF PEFT's keyword)."""
+    return os.path.join(model_id, subfolder) if subfolder else model_id
+
+
 def written_by() -> str:
     """What `peft_version` says in configs made here: the HF PEFT version whose format we write, then after an "@"
     (where HF PEFT puts a development build's commit) `lightning_peft-<our version>`, e.g.
     "0.21.2@lightning_peft-0.1.0"."""
-    package = sys.modules[__name__.rpartition(".")[0]]  # loaded already (it imports this module), not imported here
-    return f"{HF_PEFT_FORMAT_VERSION}@lightning_peft-{package.__version__}"
+    return f"{HF_PEFT_FORMAT_VERSION}@lightning_peft-{package_version()}"
 
 
 def _read_json_object(config_file: str) -> dict[str, Any]:
@@ -538,7 +533,7 @@ def check_regular_file(path: str) -> None:
         what = next((name for test, name in kinds if test(mode)), "a device file") + ", not a file"
     if what is not None:
         raise ValueError(
-            f"{path} is {what}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME} as regular "
+            f"{path} is {what}; an adapter folder holds {CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME} as regular "
             "files: export the adapter again"
         )
 

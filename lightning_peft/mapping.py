@@ -11,10 +11,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ._compat import name_or_path
 from .config import SAVED_PREFIX, PeftConfig
 from .serialization import INJECTED_TUNER_ATTRIBUTE, PEFT_MODEL_PREFIX
 from .tuners.base import BaseTuner, check_adapter_name, requires_grad_kept_on_failure
-from .tuners.registry import registered_tuners
+from .tuners.registry import get_model_class, registered_tuners
 
 
 class _RegistryView(Mapping):
@@ -74,7 +75,7 @@ def inject_adapter_in_model(
     if state_dict is not None:
         config = _targets_from_state_dict(config, state_dict)
     tuner = model.__dict__.get(INJECTED_TUNER_ATTRIBUTE)
-    if tuner is not None and not tuner._unloaded:
+    if tuner is not None and not tuner.is_unloaded:
         if config.peft_type != tuner.peft_type:
             raise ValueError(
                 f"the model holds {tuner.peft_type} adapters ({', '.join(tuner.peft_config)}); a {config.peft_type} "
@@ -86,9 +87,7 @@ def inject_adapter_in_model(
 
     check_not_wrapped(model)
     if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    from .tuners.registry import get_model_class
-
+        config.base_model_name_or_path = name_or_path(getattr(model, "config", None)) or None
     tuner_cls = get_model_class(config.peft_type)
     if not issubclass(tuner_cls, BaseTuner):
         raise ValueError(f"inject_adapter_in_model does not support {config.peft_type}; use get_peft_model")
@@ -102,8 +101,6 @@ def inject_adapter_in_model(
 def _targets_from_state_dict(config: Any, state_dict: dict[str, torch.Tensor]) -> Any:
     """`config` targeting the modules that `state_dict`'s adapter keys name (HF PEFT: the state dict decides; a
     warning when the config's own targets differ)."""
-    from .tuners.registry import get_model_class
-
     prefix = getattr(get_model_class(config.peft_type), "prefix", "")
     if not prefix:
         return config

@@ -7,31 +7,31 @@ import dataclasses
 import os
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal, Optional, Union, cast
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
+from ._compat import incompatible_keys, name_or_path
 from ._files import atomic_folder
-from .config import PICKLE_WEIGHTS_NAME, SAVED_PREFIX, WEIGHTS_NAME, PeftConfig, TaskType
+from .config import PICKLE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME, SAVED_PREFIX, PeftConfig, TaskType, adapter_folder
+from .model_card import write_model_card
 from .serialization import (
     atomic_save_file,
     atomic_torch_save,
     get_peft_model_state_dict,
-    is_transformers_model,
     load_peft_weights,
     set_peft_model_state_dict,
-    write_model_card,
 )
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status  # HF's names here too
 from .tuners.base import (
     BaseTuner,
     BaseTunerLayer,
-    ModulesToSaveWrapper,
+    RequiresGradSnapshot,
     TunerAttributes,
     check_adapter_name,
     describe_wrapping,
     freeze_adapter,
-    is_linear8bit,
     parameter_counts,
     requires_grad_kept_on_failure,
 )
@@ -68,7 +68,7 @@ class PeftModel(nn.Module):
         peft_config = copy.deepcopy(peft_config)  # the model owns its config; the caller's stays as given
         self.peft_type = peft_config.peft_type
         if peft_config.base_model_name_or_path is None:
-            peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+            peft_config.base_model_name_or_path = name_or_path(getattr(model, "config", None)) or None
         # every wrapping path (get_peft_model, PeftModel(...), from_pretrained) comes here: a refused or interrupted
         # wrap leaves the user's requires_grad flags as they were (the tuners freeze the model first)
         with requires_grad_kept_on_failure(model):
@@ -136,11 +136,11 @@ class PeftModel(nn.Module):
         after the last adapter was deleted, and after `unload()`. HF peft 0.21 answers True after
         `disable_adapter_layers()` and raises KeyError once the last adapter is deleted."""
         tuner = self.tuner
-        if getattr(tuner, "_unloaded", False) or not self.active_adapters:
+        if getattr(tuner, "is_unloaded", False) or not self.active_adapters:
             return False
         if isinstance(tuner, BaseTuner):
             return any(
-                not module.disable_adapters for _, module in tuner._tuner_layers() if isinstance(module, BaseTunerLayer)
+                not module.disable_adapters for _, module in tuner.tuner_layers() if isinstance(module, BaseTunerLayer)
             )
         return not getattr(tuner, "_disabled", False)
 
@@ -198,7 +198,7 @@ class PeftModel(nn.Module):
 
     # ---- adapters by name -------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        self.tuner._check_attached()
+        self.tuner.check_attached()
         check_adapter_name(adapter_name)
         if peft_config.peft_type != self.peft_type:
             raise ValueError(
@@ -229,8 +229,9 @@ class PeftModel(nn.Module):
         self.tuner.set_requires_grad(adapter_names, requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Delete an adapter, as HF PEFT does: deleting the active one activates another (the other active ones,
-        else the first remaining by name, with a warning); a merged one is refused."""
+        """Delete an adapter, as HF PEFT does: deleting the active one activates another (the other active ones, else
+        the first remaining one, with a warning: by name, or for prompt learning the first added); a merged one is
+        refused."""
         self.tuner.delete_adapter(adapter_name)
         if len(self.active_adapters) == 1:  # HF PEFT's PeftModel names it from then on
             self.__dict__["_set_adapter_name"] = self.active_adapters[0]
@@ -274,7 +275,7 @@ class PeftModel(nn.Module):
         from hard links to the files already there, which are kept as HF PEFT keeps them) that is swapped in
         whole, so a crash or a full disk leaves the previous folder exactly as it was; a second process saving
         to the same folder waits for the first."""
-        self.tuner._check_attached()  # after unload() there is nothing of this model's to save
+        self.tuner.check_attached()  # after unload() there is nothing of this model's to save
         if path_initial_model_for_weight_conversion is not None:
             raise NotImplementedError(
                 "path_initial_model_for_weight_conversion (converting a PiSSA / OLoRA / CorDA adapter to plain LoRA) "
@@ -298,7 +299,7 @@ class PeftModel(nn.Module):
         state_dict = kwargs.get("state_dict")
         if not is_main_process:
             return
-        weights_name, stale_name = (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
+        weights_name, stale_name = (SAFETENSORS_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
         if not safe_serialization:
             weights_name, stale_name = stale_name, weights_name
         with atomic_folder(save_directory, keep_existing=True) as root:
@@ -351,7 +352,7 @@ class PeftModel(nn.Module):
 
         Returns the load result as HF PEFT does (`missing_keys`, `unexpected_keys`): both are empty, as a file with
         missing or extra adapter keys is refused."""
-        self.tuner._check_attached()
+        self.tuner.check_attached()
         check_adapter_name(adapter_name)
         folder = adapter_folder(model_id, kwargs.pop("subfolder", None))
         config = PeftConfig.from_pretrained(folder, **kwargs)
@@ -380,12 +381,11 @@ class PeftModel(nn.Module):
         elif isinstance(self.tuner, BaseTuner):
             self.tuner.set_requires_grad(adapter_name)  # trains, active or not (as HF PEFT)
         else:
-            self.tuner._sync_trainability()  # prompt learning: the active adapter trains, as its config now says
+            self.tuner.sync_trainability()  # prompt learning: the active adapter trains, as its config now says
         # torch's own type for a load result (what nn.Module.load_state_dict returns, and HF PEFT's load_adapter);
         # its class is private to torch, but the value is public API
-        from torch.nn.modules.module import _IncompatibleKeys
 
-        return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+        return incompatible_keys(missing_keys=[], unexpected_keys=[])
 
     def _load_into_existing(
         self,
@@ -413,7 +413,8 @@ class PeftModel(nn.Module):
             for k, v in get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=False).items()
         }
         self._check_same_layout(name, config, weights, old_tensors, folder)
-        requires_grad = {n: p.requires_grad for n, p in self.named_parameters()}
+        # the rebuilt adapter's parameters have the same names: their flags are given back by name
+        flags = RequiresGradSnapshot(self, by_name=True)
         tuner.delete_adapter(name, force=True)
         try:
             self.add_adapter(name, config)
@@ -423,15 +424,10 @@ class PeftModel(nn.Module):
                 tuner.delete_adapter(name, force=True)
             tuner.add_adapter(name, old_config)
             set_peft_model_state_dict(self, old_tensors, adapter_name=name, allow_nonfinite=True)  # as they were
-            _restore_order(tuner, order, active)
-            for n, p in self.named_parameters():
-                if n in requires_grad:
-                    p.requires_grad_(requires_grad[n])
             raise
-        _restore_order(tuner, order, active)
-        for n, p in self.named_parameters():  # the rebuilt adapter's parameters have the same names
-            if n in requires_grad:
-                p.requires_grad_(requires_grad[n])
+        finally:  # (after a failed rebuild only once the old adapter is back)
+            _restore_order(tuner, order, active)
+            flags.restore()
 
     def _check_same_layout(
         self,
@@ -449,8 +445,8 @@ class PeftModel(nn.Module):
         old_shapes = {k: tuple(v.shape) for k, v in old_tensors.items()}
         differ = sorted(set(shapes) ^ set(old_shapes)) or sorted(k for k in shapes if shapes[k] != old_shapes[k])
         if not differ and isinstance(tuner, BaseTuner):
-            new_config = tuner._prepare_adapter_config(copy.deepcopy(config), tuner.model)
-            targets = set(tuner._matching_keys(new_config))
+            new_config = tuner.prepare_adapter_config(copy.deepcopy(config), tuner.model)
+            targets = set(tuner.matching_keys(new_config))
             held = {
                 n for n, m in tuner.model.named_modules() if isinstance(m, BaseTunerLayer) and name in m.adapter_names()
             }
@@ -519,11 +515,6 @@ class PeftModel(nn.Module):
         return peft_model
 
 
-def adapter_folder(model_id: str | os.PathLike, subfolder: Optional[str]) -> str | os.PathLike:
-    """The folder both adapter files are read from."""
-    return os.path.join(model_id, subfolder) if subfolder else model_id
-
-
 def check_not_wrapped(model: nn.Module) -> None:
     """Refuse to wrap a model that a live adapter already holds: a second wrapper would re-initialise or replace
     that adapter (or, failing, strip it); the model is left as it is."""
@@ -559,7 +550,7 @@ def _restore_order(tuner: Any, order: list[str], active: Any) -> None:
     if not all(n in tuner.peft_config for n in names):
         return
     if isinstance(tuner, BaseTuner):
-        tuner._activate(names)  # no unmerge of other adapters, no checks: this was the active set
+        tuner.activate_adapters(names)  # no unmerge of other adapters, no checks: this was the active set
         tuner.active_adapter = active
     elif names:
         tuner.set_adapter(names[0])
@@ -573,12 +564,12 @@ def check_base_model(config: PeftConfig, model: nn.Module, model_id: Any) -> Non
     """Refuse an adapter recorded for another base model (names compared without their folders, so
     the same model at another path or hub id passes); shapes alone cannot catch a same-sized model."""
     saved = _model_name(config.base_model_name_or_path)
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
-    actual = _model_name(name_or_path)
+    model_path = name_or_path(getattr(model, "config", None))
+    actual = _model_name(model_path)
     if saved and actual and saved != actual:
         raise ValueError(
             f"the adapter in {model_id} was trained on {config.base_model_name_or_path!r}, but this model is "
-            f"{name_or_path!r}; load the matching base model, or pass "
+            f"{model_path!r}; load the matching base model, or pass "
             "ignore_base_model_mismatch=True if you know the adapter fits"
         )
 
@@ -703,163 +694,3 @@ def keep_base_dtype(tuner: Any, adapter_name: str) -> None:
             for tensor in tensors:
                 if tensor.dtype == torch.float32:
                     tensor.data = tensor.data.to(dtype)
-
-
-# ---- status, as HF PEFT's `get_layer_status` / `get_model_status` report it -----------------------------------
-@dataclasses.dataclass
-class TunerLayerStatus:
-    name: str
-    module_type: str
-    enabled: bool
-    active_adapters: list[str]
-    merged_adapters: list[str]
-    requires_grad: dict[str, Union[bool, Literal["irregular"]]]
-    available_adapters: list[str]
-    devices: dict[str, list[str]]
-    quantization_backend: Optional[str]
-
-
-@dataclasses.dataclass
-class TunerModelStatus:
-    base_model_type: str
-    adapter_model_type: str
-    peft_types: dict[str, str]
-    trainable_params: int
-    total_params: int
-    num_adapter_layers: int
-    enabled: Union[bool, Literal["irregular"]]
-    active_adapters: Union[list[str], Literal["irregular"]]
-    merged_adapters: Union[list[str], Literal["irregular"]]
-    requires_grad: dict[str, Union[bool, Literal["irregular"]]]
-    available_adapters: list[str]
-    devices: dict[str, list[str]]
-    quantization_backend: Union[Optional[str], Literal["irregular"]]
-
-
-def _all_or_irregular(values: list[Any]) -> Any:
-    """True / False when every value is it, else "irregular"."""
-    if all(v is True for v in values):
-        return True
-    if all(v is False for v in values):
-        return False
-    return "irregular"
-
-
-def _adapter_tensors(module: nn.Module, attrs: tuple[str, ...]) -> dict[str, list[torch.Tensor]]:
-    """adapter name -> its tensors among the per-adapter dicts `attrs` of a tuner layer."""
-    out: dict[str, list[torch.Tensor]] = {}
-    for attr in attrs:
-        holder: Any = getattr(module, attr, None)
-        if isinstance(holder, (nn.ModuleDict, nn.ParameterDict)) or type(holder).__name__ == "BufferDict":
-            for key, entry in holder.items():
-                found = [entry] if isinstance(entry, torch.Tensor) else list(entry.parameters())
-                out.setdefault(key, []).extend(found)
-    return out
-
-
-def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus:
-    if isinstance(module, ModulesToSaveWrapper):
-        trainable = _adapter_tensors(module, ("modules_to_save",))
-        devices_of = trainable
-        enabled = module.adapters_enabled
-        active, merged = list(module.active_adapters), []
-        available = sorted(module.modules_to_save)
-        module_type = "ModulesToSaveWrapper"
-        backend = None
-    else:
-        layer = cast(BaseTunerLayer, module)
-        trainable = _adapter_tensors(module, layer.adapter_layer_names)
-        devices_of = _adapter_tensors(module, layer.adapter_layer_names + layer.other_param_names)
-        enabled = not layer.disable_adapters
-        active, merged = list(layer.active_adapters), list(layer.merged_adapters)
-        available = sorted(layer.adapter_names())
-        module_type = repr(module).partition("(")[0]
-        backend = getattr(getattr(module, "quantization_backend", None), "backend_name", None)
-        if backend is None and is_linear8bit(layer.get_base_layer()):
-            backend = "bnb 8bit"
-    return TunerLayerStatus(
-        name=name,
-        module_type=module_type,
-        enabled=enabled,
-        active_adapters=active,
-        merged_adapters=merged,
-        requires_grad={k: _all_or_irregular([t.requires_grad for t in v]) for k, v in trainable.items()},
-        available_adapters=available,
-        devices={k: sorted({t.device.type for t in v}) for k, v in devices_of.items()},
-        quantization_backend=backend,
-    )
-
-
-def _status_root(model: nn.Module, what: str) -> nn.Module:
-    if isinstance(model, PeftModel):
-        if not isinstance(model.tuner, BaseTuner):
-            raise TypeError(
-                f"{what}() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported."
-            )
-        return model.tuner
-    return model
-
-
-def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
-    """One `TunerLayerStatus` per adapter layer (tuner layers and `modules_to_save` wrappers) of a `PeftModel`, a
-    tuner model or a model given adapters by `inject_adapter_in_model`, with HF PEFT's fields and values."""
-    root = _status_root(model, "get_layer_status")
-    statuses = [
-        _layer_status(name, cast(nn.Module, module))
-        for name, module in root.named_modules()
-        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))
-    ]
-    if not statuses:
-        raise ValueError(
-            "No adapter layers found in the model, please ensure that it's a PEFT model or that you have PEFT adapters "
-            "injected in the model."
-        )
-    return statuses
-
-
-def get_model_status(model: nn.Module) -> TunerModelStatus:
-    """The adapters' state over the whole model (HF PEFT's `get_model_status`): a field whose layers disagree is
-    "irregular"."""
-    if isinstance(model, PeftModel):
-        _status_root(model, "get_model_status")
-        base_model_type = type(model.get_base_model()).__name__
-        trainable, total = model.get_nb_trainable_parameters()
-        peft_types = {name: str(config.peft_type) for name, config in model.peft_config.items()}
-        adapter_model_type = type(model.tuner).__name__
-    else:
-        base_model_type = type(model).__name__ if is_transformers_model(model) else "other"
-        trainable, total = parameter_counts(model)
-        peft_types, adapter_model_type = {}, "None"
-    layers = get_layer_status(model)
-    enabled_values = {s.enabled for s in layers}
-    enabled: Union[bool, Literal["irregular"]] = enabled_values.pop() if len(enabled_values) == 1 else "irregular"
-    available = sorted(set().union(*(s.available_adapters for s in layers)))
-    active_sets = {tuple(s.active_adapters) for s in layers}
-    active: Any = list(active_sets.pop()) if len(active_sets) == 1 else "irregular"
-    merged_all = set().union(*(s.merged_adapters for s in layers))
-    merged: Any = sorted(merged_all)
-    if any((set(s.available_adapters) - set(s.merged_adapters)) & merged_all for s in layers):
-        merged = "irregular"
-    grads: dict[str, list[Any]] = {}
-    devices: dict[str, set[str]] = {}
-    for status in layers:
-        for key, value in status.requires_grad.items():
-            grads.setdefault(key, []).append(value)
-        for key, found in status.devices.items():
-            devices.setdefault(key, set()).update(found)
-    backends = {s.quantization_backend for s in layers}
-    return TunerModelStatus(
-        base_model_type=base_model_type,
-        adapter_model_type=adapter_model_type,
-        peft_types=peft_types,
-        trainable_params=trainable,
-        total_params=total,
-        num_adapter_layers=len(layers),
-        enabled=enabled,
-        active_adapters=active,
-        merged_adapters=merged,
-        requires_grad={k: _all_or_irregular(v) for k, v in grads.items()},
-        available_adapters=available,
-        devices={k: sorted(v) for k, v in devices.items()},
-        quantization_backend=backends.pop() if len(backends) == 1 else "irregular",
-    )

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import stat
 import sys
-import tempfile
 import warnings
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ._files import atomic_write_text, default_mode, user_path
+from ._compat import incompatible_keys, tensor_version
+from ._compat import unwrap_compiled as strip_compile_wrapper
+from ._files import atomic_write
 from .config import (
     CONFIG_NAME,
     PICKLE_WEIGHTS_NAME,  # noqa: F401  (re-exported: it was defined here)
+    SAFETENSORS_WEIGHTS_NAME,
     SAVED_PREFIX,
-    WEIGHTS_NAME,
     check_loaded_weights_fit_folder_config,
     check_regular_file,
     listed,
@@ -31,11 +29,17 @@ INJECTED_TUNER_ATTRIBUTE = "_lightning_peft_tuner"
 PEFT_MODEL_PREFIX = SAVED_PREFIX + "model."  # what a PeftModel's keys have before a wrapped model's own
 
 
+def peft_model_tuner(model: Any) -> Any:
+    """The tuner of a `PeftModel` (which keeps it in its `__dict__`, not as a child module); None for anything else.
+    For modules that cannot import `peft_model` (it imports them)."""
+    return model.__dict__.get("tuner") if isinstance(model, torch.nn.Module) else None
+
+
 def tuner_of(model: Any) -> tuple[Any, str]:
     """The tuner holding `model`'s adapters and the prefix that `model`'s own state-dict keys lack compared with a
     `PeftModel`'s: "" for a PeftModel, "base_model." for a tuner (`LoraModel`, ...), "base_model.model." for a model
     that `inject_adapter_in_model` gave adapters to."""
-    tuner = model.__dict__.get("tuner") if isinstance(model, torch.nn.Module) else None
+    tuner = peft_model_tuner(model)
     if tuner is not None:
         return tuner, ""
     if callable(getattr(model, "peft_state_dict", None)) and hasattr(model, "peft_config"):
@@ -62,7 +66,7 @@ def get_peft_model_state_dict(
     tensors from; `unwrap_compiled`: `model` is `torch.compile`'s wrapper; `save_embedding_layers` (True; "auto":
     when `embed_tokens` / `lm_head` are targets) adds the base model's embedding weights as HF PEFT saves them."""
     if unwrap_compiled:
-        model = getattr(model, "_orig_mod", model)
+        model = strip_compile_wrapper(model)
     tuner, prefix = tuner_of(model)
     _check_adapter_named(tuner, adapter_name)
     if state_dict is not None and prefix:
@@ -81,14 +85,6 @@ def _check_adapter_named(tuner: Any, adapter_name: str) -> None:
         )
 
 
-class LoadResult(NamedTuple):
-    """What `set_peft_model_state_dict` returns, as torch's `load_state_dict` (and HF PEFT's) does: the model's keys
-    the call did not write, and the given keys it did not use (always empty: any such key is refused)."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
-
-
 def set_peft_model_state_dict(
     model: Any,
     peft_model_state_dict: dict[str, torch.Tensor],
@@ -97,7 +93,7 @@ def set_peft_model_state_dict(
     low_cpu_mem_usage: bool = False,
     *,
     allow_nonfinite: bool = False,
-) -> LoadResult:
+) -> Any:
     """Load adapter weights saved in HF PEFT's format (keyed as `get_peft_model_state_dict` gives them for `model`)
     into `adapter_name`. Every key, shape and dtype is checked before anything is written, so a wrong file leaves
     the model untouched; NaN / inf values are refused unless `allow_nonfinite=True`. `ignore_mismatched_sizes=True`
@@ -115,14 +111,14 @@ def set_peft_model_state_dict(
     # with the base embedding tensors a file may carry (save_embedding_layers), checked and loaded alike
     own = {**tuner.peft_state_dict(adapter_name), **getattr(tuner, "embedding_tensors", dict)()}
     if ignore_mismatched_sizes:
-        mismatched = [
-            f"- {k[len(prefix) :]}: found shape {tuple(v.shape)} in the checkpoint and {tuple(own[k].shape)} in the "
-            "model instantiated"
-            for k, v in tensors.items()
-            if k in own and tuple(v.shape) != tuple(own[k].shape)
-        ]
-        if mismatched:
-            for key in [k for k, v in tensors.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]:
+        mismatched_keys = [k for k, v in tensors.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if mismatched_keys:
+            mismatched = [
+                f"- {k[len(prefix) :]}: found shape {tuple(tensors[k].shape)} in the checkpoint and "
+                f"{tuple(own[k].shape)} in the model instantiated"
+                for k in mismatched_keys
+            ]
+            for key in mismatched_keys:
                 tensors[key] = own[key].detach().clone()  # left as it is in the model
             warnings.warn(
                 f"Some weights of {type(model).__name__} were not initialized from the model checkpoint and are being "
@@ -132,11 +128,13 @@ def set_peft_model_state_dict(
     expected = {k: v.dtype for k, v in own.items()}
     check_adapter_tensors(tensors, expected, allow_nonfinite=allow_nonfinite)
     # the keys written are those whose tensor changed version (every write is in place) or was replaced
-    before = {k: (v, v._version) for k, v in model.state_dict(keep_vars=True).items()}
+    before = {k: (v, tensor_version(v)) for k, v in model.state_dict(keep_vars=True).items()}
     tuner.load_peft_state_dict(tensors, adapter_name)
     after = model.state_dict(keep_vars=True)
-    missing = [k for k, (v, version) in before.items() if after.get(k) is v and v._version == version]
-    return LoadResult(missing_keys=missing, unexpected_keys=[])
+    missing = [k for k, (v, version) in before.items() if after.get(k) is v and tensor_version(v) == version]
+    # torch's `_IncompatibleKeys`, as torch's `load_state_dict` (and so HF PEFT) returns: the model's keys the call did
+    # not write, and the given keys it did not use (always empty: any such key is refused)
+    return incompatible_keys(missing_keys=missing, unexpected_keys=[])
 
 
 def _finite_as(value: torch.Tensor, dtype: Optional[torch.dtype]) -> bool:
@@ -179,7 +177,8 @@ def check_adapter_tensors(
     if wrong:
         raise ValueError(
             f"{what} hold integer or bool tensors where the model has float weights: {listed(wrong)}; they are "
-            "not cast. The file was not written by save_pretrained; export the adapter again"
+            "not cast. They were not made by get_peft_model_state_dict / save_pretrained; export the adapter again "
+            "with one of them"
         )
     if not allow_nonfinite:
         bad = nonfinite_keys(tensors, expected_dtypes)
@@ -195,7 +194,7 @@ def load_peft_weights(
     model_id: str | os.PathLike, device: str = "cpu", allow_pickle: bool = False
 ) -> dict[str, torch.Tensor]:
     """Read `adapter_model.safetensors`; a pickled `.bin` only with `allow_pickle=True` (weights only)."""
-    path = os.path.join(model_id, WEIGHTS_NAME)
+    path = os.path.join(model_id, SAFETENSORS_WEIGHTS_NAME)
     bin_path = os.path.join(model_id, PICKLE_WEIGHTS_NAME)
     check_regular_file(path)
     check_regular_file(bin_path)
@@ -226,7 +225,8 @@ def load_peft_weights(
     if not os.path.isdir(model_id):
         raise AdapterNotFoundError(f"adapter folder {model_id!s} does not exist")
     raise AdapterNotFoundError(
-        f"{model_id} has no {WEIGHTS_NAME}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        f"{model_id} has no {SAFETENSORS_WEIGHTS_NAME}; an adapter folder holds {CONFIG_NAME} and "
+        f"{SAFETENSORS_WEIGHTS_NAME}"
     )
 
 
@@ -242,177 +242,15 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: Optional[dict] = None) -> None:
-    """Write to a temporary file in the same folder and rename it, so a crash never leaves half a file."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(_unshared(tensors), tmp, metadata=metadata)
-        os.chmod(tmp, default_mode())  # mkstemp makes it private; exports are read by other processes
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """A safetensors file written by `atomic_write`, so a crash never leaves half a file."""
+    atomic_write(path, lambda tmp: save_file(_unshared(tensors), tmp, metadata=metadata), suffix=".safetensors")
 
 
 def atomic_torch_save(tensors: dict[str, torch.Tensor], path: str) -> None:
     """`save_pretrained(safe_serialization=False)`: `torch.save` of plain CPU tensors (a pickle HF PEFT reads;
     lightning_peft reads it with `allow_pickle=True`), written aside and renamed into place."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bin", dir=folder)
-    os.close(fd)
-    try:
-        torch.save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp)
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-MODEL_CARD_NAME = "README.md"
-
-
-def write_model_card(peft_model: Any, folder: str) -> None:
-    """Write `folder/README.md` as HF PEFT's `create_or_update_model_card` does: its YAML metadata says
-    `library_name: peft`, the tags (`transformers`, `lora`, `base_model:adapter:<base>`), the base model and, for a
-    causal LM, `pipeline_tag: text-generation`; the text lists the framework version. A README.md already there
-    keeps its text and metadata (its tags too: a single string is one tag, other values are written as text, empty
-    ones dropped), with these fields set and the version line added once. The card never fails a save: one that is
-    not UTF-8 text or whose metadata cannot be read or written back is kept byte for byte, with one warning, and so
-    is a README.md symlink to nothing (the link is kept). A symlink to a file is replaced by the updated card (the
-    file it pointed to, maybe outside the folder, is not written); a folder, FIFO, ... named README.md is refused,
-    naming the user's folder (nothing is saved)."""
-    path = os.path.join(folder, MODEL_CARD_NAME)
-    shown = user_path(path)  # `folder` may be the temporary folder of the save: messages name the user's
-    exists = _card_exists(path, shown)
-    base = peft_model.get_base_model()
-    name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
-    fields: dict[str, Any] = {"library_name": "peft"}
-    tags = set(getattr(base, "model_tags", None) or [])
-    if is_transformers_model(base):
-        tags.add("transformers")
-    if str(peft_model.peft_type) == "LORA":
-        tags.add("lora")
-    if name:
-        tags.add(f"base_model:adapter:{name}")
-        fields["base_model"] = name
-    causal = str(peft_model.active_peft_config.task_type) == "CAUSAL_LM"
-    version_line, heading = f"- lightning_peft {_package_version()}", "### Framework versions"
-    text = (
-        f"\n# {name or type(base).__name__} adapter\n\nA {peft_model.peft_type} adapter in HF PEFT's format. Load it "
-        f"with `PeftModel.from_pretrained(base_model, <this folder>)` (lightning_peft or HF PEFT).\n\n{heading}\n\n"
-        f"{version_line}\n"
-    )
-    meta = dict(fields, **({"tags": sorted(tags)} if tags else {}))
-    if causal:
-        meta["pipeline_tag"] = "text-generation"
-    # JSON strings are YAML strings: the card written for a new folder needs no YAML library
-    fresh = "---\n" + "".join(f"{k}: {json.dumps(v)}\n" for k, v in sorted(meta.items())) + "---\n" + text
-    if exists is None:  # a symlink to nothing: kept as it is
-        return
-    if not exists:
-        atomic_write_text(path, fresh)
-        return
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    try:
-        content = raw.decode("utf-8-sig")  # strict: a card that is not UTF-8 is not rewritten with U+FFFD
-    except UnicodeDecodeError as err:
-        warnings.warn(f"{shown} is not UTF-8 text ({err}); it is kept unchanged as the model card", stacklevel=3)
-        return
-    if content == fresh:  # this model's card, as a previous save wrote it
-        return
-    import yaml  # a dependency of transformers
-
-    try:
-        card = _updated_card(content, fields, tags, causal, version_line, heading, yaml)
-    except (ValueError, TypeError, RecursionError, yaml.YAMLError) as err:  # what a card's content can cause
-        warnings.warn(f"{shown} could not be read as a model card ({err}); it is kept unchanged", stacklevel=3)
-        return
-    atomic_write_text(path, card)
-
-
-def _card_exists(path: str, shown: str) -> Optional[bool]:
-    """Whether a README.md is there to update (True: a regular file, or a symlink to one), none is (False), or it is
-    a symlink to nothing (None, with a warning: it is kept as it is). Anything else at `path` (a folder, a FIFO, ...)
-    is refused, naming `shown` (the user's path)."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return False
-    if stat.S_ISLNK(mode):
-        try:
-            mode = os.stat(path).st_mode
-        except OSError as err:  # missing target, a loop, ...
-            warnings.warn(
-                f"{shown} is a symlink to {os.readlink(path)!r}, which cannot be opened ({err.strerror}); the model "
-                "card is not written and the link is kept as it is",
-                stacklevel=4,
-            )
-            return None
-    if stat.S_ISREG(mode):
-        return True
-    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")]
-    what = next((kind for test, kind in kinds if test(mode)), "a device file")
-    raise ValueError(
-        f"{shown} is {what}, not a file: save_pretrained writes the adapter's model card there. Move or rename it, "
-        "then save again (nothing was saved)"
-    )
-
-
-def _updated_card(
-    content: str, fields: dict[str, Any], tags: set[str], causal: bool, version_line: str, heading: str, yaml: Any
-) -> str:
-    """The card `content` with the adapter's metadata `fields` and `tags` set and the version line added once."""
-    meta, text = _split_card(content, yaml)
-    meta.update(fields)
-    tags = tags | set(_card_tags(meta.get("tags")))
-    if tags:
-        meta["tags"] = sorted(tags)
-    if not meta.get("pipeline_tag") and causal:
-        meta["pipeline_tag"] = "text-generation"
-    lines = text.splitlines()
-    if version_line not in lines:
-        if heading in lines:
-            lines.insert(lines.index(heading) + 2, version_line)
-        else:
-            lines += ["", heading, "", version_line]
-    front = yaml.safe_dump(meta, sort_keys=True, allow_unicode=True)
-    return f"---\n{front}---\n" + "\n".join(lines) + "\n"
-
-
-def _card_tags(value: Any) -> list[str]:
-    """A card's `tags` as tag names: a string is one tag, a list's items are written as text (None dropped); a
-    mapping (or a list holding one, or a list) is not a tag: ValueError."""
-    items = value if isinstance(value, (list, tuple)) else [value]
-    tags = []
-    for item in items:
-        if item is None:
-            continue
-        if isinstance(item, (dict, list, tuple, set)):
-            raise ValueError(f"its tags hold {type(item).__name__} {str(item)[:80]}, not a tag name")
-        if str(item):
-            tags.append(str(item))
-    return tags
-
-
-def _split_card(content: str, yaml: Any) -> tuple[dict[str, Any], str]:
-    """(metadata, text) of a model card: the YAML block between `---` lines at its top, and the rest."""
-    match = re.match(r"\A---\s*\n(.*?\n)?---\s*(?:\n|\Z)", content, re.S)
-    if match is None:
-        return {}, content
-    meta = yaml.safe_load(match.group(1) or "") or {}
-    if not isinstance(meta, dict):
-        raise ValueError("its metadata block is not a YAML mapping")
-    return meta, content[match.end() :]
-
-
-def _package_version() -> str:
-    # read from the loaded package, not imported (the package imports this module)
-    return str(sys.modules[__name__.rpartition(".")[0]].__version__)
+    plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: torch.save(plain, tmp), suffix=".bin")
 
 
 def is_transformers_model(model: Any) -> bool:

@@ -242,18 +242,17 @@ def test_refused_as_peft_refuses():
     with pytest.raises(ValueError, match="non-existing adapter"):
         run(theirs, x, adapter_names=["default", "nope"])
     for model in (theirs, ours):
-        model.train()
-        try:
-            with pytest.raises(ValueError, match="training mode"):
-                run(model, x, adapter_names=["default", "b"])
-        finally:
-            model.eval()
-        model.merge_adapter()
-        try:
-            with pytest.raises(ValueError, match="merged adapters"):
-                run(model, x, adapter_names=["default", "b"])
-        finally:
-            model.unmerge_adapter()
+        # (switch the state on, the refusal, switch it back off)
+        for enter, match, leave in (
+            (model.train, "training mode", model.eval),
+            (model.merge_adapter, "merged adapters", model.unmerge_adapter),
+        ):
+            enter()
+            try:
+                with pytest.raises(ValueError, match=match):
+                    run(model, x, adapter_names=["default", "b"])
+            finally:
+                leave()
     with pytest.raises(TypeError, match="list of str"):  # HF reads a string letter by letter
         run(ours, x, adapter_names="default")
     with pytest.raises(ValueError, match="Length of `adapter_names`"):  # through generate() too

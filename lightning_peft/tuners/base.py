@@ -15,19 +15,20 @@ import re
 import warnings
 import weakref
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Optional, cast
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, cast
 
 import torch
 from torch import nn
 
 from ..config import SAVED_PREFIX, listed
+from ..utils.constants import EMBEDDING_LAYER_NAMES, SEQ_CLS_HEAD_NAMES
+from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND as ALL_LINEAR  # matched in any case
 from ..utils.error import NoMatchingPeftModuleError
 from ..utils.warning import PeftWarning
 from .mixed_batch import MixedBatch, check_batch_size
 from .registry import get_tuner
 
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 TASK_HEAD_NAMES = frozenset({"classifier", "score", "qa_outputs"})
 
 
@@ -67,8 +68,6 @@ def target_matches(config: Any, key: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
-ALL_LINEAR = "all-linear"  # HF PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND (any case)
-SEQ_CLS_HEAD_NAMES = ("score", "classifier")  # HF PEFT's: a classifier's head, left out of "all-linear" for SEQ_CLS
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20  # HF PEFT's: a target list this long is condensed to the suffixes needed
 
 
@@ -182,17 +181,60 @@ def freeze_adapter(model: nn.Module, adapter_name: str) -> None:
             p.requires_grad_(False)
 
 
+def active_after_delete(
+    deleted: str, active: list[str], remaining: Iterable[str], *, warn: bool, by_name: bool = True, stacklevel: int = 2
+) -> list[str]:
+    """The adapters active once `deleted` is deleted (HF PEFT's rule): the other active ones; when none is left, the
+    first remaining adapter (`by_name`: sorted by name, as HF PEFT's layers and tuners; else the first added, as its
+    prompt learning), with HF PEFT's warning unless `warn` is False; none once the last one is gone.
+    `remaining` may still hold `deleted`; `stacklevel` is the warning's, counted from the caller."""
+    others = [a for a in active if a != deleted]
+    if deleted not in active or others:
+        return others
+    candidates = [n for n in remaining if n != deleted]
+    if by_name:
+        candidates.sort()
+    if candidates and warn:
+        warnings.warn(
+            f"Adapter {deleted} was active which is now deleted. Setting active adapter to {candidates[0]}.",
+            stacklevel=stacklevel + 1,
+        )
+    return candidates[:1]
+
+
+class RequiresGradSnapshot:
+    """The requires_grad flag of every parameter of `modules` when made; `restore()` gives each back. `by_name`: the
+    flags are kept by parameter name and given to the parameters holding those names at `restore()` (for code that
+    rebuilds parameters under the same names); a name not there on entry is left as it is."""
+
+    def __init__(self, *modules: nn.Module, by_name: bool = False) -> None:
+        self._modules = modules
+        self._by_name = by_name
+        self._flags = [(p, p.requires_grad) for m in modules for p in m.parameters()] if not by_name else []
+        self._named = (
+            {(i, n): p.requires_grad for i, m in enumerate(modules) for n, p in m.named_parameters()} if by_name else {}
+        )
+
+    def restore(self) -> None:
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+        if self._by_name:
+            for i, module in enumerate(self._modules):
+                for n, p in module.named_parameters():
+                    if (i, n) in self._named:
+                        p.requires_grad_(self._named[(i, n)])
+
+
 @contextmanager
 def requires_grad_kept_on_failure(*modules: nn.Module) -> Iterator[None]:
     """Whatever escapes the block (an error, a KeyboardInterrupt), every parameter of `modules` (as they are on entry)
     gets back the requires_grad it had on entry. Used by every path that adds an adapter (get_peft_model,
     from_pretrained, add_adapter, load_adapter, add_weighted_adapter): a refused call changes no flag."""
-    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    flags = RequiresGradSnapshot(*modules)
     try:
         yield
     except BaseException:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        flags.restore()
         raise
 
 
@@ -326,6 +368,7 @@ class BaseTunerLayer:
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
     merge_refusal: Optional[str] = None  # why this layer can never take a merge (checked before any layer merges)
+    repr_prefix = ""  # put before the class name in repr() and in get_layer_status's module_type (LoRA: "lora.")
 
     base_layer: nn.Module
     _active_adapters: list[str]
@@ -428,17 +471,7 @@ class BaseTunerLayer:
         self._remove_adapter(adapter_name)
         if adapter_name not in self._active_adapters:
             return
-        others = [a for a in self._active_adapters if a != adapter_name]
-        if not others:
-            remaining = sorted(self.adapter_names())
-            if remaining:
-                warnings.warn(
-                    f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
-                    f"{remaining[0]}.",
-                    stacklevel=2,
-                )
-                others = remaining[:1]
-        self.set_adapter(others)
+        self.set_adapter(active_after_delete(adapter_name, self._active_adapters, self.adapter_names(), warn=True))
 
     def _check_forward(self) -> bool:
         """True when the adapters take part in this forward (not disabled, not merged)."""
@@ -611,7 +644,7 @@ class ModulesToSaveWrapper(nn.Module):
         """Each sample through its adapter's copy (`__base__`, an adapter without a copy here, or disabled
         adapters: the original module), the outputs put back in the batch's order."""
         batch = cast(MixedBatch, self._mixed_batch)
-        check_batch_size(x, batch)
+        check_batch_size(len(x), batch)
         if self._disabled:
             return self.original_module(x, *args, **kwargs)
         result: Optional[torch.Tensor] = None
@@ -657,7 +690,7 @@ def describe_wrapping(model: nn.Module) -> Optional[str]:
     for name, module in model.named_modules():
         ref, whole = _PROMPT_WRAPPED.get(module, (None, False))
         tuner = ref() if ref is not None else None
-        if tuner is None or not getattr(tuner, "peft_config", None) or getattr(tuner, "_unloaded", False):
+        if tuner is None or not getattr(tuner, "peft_config", None) or getattr(tuner, "is_unloaded", False):
             continue
         what = f"a {tuner.peft_type} adapter ({', '.join(tuner.peft_config)})"
         if not whole:
@@ -681,12 +714,12 @@ class TunerAttributes:
 
     model: nn.Module
     peft_config: dict[str, Any]
-    _unloaded = False  # set by unload() / merge_and_unload(): the model was given back
+    is_unloaded = False  # set by unload() / merge_and_unload(): the model was given back
 
-    def _check_attached(self) -> None:
+    def check_attached(self) -> None:
         """After unload() / merge_and_unload() the model belongs to the caller (and maybe to a new PeftModel):
         every adapter operation of this one is refused rather than acting on it."""
-        if self._unloaded:
+        if self.is_unloaded:
             raise ValueError(
                 "this PeftModel was unloaded (unload() / merge_and_unload() gave its base model back), so it holds "
                 "no adapter any more; wrap the base again with get_peft_model(...) / PeftModel.from_pretrained(...) "
@@ -705,8 +738,9 @@ class TunerAttributes:
                 ) from None
             return getattr(self.model, name)
 
-    def _check_adapter_exists(self, adapter_name: str) -> None:
-        self._check_attached()
+    def check_adapter_exists(self, adapter_name: str) -> None:
+        """Refuse (ValueError) an adapter name this tuner does not hold, or any name once it is unloaded."""
+        self.check_attached()
         if adapter_name not in self.peft_config:
             raise ValueError(
                 f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config) or 'none'}"
@@ -783,7 +817,7 @@ class BaseTuner(TunerAttributes, nn.Module):
 
     condenses_target_list = True  # HF PEFT condenses long target lists (not IA3's: its feedforward list pairs them)
 
-    def _prepare_adapter_config(self, config: Any, model: nn.Module) -> Any:
+    def prepare_adapter_config(self, config: Any, model: nn.Module) -> Any:
         """The config's targets as matched: "all-linear" expanded (`expand_all_linear`), a long list condensed as HF
         PEFT condenses it (`condense_target_modules`). Subclasses fill their defaults first, then call this."""
         if config.target_modules is None:
@@ -813,7 +847,8 @@ class BaseTuner(TunerAttributes, nn.Module):
         return None
 
     # ---- injection ------------------------------------------------------------------------
-    def _matching_keys(self, config: Any) -> list[str]:
+    def matching_keys(self, config: Any) -> list[str]:
+        """The names of the modules `config` targets (its `modules_to_save` left out)."""
         keys = []
         modules_to_save = set(getattr(config, "modules_to_save", None) or [])
         for key, module in self.model.named_modules():
@@ -830,15 +865,15 @@ class BaseTuner(TunerAttributes, nn.Module):
     def add_adapter(self, adapter_name: str, config: Any) -> None:
         """Validate everything first, then inject: a bad config leaves the model untouched, and a failure (or an
         interrupt) mid-way takes back every layer, wrapper and requires_grad change made."""
-        self._check_attached()
+        self.check_attached()
         check_adapter_name(adapter_name, self, self.prefix, taken=self.peft_config)
         if adapter_name in self.peft_config:
             raise ValueError(
                 f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter it"
             )
-        config = self._prepare_adapter_config(copy.deepcopy(config), self.model)
+        config = self.prepare_adapter_config(copy.deepcopy(config), self.model)
         self._check_new_adapter_config(config)
-        keys = self._matching_keys(config)
+        keys = self.matching_keys(config)
         self._check_layers_exist(config, matched=bool(keys))
         self._warn_unmatched_patterns(config, keys)
         if not keys:
@@ -858,7 +893,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         # the first adapter (of a new model, or after the last was deleted) becomes active and trains unless loaded
         # for inference; a later one is added inactive and frozen, every existing flag kept (as HF PEFT)
         first = not self.peft_config
-        flags = [] if first else [(p, p.requires_grad) for p in self.parameters()]
+        flags = RequiresGradSnapshot() if first else RequiresGradSnapshot(self)
         with requires_grad_kept_on_failure(self):
             self.peft_config[adapter_name] = config
             try:
@@ -874,9 +909,9 @@ class BaseTuner(TunerAttributes, nn.Module):
                     self._mark_only_adapters_as_trainable()
                 else:
                     self._unmerge_before_switching()
-                    self._activate(self.active_adapters, inference_mode=True)  # new layers run the active adapters
-                    for p, flag in flags:
-                        p.requires_grad_(flag)
+                    # new layers run the active adapters
+                    self.activate_adapters(self.active_adapters, inference_mode=True)
+                    flags.restore()
                 self.active_adapter = list(self.active_adapters)
             except BaseException:  # a KeyboardInterrupt too: no half-built adapter stays behind
                 self._undo_injection(adapter_name, originals)
@@ -934,7 +969,8 @@ class BaseTuner(TunerAttributes, nn.Module):
         self.peft_config.pop(adapter_name, None)
 
     # ---- adapters by name -----------------------------------------------------------------
-    def _tuner_layers(self) -> Iterator[tuple[str, BaseTunerLayer | ModulesToSaveWrapper]]:
+    def tuner_layers(self) -> Iterator[tuple[str, BaseTunerLayer | ModulesToSaveWrapper]]:
+        """(name, module) of every adapter layer and `modules_to_save` wrapper in the model."""
         for name, module in self.model.named_modules():
             if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
                 yield name, module
@@ -945,7 +981,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         return [active] if isinstance(active, str) else list(active)
 
     def _wrappers(self) -> list[ModulesToSaveWrapper]:
-        return [m for _, m in self._tuner_layers() if isinstance(m, ModulesToSaveWrapper)]
+        return [m for _, m in self.tuner_layers() if isinstance(m, ModulesToSaveWrapper)]
 
     def _adapter_list(self, adapter_names: Any, what: str = "adapter_name") -> list[str]:
         """`adapter_names` (a name or a list of names) as a list of existing adapters; TypeError / ValueError
@@ -956,9 +992,9 @@ class BaseTuner(TunerAttributes, nn.Module):
             names = list(adapter_names)
         else:
             raise TypeError(f"{what} must be an adapter name or a list of adapter names, got {adapter_names!r}")
-        self._check_attached()
+        self.check_attached()
         for name in names:
-            self._check_adapter_exists(name)
+            self.check_adapter_exists(name)
         return names
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -971,19 +1007,19 @@ class BaseTuner(TunerAttributes, nn.Module):
         for wrapper in self._wrappers():
             wrapper.check_set_adapter(adapter_name)  # every refusal before any change
         self._unmerge_before_switching()
-        self._activate(names, inference_mode)
+        self.activate_adapters(names, inference_mode)
         self.active_adapter = adapter_name if isinstance(adapter_name, str) else names
 
     def _unmerge_before_switching(self) -> None:
-        for _, module in self._tuner_layers():
+        for _, module in self.tuner_layers():
             if isinstance(module, BaseTunerLayer) and module.merged:
                 warnings.warn("an adapter is merged; unmerging it before switching adapters")
                 module.unmerge()
 
-    def _activate(self, names: list[str], inference_mode: bool = False) -> None:
+    def activate_adapters(self, names: list[str], inference_mode: bool = False) -> None:
         """Point every layer and saved-module wrapper at `names` (a wrapper at the one of them it holds, if any),
         with requires_grad as `set_adapter` says. No checks (the callers made them)."""
-        for _, module in self._tuner_layers():
+        for _, module in self.tuner_layers():
             if isinstance(module, ModulesToSaveWrapper):
                 module.set_adapter([n for n in names if n in module.modules_to_save][:1], inference_mode)
             else:
@@ -993,7 +1029,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         """Make the named adapters' parameters (and their `modules_to_save` copies) train or not, active or not, as
         HF PEFT's."""
         names = self._adapter_list(adapter_names, "adapter_names")
-        for _, module in self._tuner_layers():
+        for _, module in self.tuner_layers():
             module.set_requires_grad(names, requires_grad)
 
     def _mark_only_adapters_as_trainable(self) -> None:
@@ -1003,7 +1039,7 @@ class BaseTuner(TunerAttributes, nn.Module):
             if f".{self.prefix}" not in f".{n}" and ".modules_to_save." not in n:
                 p.requires_grad_(False)
         configs = [self.peft_config[name] for name in self.active_adapters]
-        self._activate(self.active_adapters, inference_mode=all(c.inference_mode for c in configs))
+        self.activate_adapters(self.active_adapters, inference_mode=all(c.inference_mode for c in configs))
         for config in configs:
             if not config.inference_mode:
                 self._mark_extra_trainable(config)
@@ -1012,8 +1048,8 @@ class BaseTuner(TunerAttributes, nn.Module):
         """Tuner-specific extras that train with the adapter (e.g. LoRA's biases)."""
 
     def _set_adapter_layers(self, enabled: bool) -> None:
-        self._check_attached()
-        for _, module in self._tuner_layers():
+        self.check_attached()
+        for _, module in self.tuner_layers():
             module.enable_adapters(enabled)
 
     def enable_adapter_layers(self) -> None:
@@ -1030,10 +1066,10 @@ class BaseTuner(TunerAttributes, nn.Module):
         layer is as it was found (a nested block, or one after disable_adapter_layers(), leaves the adapters
         disabled), and so is every requires_grad flag (HF PEFT makes the active adapters train after the block,
         also ones that were frozen before it)."""
-        self._check_attached()
-        layers = [module for _, module in self._tuner_layers()]
+        self.check_attached()
+        layers = [module for _, module in self.tuner_layers()]
         was = [not _layer_enabled(module) for module in layers]
-        flags = [(p, p.requires_grad) for p in self.parameters()]
+        flags = RequiresGradSnapshot(self)
         for module in layers:
             module.enable_adapters(False)
         try:
@@ -1041,50 +1077,40 @@ class BaseTuner(TunerAttributes, nn.Module):
         finally:
             for module, disabled in zip(layers, was):
                 module.enable_adapters(not disabled)
-            for p, flag in flags:
-                p.requires_grad_(flag)
+            flags.restore()
 
     def delete_adapter(self, adapter_name: str, force: bool = False) -> None:
         """Delete an adapter, as HF PEFT does: a merged one is refused (unmerge first). When it was active, the other
         active adapters stay active (and train); when none is left, the first remaining adapter by name becomes
         active, with a warning; after the last one, no adapter is active (`active_adapter == []`). `force` (for an
         adapter that failed to load) skips the merged check and the warning."""
-        self._check_adapter_exists(adapter_name)
+        self.check_adapter_exists(adapter_name)
         if not force and any(
-            isinstance(m, BaseTunerLayer) and adapter_name in m.merged_adapters for _, m in self._tuner_layers()
+            isinstance(m, BaseTunerLayer) and adapter_name in m.merged_adapters for _, m in self.tuner_layers()
         ):
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
         active = self.active_adapters
-        new_active = [a for a in active if a != adapter_name]
-        if adapter_name in active and not new_active:
-            remaining = sorted(n for n in self.peft_config if n != adapter_name)
-            new_active = remaining[:1]
-            if remaining and not force:
-                warnings.warn(
-                    f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
-                    f"{remaining[0]}.",
-                    stacklevel=3,
-                )
-        for _, module in self._tuner_layers():
+        new_active = active_after_delete(adapter_name, active, self.peft_config, warn=not force, stacklevel=3)
+        for _, module in self.tuner_layers():
             if isinstance(module, ModulesToSaveWrapper):
                 module.delete_adapter(adapter_name, new_active)
             else:
                 module._remove_adapter(adapter_name)
         del self.peft_config[adapter_name]
         if adapter_name in active:
-            self._activate(new_active)
+            self.activate_adapters(new_active)
         self.active_adapter = new_active
 
     # ---- merge ----------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        self._check_attached()
+        self.check_attached()
         for name in adapter_names or []:
-            self._check_adapter_exists(name)
-        refusing = [n for n, m in self._tuner_layers() if isinstance(m, BaseTunerLayer) and m.merge_refusal]
+            self.check_adapter_exists(name)
+        refusing = [n for n, m in self.tuner_layers() if isinstance(m, BaseTunerLayer) and m.merge_refusal]
         if refusing:
             reason = self.model.get_submodule(refusing[0]).merge_refusal
             raise ValueError(f"{reason} ({', '.join(refusing[:3])})")
-        layers = [m for _, m in self._tuner_layers() if isinstance(m, BaseTunerLayer)]
+        layers = [m for _, m in self.tuner_layers() if isinstance(m, BaseTunerLayer)]
         if safe_merge:
             # check every layer before touching any, so a bad adapter leaves the whole model untouched
             for layer in layers:
@@ -1123,23 +1149,23 @@ class BaseTuner(TunerAttributes, nn.Module):
         return found
 
     def unmerge_adapter(self) -> None:
-        self._check_attached()
-        for _, module in self._tuner_layers():
+        self.check_attached()
+        for _, module in self.tuner_layers():
             if isinstance(module, BaseTunerLayer):
                 module.unmerge()
 
     def _unload_and_optionally_merge(
         self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names: Optional[list[str]]
     ) -> nn.Module:
-        self._check_attached()
+        self.check_attached()
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         else:
             self.unmerge_adapter()
         untied = [
-            m._shared_weight[0] for _, m in self._tuner_layers() if isinstance(m, BaseTunerLayer) and m._shared_weight
+            m._shared_weight[0] for _, m in self.tuner_layers() if isinstance(m, BaseTunerLayer) and m._shared_weight
         ]
-        entries = list(self._tuner_layers())
+        entries = list(self.tuner_layers())
         if progressbar:
             from tqdm.auto import tqdm
 
@@ -1153,7 +1179,7 @@ class BaseTuner(TunerAttributes, nn.Module):
                 setattr(parent, child, module.modules_to_save[module.active_adapters[0]])
             else:
                 setattr(parent, child, module.original_module)
-        self._unloaded = True  # the model is the caller's now: this tuner refuses every adapter operation
+        self.is_unloaded = True  # the model is the caller's now: this tuner refuses every adapter operation
         if untied:
             untie_in_config(self.model, untied)
         return self.model
@@ -1181,7 +1207,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         `save_embedding_layers=True` adds the base model's input / output embedding tensors as HF PEFT saves them
         (`_embedding_base_keys`); "auto" means True when the config targets `embed_tokens` / `lm_head` (HF PEFT's
         test, with its warning)."""
-        self._check_attached()
+        self.check_attached()
         if state_dict is None:
             inner = self.state_dict()
         else:
@@ -1259,7 +1285,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         """Load adapter tensors saved in HF PEFT's format into `adapter_name`; every key and shape is checked
         before anything is written, so a wrong file leaves the model untouched. Base embedding tensors (saved with
         `save_embedding_layers`) may be present: they are checked alike and written into the base model."""
-        self._check_attached()
+        self.check_attached()
         embeddings = self.embedding_tensors()
         expected = {k: tuple(v.shape) for k, v in self.peft_state_dict(adapter_name).items()}
         expected.update({k: tuple(v.shape) for k, v in embeddings.items()})
@@ -1295,7 +1321,7 @@ class BaseTuner(TunerAttributes, nn.Module):
             head, _, tail = key.partition(self.prefix)
             layer_attr, _, rest = tail.partition(".")
             return f"{head}{self.prefix}{layer_attr}.{adapter_name}" + (f".{rest}" if rest else "")
-        for name, module in self._tuner_layers():
+        for name, module in self.tuner_layers():
             if isinstance(module, ModulesToSaveWrapper) and key.startswith(f"model.{name}."):
                 rest = key[len(name) + 7 :]
                 if rest.startswith("original_module."):

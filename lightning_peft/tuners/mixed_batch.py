@@ -14,6 +14,8 @@ from typing import Any, Optional, Union
 import torch
 
 BASE_NAME = "__base__"  # the per-sample name of "no adapter", as in HF PEFT
+# HF PEFT's refusal of `adapter_names` while an adapter is merged (raised by the tuner and by each layer)
+MERGED_REFUSAL = "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
 
 Rows = Union[slice, torch.Tensor]
 
@@ -75,9 +77,9 @@ def add_rows(result: torch.Tensor, rows: Rows, update: torch.Tensor) -> None:
         result.index_add_(0, rows, update)
 
 
-def check_batch_size(x: Any, batch: MixedBatch) -> None:
-    """One name per sample: the first dimension of a layer's input is the batch (HF PEFT's check and message)."""
-    size = len(x)
+def check_batch_size(size: int, batch: MixedBatch) -> None:
+    """One name per sample: `size` (the first dimension of a layer's input, or the model's batch) is the batch
+    (HF PEFT's check and message)."""
     if size != len(batch):
         raise ValueError(
             "Length of `adapter_names` should be the same as the number of inputs, but got "

@@ -2,23 +2,21 @@
 target tables, file names, and the state-dict functions.
 
 Imports only modules that import nothing of the tuners, so the tuners can import from here; `ModulesToSaveWrapper`
-(a tuner class) and `get_base_model_state_dict` / `set_base_model_state_dict` (which read tuner classes) are looked up
-on first use.
+(a tuner class), `get_base_model_state_dict` / `set_base_model_state_dict` (which read tuner classes) and the default
+target tables (which live in the tuner folders) are looked up on first use.
 """
 
 from typing import Any
 
 from ..config import PeftType, TaskType
 from ..serialization import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from . import constants
 from .constants import (
     CONFIG_NAME,
     EMBEDDING_LAYER_NAMES,
     INCLUDE_LINEAR_LAYERS_SHORTHAND,
     SAFETENSORS_WEIGHTS_NAME,
     SEQ_CLS_HEAD_NAMES,
-    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING,
     WEIGHTS_NAME,
 )
@@ -64,4 +62,6 @@ def __getattr__(name: str) -> Any:
         from .. import base_state_dict
 
         return getattr(base_state_dict, name)
+    if name in constants._TUNER_TABLES:  # the tuners' default-target tables (they live in the tuner folders)
+        return getattr(constants, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

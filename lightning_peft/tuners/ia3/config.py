@@ -1,17 +1,12 @@
+"""`IA3Config`: HF PEFT 0.21's (IA)^3 settings, read and written as its adapter_config.json, with the check that
+every feedforward module is also a target."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
 from ...config import PeftConfig, PeftType, check_regex, check_target_modules, refuse_not_implemented, short_repr
-from ...utils.constants import (
-    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
-)
-
-# Used when target_modules / feedforward_modules are None, keyed by transformers `model_type` (HF PEFT's defaults).
-DEFAULT_TARGET_MODULES = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
-DEFAULT_FEEDFORWARD_MODULES = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
 
 def check_feedforward_subset(config: "IA3Config") -> None:

@@ -1,17 +1,19 @@
+"""`IA3Model`: the (IA)^3 tuner. Fills `target_modules` / `feedforward_modules` from HF PEFT's tables by model
+type when unset, and wraps each target in a layer that scales its output (or, for a feedforward module, its input)
+by a learned vector.
+"""
+
 from __future__ import annotations
 
 from typing import Optional
 
 from torch import nn
 
-from ...utils.constants import (
-    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
-    model_type_of,
-)
+from ...utils.constants import model_type_of
 from ..base import BaseTuner, describe_module_names, is_conv1d, name_matches, resolve_fan_in_fan_out
 from .config import IA3Config, check_feedforward_subset
 from .layer import Conv2d, IA3Layer, Linear
+from .targets import DEFAULT_FEEDFORWARD_MODULES, DEFAULT_TARGET_MODULES
 
 
 def is_feedforward_key(config: IA3Config, key: str) -> bool:
@@ -25,21 +27,21 @@ class IA3Model(BaseTuner):
     peft_type = IA3Config.PEFT_TYPE
     condenses_target_list = False  # as HF PEFT: the feedforward list is paired with the target list
 
-    def _prepare_adapter_config(self, config: IA3Config, model: nn.Module) -> IA3Config:
+    def prepare_adapter_config(self, config: IA3Config, model: nn.Module) -> IA3Config:
         model_type = model_type_of(model) or ""
-        if config.target_modules is None and model_type in TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING:
-            config.target_modules = set(TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[model_type])
+        if config.target_modules is None and model_type in DEFAULT_TARGET_MODULES:
+            config.target_modules = set(DEFAULT_TARGET_MODULES[model_type])
         if config.feedforward_modules is None:
             # HF PEFT's default feedforward modules for the model's family where they are targets (as they are with
             # the default targets, and where a regex targets); none otherwise: every vector then scales an output
-            default = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type)
+            default = DEFAULT_FEEDFORWARD_MODULES.get(model_type)
             targets = config.target_modules
             fits = targets is not None and (isinstance(targets, str) or set(default or ()) <= set(targets))
             if default is not None and fits:
                 config.feedforward_modules = set(default)
             else:
                 config.feedforward_modules = set()
-        config = super()._prepare_adapter_config(config, model)  # "all-linear" expanded (HF PEFT: after the defaults)
+        config = super().prepare_adapter_config(config, model)  # "all-linear" expanded (HF PEFT: after the defaults)
         check_feedforward_subset(config)
         return config
 
@@ -48,7 +50,7 @@ class IA3Model(BaseTuner):
             raise TypeError(f"IA3Model takes an IA3Config, got {type(config).__name__}")
         if isinstance(config.feedforward_modules, str):
             # a regex cannot be checked against target_modules statically: check it against the model
-            targets = set(self._matching_keys(config))
+            targets = set(self.matching_keys(config))
             stray = [
                 k
                 for k, _ in self.model.named_modules()

@@ -1,3 +1,10 @@
+"""`LoraConfig`: HF PEFT 0.21's LoRA settings, read and written as its adapter_config.json.
+
+Every HF field is present so HF's files and code read; the features lightning_peft does not implement
+(`NOT_IMPLEMENTED`, HF-only initialisations) are accepted only at their neutral value and refused otherwise, so an
+adapter never computes something else than it was trained for.
+"""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,11 +28,6 @@ from ...config import (
     size_mismatch,
     validate_choice,
 )
-from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-# Used when target_modules is None, keyed by the transformers `model_type` (HF PEFT's defaults).
-DEFAULT_TARGET_MODULES = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
 
 # No layer has use for a rank this large (HF PEFT allows r above min(in, out), but not in the millions): a
 # config claiming one is refused before anything is allocated at that size.
@@ -95,6 +97,25 @@ class LoraConfig(PeftConfig):
     Every field of HF PEFT 0.21's LoraConfig is here; those in `NOT_IMPLEMENTED` must keep their neutral value."""
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
+    # LoRA keys refused (at a non-neutral value) also in another tuner's config file (PeftConfig.from_dict):
+    # {key: whether it is an on/off flag}
+    MATH_CHANGING_FILE_KEYS: ClassVar[dict[str, bool]] = {
+        **dict.fromkeys(
+            (
+                "layer_replication",
+                "exclude_modules",
+                "target_parameters",
+                "trainable_token_indices",
+                "alora_invocation_tokens",
+                "loftq_config",
+                "corda_config",
+                "arrow_config",
+                "use_bdlora",
+            ),
+            False,
+        ),
+        **dict.fromkeys(("use_dora", "use_rslora", "lora_bias", "use_qalora", "ensure_weight_tying"), True),
+    }
 
     r: int = 8
     target_modules: Optional[Union[list[str], set[str], str]] = None  # a list becomes a set

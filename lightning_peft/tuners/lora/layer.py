@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..._compat import has_global_module_hooks, has_module_hooks
 from ..base import BaseTunerLayer, adapter_dtype
-from ..mixed_batch import MixedBatch, add_rows, check_batch_size, checked_names
+from ..mixed_batch import MERGED_REFUSAL, MixedBatch, add_rows, check_batch_size, checked_names
 
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -34,7 +35,6 @@ def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 # never on a full activation (a rounding-level reordering of the same products). With p == 0 there is no mask
 # and no copy of x, and the output is bit-identical to the op-for-op path.
 
-_nn_module_globals = torch.nn.modules.module
 _CONV1D: Optional[type] = None
 
 
@@ -49,19 +49,11 @@ def _conv1d_class() -> type:
 
 
 def _hooked(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-    )
+    return has_module_hooks(module)
 
 
 def _global_hooks() -> bool:
-    g = _nn_module_globals
-    return bool(
-        g._global_forward_hooks
-        or g._global_forward_pre_hooks
-        or g._global_backward_hooks
-        or g._global_backward_pre_hooks
-    )
+    return has_global_module_hooks()
 
 
 def _exact_scale(scaling: float) -> bool:
@@ -195,8 +187,10 @@ class LoraLayer(BaseTunerLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
+    repr_prefix = "lora."  # HF PEFT's LoRA layers print as lora.Linear(...)
+
     def lora_repr(self) -> str:
-        return "lora." + nn.Module.__repr__(self)  # type: ignore[arg-type]  # mixed into nn.Module subclasses
+        return self.repr_prefix + nn.Module.__repr__(self)  # type: ignore[arg-type]  # mixed into nn.Module subclasses
 
     def _add_first_adapter(
         self,
@@ -311,11 +305,9 @@ class LoraLayer(BaseTunerLayer):
 
     def _check_mixed_batch(self, x: torch.Tensor, batch: MixedBatch) -> None:
         """HF PEFT's refusals, in its order: one name per sample, no merged adapter."""
-        check_batch_size(x, batch)
+        check_batch_size(len(x), batch)
         if self.merged:
-            raise ValueError(
-                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
-            )
+            raise ValueError(MERGED_REFUSAL)
 
     def _mixed_batch_forward(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Linear / Conv2d: the base output for the whole batch, plus each adapter's update on its own rows

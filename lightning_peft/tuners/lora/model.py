@@ -1,3 +1,8 @@
+"""`LoraModel`: the LoRA tuner. Finds the targets (HF PEFT's default table by model type when `target_modules` is
+unset), wraps them in the `layer.py` layers, and adds what is LoRA-only on top of `BaseTuner`: mixed-adapter batches
+(`adapter_names=` in forward / generate) and `add_weighted_adapter` (linear, concatenated and SVD combinations).
+"""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +14,7 @@ from typing import Any, Iterator, Optional, cast
 import torch
 from torch import nn
 
-from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, model_type_of
+from ...utils.constants import model_type_of
 from ..base import (
     BaseTuner,
     ModulesToSaveWrapper,
@@ -20,9 +25,10 @@ from ..base import (
     resolve_fan_in_fan_out,
     strip_adapter_name,
 )
-from ..mixed_batch import BASE_NAME, MixedBatch, check_batch_size, checked_names, generate_expansion
+from ..mixed_batch import BASE_NAME, MERGED_REFUSAL, MixedBatch, check_batch_size, checked_names, generate_expansion
 from .config import LoraConfig
 from .layer import Conv2d, Embedding, Linear, LoraLayer
+from .targets import DEFAULT_TARGET_MODULES
 
 
 def _new_layer(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> Optional[nn.Module]:
@@ -44,6 +50,12 @@ class LoraModel(BaseTuner):
 
     prefix = "lora_"
     peft_type = LoraConfig.PEFT_TYPE
+
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default") -> None:
+        # the configs adapters had before `prepare_model_for_compiled_hotswap` rescaled their alpha values: a hot-swap
+        # checks the new adapter's config against these (hotswap.py)
+        self.hotswap_reference_configs: dict[str, LoraConfig] = {}
+        super().__init__(model, config, adapter_name)
 
     # ---- running, and mixed-adapter batches --------------------------------------------------
     supports_mixed_batch = True  # `adapter_names=` in forward() / generate(): one adapter per sample
@@ -75,7 +87,7 @@ class LoraModel(BaseTuner):
         anything runs. `expand`: generate() runs each sample as that many rows (beams / returned sequences) past
         the encoder. The layers hold the names only for the block: they are taken back however it ends."""
         names = checked_names(adapter_names)
-        self._check_attached()
+        self.check_attached()
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         unknown = sorted({n for n in names if n != BASE_NAME} - set(self.peft_config))
@@ -84,16 +96,14 @@ class LoraModel(BaseTuner):
                 f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
                 f"{', '.join(self.peft_config) or 'no adapter'} (and {BASE_NAME!r} runs the base model alone)"
             )
-        if any(isinstance(m, LoraLayer) and m.merged for _, m in self._tuner_layers()):
-            raise ValueError(
-                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
-            )
+        if any(isinstance(m, LoraLayer) and m.merged for _, m in self.tuner_layers()):
+            raise ValueError(MERGED_REFUSAL)
         batch = MixedBatch(names)
         if batch_size is not None:
-            check_batch_size(range(batch_size), batch)
+            check_batch_size(batch_size, batch)
         expanded = batch.repeated(expand)
         encoder = _encoder_modules(self.model) if expand > 1 else set()
-        layers = [m for _, m in self._tuner_layers() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+        layers = [m for _, m in self.tuner_layers() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
         before = [m._mixed_batch for m in layers]
         try:
             for m in layers:
@@ -103,12 +113,12 @@ class LoraModel(BaseTuner):
             for m, was in zip(layers, before):
                 m._mixed_batch = was
 
-    def _prepare_adapter_config(self, config: LoraConfig, model: nn.Module) -> LoraConfig:
+    def prepare_adapter_config(self, config: LoraConfig, model: nn.Module) -> LoraConfig:
         if config.target_modules is None:  # HF PEFT's default targets for the model's family (a regex stays one)
-            default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type_of(model) or "")
+            default = DEFAULT_TARGET_MODULES.get(model_type_of(model) or "")
             if default is not None:
                 config.target_modules = default if isinstance(default, str) else set(default)
-        return super()._prepare_adapter_config(config, model)
+        return super().prepare_adapter_config(config, model)
 
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
         if not isinstance(config, LoraConfig):
@@ -206,12 +216,12 @@ class LoraModel(BaseTuner):
         `adapters` holding a copy of the same module are refused (as HF PEFT refuses them); where one of them holds
         it, the new adapter gets a copy of that adapter's trained module (HF PEFT gives it an untrained copy of the
         original)."""
-        self._check_attached()
+        self.check_attached()
         adapters, weights = list(adapters), list(weights)
         if not adapters:
             raise ValueError("add_weighted_adapter needs at least one adapter to combine; got adapters=[]")
         for name in adapters:
-            self._check_adapter_exists(name)
+            self.check_adapter_exists(name)
         if len(adapters) != len(weights):
             raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
         bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]

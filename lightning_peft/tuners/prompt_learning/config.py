@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, cast
 
 from ...config import (
     CONFIG_NAME,
-    WEIGHTS_NAME,
+    SAFETENSORS_WEIGHTS_NAME,
     PeftConfig,
     TaskType,
     files_missing,
@@ -175,7 +175,7 @@ def check_sizes_before_building(config: FilledPromptLearningConfig, model: Any, 
     source = config._source_dir
     if source is None:
         return
-    weights = os.path.join(source, WEIGHTS_NAME)
+    weights = os.path.join(source, SAFETENSORS_WEIGHTS_NAME)
     shapes = weights_header_shapes(weights) if os.path.isfile(weights) else None
     saved = shapes.get(PROMPT_KEY) if shapes else None
     want = tuple(injection.saved_shape(config))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+from ...config import PICKLE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME
 
 SAVED_OUTPUT_ONLY = (
     "the saved adapter holds the encoder's output only (HF PEFT's format), not its reparameterisation layers; the "
@@ -25,7 +25,9 @@ def builds_direct(config: Any, kind: str) -> bool:
     if config.inference_mode:
         return True
     source = getattr(config, "_source_dir", None)
-    if source is None or not any(os.path.isfile(os.path.join(source, n)) for n in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)):
+    if source is None or not any(
+        os.path.isfile(os.path.join(source, n)) for n in (SAFETENSORS_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
+    ):
         return False
     warnings.warn(f"{kind}: {SAVED_OUTPUT_ONLY}", stacklevel=3)
     return True

@@ -22,6 +22,7 @@ from ...config import SAVED_PREFIX, TaskType
 from ..base import (
     ModulesToSaveWrapper,
     TunerAttributes,
+    active_after_delete,
     check_adapter_name,
     check_modules_to_save,
     check_tensors_fit,
@@ -139,7 +140,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
     # ---- adapters by name -------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: PromptLearningConfig) -> None:
         """Validate everything first, then add; a failure (or an interrupt) mid-way takes back what was added."""
-        self._check_attached()
+        self.check_attached()
         if adapter_name in self.peft_config:
             raise ValueError(
                 f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter it"
@@ -171,7 +172,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
                 for wrapper in wrap_modules_to_save(self.model, config.modules_to_save, adapter_name):
                     if config.inference_mode:
                         wrapper.modules_to_save[adapter_name].requires_grad_(False)
-                self._sync_trainability()
+                self.sync_trainability()
             except BaseException:  # a KeyboardInterrupt too: no half-added adapter stays behind
                 self._discard(adapter_name)
                 raise
@@ -197,21 +198,20 @@ class PromptLearningModel(TunerAttributes, nn.Module):
                 f"{self.peft_type} runs one adapter at a time (it feeds one prompt); set_adapter takes one adapter "
                 f"name, got {adapter_name!r}"
             )
-        self._check_adapter_exists(adapter_name)
+        self.check_adapter_exists(adapter_name)
         self.active_adapter = adapter_name
         self._frozen_active = inference_mode
-        self._sync_trainability()
+        self.sync_trainability()
 
     def delete_adapter(self, adapter_name: str, force: bool = False) -> None:
         """Delete an adapter, as HF PEFT does: deleting the active one makes the first remaining adapter active (with
         a warning; `force`, for an adapter that failed to load, skips it); after the last, none is active (`[]`)."""
-        self._check_adapter_exists(adapter_name)
-        others = [n for n in self.peft_config if n != adapter_name]
-        if adapter_name == self.active_adapter and others and not force:
-            warnings.warn(
-                f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {others[0]}.",
-                stacklevel=3,
-            )
+        self.check_adapter_exists(adapter_name)
+        active = [self.active_adapter] if isinstance(self.active_adapter, str) else []
+        # HF PEFT's prompt learning takes the first adapter added (its layers / tuners the first by name)
+        new_active = active_after_delete(
+            adapter_name, active, self.peft_config, warn=not force, by_name=False, stacklevel=3
+        )
         del self.prompt_encoder[adapter_name]
         self.prompt_tokens.pop(adapter_name, None)
         del self.peft_config[adapter_name]
@@ -220,14 +220,14 @@ class PromptLearningModel(TunerAttributes, nn.Module):
             if not wrapper.modules_to_save:  # no adapter uses it any more: put the original back
                 self._put_back(key, wrapper)
         if adapter_name == self.active_adapter:
-            self.active_adapter = others[0] if others else []
+            self.active_adapter = new_active[0] if new_active else []
             self._frozen_active = False
-            self._sync_trainability()
+            self.sync_trainability()
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the model alone inside the block."""
-        self._check_attached()
+        self.check_attached()
         was = self._disabled
         wrappers = [w for _, w in self._wrappers()]
         self._disabled = True
@@ -244,15 +244,15 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         """The model as it was: every wrapped module (e.g. the classifier head) back as the original. The model is
         the caller's from then on: this tuner refuses every adapter operation, and its forward runs the model
         alone."""
-        self._check_attached()
+        self.check_attached()
         for key, wrapper in self._wrappers():
             self._put_back(key, wrapper)
         unmark_wrapped(self)
-        self._unloaded = True
+        self.is_unloaded = True
         return self.model
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        self._check_attached()
+        self.check_attached()
         raise ValueError(
             f"{self.peft_type} is prompt learning: there are no weights to merge into the model (the "
             "prompt is fed through forward()); keep the PeftModel, or unload() for the model alone"
@@ -266,7 +266,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         parent, _, child = get_submodule_parent(self.model, key)
         setattr(parent, child, wrapper.original_module)
 
-    def _sync_trainability(self) -> None:
+    def sync_trainability(self) -> None:
         """Only the active adapter trains (unless loaded for inference): its prompt encoder and its copies of
         the modules_to_save require grad; every other adapter's are frozen. Every wrapper holding the active adapter
         is pointed at it here, so every path that changes the active adapter (set_adapter, add, delete) must call
@@ -296,7 +296,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
     # ---- running ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = keyword_inputs(args, kwargs, "model")
-        if self._disabled or not self.peft_config or self._unloaded:
+        if self._disabled or not self.peft_config or self.is_unloaded:
             return self.model(**kwargs)
         config = self.peft_config[self.active_adapter]
         self.injection.check_ready(self)
@@ -310,7 +310,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = keyword_inputs(args, kwargs, "generate()")
-        if self._disabled or not self.peft_config or self._unloaded:
+        if self._disabled or not self.peft_config or self.is_unloaded:
             model: Any = self.model  # a transformers model that generates
             return model.generate(**kwargs)
         config = self.peft_config[self.active_adapter]
@@ -381,7 +381,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
         self, adapter_name: str, state_dict: Optional[dict] = None, save_embedding_layers: Union[bool, str] = False
     ) -> dict[str, torch.Tensor]:
         """The tensors HF PEFT saves for a prompt-learning adapter (keys as in its files)."""
-        self._check_attached()
+        self.check_attached()
         return {
             PROMPT_KEY: self.get_prompt_embedding_to_save(adapter_name),
             **self._modules_to_save_tensors(adapter_name),
@@ -389,7 +389,7 @@ class PromptLearningModel(TunerAttributes, nn.Module):
 
     def load_peft_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
         """Load `prompt_embeddings` (+ modules_to_save weights); everything is checked before anything is written."""
-        self._check_attached()
+        self.check_attached()
         extra = self._modules_to_save_tensors(adapter_name)
         expected: dict[str, tuple[int, ...]] = {PROMPT_KEY: self.injection.saved_shape(self.peft_config[adapter_name])}
         expected.update({k: tuple(v.shape) for k, v in extra.items()})

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 import torch
 from torch import nn
 
-from ...config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, short_repr
+from ...config import PICKLE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME, short_repr
 from ..prompt_learning.encoder import PromptEncoderBase
 from ..prompt_learning.injection import PrependEmbeddings
 from ..prompt_learning.model import PromptLearningModel
@@ -57,7 +57,7 @@ def loads_saved_weights(config: PromptTuningConfig) -> bool:
     """The config was read from an adapter folder that holds saved weights: loading them replaces any init."""
     source = config._source_dir
     return source is not None and any(
-        os.path.isfile(os.path.join(source, name)) for name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
+        os.path.isfile(os.path.join(source, name)) for name in (SAFETENSORS_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
     )
 
 
