@@ -87,14 +87,12 @@ def test_checkpoint_from_another_tuner_is_refused_and_nothing_is_loaded(tmp_path
             holder=holder,
         )
     message = str(err.value)
+    # the checkpoint carries its adapter config: the tuner type is named before any tensor is looked at
     assert message.startswith(
-        "refusing to load this state into Module: it does not hold the adapter 'default' (LORA) "
-        "of `self.model` (4 of 4 adapter tensors are missing: model.base_model.model.model."
-        "layers.0.self_attn.q_proj.lora_A.default.weight"
+        "refusing to load this checkpoint into Module: the adapter config of `model` differs from the model's "
+        "(adapter 'default': peft_type: checkpoint 'IA3' vs now 'LORA')"
     )
-    assert message.endswith(
-        "It was saved without the adapter or for a different tuner config / model; nothing was loaded."
-    )
+    assert message.endswith("nothing was loaded.")
     assert not (tmp_path / "lora").exists()  # no checkpoint written
     peft = holder["module"].model
     fresh = tiny_llama()  # the same seeded base: not a weight of it was touched

@@ -9,7 +9,6 @@ import os
 import re
 import warnings
 from types import SimpleNamespace
-from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -213,7 +212,8 @@ def _train_merge_and_test_best(kind: str, tuner: str, tmp_path) -> SimpleNamespa
     run.best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss", mode="min", save_top_k=1)
     run.weights = ModelCheckpoint(dirpath=tmp_path / "weights", save_weights_only=True, every_n_train_steps=4)
     run.last = ModelCheckpoint(dirpath=tmp_path / "last", save_last=True, save_top_k=0, every_n_train_steps=1000)
-    run.callback = PEFTCallback(config_for(tuner, kind), export_dir=str(tmp_path / "export"))
+    # export="last": the exports are compared with the model at the end of training (best: tests/test_lightning_v2.py)
+    run.callback = PEFTCallback(config_for(tuner, kind), export_dir=str(tmp_path / "export"), export="last")
     run.trainer = make_trainer(
         tmp_path, [run.callback, run.probe, run.best, run.weights, run.last], val_check_interval=1, limit_val_batches=1
     )
@@ -223,7 +223,7 @@ def _train_merge_and_test_best(kind: str, tuner: str, tmp_path) -> SimpleNamespa
     # paths as they are now
     run.weights_path = run.weights.best_model_path or glob.glob(str(tmp_path / "weights" / "*.ckpt"))[0]
     run.best_path, run.last_path = run.best.best_model_path, run.last.last_model_path
-    # the merge at fit end, as it stood before trainer.test() below put the best adapter back on
+    # the module after fit (never merged in place), as it stood before trainer.test() below put the best adapter on
     merged = run.module.model
     run.after_fit = SimpleNamespace(
         model_class=type(merged),
@@ -345,21 +345,22 @@ def test_exported_adapter_reproduces_the_trained_model_on_a_fresh_base(lifecycle
 def test_merge_at_fit_end_and_merged_export(lifecycle, kind, tuner):
     run = lifecycle(kind, tuner)
     after_fit, merged_dir = run.after_fit, run.root / "export" / "merged"
-    if tuner in PROMPT_TUNERS:  # nothing to merge: the wrapped model stays, no merged export
-        assert issubclass(after_fit.model_class, PeftModel)
+    # the module keeps its adapter after fit (not merged in place): an adapter-only state dict, the trained outputs
+    assert issubclass(after_fit.model_class, PeftModel)
+    assert after_fit.module_state_keys == run.adapter_keys
+    torch.testing.assert_close(after_fit.output, run.probe.reference, rtol=0, atol=1e-5)
+    if tuner in PROMPT_TUNERS:  # nothing to merge: no merged export
         assert not merged_dir.exists()
         return
-    assert after_fit.model_class is run.original_class
-    assert not any("lora_" in n or "ia3_" in n or "modules_to_save" in n for n in after_fit.parameter_names)
-    torch.testing.assert_close(after_fit.output, run.probe.reference, rtol=0, atol=1e-5)
     if kind == "mlp":
         fresh = MLP()
         fresh.load_state_dict(load_file(str(merged_dir / "model.safetensors")))
     else:
         fresh = run.original_class.from_pretrained(str(merged_dir))
     torch.testing.assert_close(model_output(fresh, run.probe_batch), run.probe.reference, rtol=0, atol=1e-5)
-    # the merged module's own state dict is the plain model (nothing filtered any more)
-    assert after_fit.module_state_keys == {"model." + k for k in fresh.state_dict()}
+    merged = run.callback.merged_model  # the same merged model on request
+    assert type(merged) is run.original_class
+    assert not any("lora_" in n or "ia3_" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
 
 
 @pytest.mark.parametrize("kind,tuner", CASES)
@@ -586,6 +587,7 @@ class LazyMixinModule(PEFTMixin, TaskModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = build(self.kind)
+        super().configure_model()  # last: PEFTMixin applies the tuner to the model just built
 
 
 class LazyPlainModule(TaskModule):
@@ -629,11 +631,11 @@ def test_mixin_with_model_built_in_configure_model(tmp_path):
 
     batch = next(iter(loader("gpt2")))
     reference = model_output(module.model, batch)
-    merged = module.merge_and_unload()
-    assert type(merged).__name__ == "GPT2LMHeadModel" and module.model is merged and module.peft_model is None
+    merged = module.merge_and_unload()  # a merged model on request; the module keeps its adapter
+    assert type(merged).__name__ == "GPT2LMHeadModel" and module.model is not merged
+    assert module.peft_model is module.model and sorted(module.adapter_state_dict()) == sorted(hf_state)
     torch.testing.assert_close(model_output(merged, batch), reference, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="the adapter was merged into the base model"):
-        module.adapter_state_dict()
+    torch.testing.assert_close(model_output(module.model, batch), reference, rtol=0, atol=0)
 
 
 def test_callback_with_model_built_in_configure_model(tmp_path):
@@ -644,7 +646,7 @@ def test_callback_with_model_built_in_configure_model(tmp_path):
     )
     trainer.fit(module, loader("bert"))
     assert "configure_model" not in module.__dict__  # the one-shot wrapper removed itself
-    assert type(module.model).__name__ == "BertForSequenceClassification"  # merged at the end
+    assert isinstance(module.model, PeftModel)  # not merged in place at the end
     keys = set(ckpt_state(weights.best_model_path)["state_dict"])
     assert keys == {
         f"model.base_model.model.bert.encoder.layer.{i}.attention.self.{m}.lora_{ab}.default.weight"
@@ -661,7 +663,9 @@ def test_callback_with_model_built_in_configure_model(tmp_path):
 def test_mixin_config_and_callback_together_is_an_error(tmp_path):
     module = LazyMixinModule("gpt2")
     trainer = make_trainer(tmp_path, [PEFTCallback(config_for("lora", "gpt2"))])
-    with pytest.raises(ValueError, match="use either PEFTMixin.peft_config or PEFTCallback, not both"):
+    with pytest.raises(
+        ValueError, match=r"applies a tuner to `model` itself \(PEFTMixin.peft_config\) and PEFTCallback"
+    ):
         module.configure_model()  # the mixin applies its own config ...
         trainer.fit(module, loader("gpt2"))  # ... so the callback refuses
 
@@ -685,7 +689,7 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert os.path.isfile(tmp_path / "lightning_logs" / "version_0" / "merged" / "model.safetensors")
 
 
-def test_validate_best_and_fit_again_after_the_merge(tmp_path):
+def test_validate_best_and_fit_again_after_fit(tmp_path):
     model = build("gpt2")
     base = dict(model.named_parameters())
     probe = Probe(base, next(iter(loader("gpt2"))))
@@ -694,21 +698,29 @@ def test_validate_best_and_fit_again_after_the_merge(tmp_path):
     best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss", save_top_k=1)
     trainer = make_trainer(tmp_path, [callback, probe, best], val_check_interval=1, limit_val_batches=1)
     trainer.fit(module, loader("gpt2"), loader("gpt2", seed=2))
-    assert type(module.model).__name__ == "GPT2LMHeadModel"
-    merged_out = trainer.validate(module, loader("gpt2", seed=2), verbose=False)[0]["val_loss"]  # the merged model
+    assert isinstance(module.model, PeftModel)  # never merged in place
+    last_out = trainer.validate(module, loader("gpt2", seed=2), verbose=False)[0]["val_loss"]  # the last adapter
+    assert probe.base_changed == []
+    last_model = get_peft_model(build("gpt2"), config_for("lora", "gpt2"))
+    last_model.load_state_dict({k[len("model.") :]: v for k, v in probe.end.items()}, strict=False)
+    with torch.no_grad():
+        assert last_out == pytest.approx(
+            forward_loss(last_model.eval(), next(iter(loader("gpt2", seed=2)))).item(), abs=1e-5
+        )
     best_state = ckpt_state(best.best_model_path)["state_dict"]
     best_out = trainer.validate(module, loader("gpt2", seed=2), ckpt_path="best", verbose=False)[0]["val_loss"]
     assert isinstance(module.model, PeftModel)
     assert all(torch.equal(p, best_state[n]) for n, p in trainable(module).items())
     assert best_out == pytest.approx(best.best_model_score.item(), abs=1e-6)
-    assert merged_out == pytest.approx(final_adapter_loss(callback.adapter_dir), abs=1e-5)
+    # a ModelCheckpoint monitors val_loss: adapter/ holds the best adapter (export="best" by default)
+    assert best_out == pytest.approx(final_adapter_loss(callback.adapter_dir), abs=1e-5)
 
-    # a second fit after a merge trains on from the final adapter over the untouched base
+    # a second fit trains on from the final adapter over the untouched base
     module2 = TaskModule(build("gpt2"))
     probe2 = Probe(dict(module2.model.named_parameters()), probe.probe_batch)  # the untouched base values
     trainer2 = make_trainer(tmp_path, [callback], max_steps=1)
-    trainer2.fit(module2, loader("gpt2"))  # module2 merged at its end
-    assert [n for n, p in probe2.base.items() if not torch.equal(p, probe2.base_values[n])] != []  # merged
+    trainer2.fit(module2, loader("gpt2"))  # module2 keeps its adapter after fit (no ModelCheckpoint: export "last")
+    assert [n for n, p in probe2.base.items() if not torch.equal(p, probe2.base_values[n])] == []  # not merged
     first_adapter = load_file(os.path.join(callback.adapter_dir, "adapter_model.safetensors"))
     trainer3 = make_trainer(tmp_path, [callback, probe2], max_steps=3, logger=False)
     trainer3.fit(module2, loader("gpt2"))
@@ -720,7 +732,7 @@ def test_validate_best_and_fit_again_after_the_merge(tmp_path):
         )
         == [True] * 4
     )  # it went on from the final adapter
-    assert type(module2.model).__name__ == "GPT2LMHeadModel"
+    assert isinstance(module2.model, PeftModel)
 
 
 def final_adapter_loss(adapter_dir: str) -> float:
@@ -729,45 +741,3 @@ def final_adapter_loss(adapter_dir: str) -> float:
     peft.eval()
     with torch.no_grad():
         return forward_loss(peft, next(iter(loader("gpt2", seed=2)))).item()  # limit_val_batches=1
-
-
-class SuperCallingMixinModule(PEFTMixin, TaskModule):
-    """Overrides every exact-resume hook and calls super() in each: the mixin's part must run once per call."""
-
-    def __init__(self) -> None:
-        super().__init__(model=build("gpt2"))
-        self.peft_config = config_for("lora", "gpt2")
-
-    def on_train_start(self) -> None:
-        super().on_train_start()
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
-        return super().on_train_batch_start(batch, batch_idx)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-
-
-def test_mixin_hooks_overridden_with_super_run_the_exact_resume_part_once(tmp_path, monkeypatch):
-    import lightning_peft.lightning.mixin as mixin_module
-
-    calls: list[tuple[str, bool]] = []
-    real = mixin_module.exact_resume_hook
-
-    def counting(name, trainer, module, *args):
-        calls.append((name, bool(args) and isinstance(args[0], dict)))
-        return real(name, trainer, module, *args)
-
-    monkeypatch.setattr(mixin_module, "exact_resume_hook", counting)
-    full = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
-    trainer = make_trainer(tmp_path, [full], max_steps=2)
-    trainer.fit(SuperCallingMixinModule(), loader("gpt2"))
-    names = [name for name, _ in calls]
-    assert names.count("on_train_start") == 1
-    assert names.count("on_train_batch_start") == names.count("on_train_batch_end") == 2
-    assert names.count("on_save_checkpoint") >= 1
-    # only the checkpoint hooks hand something on, and it is the checkpoint dict (never a batch)
-    assert all(has_checkpoint == name.endswith("_checkpoint") for name, has_checkpoint in calls)

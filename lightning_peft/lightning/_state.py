@@ -1,38 +1,47 @@
-"""What the callback and the mixin share: one `AdapterState` per LightningModule.
+"""What the callback and the mixin share: one `AdapterState` per (LightningModule, model_attr).
 
-It injects the tuner into `module.<model_attr>` (through `get_peft_model`), and installs three
-torch hooks on the LightningModule so that every checkpoint path of Lightning (full saves,
-weights-only saves, `trainer.test(ckpt_path=...)`, `load_from_checkpoint`) sees adapter-only state:
+Each state injects the tuner into `module.<model_attr>` (through `get_peft_model`), and installs three
+torch hooks on the LightningModule that touch only that model's keys, so that every checkpoint path of
+Lightning (full saves, weights-only saves, `trainer.save_checkpoint`, `trainer.test(ckpt_path=...)`,
+`load_from_checkpoint`) sees adapter-only state:
 
 - a `state_dict` post-hook drops every frozen tensor of the model (the base), so a `.ckpt` holds
-  exactly the adapter's tensors (plus whatever lives outside `model_attr`);
-- a `load_state_dict` pre-hook checks, before anything is copied, that the incoming state holds
-  every adapter tensor with the right shape, and refuses it otherwise (never a half load); after a
-  merge it first puts the adapter back (see `restore_unmerged`);
+  exactly the adapters' tensors (plus whatever lives outside the models), and writes the adapter
+  configs as plain data into the state dict's metadata (`checkpoint_adapter_configs`);
+- a `load_state_dict` pre-hook checks, before anything is copied, that the incoming state was saved
+  with the same adapter configs and holds every adapter tensor with the right shape, and refuses it
+  otherwise (never a half load);
 - a `load_state_dict` post-hook forgives the base weights that are "missing" from such a state, so
   `strict_loading=True` keeps catching unexpected keys.
 
 Hooks rather than callback hooks because Lightning loads module weights before any callback's
 `on_load_checkpoint` and skips callbacks entirely for weights-only saves.
+
+The module in memory is never merged: the merged model is built on request (`merged_model`) from a copy
+that shares every untouched tensor with the module, and nothing is kept after an export.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import enum
 import functools
+import itertools
 import os
 from typing import Any, Callable, Optional, cast
 
 import torch
 from torch import nn
 
+from .._compat import state_dict_metadata
 from .._files import atomic_folder
 from ..config import PeftConfig, listed
 from ..peft_model import PeftModel, get_peft_model
 from ..serialization import check_adapter_tensors, get_peft_model_state_dict, nonfinite_keys
 from ..tuners.registry import get_tuner
 
-STATE_ATTR = "_lightning_peft_state"
+STATES_ATTR = "_lightning_peft_states"  # {model_attr: AdapterState} in the module's __dict__
 ADAPTER_SUBDIR = "adapter"  # the export folders under PEFTCallback's export_dir
 MERGED_SUBDIR = "merged"
 
@@ -157,7 +166,68 @@ def recompiled(compiled: nn.Module, model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# the state
+# the adapter config in checkpoints: plain data (strings, numbers, lists, dicts), so a checkpoint still loads
+# with torch.load(weights_only=True). It rides in the state dict's own metadata (`state_dict._metadata[""]`,
+# which torch.save keeps and `load_state_dict` hands to the load pre-hook), so every checkpoint path carries it:
+# full and weights-only saves, `trainer.save_checkpoint`, and it is checked before any weight is copied.
+# ---------------------------------------------------------------------------------------------
+CHECKPOINT_KEY = "lightning_peft"
+# fields that change neither the adapter's tensors nor what they compute
+_IGNORED_FIELDS = frozenset({"inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "peft_version"})
+
+
+def plain(value: Any) -> Any:
+    """`value` as plain data (what `torch.load(weights_only=True)` reads back)."""
+    if isinstance(value, enum.Enum):
+        return plain(value.value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted((plain(v) for v in value), key=repr)
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        return plain(to_dict())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value))
+    return repr(value)
+
+
+def config_entry(config: PeftConfig) -> dict[str, Any]:
+    return {"peft_type": str(plain(config.peft_type)), "config": plain(config.to_dict())}
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return sorted(value)  # target / module name lists: the order means nothing
+    return value
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], was: str = "checkpoint") -> list[str]:
+    """`field: checkpoint X vs now Y` for each field both configs have and that differs."""
+    fields = sorted((set(saved) & set(current)) - _IGNORED_FIELDS)
+    return [
+        f"{f}: {was} {saved[f]!r} vs now {current[f]!r}"
+        for f in fields
+        if _comparable(saved[f]) != _comparable(current[f])
+    ]
+
+
+def checkpoint_adapter_configs(checkpoint: Any) -> dict[str, dict[str, Any]]:
+    """The adapter configs a checkpoint (a path, a loaded checkpoint dict or its `state_dict`) was saved with:
+    `{model_attr: {"adapter_name": active, "peft_type": ..., "config": {...}, "adapters": {name: {...}}}}`."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    metadata = state_dict_metadata(state_dict) or {}
+    return dict((metadata.get("") or {}).get(CHECKPOINT_KEY) or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# the states: one per (LightningModule, model_attr)
 # ---------------------------------------------------------------------------------------------
 def validate_model_attr(model_attr: Any) -> None:
     if not isinstance(model_attr, str) or not model_attr or model_attr.startswith(".") or model_attr.endswith("."):
@@ -165,10 +235,7 @@ def validate_model_attr(model_attr: Any) -> None:
 
 
 def log_trainable_parameters(trainer: Any, state: "AdapterState") -> None:
-    """Once per module: trainable / total parameters to the console and every logger of the trainer."""
-    if state.logged:
-        return
-    state.logged = True
+    """Trainable / total parameters to the console and every logger of the trainer (at every fit)."""
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
     trainable, total, percent = state.describe_counts()
@@ -178,10 +245,11 @@ def log_trainable_parameters(trainer: Any, state: "AdapterState") -> None:
     )
     if trainer is None:
         return
+    key = "peft" if state.model_attr == "model" else f"peft/{state.model_attr}"
     metrics = {
-        "peft/trainable_params": float(trainable),
-        "peft/total_params": float(total),
-        "peft/trainable_percent": percent,
+        f"{key}/trainable_params": float(trainable),
+        f"{key}/total_params": float(total),
+        f"{key}/trainable_percent": percent,
     }
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
@@ -204,22 +272,30 @@ def refresh_module_copies(trainer: Any, module: nn.Module) -> None:
 
 
 class AdapterState:
-    """The adapter of one LightningModule: config, where the model lives, and checkpoint rules."""
+    """The adapter(s) of one model of a LightningModule (`module.<model_attr>`): configs, checkpoint rules, exports.
+
+    `config` / `adapter_name` are the adapter being trained (the active one); earlier ones (a second `fit` with
+    another `adapter_name`) stay in the model, frozen, and in every checkpoint.
+    """
 
     def __init__(
-        self, config: PeftConfig, model_attr: str = "model", adapter_name: str = "default", owner: str = "callback"
+        self,
+        config: PeftConfig,
+        model_attr: str = "model",
+        adapter_name: str = "default",
+        owner: str = "PEFTCallback",
+        owner_obj: Any = None,
     ) -> None:
         validate_model_attr(model_attr)
         self.config = config
         self.model_attr = model_attr
         self.adapter_name = adapter_name
-        self.owner = owner
+        self.owner = owner  # who applies it: "PEFTCallback", "PEFTMixin", "load_from_checkpoint"
+        self.owner_obj = owner_obj  # the PEFTCallback applying it in the current fit (None for the mixin)
         self.peft: Optional[PeftModel] = None
-        self.merged = False
-        self.adapter_keys: frozenset[str] = frozenset()  # LightningModule state-dict keys of the adapter
+        self.given: dict[str, dict[str, Any]] = {}  # adapter name -> config_entry of the config as given
+        self.adapter_keys: frozenset[str] = frozenset()  # LightningModule state-dict keys of every adapter
         self.trainable_counts: Optional[tuple[int, int]] = None
-        self.logged = False
-        self._snapshot: Optional[dict[str, torch.Tensor]] = None  # what `restore_unmerged` needs after a merge
         self._hooks: list[Any] = []
         # a checkpoint whose adapter holds NaN / inf is refused unless this is True; exports and merges never
         # take a non-finite adapter
@@ -237,7 +313,10 @@ class AdapterState:
 
     @property
     def injected(self) -> bool:
-        return self.peft is not None or self.merged
+        return self.peft is not None
+
+    def describe(self) -> str:
+        return f"{self.owner}(model_attr={self.model_attr!r}, adapter_name={self.adapter_name!r})"
 
     def find_model(self, module: nn.Module) -> Optional[nn.Module]:
         """The model under `model_attr`, or None while it is not built yet (missing or None)."""
@@ -273,34 +352,82 @@ class AdapterState:
                 f"{type(module).__name__}.{self.model_attr} is already a PeftModel; give {who} the "
                 "plain model (it applies the tuner itself) or drop the tuner config"
             )
+        given = config_entry(self.config)
         # a model compiled before injection (`self.model = torch.compile(model)` in __init__): the tuner goes into
         # the model itself and the compiled wrapper, with the user's options, goes around the PeftModel
         peft = get_peft_model(uncompiled(model), self.config, self.adapter_name)
         _set_path(module, self.model_attr, recompiled(model, peft) if is_compiled(model) else peft)
+        self.given = {self.adapter_name: given}
         self._adopt(module, peft)
         return True
 
-    def apply(self, module: nn.Module, trainer: Any, who: str, fitting: bool) -> None:
-        """Inject the tuner (once) and log the parameter counts; after a merge, a new fit first puts the adapter
-        back."""
+    def apply(
+        self,
+        module: nn.Module,
+        trainer: Any,
+        who: str,
+        fitting: bool,
+        config: Optional[PeftConfig] = None,
+        adapter_name: Optional[str] = None,
+    ) -> None:
+        """Inject the tuner (first time), or make `adapter_name` with `config` the adapter that trains (added next to
+        the earlier ones when new); log the parameter counts at every fit."""
         if not self.injected:
+            if config is not None:
+                self.config = config
+            if adapter_name is not None:
+                self.adapter_name = adapter_name
             self.inject(module, who=who)
+            refresh_module_copies(trainer, module)
+        elif config is not None or adapter_name is not None:
+            self.switch(module, config or self.config, adapter_name or self.adapter_name, who)
+            refresh_module_copies(trainer, module)
+        if fitting:
             log_trainable_parameters(trainer, self)
-        elif self.merged and fitting:
-            self.restore_unmerged(module)  # train on: the adapter as it was before the merge
-        else:
+
+    def switch(self, module: nn.Module, config: PeftConfig, adapter_name: str, who: str) -> None:
+        """Train `adapter_name`: the same adapter again (same config), or a new one added beside the others (same
+        tuner type). Refused before anything changes: the same name with another config, another tuner type."""
+        peft = self.require_peft("add an adapter")
+        entry = config_entry(config)
+        if adapter_name in self.given:
+            diffs = config_differences(self.given[adapter_name]["config"], entry["config"], was="trained with")
+            if entry["peft_type"] != self.given[adapter_name]["peft_type"]:
+                diffs.insert(0, f"peft_type: {self.given[adapter_name]['peft_type']!r} vs {entry['peft_type']!r}")
+            if diffs:
+                raise ValueError(
+                    f"{who}(model_attr={self.model_attr!r}, adapter_name={adapter_name!r}): "
+                    f"{type(module).__name__}.{self.model_attr} already holds adapter {adapter_name!r}, trained with "
+                    f"another config ({'; '.join(diffs)}). Pass a new adapter_name= to train a second adapter beside "
+                    "it, or the config it was trained with to train it on; nothing was changed"
+                )
+            if adapter_name != self.adapter_name:
+                peft.set_adapter(adapter_name)
+                self.adapter_name, self.config = adapter_name, peft.peft_config[adapter_name]
             return
-        refresh_module_copies(trainer, module)
+        if entry["peft_type"] != self.given[self.adapter_name]["peft_type"]:
+            raise ValueError(
+                f"{who}(model_attr={self.model_attr!r}, adapter_name={adapter_name!r}): "
+                f"{type(module).__name__}.{self.model_attr} holds {self.given[self.adapter_name]['peft_type']} "
+                f"adapter(s) {listed(sorted(self.given))}; a {entry['peft_type']} adapter cannot be added to it (one "
+                "model holds adapters of one tuner type). Use the same tuner type, or a fresh model; nothing was "
+                "changed"
+            )
+        peft.add_adapter(adapter_name, config)
+        peft.set_adapter(adapter_name)  # it trains; the earlier adapters stay as trained, frozen
+        self.given[adapter_name] = entry
+        self.adapter_name, self.config = adapter_name, config
+        self._adopt(module, peft)
 
     def _adopt(self, module: nn.Module, peft: PeftModel) -> None:
         self.peft = peft
-        self.merged = False
         state = peft.state_dict(keep_vars=True)
         trainable = {k for k, v in state.items() if v.requires_grad}
         owners = {k.rpartition(".")[0] for k in trainable}
         buffers = {n for n, _ in peft.named_buffers(remove_duplicate=False)}
         adapter = trainable | {k for k in state if k in buffers and k.rpartition(".")[0] in owners}
-        self.adapter_keys = frozenset(plain_key(self.prefix + k) for k in adapter)  # as checkpoints hold them
+        # earlier adapters (frozen now) stay adapter tensors: saved and required in every checkpoint
+        self.adapter_keys = self.adapter_keys | frozenset(plain_key(self.prefix + k) for k in adapter)  # as saved
         self.trainable_counts = peft.get_nb_trainable_parameters()
         if not self._hooks:
             self._hooks = [
@@ -313,73 +440,133 @@ class AdapterState:
         trainable, total = self.trainable_counts or (0, 0)
         return trainable, total, (100.0 * trainable / total if total else 0.0)
 
-    # ---- merge --------------------------------------------------------------------------------
-    def merge_and_unload(self, module: nn.Module) -> nn.Module:
-        """Merge the adapter into the base weights and put the plain model back under `model_attr`.
-
-        A CPU copy of the adapter and of the base tensors the merge overwrites is kept, so that a later
-        `trainer.test(ckpt_path=...)` / `fit` can put the adapter back exactly (`restore_unmerged`).
-        """
-        if self.merged:
-            return _get_path(module, self.model_attr)
-        peft = self.require_peft("merge")
-        self.check_finite("merge it into the base model")
-        snapshot = _merge_snapshot(peft)
-        merged = peft.merge_and_unload()
-        _set_path(module, self.model_attr, merged)
-        self.peft = None
-        self.merged = True
-        self._snapshot = snapshot
-        return merged
-
-    def restore_unmerged(self, module: nn.Module) -> PeftModel:
-        """Undo `merge_and_unload` exactly: re-inject the tuner, then put back the kept base tensors and adapter."""
-        if not self.merged:
-            return self.require_peft("restore")
-        model = _get_path(module, self.model_attr)
-        peft = get_peft_model(model, self.config, self.adapter_name)
-        snapshot = self._snapshot or {}
-        result = peft.load_state_dict(snapshot, strict=False)
-        if result.unexpected_keys:  # the model under model_attr was replaced since the merge
-            raise RuntimeError(
-                f"cannot put the adapter back into {type(module).__name__}.{self.model_attr}: it no "
-                f"longer has {result.unexpected_keys[:3]}; was the model replaced after the merge?"
-            )
-        _set_path(module, self.model_attr, peft)
-        self._snapshot = None
-        self._adopt(module, peft)
-        return peft
-
     def require_peft(self, action: str) -> PeftModel:
         if self.peft is None:
-            if self.merged:
-                raise ValueError(
-                    f"cannot {action}: the adapter was merged into the base model (merge_and_unload); "
-                    "load a checkpoint or an adapter folder to get it back"
-                )
             raise ValueError(
                 f"cannot {action}: the tuner has not been applied yet (it is applied at setup / configure_model)"
             )
         return self.peft
 
-    # ---- files --------------------------------------------------------------------------------
-    def save_adapter(self, directory: str, is_main_process: bool = True, extras: ExportExtras = None) -> None:
+    # ---- checkpoints --------------------------------------------------------------------------
+    def checkpoint_entry(self) -> dict[str, Any]:
+        active = self.given.get(self.adapter_name) or config_entry(self.config)
+        return {"adapter_name": self.adapter_name, **copy.deepcopy(active), "adapters": copy.deepcopy(self.given)}
+
+    def check_entry(self, entry: dict[str, Any], where: str) -> None:
+        """Refuse (before anything is copied) a checkpoint whose adapters were trained with other configs."""
+        saved = entry.get("adapters") or {
+            entry.get("adapter_name", "default"): {"peft_type": entry.get("peft_type"), "config": entry.get("config")}
+        }
+        problems = []
+        for name, current in self.given.items():
+            old = saved.get(name)
+            if not isinstance(old, dict):
+                continue  # the key check names the missing tensors
+            if old.get("peft_type") != current["peft_type"]:
+                problems.append(
+                    f"adapter {name!r}: peft_type: checkpoint {old.get('peft_type')!r} vs now {current['peft_type']!r}"
+                )
+            elif isinstance(old.get("config"), dict):
+                diffs = config_differences(old["config"], current["config"])
+                if diffs:
+                    problems.append(f"adapter {name!r}: " + "; ".join(diffs))
+        extra = sorted(set(saved) - set(self.given))
+        if extra:
+            problems.append(
+                f"adapter(s) {listed(extra)} are in the checkpoint but not in the model "
+                f"(it holds {listed(sorted(self.given))})"
+            )
+        if problems:
+            raise ValueError(
+                f"refusing to load {where}: the adapter config of `{self.model_attr}` "
+                f"differs from the model's ({'; '.join(problems)}). Build the module with the config the checkpoint "
+                "was trained with (PEFTCallback.load_from_checkpoint(cls, path) does; "
+                "lightning_peft.lightning.checkpoint_adapter_configs(path) shows it); nothing was loaded."
+            )
+
+    def read_adapter_tensors(self, path: str) -> dict[str, torch.Tensor]:
+        """This model's adapter tensors from a `.ckpt` (weights only, nothing else loaded), keyed as in
+        `self.peft.state_dict()`; the module in memory is not touched."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = checkpoint.get("state_dict") or {}
+        entry = checkpoint_adapter_configs(state_dict).get(self.model_attr)
+        if entry is not None:
+            self.check_entry(entry, f"the checkpoint {path}")
+        missing = sorted(k for k in self.adapter_keys if k not in state_dict)
+        if missing:
+            raise ValueError(
+                f"the checkpoint {path} lacks {len(missing)} adapter tensors of `{self.model_attr}` "
+                f"({listed(missing, 3)}); pass export='last' to export the adapter in memory"
+            )
+        return {k[len(self.prefix) :]: state_dict[k] for k in self.adapter_keys}
+
+    # ---- merged model and exports -------------------------------------------------------------
+    def working_copy(self, tensors: Optional[dict[str, torch.Tensor]] = None, for_merge: bool = False) -> PeftModel:
+        """A copy of the PeftModel that shares every tensor it will not change with the model in memory: only the
+        adapters (and, `for_merge`, the base weights of the targeted layers, which a merge overwrites) are copied.
+        `tensors` (keyed as `self.peft.state_dict()`) replace the copy's adapter tensors. The model in memory is not
+        touched; the copy's extra memory is freed with it."""
+        from ..tuners.base import BaseTunerLayer
+
+        peft = self.require_peft("copy the adapter")
+        own = {id(v) for k, v in peft.state_dict(keep_vars=True).items() if self.prefix + k in self.adapter_keys}
+        if for_merge:
+            for layer in peft.modules():
+                if isinstance(layer, BaseTunerLayer):
+                    base = layer.get_base_layer()
+                    own.update(id(t) for t in itertools.chain(base.parameters(), base.buffers()))
+        memo: dict[int, Any] = {
+            id(t): t
+            for t in itertools.chain(peft.parameters(), peft.buffers())
+            if id(t) not in own and not t.requires_grad
+        }
+        copy_ = copy.deepcopy(peft, memo)
+        if tensors:
+            target = copy_.state_dict(keep_vars=True)
+            wrong = sorted(k for k, v in tensors.items() if k not in target or target[k].shape != v.shape)
+            if wrong:
+                raise ValueError(f"adapter tensors that do not fit `{self.model_attr}`: {listed(wrong, 3)}")
+            with torch.no_grad():
+                for key, value in tensors.items():
+                    target[key].copy_(value)
+        return copy_
+
+    def merged_model(self, tensors: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
+        """The model with the adapter merged in, the module in memory left as it is. Costs a copy of the targeted
+        layers' base weights (and of the adapters); every other tensor is shared with the module in memory."""
+        if not self.can_merge:
+            raise ValueError(f"cannot merge: {self.config.peft_type} has no weights to merge into the model")
+        copy_ = self.working_copy(tensors, for_merge=True)
+        self.check_finite("merge it into the base model", copy_)
+        return copy_.merge_and_unload()
+
+    def save_adapter(
+        self,
+        directory: str,
+        is_main_process: bool = True,
+        extras: ExportExtras = None,
+        tensors: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
         """HF PEFT format (`adapter_config.json` + `adapter_model.safetensors`), and whatever `extras(folder)`
-        adds, written into a new folder that replaces `directory` whole."""
+        adds, written into a new folder that replaces `directory` whole. `tensors` (e.g. read from the best
+        checkpoint) replace the adapter's tensors in the file; the model in memory is not touched."""
         peft = self.require_peft("save the adapter")
         if not is_main_process:
             return
-        self.check_finite(f"export it to {directory}")
+        kwargs: dict[str, Any] = {}
+        if tensors:
+            kwargs["state_dict"] = {**peft.state_dict(), **tensors}
+        self.check_finite(f"export it to {directory}", state_dict=kwargs.get("state_dict"))
         with atomic_folder(directory) as tmp:
-            peft.save_pretrained(tmp, selected_adapters=[self.adapter_name])  # nested: writes straight into tmp
+            peft.save_pretrained(tmp, selected_adapters=[self.adapter_name], **kwargs)  # nested: writes into tmp
             if extras is not None:
                 extras(tmp)
 
-    def check_finite(self, action: str) -> None:
+    def check_finite(self, action: str, peft: Optional[PeftModel] = None, state_dict: Optional[dict] = None) -> None:
         """Refuse to export or merge an adapter holding NaN / inf (a diverged run): it would write a broken adapter
         or fill the merged model's weights with NaN. Nothing is written or changed."""
-        peft = self.require_peft(action)
-        bad = nonfinite_keys(get_peft_model_state_dict(peft, adapter_name=self.adapter_name))
+        peft = peft or self.require_peft(action)
+        bad = nonfinite_keys(get_peft_model_state_dict(peft, state_dict=state_dict, adapter_name=self.adapter_name))
         if bad:
             raise ValueError(
                 f"adapter {self.adapter_name!r} holds NaN or inf values in {len(bad)} tensors "
@@ -388,38 +575,21 @@ class AdapterState:
             )
 
 
-def _merge_snapshot(peft: PeftModel) -> dict[str, torch.Tensor]:
-    """CPU copies (keyed as in `peft.state_dict()`) of the adapter and of every base tensor a merge overwrites."""
-    from ..tuners.base import BaseTunerLayer, ModulesToSaveWrapper
-
-    names = {id(m): n for n, m in peft.named_modules()}
-    touched_prefixes = []
-    for module in peft.modules():
-        if isinstance(module, BaseTunerLayer):
-            touched_prefixes.append(names[id(module.get_base_layer())] + ".")
-        elif isinstance(module, ModulesToSaveWrapper):
-            touched_prefixes.append(names[id(module.original_module)] + ".")
-    prefixes = tuple(touched_prefixes)
-    snapshot = {}
-    for key, value in peft.state_dict(keep_vars=True).items():
-        if value.requires_grad or key.startswith(prefixes):
-            snapshot[key] = value.detach().to("cpu", copy=True)
-    return snapshot
-
-
 # ---------------------------------------------------------------------------------------------
-# torch hooks on the LightningModule
+# torch hooks on the LightningModule (one set per state: each touches only its model's keys)
 # ---------------------------------------------------------------------------------------------
 def _state_dict_post_hook(
     state: AdapterState, module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any
 ) -> None:
-    if state.peft is None:  # merged (the plain model is the state) or not injected yet
+    if state.peft is None:
         return
     for key in [k for k in state_dict if k.startswith(prefix)]:
         name = plain_key(key[len(prefix) :])  # torch.compile's `_orig_mod.` parts out
         if name.startswith(state.prefix) and name not in state.adapter_keys:
             del state_dict[key]  # the frozen base
     _rename_keys(state_dict, prefix, state, plain_key)  # the adapter's keys as an uncompiled model has them
+    if isinstance(local_metadata, dict):
+        local_metadata.setdefault(CHECKPOINT_KEY, {})[state.model_attr] = state.checkpoint_entry()
 
 
 def _load_pre_hook(
@@ -433,16 +603,15 @@ def _load_pre_hook(
     unexpected_keys: list,
     error_msgs: list,
 ) -> None:
-    _rename_keys(state_dict, prefix, state, plain_key)  # a checkpoint of a compiled model: `_orig_mod.` out
-    if state.merged:
-        if not any(prefix + k in state_dict for k in state.adapter_keys):
-            return  # a plain (e.g. merged) state: load it as such
-        state.restore_unmerged(module)
     if state.peft is None:
         return
+    _rename_keys(state_dict, prefix, state, plain_key)  # a checkpoint of a compiled model: `_orig_mod.` out
     present = [k for k in state.adapter_keys if prefix + k in state_dict]
     if not strict and not present:
         return  # a non-strict load of other parts of the module
+    entry = ((local_metadata or {}).get(CHECKPOINT_KEY) or {}).get(state.model_attr)
+    if isinstance(entry, dict):
+        state.check_entry(entry, f"this checkpoint into {type(module).__name__}")
     params = {plain_key(k): v for k, v in state.peft.state_dict(keep_vars=True).items()}
     missing = sorted(k for k in state.adapter_keys if prefix + k not in state_dict)
     shapes = sorted(
@@ -512,13 +681,46 @@ def _load_post_hook(state: AdapterState, module: nn.Module, incompatible_keys: A
         missing.remove(key)
 
 
-def get_state(module: nn.Module) -> Optional[AdapterState]:
-    return module.__dict__.get(STATE_ATTR)
+def get_states(module: nn.Module) -> dict[str, AdapterState]:
+    """Every adapter state of the module, by model_attr."""
+    return cast(dict[str, AdapterState], module.__dict__.get(STATES_ATTR) or {})
+
+
+def get_state(module: nn.Module, model_attr: Optional[str] = None) -> Optional[AdapterState]:
+    """The state of `model_attr`; without it, the module's only state (or that of `model` when it has several)."""
+    states = get_states(module)
+    if model_attr is not None:
+        return states.get(model_attr)
+    if len(states) == 1:
+        return next(iter(states.values()))
+    return states.get("model") or next(iter(states.values()), None)
 
 
 def attach_state(module: nn.Module, state: AdapterState) -> AdapterState:
-    module.__dict__[STATE_ATTR] = state
+    """Register `state` for its model_attr; two states on one model (the same or nested attributes) are refused."""
+    states = module.__dict__.setdefault(STATES_ATTR, {})
+    for attr, other in states.items():
+        if attr == state.model_attr:
+            raise ValueError(
+                f"{type(module).__name__}.{attr} gets an adapter from both {other.describe()} and "
+                f"{state.describe()}; use one of them (a second adapter on the same model: a second fit with "
+                "another adapter_name)"
+            )
+        if attr.startswith(state.prefix) or state.model_attr.startswith(other.prefix):
+            raise ValueError(
+                f"{other.describe()} and {state.describe()} put adapters on nested models of "
+                f"{type(module).__name__} ({attr!r} / {state.model_attr!r}); give each one a separate model"
+            )
+    states[state.model_attr] = state
     return state
+
+
+def all_adapter_keys(module: nn.Module) -> frozenset[str]:
+    """The LightningModule state-dict keys of every adapter of every state."""
+    keys: frozenset[str] = frozenset()
+    for state in get_states(module).values():
+        keys = keys | state.adapter_keys
+    return keys
 
 
 def allow_weights_only_resume(checkpoint: dict) -> bool:

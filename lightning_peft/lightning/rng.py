@@ -2,8 +2,9 @@
 
 Lightning saves the model, optimizer, loop position and (with a `StatefulDataLoader`) the data
 position, but not the random-number generators, so after a resume dropout draws other masks than
-the run that was never interrupted. `TrainingRNG` closes that gap for PEFTCallback and PEFTMixin
-(one implementation, one per LightningModule, see `training_rng`):
+the run that was never interrupted. `TrainingRNG` closes that gap; the `ExactResume` callback
+(`exact_resume.py`, which PEFTCallback and PEFTMixin use) drives it from Lightning's hooks
+(one tracker per LightningModule, see `training_rng`):
 
 - two streams: at the end of every training batch it takes a snapshot of the torch (CPU and
   initialised CUDA), numpy (legacy global) and python `random` states (the training stream) and
@@ -35,7 +36,7 @@ order of every epoch after a resume is the one the uninterrupted run saw.
 DataLoader worker processes (`num_workers > 0`) draw from generators of their own, seeded by torch from a
 base seed drawn in the main process when the iterator is built (from the outside stream, which is not
 saved) and advanced by every `__getitem__` that augments at random. `prepare_train_loaders` (at
-`on_train_start`) wraps each train loader's `worker_init_fn` in `WorkerSeeds`: every worker is seeded
+`on_train_start`, once per fit) wraps each train loader's `worker_init_fn` in `WorkerSeeds`: every worker is seeded
 from (worker seed, epoch, loader, rank, worker id), the worker seed being saved in the checkpoint, and with
 a torchdata `StatefulDataLoader` the worker's RNG state rides in the loader's per-worker state (the worker's
 copy of the dataset reports it), so a worker resumed mid-epoch continues its stream where the
@@ -49,10 +50,19 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Iterator, Optional, Sized, cast
+from typing import Any, Iterator, Optional, Sized
 
 import torch
 from torch.utils.data import Sampler
+
+from .._compat import (
+    drop_persistent_iterator,
+    fit_loop_data_fetcher,
+    fit_loop_train_loaders,
+    load_pending_loader_states,
+    pending_loader_states,
+    set_pending_loader_states,
+)
 
 CHECKPOINT_KEY = "lightning_peft_rng"
 TRACKER_ATTR = "_lightning_peft_rng"
@@ -196,7 +206,8 @@ class TrainingRNG:
     """Snapshot at each training batch's end, put back at the next one's start; saved in checkpoints.
     In between, the outside stream (taken at the batch start, put back at its end) is in place.
 
-    Every method is idempotent within one batch, so PEFTCallback and PEFTMixin hooks may both call it.
+    Every method is idempotent within one batch, so several `ExactResume` callbacks (e.g. two PEFTCallbacks on one
+    module) may all call it.
     """
 
     def __init__(self) -> None:
@@ -211,6 +222,7 @@ class TrainingRNG:
         self.batch_open = False  # a training batch started and its snapshot is not taken yet
         self.worker_seed: Optional[int] = None  # DataLoader workers' seeds derive from it (WorkerSeeds); saved
         self.loader_states: Optional[list[Any]] = None  # the checkpoint's train loader states (prepare_train_loaders)
+        self.loaders_prepared = False  # prepare_train_loaders ran in this fit
 
     # ---- per batch ------------------------------------------------------------------------------
     def on_train_batch_start(self) -> None:
@@ -284,27 +296,6 @@ def training_rng(module: Any) -> TrainingRNG:
     if tracker is None:
         tracker = module.__dict__[TRACKER_ATTR] = TrainingRNG()
     return tracker
-
-
-def exact_resume_hook(name: str, trainer: Any, module: Any, checkpoint: Optional[dict[str, Any]] = None) -> None:
-    """The exact-resume part of one Lightning hook (`on_train_start`, `on_train_batch_start`,
-    `on_train_batch_end`, `on_save_checkpoint`, `on_load_checkpoint`), shared by PEFTCallback and PEFTMixin."""
-    if name == "on_train_start":
-        prepare_train_loaders(trainer, module)  # worker seeds; and Lightning #20550: the loader's saved position
-    elif name == "on_train_batch_start":
-        training_rng(module).on_train_batch_start()
-    elif name == "on_train_batch_end":
-        training_rng(module).on_train_batch_end()
-    elif name == "on_save_checkpoint":
-        training_rng(module).on_save_checkpoint(cast(dict[str, Any], checkpoint))  # the checkpoint hooks pass it
-    elif name == "on_load_checkpoint":
-        warning = training_rng(module).on_load_checkpoint(cast(dict[str, Any], checkpoint))
-        if warning:
-            from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-
-            rank_zero_warn(warning)
-    else:
-        raise ValueError(f"exact_resume_hook: unknown hook {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,14 +377,11 @@ def reload_pending_dataloader_states(trainer: Any) -> bool:
     starts the interrupted epoch from its first batch. Call at `on_train_start`: loads the pending states
     and rebuilds the fetcher's iterator. Returns True when it had to."""
     fit_loop = getattr(trainer, "fit_loop", None)
-    pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
-    if not pending or not getattr(fit_loop, "restarting", False) or getattr(fit_loop, "_combined_loader", None) is None:
+    if not pending_loader_states(trainer) or not getattr(fit_loop, "restarting", False):
         return False
-    fetcher = getattr(fit_loop, "_data_fetcher", None)
-    load = getattr(fit_loop, "_load_combined_loader_states", None)
-    if fetcher is None or load is None:
+    fetcher = fit_loop_data_fetcher(trainer)
+    if not fit_loop_train_loaders(trainer) or fetcher is None or not load_pending_loader_states(trainer):
         return False
-    load()
     iter(fetcher)  # a new iterator from the loaded states (the old one prefetched the epoch's first batch)
     return True
 
@@ -488,14 +476,13 @@ def prepare_train_loaders(trainer: Any, module: Any) -> None:
     worker processes install `WorkerSeeds` and rebuild the iterator Lightning built before this hook (on
     resume, from the checkpoint's loader states) so that its workers start with it."""
     fit_loop = getattr(trainer, "fit_loop", None)
-    combined = getattr(fit_loop, "_combined_loader", None)
-    loaders = list(getattr(combined, "flattened", None) or [])
+    loaders = fit_loop_train_loaders(trainer)
     with_workers = [
         (i, dl)
         for i, dl in enumerate(loaders)
         if (getattr(dl, "num_workers", 0) or 0) > 0 and hasattr(dl, "worker_init_fn")
     ]
-    fetcher = getattr(fit_loop, "_data_fetcher", None)
+    fetcher = fit_loop_data_fetcher(trainer)
     if not with_workers or fetcher is None or fit_loop is None:
         reload_pending_dataloader_states(trainer)
         return
@@ -515,8 +502,8 @@ def prepare_train_loaders(trainer: Any, module: Any) -> None:
                 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
                 rank_zero_warn(PERSISTENT_WORKERS_WARNING)
-            dl._iterator = None  # _compat: a persistent loader reuses its iterator (and workers) otherwise
-    if restarting and tracker.loader_states and not getattr(fit_loop, "_combined_loader_states_to_load", None):
-        fit_loop._combined_loader_states_to_load = tracker.loader_states  # Lightning loaded and used them already
+            drop_persistent_iterator(dl)  # a persistent loader reuses its iterator (and workers) otherwise
+    if restarting and tracker.loader_states and not pending_loader_states(trainer):
+        set_pending_loader_states(trainer, tracker.loader_states)  # Lightning loaded and used them already
     if not reload_pending_dataloader_states(trainer):
         iter(fetcher)  # a new iterator: its workers start with WorkerSeeds

@@ -29,6 +29,14 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from .._compat import (
+    from_config,
+    is_full_checkpoint,
+    load_model_parallel_checkpoint,
+    materialize_distributed_module,
+    no_split_modules,
+    optimizers_to_device,
+)
 from ..tuners.base import parameter_counts  # noqa: F401 - re-exported for strategy users
 
 FSDP1_ON_CPU = (
@@ -44,7 +52,7 @@ def no_split_module_names(module: nn.Module) -> set[str]:
     """Block class names from every HF model inside `module` (`_no_split_modules`)."""
     names: set[str] = set()
     for sub in module.modules():
-        found = getattr(sub, "_no_split_modules", None)
+        found = no_split_modules(sub)
         if found:
             names.update(found)
     return names
@@ -186,15 +194,13 @@ class PeftFSDP2Strategy(ModelParallelStrategy):
 
     def setup(self, trainer: "pl.Trainer") -> None:
         # ModelParallelStrategy.setup without its "configure_model must be overridden" rule: we shard here
-        from lightning.fabric.strategies.model_parallel import _materialize_distributed_module
-        from lightning.fabric.utilities.optimizer import _optimizers_to_device
         from lightning.pytorch.trainer.states import TrainerFn
 
         if self.model is None or self.accelerator is None:
             raise RuntimeError("PeftFSDP2Strategy.setup ran before Lightning connected the model and accelerator")
         self.accelerator.setup(trainer)
         self.shard()
-        _materialize_distributed_module(self.model, self.root_device)
+        materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self.barrier()
@@ -202,26 +208,24 @@ class PeftFSDP2Strategy(ModelParallelStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
+            optimizers_to_device(self.optimizers, self.root_device)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Adapter-only checkpoints: every adapter tensor must be in the file, the frozen base need not be."""
-        from lightning.fabric.strategies.model_parallel import _is_full_checkpoint, _load_checkpoint
-
-        from ._state import get_state
+        from ._state import all_adapter_keys
 
         path = Path(self.broadcast(checkpoint_path))
         module = cast(pl.LightningModule, self.lightning_module)  # set: the trainer connected the model
-        state = get_state(module)
+        adapter_keys = all_adapter_keys(module)
         strict = module.strict_loading
-        if state is not None and state.adapter_keys and _is_full_checkpoint(path):
+        if adapter_keys and is_full_checkpoint(path):
             saved = torch.load(
                 path,
                 mmap=True,
                 map_location="cpu",  # weights only unless the caller opted out
                 weights_only=True if weights_only is None else weights_only,
             )
-            missing = sorted(state.adapter_keys - set(saved["state_dict"]))
+            missing = sorted(adapter_keys - set(saved["state_dict"]))
             if missing:
                 raise KeyError(
                     f"checkpoint {str(path)!r} lacks {len(missing)} adapter tensor(s) of this model, e.g. "
@@ -230,7 +234,7 @@ class PeftFSDP2Strategy(ModelParallelStrategy):
             del saved
             strict = False  # the base weights are not in an adapter checkpoint
         optimizers = {f"optimizer_{i}": opt for i, opt in enumerate(self.optimizers)}
-        return _load_checkpoint(
+        return load_model_parallel_checkpoint(
             path=path,
             state={"state_dict": self.model, **optimizers},
             strict=strict,
@@ -350,12 +354,14 @@ def export_sharded(
     export_dir: str,
     merge: bool,
     extras: Optional[Callable[[str], None]] = None,
+    tensors: Optional[dict[str, torch.Tensor]] = None,
 ) -> tuple[str, Optional[str]]:
     """Write `adapter/` (and `merged/`) from full tensors gathered from every rank; rank 0 writes.
 
     The sharded model in memory keeps its adapter unmerged (merging DTensor shards in place would be
     undone by FSDP's next all-gather); `merged/` is built on rank 0 from a fresh, unsharded copy of
     the base model (HF models: `from_config`) with the gathered weights, then merged and saved.
+    `tensors` (rank 0: the adapter read from the best checkpoint) replace the adapter's own.
     """
     from ._state import ADAPTER_SUBDIR, MERGED_SUBDIR, save_merged_model
 
@@ -363,12 +369,14 @@ def export_sharded(
     merged_dir = os.path.join(export_dir, MERGED_SUBDIR) if merge and state.can_merge else None
     peft = state.require_peft("export the adapter")
     with full_tensors(pl_module):
-        state.save_adapter(adapter_dir, is_main_process=trainer.is_global_zero, extras=extras)
+        state.save_adapter(adapter_dir, is_main_process=trainer.is_global_zero, extras=extras, tensors=tensors)
         full = (
             {k: v.detach().cpu() for k, v in peft.state_dict().items()}
             if merged_dir and trainer.is_global_zero
             else None
         )
+        if full is not None and tensors:
+            full.update(tensors)
     if merged_dir and trainer.is_global_zero:
         merged = _unsharded_merged_copy(peft, state, cast(dict[str, torch.Tensor], full))  # gathered: same condition
         if merged is None:
@@ -389,10 +397,14 @@ def _unsharded_merged_copy(peft: Any, state: Any, full: dict[str, torch.Tensor])
     base = peft.get_base_model()
     config = getattr(base, "config", None)
     cls = type(base)
-    if config is None or not hasattr(cls, "_from_config"):
+    fresh = None if config is None else from_config(cls, config)
+    if fresh is None:
         return None
-    fresh = cls._from_config(config)
     copy_ = get_peft_model(fresh, state.config, state.adapter_name)
+    for name, config in peft.peft_config.items():  # earlier adapters (a second fit): kept, not merged
+        if name != state.adapter_name:
+            copy_.add_adapter(name, config)
+    copy_.set_adapter(state.adapter_name)
     copy_.load_state_dict(full, strict=True)
     return copy_.merge_and_unload()
 
