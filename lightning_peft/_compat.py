@@ -192,6 +192,18 @@ def drop_persistent_iterator(loader: Any) -> None:
     loader._iterator = None
 
 
+def swa_average_model(callback: Any) -> Any:
+    """`StochasticWeightAveraging._average_model`: the copy of the module SWA made in its `setup`, before a tuner
+    injected later (PEFTMixin's `configure_model`) existed in it; it must be replaced by a copy of the injected
+    module, and SWA exposes it under no public name."""
+    return callback._average_model
+
+
+def set_swa_average_model(callback: Any, model: Any) -> None:
+    """Replace SWA's averaged copy (see `swa_average_model`)."""
+    callback._average_model = model
+
+
 def materialize_distributed_module(module: nn.Module, device: torch.device) -> None:
     """Lightning's own materialisation of meta-device parameters after FSDP2 sharding
     (`lightning.fabric.strategies.model_parallel._materialize_distributed_module`), as ModelParallelStrategy does."""

@@ -22,9 +22,9 @@ _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE
 
 def _hydra_options(argv: list[str]) -> list[str]:
     """The command-line options other than overrides and -m/--multirun (e.g. --config-dir X)."""
-    from hydra._internal.utils import get_args_parser
+    from .._compat import hydra_args_parser
 
-    args = get_args_parser().parse_args(argv)
+    args = hydra_args_parser().parse_args(argv)
     out: list[str] = []
     for flag, value in (
         ("--config-path", args.config_path),

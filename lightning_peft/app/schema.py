@@ -358,9 +358,9 @@ def check_overrides(overrides: list[str], config_name: str = "train", config_dir
 
 def check_command_line(argv: list[str]) -> None:
     """`check_overrides` for a full command line; options Hydra handles itself are skipped."""
-    from hydra._internal.utils import get_args_parser
+    from .._compat import hydra_args_parser
 
-    args = get_args_parser().parse_args(argv)
+    args = hydra_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_dir:
         return
     for override in args.overrides:

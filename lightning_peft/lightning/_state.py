@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, cast
 import torch
 from torch import nn
 
-from .._compat import state_dict_metadata
+from .._compat import compiled_inner, set_swa_average_model, state_dict_metadata, swa_average_model
 from .._files import atomic_folder
 from ..config import PeftConfig, listed
 from ..peft_model import PeftModel, get_peft_model
@@ -146,16 +146,12 @@ def plain_key(key: str) -> str:
 
 def is_compiled(model: Any) -> bool:
     """Whether `model` is `torch.compile(module)`'s wrapper (torch's `OptimizedModule`, kept private by torch)."""
-    return (
-        isinstance(model, nn.Module)
-        and isinstance(getattr(model, "_orig_mod", None), nn.Module)
-        and (hasattr(model, "dynamo_ctx"))
-    )
+    return isinstance(model, nn.Module) and compiled_inner(model) is not None and (hasattr(model, "dynamo_ctx"))
 
 
 def uncompiled(model: Any) -> Any:
     while is_compiled(model):
-        model = model._orig_mod
+        model = compiled_inner(model)
     return model
 
 
@@ -267,8 +263,8 @@ def refresh_module_copies(trainer: Any, module: nn.Module) -> None:
     from lightning.pytorch.callbacks import StochasticWeightAveraging
 
     for callback in trainer.callbacks:
-        if isinstance(callback, StochasticWeightAveraging) and callback._average_model is not None:
-            callback._average_model = cast(Any, copy.deepcopy(module))
+        if isinstance(callback, StochasticWeightAveraging) and swa_average_model(callback) is not None:
+            set_swa_average_model(callback, copy.deepcopy(module))
 
 
 class AdapterState:
