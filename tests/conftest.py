@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import GPT2_LORA, ids, tiny_gpt2
 
 import lightning_peft as lp
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# what the tooling itself leaves in the checkout; anything else new there after the run is a test writing into cwd
+TOOLING_LEFTOVERS = {".pytest_cache", ".mypy_cache", ".ruff_cache", "__pycache__"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_leave_the_checkout_alone():
+    """A test whose trainer or export forgets its folder writes into the working directory (the checkout): fail the
+    run, naming what appeared, instead of leaving adapter/ or lightning_logs/ beside the sources."""
+    before = set(os.listdir(REPO_ROOT))
+    yield
+    appeared = sorted(set(os.listdir(REPO_ROOT)) - before - TOOLING_LEFTOVERS)
+    assert not appeared, f"tests wrote into the checkout: {appeared}; give each Trainer / export a tmp_path"
 
 
 @pytest.fixture

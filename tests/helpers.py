@@ -244,9 +244,13 @@ def edit_config(folder, **changes):
 
 # ---- Lightning runs --------------------------------------------------------------------------------
 def quiet_trainer(**kwargs: Any) -> Any:
-    """A CPU `lightning.pytorch.Trainer` without logger, progress bar or model summary; `kwargs` add or override."""
+    """A CPU `lightning.pytorch.Trainer` without logger, progress bar or model summary; `kwargs` add or override.
+    Its folder (checkpoints, exports) is a fresh temporary one unless `default_root_dir` is given: never the cwd."""
+    import tempfile
+
     import lightning.pytorch as pl
 
+    kwargs.setdefault("default_root_dir", tempfile.mkdtemp(prefix="lp-trainer-"))
     return pl.Trainer(
         **{"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False, **kwargs}
     )
