@@ -7,7 +7,11 @@ tuner it runs three fits: `full` (4 steps), `part` (2 steps, checkpoint) and `re
 last.ckpt up to step 4). Each rank writes, under DIR/<tuner>/<phase>/:
   rank<r>.pt   - the adapter tensors as gathered on that rank, logits of the trained model on a fixed
                  input, parameter counts (our count with DTensors at global size, and the callback's)
-and PEFTCallback exports adapter/ (and merged/) there on rank 0. With several strategies (`ddp,fsdp`: one pair of
+and PEFTCallback exports adapter/ (and merged/) there on rank 0. Then one more fit, `two` (DIR/two/): a module with
+two models (`model`: LoRA, export='best' from a ModelCheckpoint(monitor='order', mode='min') whose best checkpoint
+is the first epoch's; `aux`: IA3, export='last'), two PEFTCallbacks exporting to DIR/two/model and DIR/two/aux, and
+rank<r>.pt with both adapters in memory at the end of training and the best checkpoint's path.
+With several strategies (`ddp,fsdp`: one pair of
 processes runs them one after the other, started and importing once) DIR/<strategy>/ takes the place of DIR/.
 """
 
@@ -131,21 +135,95 @@ def run(strategy_name: str, tuner: str, phase: str, out: Path) -> None:
     trainer.fit(module, loader, ckpt_path=ckpt)
 
 
+TWO = {"model": ("lora", 0), "aux": ("ia3", 1)}  # model_attr: (tuner, seed of its tiny GPT-2)
+
+
+def run_two(strategy_name: str, out: Path) -> None:
+    """Two models, two PEFTCallbacks; `model` exports the best checkpoint's adapter, `aux` the last one."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_peft.lightning import PEFTCallback
+    from lightning_peft.lightning._state import get_state
+    from lightning_peft.lightning.strategies import full_tensors, make_strategy
+    from lightning_peft.serialization import get_peft_model_state_dict
+
+    phase_dir = out / "two"
+
+    class LitTwo(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = build_model(TWO["model"][1])
+            self.aux = build_model(TWO["aux"][1])
+
+        def training_step(self, batch, batch_idx):
+            ids = batch[0]
+            # the same value on every rank; mode="min": the first epoch's checkpoint stays the best
+            self.log("order", float(self.global_step))
+            return self.model(input_ids=ids, labels=ids).loss + self.aux(input_ids=ids, labels=ids).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    checkpoint = ModelCheckpoint(dirpath=phase_dir / "ckpt", monitor="order", mode="min", save_top_k=1)
+
+    class Probe(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            states = {attr: get_state(pl_module, attr) for attr in TWO}
+            with full_tensors(pl_module):
+                adapters = {
+                    attr: {
+                        k: v.detach().cpu().clone()
+                        for k, v in get_peft_model_state_dict(state.peft, adapter_name=state.adapter_name).items()
+                    }
+                    for attr, state in states.items()
+                }
+            torch.save(
+                {"adapters": adapters, "best": checkpoint.best_model_path, "global_step": trainer.global_step},
+                phase_dir / f"rank{trainer.global_rank}.pt",
+            )
+
+    pl.seed_everything(0, verbose=False)
+    module = LitTwo()
+    ids = torch.randint(1, 64, (SAMPLES, 12), generator=torch.Generator().manual_seed(3))
+    loader = DataLoader(TensorDataset(ids), batch_size=2, shuffle=False)
+    callbacks = [
+        PEFTCallback(tuner_config(tuner), model_attr=attr, export_dir=str(phase_dir / attr), export=export)
+        for (attr, (tuner, _)), export in zip(TWO.items(), ("best", "last"))
+    ]
+    trainer = pl.Trainer(
+        strategy=make_strategy(strategy_name, accelerator="cpu", process_group_backend="gloo"),
+        accelerator="cpu",
+        devices=2,
+        max_steps=STEPS,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[*callbacks, Probe(), checkpoint],
+    )
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    trainer.fit(module, loader)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--tuners", default="lora,ia3,prompt_tuning")
     parser.add_argument("--phases", default="full,part,resume")
+    parser.add_argument("--no-two", dest="two", action="store_false", help="skip the two-model fit")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     strategies = args.strategy.split(",")
     for strategy in strategies:
         out = Path(args.out) / strategy if len(strategies) > 1 else Path(args.out)
-        for tuner in args.tuners.split(","):
+        for tuner in filter(None, args.tuners.split(",")):  # --tuners "": the two-model fit only
             for phase in args.phases.split(","):
                 run(strategy, tuner, phase, out)
+        if args.two:
+            run_two(strategy, out)
 
 
 if __name__ == "__main__":

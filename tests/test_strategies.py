@@ -1,8 +1,9 @@
 """DDP and FSDP2 on 2 CPU processes (gloo), end to end through Lightning's own launcher.
 
 `tests/strategies_worker.py` trains a tiny GPT-2 with LoRA (+ modules_to_save), IA3 and prompt tuning:
-a 4-step run, a 2-step run and its resume to step 4, with DDP and then with FSDP2 (one pair of processes for
-both: each start imports torch, transformers and Lightning again). Here we check what it left behind.
+a 4-step run, a 2-step run and its resume to step 4, and one fit of a module with two models and two PEFTCallbacks
+(one exporting the best checkpoint's adapter), with DDP and then with FSDP2 (one pair of processes for both: each
+start imports torch, transformers and Lightning again). Here we check what it left behind.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from strategies_worker import STEPS, build_model, probe_ids, tuner_config
+from strategies_worker import STEPS, TWO, build_model, probe_ids, tuner_config
 
 HERE = Path(__file__).resolve().parent
 TUNERS = ("lora", "ia3", "prompt_tuning")
@@ -156,3 +157,71 @@ def test_merged_export_loads_as_a_plain_model(run, tuner):
     with torch.no_grad():
         logits = merged(input_ids=probe_ids()).logits
     torch.testing.assert_close(logits, _rank(out, tuner, "full", 0)["logits"], rtol=1e-4, atol=1e-4)
+
+
+# ---- two models, two PEFTCallbacks, export="best" (the `two` fit) ------------------------------------------
+def _two(out: Path, rank: int) -> dict:
+    return torch.load(out / "two" / f"rank{rank}.pt", weights_only=False)
+
+
+def _best_checkpoint_adapter(path: str, attr: str) -> dict:
+    """The adapter tensors of `attr` inside a .ckpt, keyed as in adapter_model.safetensors."""
+    from lightning_peft import get_peft_model
+    from lightning_peft.serialization import get_peft_model_state_dict
+
+    tuner, seed = TWO[attr]
+    state_dict = torch.load(path, weights_only=True)["state_dict"]
+    prefix = f"{attr}."
+    own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return get_peft_model_state_dict(get_peft_model(build_model(seed), tuner_config(tuner)), state_dict=own)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attr", list(TWO))
+def test_two_models_each_export_its_adapter_and_merged_model(run, attr):
+    from transformers import GPT2LMHeadModel
+
+    from lightning_peft import PeftModel, get_peft_model
+    from lightning_peft.serialization import get_peft_model_state_dict
+
+    _, out = run
+    tuner, seed = TWO[attr]
+    export = out / "two" / attr
+    assert (export / "adapter" / "adapter_config.json").is_file()
+    assert (
+        PeftModel.from_pretrained(build_model(seed), str(export / "adapter")).peft_config["default"].peft_type.value
+        == tuner.upper()
+    )
+    exported = load_file(export / "adapter" / "adapter_model.safetensors")
+    initial = get_peft_model_state_dict(get_peft_model(build_model(seed), tuner_config(tuner)))
+    assert set(exported) == set(initial)  # this model's adapter only, none of the other model's keys
+    assert any(not torch.equal(exported[k], initial[k]) for k in initial), "the adapter did not train"
+    rank0, rank1 = _two(out, 0), _two(out, 1)
+    assert rank0["global_step"] == rank1["global_step"] == STEPS
+    for key in initial:  # the ranks agree on both adapters (full tensors, not shards)
+        torch.testing.assert_close(rank0["adapters"][attr][key], rank1["adapters"][attr][key], rtol=0, atol=0)
+    expected = rank0["adapters"][attr] if attr == "aux" else _best_checkpoint_adapter(rank0["best"], attr)  # last/best
+    for key, value in exported.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+    merged = GPT2LMHeadModel.from_pretrained(export / "merged").eval()  # the exported adapter, merged
+    reloaded = PeftModel.from_pretrained(build_model(seed), str(export / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=probe_ids()).logits, reloaded(input_ids=probe_ids()).logits, rtol=1e-4, atol=1e-4
+        )
+
+
+@pytest.mark.slow
+def test_export_best_writes_the_best_checkpoints_adapter_not_the_last(run):
+    _, out = run
+    rank0 = _two(out, 0)
+    assert Path(rank0["best"]).name == "epoch=0-step=1.ckpt"  # order=0 at the first step, mode="min"
+    best = _best_checkpoint_adapter(rank0["best"], "model")
+    last = rank0["adapters"]["model"]
+    exported = load_file(out / "two" / "model" / "adapter" / "adapter_model.safetensors")
+    assert set(exported) == set(best) == set(last)
+    assert any(not torch.equal(best[k], last[k]) for k in best), (
+        "best and last must differ for this test to mean anything"
+    )
+    for key in exported:
+        torch.testing.assert_close(exported[key], best[key], rtol=0, atol=0)
