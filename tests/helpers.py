@@ -270,8 +270,8 @@ def token_loader(rows: int = 6, length: int = 12, batch_size: int = 2, seed: int
 # Hydra before it does anything. `Forked` / `run_forked()` start the child from multiprocessing's fork server,
 # which imported those once: each child is still a new process (its own pid and memory, nothing of an earlier
 # child left in it, killed by a signal like any other) that runs the script as `__main__` with the given argv,
-# cwd and environment, and gives Popen's returncode (-9 after a SIGKILL). Not for DDP / FSDP runs: Lightning's
-# launcher re-executes `sys.executable` with the script for the other ranks, which needs a real interpreter.
+# cwd and environment, and gives Popen's returncode (-9 after a SIGKILL). With DDP / FSDP the child is rank 0;
+# Lightning's launcher starts the other ranks as new interpreters running the script (sys.argv) again.
 # Environment variables that libraries read at import (HF_HUB_OFFLINE, OMP_NUM_THREADS, ...) keep the values
 # this test process had when the server started (helpers sets the offline switches above).
 FORK_PRELOAD = [

@@ -58,22 +58,12 @@ def compose(overrides=()):
         return hydra_compose("train", overrides=list(overrides))
 
 
-def run_train(args, cwd, timeout=600, interpreter=False):
+def run_train(args, cwd, timeout=600):
     """`python train.py ...` in a new process, from `cwd` (not the repo root, to prove paths resolve): forked from
-    the preloaded fork server of tests/helpers.py (the same run without paying the imports again), or with
-    `interpreter=True` a new interpreter, which DDP / FSDP need (Lightning's launcher re-runs the command line for
-    the other ranks)."""
+    the preloaded fork server of tests/helpers.py (the same run without paying the imports again; with DDP / FSDP,
+    Lightning's launcher starts the other ranks as new interpreters running train.py again)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if not interpreter:
-        return run_forked([str(REPO_ROOT / "train.py"), *args], cwd=cwd, env=env, timeout=timeout)
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_forked([str(REPO_ROOT / "train.py"), *args], cwd=cwd, env=env, timeout=timeout)
 
 
 def ok(proc):
@@ -516,7 +506,6 @@ def test_ddp_multirun_runs_each_job_once_per_rank_in_one_sweep_dir(tmp_path):
         run_train(
             ["-m", "tuner=lora,ia3", "strategy=ddp", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", *FAST],
             cwd=tmp_path,
-            interpreter=True,
         )
     )
     rows = _report(sweep)
@@ -569,13 +558,7 @@ def test_causal_lm_and_seq2seq_recipes_run_through_train_py(tmp_path):
 def test_strategies_int8_and_fsdp_run_through_a_multirun(tmp_path):
     pytest.importorskip("bitsandbytes")
     sweep = tmp_path / "sweep"
-    ok(
-        run_train(
-            ["-m", "strategy=int8,fsdp", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", *FAST],
-            cwd=tmp_path,
-            interpreter=True,
-        )
-    )
+    ok(run_train(["-m", "strategy=int8,fsdp", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", *FAST], cwd=tmp_path))
     rows = _report(sweep)
     assert [r["overrides"].split()[0] for r in rows] == ["strategy=int8", "strategy=fsdp"]
     assert [json.loads((sweep / j / "metrics.json").read_text())["world_size"] for j in ("0", "1")] == [1, 2]

@@ -9,13 +9,12 @@ start imports torch, transformers and Lightning again). Here we check what it le
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_forked
 from safetensors.torch import load_file
 from strategies_worker import STEPS, TWO, build_model, probe_ids, tuner_config
 
@@ -24,14 +23,14 @@ TUNERS = ("lora", "ia3", "prompt_tuning")
 
 
 def _run_worker(strategy: str, out: Path) -> float:
+    """Rank 0 forked from the preloaded fork server of tests/helpers.py (a new process without paying the imports
+    again); Lightning's launcher starts rank 1 as a new interpreter running the worker script."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     env.pop("LOCAL_RANK", None)
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "strategies_worker.py"), "--strategy", strategy, "--out", str(out)],
+    proc = run_forked(
+        [str(HERE / "strategies_worker.py"), "--strategy", strategy, "--out", str(out)],
         env=env,
-        capture_output=True,
-        text=True,
         timeout=480,  # both strategies
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
