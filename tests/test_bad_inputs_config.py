@@ -138,9 +138,7 @@ def test_short_repr_cuts_long_values():
 
     assert short_repr("abc") == "'abc'"
     assert short_repr("x" * 200, 20) == "'xxxxxxxxxxxxxxxx... (202 characters)"
-    with pytest.raises(
-        TypeError, match=r"r must be a positive integer \(the LoRA rank\), got \[0, 0, .*characters\)$"
-    ):
+    with pytest.raises(TypeError, match=r"r must be a positive integer \(the LoRA rank\), got \[0, 0, .*characters\)$"):
         lp.LoraConfig(r=[0] * 1000)
 
 

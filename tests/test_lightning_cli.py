@@ -60,10 +60,10 @@ def test_fit_with_the_callback_and_a_nested_override(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    saved = json.loads((tmp_path / "lora_export" / "adapter" / "adapter_config.json").read_text())
+    saved = json.loads((tmp_path / "cli_runs" / "lora_export" / "adapter" / "adapter_config.json").read_text())
     assert saved["r"] == 2  # the command line's value ...
     assert saved["lora_alpha"] == 16 and saved["target_modules"] == ["c_attn"]  # ... over the YAML's other fields
-    assert (tmp_path / "lora_export" / "merged" / "config.json").is_file()
+    assert (tmp_path / "cli_runs" / "lora_export" / "merged" / "config.json").is_file()
     assert "trainable params 512 of" in result.stderr  # r=2 on c_attn (32 -> 96) in 2 layers: 2 * 2 * (32 + 96)
 
 
@@ -75,7 +75,7 @@ def test_fit_with_a_mixin_module_configured_the_same_way(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LORA adapter 'default' on `model`: trainable params 1,024 of" in result.stderr  # r=4
-    written = (tmp_path / "config.yaml").read_text()  # LightningCLI's record of the run holds the override
+    written = (tmp_path / "cli_runs" / "config.yaml").read_text()  # LightningCLI's record of the run holds the override
     assert "peft_config:" in written and "\n      r: 4\n" in written
 
 
@@ -87,7 +87,7 @@ def test_a_misspelled_field_on_the_command_line_is_named(tmp_path):
     )
     assert result.returncode != 0
     assert "Option 'rr' is not accepted" in result.stderr
-    assert not (tmp_path / "lora_export").exists()  # refused before anything ran
+    assert not (tmp_path / "cli_runs" / "lora_export").exists()  # refused before anything ran
 
 
 def test_parsed_configs_are_typed_tuner_configs(example, tmp_path, capsys):

@@ -291,3 +291,32 @@ def test_mixin_merge_and_unload_leaves_the_module_as_it_was(tmp_path):
     assert all(torch.equal(v, adapter_tensors(module, "model")[k]) for k, v in before.items())
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(input_ids=ids()).logits, module.model.eval()(input_ids=ids()).logits)
+
+
+def test_export_best_after_a_fit_that_never_beat_an_earlier_fits_best_exports_the_new_adapter(tmp_path):
+    """The ModelCheckpoint's best is the first fit's (before `second` existed) and the second fit does not beat it:
+    the second fit exports its last adapter with a warning (it crashed reading the stale file, which lacks `second`)."""
+    module = LitTwo()
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val_loss", save_top_k=1)
+    first = PEFTCallback(lp.LoraConfig(**CFG_A), export_dir=str(tmp_path / "1"))
+    fit(module, [first, checkpoint], tmp_path, max_epochs=1, enable_checkpointing=True)
+    best = checkpoint.best_model_path
+    second = PEFTCallback(lp.LoraConfig(**CFG_B), adapter_name="second", export_dir=str(tmp_path / "2"))
+    with pytest.warns(UserWarning, match="no checkpoint of this fit beat the earlier best"):
+        fit(module, [second, checkpoint], tmp_path, max_epochs=1, enable_checkpointing=True)
+    assert checkpoint.best_model_path == best and second.exported_from == "last"
+    saved = load_file(os.path.join(second.adapter_dir, "second", "adapter_model.safetensors"))
+    now = adapter_tensors(module, "model")
+    assert saved and all(torch.equal(t, now[f"model.{k[: -len('.weight')]}.second.weight"]) for k, t in saved.items())
+
+
+def test_resuming_with_another_dropout_is_allowed(run, tmp_path):
+    """Dropout changes no trained tensor: a resume may lower it (every other field stays checked)."""
+    module = LitTwo()
+    a = PEFTCallback(
+        lp.LoraConfig(**{**CFG_A, "lora_dropout": 0.3}), model_attr="model", export_dir=str(tmp_path / "a")
+    )
+    b = PEFTCallback(lp.LoraConfig(**CFG_B), model_attr="other", export_dir=str(tmp_path / "b"), exact_resume=False)
+    trainer = quiet_trainer(default_root_dir=str(tmp_path), callbacks=[a, b], max_epochs=4)
+    trainer.fit(module, token_loader(rows=4), ckpt_path=run.checkpoint.last_model_path)
+    assert trainer.global_step == 8

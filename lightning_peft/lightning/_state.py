@@ -168,8 +168,10 @@ def recompiled(compiled: nn.Module, model: nn.Module) -> nn.Module:
 # full and weights-only saves, `trainer.save_checkpoint`, and it is checked before any weight is copied.
 # ---------------------------------------------------------------------------------------------
 CHECKPOINT_KEY = "lightning_peft"
-# fields that change neither the adapter's tensors nor what they compute
-_IGNORED_FIELDS = frozenset({"inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "peft_version"})
+# fields that change no tensor and no maths of a trained adapter: a resume may change them (e.g. lower the dropout)
+_IGNORED_FIELDS = frozenset(
+    {"inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "peft_version", "lora_dropout"}
+)
 
 
 def plain(value: Any) -> Any:

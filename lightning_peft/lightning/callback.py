@@ -112,6 +112,7 @@ class PEFTCallback(pl.Callback):
         self.exported_from: Optional[str] = None  # "last", or the path of the best checkpoint exported
         self._applied: Optional[AdapterState] = None
         self._start_step: Optional[int] = None
+        self._best_at_start: Optional[str] = None  # the monitoring ModelCheckpoint's best path when training started
         self._warned_no_training = False
 
     @property
@@ -224,6 +225,8 @@ class PEFTCallback(pl.Callback):
     # ---- exact resume: the ExactResume callback's hooks ---------------------------------------
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._start_step = trainer.global_step  # after a restore: a fit that adds no step exports nothing
+        checkpoint = _monitoring_checkpoint(trainer)
+        self._best_at_start = checkpoint.best_model_path if checkpoint is not None else None
         if self.exact_resume_callback is not None:
             self.exact_resume_callback.on_train_start(trainer, pl_module)
 
@@ -268,8 +271,16 @@ class PEFTCallback(pl.Callback):
         path = checkpoint.best_model_path
         if not path or not os.path.isfile(path):
             rank_zero_warn(
-                f"lightning_peft: export='best' but ModelCheckpoint(monitor={checkpoint.monitor!r}) wrote no best "
-                "checkpoint in this fit (was the metric logged?); exporting the last adapter"
+                f"lightning_peft: export='best' but ModelCheckpoint(monitor={checkpoint.monitor!r}) has no best "
+                "checkpoint on disk (the metric was never logged, save_top_k=0, or the file was deleted); "
+                "exporting the last adapter"
+            )
+            return None
+        if path == self._best_at_start and trainer.ckpt_path is None:
+            # the best is an earlier fit's (e.g. before a new adapter was added) and this fit never beat it
+            rank_zero_warn(
+                f"lightning_peft: export='best' but no checkpoint of this fit beat the earlier best ({path}); "
+                "exporting the last adapter"
             )
             return None
         return str(path)
