@@ -194,7 +194,8 @@ def test_lightning_run_over_int8_exports_an_adapter_that_loads_back(tmp_path, to
     assert any(v.abs().sum() > 0 for k, v in exported.items() if "lora_B" in k)  # trained
     assert all(v.dtype == torch.float32 for v in exported.values())
 
-    merged_in_memory = module.model.eval()  # merged into the 8-bit layers (requantized)
+    assert module.model is not None and hasattr(module.model, "peft_config")  # after fit: still the adapter model
+    merged_in_memory = callback.merged_model.eval()  # merged into copies of the 8-bit layers (requantized)
     assert set(q.int8_layers(merged_in_memory)) == LLAMA_LINEARS
     reloaded = PeftModel.from_pretrained(q.quantize_base_linears(tiny_llama()), str(tmp_path / "adapter"))
     with torch.no_grad():
