@@ -17,10 +17,17 @@ from typing import Any
 # MKL may otherwise use fewer threads when the machine is busy, and a GEMM split differently rounds differently:
 # the tests compare repeated forwards bit for bit. Set before torch loads MKL.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+# One intra-op thread, here and in every child process the tests start (they inherit the variable): the tiny models
+# gain nothing from a second thread, and on a busy 2-core machine an OpenMP thread waiting for its partner's core
+# slowed the in-process tests 3-5x (e.g. 20 s -> 90 s for test_recipes / test_lightning / test_prompt_learning /
+# test_lora_parity together). OMP_NUM_THREADS=<n> in the environment still chooses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # conftest.py imports torch before this module
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
