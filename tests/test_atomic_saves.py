@@ -467,6 +467,9 @@ def test_callback_re_export_never_leaves_adapter_missing_and_extras_are_always_i
     fit()
     adapter, merged = tmp_path / "run" / "adapter", tmp_path / "run" / "merged"
     first = (adapter.stat().st_ino, merged.stat().st_ino)
+    # held open, the first folders' inodes stay allocated: a later folder cannot get their numbers back (ext4 reused
+    # the freed ones, and the re-export check below failed now and then)
+    held = [os.open(folder, os.O_RDONLY) for folder in (adapter, merged)]
     assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} == set(
         os.listdir(adapter)
     )
@@ -483,7 +486,11 @@ def test_callback_re_export_never_leaves_adapter_missing_and_extras_are_always_i
     finally:
         observer.stop.set()
         observer.join()
-    assert (adapter.stat().st_ino, merged.stat().st_ino) != first  # re-exported
+    try:
+        assert adapter.stat().st_ino != first[0] and merged.stat().st_ino != first[1]  # both re-exported
+    finally:
+        for fd in held:
+            os.close(fd)
     print(f"\n{observer.polls} listings, {observer.old_being_removed} of a previous export being removed")
     assert observer.polls > 0 and observer.missing == 0 and observer.incomplete == []
     assert _leftovers(tmp_path / "run") == []
