@@ -17,7 +17,7 @@ import zlib
 from typing import Any
 
 import torch
-from common import GPT2_TARGETS, LLAMA_TARGETS, Timings, _quiet, have_peft, interleave
+from common import GPT2_TARGETS, LLAMA_TARGETS, MODELS, Timings, _quiet, have_peft, interleave
 from torch import nn
 
 BATCH, SEQ = 8, 128
@@ -27,34 +27,8 @@ NAMES = ["default", "b", "__base__", "default", "b", "__base__", "b", "default"]
 
 
 def build(arch: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    if arch == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        config = LlamaConfig(
-            num_hidden_layers=LAYERS,
-            hidden_size=WIDTH,
-            intermediate_size=688,
-            num_attention_heads=HEADS,
-            num_key_value_heads=HEADS,
-            vocab_size=VOCAB,
-            max_position_embeddings=2 * SEQ,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        return LlamaForCausalLM(config).eval()
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        n_layer=LAYERS,
-        n_embd=WIDTH,
-        n_head=HEADS,
-        n_positions=2 * SEQ,
-        vocab_size=VOCAB,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(config).eval()
+    builder = MODELS[arch][0]
+    return builder(seed=seed, vocab=VOCAB, layers=LAYERS, width=WIDTH, heads=HEADS).eval()
 
 
 def two_adapters(lib: Any, arch: str) -> nn.Module:

@@ -47,14 +47,16 @@ def libraries() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # models and data
 # ---------------------------------------------------------------------------------------------
-def build_gpt2(seed: int = 0, vocab: int = VOCAB) -> nn.Module:
+def build_gpt2(
+    seed: int = 0, vocab: int = VOCAB, layers: int = LAYERS, width: int = WIDTH, heads: int = HEADS
+) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=LAYERS,
-        n_embd=WIDTH,
-        n_head=HEADS,
+        n_layer=layers,
+        n_embd=width,
+        n_head=heads,
         n_positions=2 * SEQ,
         vocab_size=vocab,
         bos_token_id=0,
@@ -64,16 +66,18 @@ def build_gpt2(seed: int = 0, vocab: int = VOCAB) -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
-def build_llama(seed: int = 0, vocab: int = VOCAB) -> nn.Module:
+def build_llama(
+    seed: int = 0, vocab: int = VOCAB, layers: int = LAYERS, width: int = WIDTH, heads: int = HEADS
+) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        num_hidden_layers=LAYERS,
-        hidden_size=WIDTH,
-        intermediate_size=1376,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
+        num_hidden_layers=layers,
+        hidden_size=width,
+        intermediate_size=width * 43 // 16,  # 1376 at 512 wide: Llama's ~2.7x MLP
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         vocab_size=vocab,
         max_position_embeddings=2 * SEQ,
         bos_token_id=0,
