@@ -609,3 +609,19 @@ def check_target_modules(config: Any) -> None:
     if "" in names:
         raise NoMatchingPeftModuleError(f"target_modules={short_repr(targets)} has an empty name: it matches no module")
     config.target_modules = set(names)
+
+
+def check_exclude_modules(config: Any) -> None:
+    """`exclude_modules` (LoRA, IA3): as HF PEFT, a list of module names (each excluding the module of that name or
+    whose name ends with "." + it; a list becomes a set) or a regex over the full name; None or empty excludes none."""
+    exclude = config.exclude_modules
+    if exclude is None:
+        return
+    if isinstance(exclude, str):
+        if exclude:
+            check_regex("exclude_modules", exclude)
+        return
+    names = list(exclude) if isinstance(exclude, (list, tuple, set, frozenset)) else None
+    if names is None or not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"exclude_modules must be a list of module names or a regex string, got {short_repr(exclude)}")
+    config.exclude_modules = set(names)

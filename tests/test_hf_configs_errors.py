@@ -130,7 +130,6 @@ def test_hf_peft_enum_members_are_accepted():
 
 # a non-neutral value for each field of a feature lightning_peft does not implement
 NOT_NEUTRAL = {
-    "exclude_modules": ["c_proj"],
     "use_rslora": True,
     "megatron_config": {"tensor_model_parallel_size": 2},
     "trainable_token_indices": [0, 1],
@@ -162,12 +161,6 @@ def test_a_feature_not_implemented_is_refused_in_code_and_from_a_file(tmp_path, 
     folder = hf_file(tmp_path, peft.LoraConfig, {"target_modules": ["c_attn"]}, **{name: value})
     with pytest.raises(ValueError, match=rf"^{name}=.* which lightning_peft does not implement"):
         lp.PeftConfig.from_pretrained(folder)
-
-
-def test_ia3_exclude_modules_is_refused_unless_empty(tmp_path):
-    assert lp.IA3Config(exclude_modules=[]).exclude_modules == []
-    with pytest.raises(ValueError, match="exclude_modules=.* which lightning_peft does not implement"):
-        lp.IA3Config(target_modules=["c_attn"], exclude_modules=["c_proj"])
 
 
 def test_fields_without_effect_here_are_kept_and_round_trip(tmp_path):

@@ -68,6 +68,13 @@ def target_matches(config: Any, key: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
+def is_excluded(config: Any, key: str) -> bool:
+    """HF PEFT's `exclude_modules`: a list entry excludes a module whose full name equals it or ends with "." + it,
+    a string is a regex that must match the whole name; None / empty excludes nothing."""
+    names = getattr(config, "exclude_modules", None)
+    return bool(names) and name_matches(key, names)
+
+
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20  # HF PEFT's: a target list this long is condensed to the suffixes needed
 
 
@@ -858,9 +865,37 @@ class BaseTuner(TunerAttributes, nn.Module):
                 continue
             if ".modules_to_save." in key:
                 continue
-            if target_matches(config, key):
+            if target_matches(config, key) and not is_excluded(config, key):
                 keys.append(key)
         return keys
+
+    def _check_exclusions(self, config: Any, keys: list[str]) -> None:
+        """`exclude_modules` as HF PEFT checks it: an error when it excluded every module the targets matched, a
+        warning when it excluded no module of the model (nor did `modules_to_save`)."""
+        exclude = getattr(config, "exclude_modules", None)
+        if not exclude:
+            return
+        internals = (f".{self.prefix}", ".base_layer", ".original_module", ".modules_to_save.")  # earlier adapters'
+        names = [
+            k
+            for k, _ in self.model.named_modules()
+            if k and is_excluded(config, k) and not any(s in f".{k}" for s in internals)
+        ]
+        if not keys:
+            dropped = [k for k in names if target_matches(config, k)]
+            if dropped:  # HF PEFT's NoMatchingPeftModuleError
+                raise NoMatchingPeftModuleError(
+                    f"No modules were targeted for adaptation: exclude_modules={exclude!r} excluded every module "
+                    f"target_modules={config.target_modules!r} matched ({listed(dropped)}); "
+                    "check your target_modules and exclude_modules"
+                )
+        saved = getattr(config, "modules_to_save", None)
+        if keys and not names and not any(name_matches(k, saved or []) for k, _ in self.model.named_modules()):
+            warnings.warn(
+                f"You have passed exclude_modules={exclude} but no modules were excluded. "
+                "Please check that exclude_modules was set correctly.",
+                stacklevel=3,
+            )
 
     def add_adapter(self, adapter_name: str, config: Any) -> None:
         """Validate everything first, then inject: a bad config leaves the model untouched, and a failure (or an
@@ -876,6 +911,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         keys = self.matching_keys(config)
         self._check_layers_exist(config, matched=bool(keys))
         self._warn_unmatched_patterns(config, keys)
+        self._check_exclusions(config, keys)
         if not keys:
             raise NoMatchingPeftModuleError(
                 f"target_modules={config.target_modules!r} matched no module of the model; "

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
-from ...config import PeftConfig, PeftType, check_regex, check_target_modules, refuse_not_implemented, short_repr
+from ...config import PeftConfig, PeftType, check_exclude_modules, check_regex, check_target_modules, short_repr
 
 
 def check_feedforward_subset(config: "IA3Config") -> None:
@@ -35,13 +35,12 @@ class IA3Config(PeftConfig):
     fan_in_fan_out: bool = False
     modules_to_save: Optional[list[str]] = None
     init_ia3_weights: bool = True
-    # HF PEFT's field, not implemented here: None (or empty) only
-    exclude_modules: Optional[Union[list[str], set[str], str]] = None
+    exclude_modules: Optional[Union[list[str], set[str], str]] = None  # a list becomes a set
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        refuse_not_implemented(self, {"exclude_modules": "modules excluded from the targets"})
         check_target_modules(self)
+        check_exclude_modules(self)
         ff = self.feedforward_modules
         if isinstance(ff, str):
             check_regex("feedforward_modules", ff)

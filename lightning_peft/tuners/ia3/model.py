@@ -10,7 +10,7 @@ from typing import Optional
 from torch import nn
 
 from ...utils.constants import model_type_of
-from ..base import BaseTuner, describe_module_names, is_conv1d, name_matches, resolve_fan_in_fan_out
+from ..base import BaseTuner, describe_module_names, is_conv1d, is_excluded, name_matches, resolve_fan_in_fan_out
 from .config import IA3Config, check_feedforward_subset
 from .layer import Conv2d, IA3Layer, Linear
 from .targets import DEFAULT_FEEDFORWARD_MODULES, DEFAULT_TARGET_MODULES
@@ -57,6 +57,7 @@ class IA3Model(BaseTuner):
                 if k
                 and is_feedforward_key(config, k)
                 and k not in targets
+                and not is_excluded(config, k)
                 and not any(s in k for s in (".ia3_", ".base_layer", ".original_module", ".modules_to_save."))
             ]
             if stray:

@@ -18,6 +18,7 @@ from ...config import (
     PeftConfig,
     PeftType,
     allow_in_weights_only_loads,
+    check_exclude_modules,
     check_finite,
     check_regex,
     check_target_modules,
@@ -49,7 +50,6 @@ def _check_rank(where: str, value: object, what: str = "a positive integer (the 
 # HF PEFT 0.21's LoraConfig fields whose feature lightning_peft does not implement: kept at their neutral value
 # (so HF's adapter_config.json and code naming them work), refused at any other
 NOT_IMPLEMENTED = {
-    "exclude_modules": "modules excluded from the targets",
     "use_rslora": "rank-stabilised LoRA (scaling lora_alpha / sqrt(r))",
     "megatron_config": "LoRA on Megatron parallel layers",
     "trainable_token_indices": "trainable tokens",
@@ -103,7 +103,6 @@ class LoraConfig(PeftConfig):
         **dict.fromkeys(
             (
                 "layer_replication",
-                "exclude_modules",
                 "target_parameters",
                 "trainable_token_indices",
                 "alora_invocation_tokens",
@@ -137,8 +136,8 @@ class LoraConfig(PeftConfig):
     corda_config: Optional[dict] = None
     lora_ga_config: Optional[dict] = None
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig, metadata=RUNTIME)
+    exclude_modules: Optional[Union[list[str], set[str], str]] = None  # a list becomes a set
     # HF PEFT's fields of features not implemented here: neutral values only (see NOT_IMPLEMENTED)
-    exclude_modules: Optional[Union[list[str], set[str], str]] = None
     use_rslora: bool = False
     megatron_config: Optional[dict] = None
     trainable_token_indices: Optional[Union[list[int], dict]] = None
@@ -173,6 +172,7 @@ class LoraConfig(PeftConfig):
         validate_choice("bias", self.bias, ("none", "all", "lora_only"))
         self._check_init()
         check_target_modules(self)
+        check_exclude_modules(self)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
                 "layers_to_transform cannot be used when target_modules is a regex string; "
