@@ -148,7 +148,9 @@ def test_optimiser_overrides_are_spelled_tuner_optim():
     with pytest.raises(UnknownKeyError) as err:
         check_overrides(["optim.lr=1e-3"])  # the old spelling says where the key went
     assert str(err.value).startswith("Unknown key 'optim.lr'. Did you mean 'tuner.optim.lr'?")
-    with pytest.raises(UnknownKeyError, match="Did you mean 'tuner.optim.lr'. Valid keys of tuner.optim: lr, "):
+    with pytest.raises(
+        UnknownKeyError, match="Did you mean 'tuner.optim.lr'. Valid keys of tuner.optim: loraplus_lr_ratio, lr, "
+    ):
         check_overrides(["tuner.optim.lrr=1e-3"])
 
 

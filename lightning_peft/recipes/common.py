@@ -251,6 +251,7 @@ class HFTaskModule(pl.LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.0,
+        loraplus_lr_ratio: Optional[float] = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "tokenizer"])
@@ -270,7 +271,18 @@ class HFTaskModule(pl.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("nothing to train: no parameter requires grad (was a tuner applied?)")
-        opt = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        if self.hparams.loraplus_lr_ratio is None:
+            opt = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        else:  # LoRA+: lora_B (and 1-D parameters) at learning_rate * loraplus_lr_ratio, HF PEFT's groups
+            from ..lightning.loraplus import loraplus_optimizer
+
+            opt = loraplus_optimizer(
+                self,
+                torch.optim.AdamW,
+                lr=self.hparams.learning_rate,
+                loraplus_lr_ratio=self.hparams.loraplus_lr_ratio,
+                loraplus_weight_decay=self.hparams.weight_decay,
+            )
         estimated = self.trainer.estimated_stepping_batches
         if not math.isfinite(estimated):  # unbounded run: constant learning rate
             return opt
