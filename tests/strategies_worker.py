@@ -13,6 +13,8 @@ is the first epoch's; `aux`: IA3, export='last'), two PEFTCallbacks exporting to
 rank<r>.pt with both adapters in memory at the end of training and the best checkpoint's path.
 With several strategies (`ddp,fsdp`: one pair of
 processes runs them one after the other, started and importing once) DIR/<strategy>/ takes the place of DIR/.
+`--num-nodes 2`: 2 nodes x 1 process instead of 1 node x 2 processes; the caller starts both processes
+(tests/test_multinode.py), Lightning's launcher starts none.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def probe_ids() -> torch.Tensor:
     return torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(7))
 
 
-def run(strategy_name: str, tuner: str, phase: str, out: Path) -> None:
+def run(strategy_name: str, tuner: str, phase: str, out: Path, num_nodes: int = 1) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -110,25 +112,39 @@ def run(strategy_name: str, tuner: str, phase: str, out: Path) -> None:
                 phase_dir / f"rank{trainer.global_rank}.pt",
             )
 
+    class Reseed(pl.Callback):
+        """Before PEFTCallback's setup injects the adapter: the same LoRA init however many processes run (what
+        Lightning draws from the RNG before setup differs between one process and several)."""
+
+        def setup(self, trainer, pl_module, stage):
+            torch.manual_seed(1)
+
     pl.seed_everything(0, verbose=False)
     module = LitLM()
     ids = torch.randint(1, 64, (SAMPLES, 12), generator=torch.Generator().manual_seed(3))
     # one batch per rank and epoch: a resume (Lightning restarts the unfinished epoch of a plain DataLoader)
     # feeds the same batches as the uninterrupted run, so both must end with the same adapter
-    loader = DataLoader(TensorDataset(ids), batch_size=2, shuffle=False)
+    # single: one process sees, in one batch, the samples the two ranks see together (the reference of 2 x 1)
+    loader = DataLoader(TensorDataset(ids), batch_size=SAMPLES if strategy_name == "single" else 2, shuffle=False)
     checkpoint = ModelCheckpoint(dirpath=phase_dir / "ckpt", save_last=True, save_top_k=0)
     trainer = pl.Trainer(
         strategy=make_strategy(
             strategy_name, accelerator="cpu", **({} if strategy_name == "single" else {"process_group_backend": "gloo"})
         ),
         accelerator="cpu",
-        devices=1 if strategy_name == "single" else 2,
+        devices=1 if strategy_name == "single" or num_nodes > 1 else 2,
+        num_nodes=num_nodes,
         max_steps=2 if phase == "part" else STEPS,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[PEFTCallback(tuner_config(tuner), export_dir=str(phase_dir)), Probe(), checkpoint],
+        callbacks=[
+            *([Reseed()] if num_nodes > 1 or strategy_name == "single" else []),
+            PEFTCallback(tuner_config(tuner), export_dir=str(phase_dir)),
+            Probe(),
+            checkpoint,
+        ],
     )
     phase_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out / tuner / "part" / "ckpt" / "last.ckpt" if phase == "resume" else None
@@ -213,6 +229,9 @@ def main() -> None:
     parser.add_argument("--tuners", default="lora,ia3,prompt_tuning")
     parser.add_argument("--phases", default="full,part,resume")
     parser.add_argument("--no-two", dest="two", action="store_false", help="skip the two-model fit")
+    # 2: this process is one of two "nodes" of 1 process each, started by the caller with NODE_RANK, MASTER_ADDR,
+    # MASTER_PORT and WORLD_SIZE set (tests/test_multinode.py), as the same command on each node of a cluster
+    parser.add_argument("--num-nodes", type=int, default=1)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
@@ -221,7 +240,7 @@ def main() -> None:
         out = Path(args.out) / strategy if len(strategies) > 1 else Path(args.out)
         for tuner in filter(None, args.tuners.split(",")):  # --tuners "": the two-model fit only
             for phase in args.phases.split(","):
-                run(strategy, tuner, phase, out)
+                run(strategy, tuner, phase, out, num_nodes=args.num_nodes)
         if args.two:
             run_two(strategy, out)
 
