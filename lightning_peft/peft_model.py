@@ -35,6 +35,7 @@ from .tuners.base import (
     parameter_counts,
     requires_grad_kept_on_failure,
 )
+from .tuners.lora.init import check_conversion, converted_to_lora
 from .tuners.registry import get_model_class
 
 
@@ -276,11 +277,6 @@ class PeftModel(nn.Module):
         whole, so a crash or a full disk leaves the previous folder exactly as it was; a second process saving
         to the same folder waits for the first."""
         self.tuner.check_attached()  # after unload() there is nothing of this model's to save
-        if path_initial_model_for_weight_conversion is not None:
-            raise NotImplementedError(
-                "path_initial_model_for_weight_conversion (converting a PiSSA / OLoRA / CorDA adapter to plain LoRA) "
-                "is not provided: lightning_peft does not implement those initialisations. Leave it None"
-            )
         if not isinstance(safe_serialization, bool):
             raise TypeError(f"safe_serialization must be True or False, got {safe_serialization!r}")
         if os.path.isfile(save_directory):
@@ -296,6 +292,9 @@ class PeftModel(nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"no adapter named {name!r} to save; this model has: {', '.join(self.peft_config)}")
+        initial = path_initial_model_for_weight_conversion  # PiSSA / OLoRA saved as LoRA for the original base
+        if initial is not None:
+            check_conversion(self, names, initial)
         state_dict = kwargs.get("state_dict")
         if not is_main_process:
             return
@@ -310,6 +309,9 @@ class PeftModel(nn.Module):
                 tensors = get_peft_model_state_dict(
                     self, state_dict=state_dict, adapter_name=name, save_embedding_layers=save_embedding_layers
                 )
+                config = self.peft_config[name]
+                if initial is not None:
+                    tensors, config = converted_to_lora(tensors, config, initial)
                 path = os.path.join(folder, weights_name)
                 if safe_serialization:
                     atomic_save_file(tensors, path, metadata={"format": "pt"})
@@ -317,7 +319,6 @@ class PeftModel(nn.Module):
                     atomic_torch_save(tensors, path)
                 if os.path.lexists(os.path.join(folder, stale_name)):
                     os.remove(os.path.join(folder, stale_name))  # the new folder's link: the old folder keeps it
-                config = self.peft_config[name]
                 inference_mode = config.inference_mode
                 config.inference_mode = True
                 try:

@@ -278,7 +278,7 @@ def test_targets_that_match_nothing_list_real_names_and_leave_the_model_untouche
         (dict(r=2.5), "r must be a positive integer"),
         (dict(bias="some"), r"bias='some' is not valid; use one of: 'none', 'all', 'lora_only'"),
         (dict(lora_dropout=1.0), r"lora_dropout must be a number in \[0, 1\)"),
-        (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' is an HF PEFT initialisation"),
+        (dict(init_lora_weights="eva"), "init_lora_weights='eva' is an HF PEFT initialisation"),
         (dict(target_modules="("), "not a valid regex"),
         (dict(target_modules=[]), "target_modules is empty"),
         (dict(target_modules="q_proj", layers_to_transform=[0]), "layers_to_transform cannot be used"),

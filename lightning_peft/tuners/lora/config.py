@@ -29,6 +29,7 @@ from ...config import (
     size_mismatch,
     validate_choice,
 )
+from .init import check_init
 
 # No layer has use for a rank this large (HF PEFT allows r above min(in, out), but not in the millions): a
 # config claiming one is refused before anything is allocated at that size.
@@ -76,7 +77,8 @@ NONE_ONLY = (
     "kasa_config",
 )
 # init_lora_weights values of HF PEFT that lightning_peft does not implement (data-driven or base-changing starts)
-HF_ONLY_INITS = ("eva", "olora", "pissa", "corda", "loftq", "orthogonal", "lora_ga", "mica")
+HF_ONLY_INITS = ("eva", "corda", "orthogonal", "lora_ga", "mica")
+INITS_HERE = "'pissa', 'pissa_niter_K', 'olora' or 'loftq' (with loftq_config)"
 # sub-configs of HF initialisations: only read with their `init_lora_weights`, so here they never have an effect
 INIT_SUBCONFIGS = {"eva_config": "eva", "corda_config": "corda", "lora_ga_config": "lora_ga"}
 
@@ -106,7 +108,6 @@ class LoraConfig(PeftConfig):
                 "target_parameters",
                 "trainable_token_indices",
                 "alora_invocation_tokens",
-                "loftq_config",
                 "corda_config",
                 "arrow_config",
                 "use_bdlora",
@@ -223,15 +224,16 @@ class LoraConfig(PeftConfig):
 
     def _check_init(self) -> None:
         init = self.init_lora_weights
-        if init is True or init is False or init == "gaussian":
+        if init is True or init is False or str(init).lower() == "gaussian" or check_init(self):
             return
-        if isinstance(init, str) and (init in HF_ONLY_INITS or init.startswith("pissa_niter_")):
+        if isinstance(init, str) and init in HF_ONLY_INITS:
             raise ValueError(
                 f"init_lora_weights={init!r} is an HF PEFT initialisation lightning_peft does not implement (yet); "
-                "use True (lora_B zero), False (random, for tests) or 'gaussian'"
+                f"use True (lora_B zero), False (random, for tests), 'gaussian', {INITS_HERE}"
             )
         raise ValueError(
-            f"init_lora_weights={short_repr(init)} is not valid; use True (lora_B zero), False (random) or 'gaussian'"
+            f"init_lora_weights={short_repr(init)} is not valid; use True (lora_B zero), False (random), 'gaussian', "
+            + INITS_HERE
         )
 
     def _check_hf_fields(self) -> None:
@@ -252,9 +254,9 @@ class LoraConfig(PeftConfig):
             if value is not None:  # HF PEFT warns alike (its init_lora_weights would use it; none here can)
                 warnings.warn(f"{name} is set but ignored: only init_lora_weights={init!r} uses it", stacklevel=4)
         loftq = plain_subconfig("loftq_config", self.loftq_config)
-        if loftq:  # HF PEFT drops it with the same warning unless init_lora_weights='loftq'
+        if loftq and self.init_lora_weights != "loftq":  # HF PEFT drops it with the same warning
             warnings.warn("loftq_config is set but ignored: only init_lora_weights='loftq' uses it", stacklevel=4)
-        self.loftq_config = {}
+        self.loftq_config = loftq if self.init_lora_weights == "loftq" else {}
         runtime: Any = self.runtime_config
         if isinstance(runtime, dict):
             runtime = LoraRuntimeConfig(**runtime)

@@ -13,6 +13,7 @@ from ..._compat import has_global_module_hooks, has_module_hooks
 from ..base import BaseTunerLayer, adapter_dtype
 from ..mixed_batch import MERGED_REFUSAL, MixedBatch, add_rows, check_batch_size, checked_names
 from .fused import _lora_linear, _lora_linear_no_grad, _LoraLinearFunction
+from .init import init_from_base, init_kind
 
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -114,6 +115,8 @@ class LoraLayer(BaseTunerLayer):
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
         if init_lora_weights is False:
             return
+        if init_kind(init_lora_weights) is not None and adapter_name in self.lora_A:  # PiSSA / OLoRA / LoftQ
+            return init_from_base(self, adapter_name, cast(str, init_lora_weights))
         if adapter_name in self.lora_A:
             weight_A = cast(torch.Tensor, self.lora_A[adapter_name].weight)
             if init_lora_weights is True:

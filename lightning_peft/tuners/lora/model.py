@@ -27,6 +27,7 @@ from ..base import (
 )
 from ..mixed_batch import BASE_NAME, MERGED_REFUSAL, MixedBatch, check_batch_size, checked_names, generate_expansion
 from .config import LoraConfig
+from .init import check_init_targets, layer_init_argument
 from .layer import Conv2d, Embedding, Linear, LoraLayer
 from .targets import DEFAULT_TARGET_MODULES
 
@@ -123,6 +124,7 @@ class LoraModel(BaseTuner):
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
         if not isinstance(config, LoraConfig):
             raise TypeError(f"LoraModel takes a LoraConfig, got {type(config).__name__}")
+        check_init_targets(self, config)  # PiSSA / OLoRA / LoftQ change base weights: refused before any change
         if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
             raise ValueError("only one adapter may train biases (bias != 'none'); set bias='none' for the others")
 
@@ -142,7 +144,7 @@ class LoraModel(BaseTuner):
             r=pattern_value(config.rank_pattern, current_key, config.r),
             lora_alpha=pattern_value(config.alpha_pattern, current_key, config.lora_alpha),
             lora_dropout=config.lora_dropout,
-            init_lora_weights=config.init_lora_weights,
+            init_lora_weights=layer_init_argument(config),
         )
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, **kwargs)
