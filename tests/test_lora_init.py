@@ -305,3 +305,37 @@ def test_loftq_equals_hf_math(llama, bits, iters, tmp_path):
         tmp_path / "hf",
     )
     assert lp.LoraConfig.from_pretrained(tmp_path / "hf").loftq_config == {"loftq_bits": bits, "loftq_iter": iters}
+
+
+def test_lightning_exports_of_a_pissa_adapter(tmp_path):
+    """PEFTCallback: merged/ is the residual base plus the trained update (the fitted model's outputs), adapter/
+    (saved with init_lora_weights='pissa') loads onto the original base, as HF PEFT reads it too."""
+    import lightning.pytorch as pl
+    from helpers import quiet_trainer, token_loader
+    from transformers import LlamaForCausalLM
+
+    from lightning_peft.lightning import PEFTCallback
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = tiny_llama()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
+
+    module = Lit()
+    callback = PEFTCallback(
+        lp.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="pissa"), export_dir=str(tmp_path)
+    )
+    quiet(quiet_trainer(callbacks=[callback], max_steps=2).fit, module, token_loader(rows=4))
+    expected = logits(module.model.eval(), ids())
+    assert not torch.allclose(expected, logits(tiny_llama(), ids()), atol=1e-3)  # it trained
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(merged, ids()), expected, atol=1e-5, rtol=0)
+    for lib in (lp, peft):
+        back = quiet(lib.PeftModel.from_pretrained, tiny_llama(), tmp_path / "adapter")
+        torch.testing.assert_close(logits(back, ids()), expected, atol=1e-5, rtol=0)
