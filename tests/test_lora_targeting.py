@@ -115,3 +115,79 @@ def test_exclude_modules_regex_is_checked_and_a_list_becomes_a_set():
         lp.LoraConfig(target_modules=["c_attn"], exclude_modules="(a+)*b")
     assert lp.LoraConfig(exclude_modules=["a", "a"]).exclude_modules == {"a"}
     assert lp.IA3Config(exclude_modules=[]).exclude_modules == set()
+
+
+# ---- layer_replication -------------------------------------------------------------------------------
+REPLICATION = dict(target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [1, 3]], init_lora_weights=False)
+
+
+@pytest.fixture(scope="module")
+def replicated(llama):
+    """(ours, HF's): the 3-layer Llama replicated to layers 0 1 1 2, with the same LoRA values."""
+    hf = quiet(peft.get_peft_model, copy.deepcopy(llama), peft.LoraConfig(**REPLICATION)).eval()
+    perturb(hf)
+    ours = lp.get_peft_model(copy.deepcopy(llama), lp.LoraConfig(**REPLICATION)).eval()
+    ours.load_state_dict(hf.state_dict())
+    return ours, hf
+
+
+def test_layer_replication_builds_hf_peft_model_and_logits(replicated, llama):
+    ours, hf = replicated
+    assert ours.base_model.targeted_module_names == hf.base_model.targeted_module_names
+    layers = ours.base_model.model.model.layers
+    assert len(layers) == 4 == ours.config.num_hidden_layers
+    assert [m.self_attn.layer_idx for m in layers] == [0, 1, 2, 3]
+    assert layers[1].self_attn.q_proj.base_layer.weight is layers[2].self_attn.q_proj.base_layer.weight  # shared
+    assert layers[1].self_attn.q_proj.lora_A["default"] is not layers[2].self_attn.q_proj.lora_A["default"]
+    x = ids()
+    torch.testing.assert_close(logits(ours, x), logits(hf, x))
+    assert not torch.allclose(logits(ours, x), logits(llama, x))
+    with ours.disable_adapter():  # the deeper base: not the original model
+        assert not torch.allclose(logits(ours, x), logits(llama, x))
+
+
+def test_layer_replication_files_both_ways(replicated, llama, tmp_path):
+    ours, hf = replicated
+    x = ids()
+    for writer, reader in ((hf, lp), (ours, peft)):
+        folder = tmp_path / type(writer).__module__.split(".")[0]
+        writer.save_pretrained(folder)
+        assert json.loads((folder / "adapter_config.json").read_text())["layer_replication"] == [[0, 2], [1, 3]]
+        read = quiet(reader.PeftModel.from_pretrained, copy.deepcopy(llama), folder).eval()
+        assert read.peft_config["default"].layer_replication == [[0, 2], [1, 3]]
+        torch.testing.assert_close(logits(read, x), logits(writer, x))
+    keys = saved_shapes(tmp_path / "peft")
+    assert keys == saved_shapes(tmp_path / "lightning_peft")
+    assert "base_model.model.model.layers.3.self_attn.v_proj.lora_B.weight" in keys and len(keys) == 16
+
+
+def test_layer_replication_merge_keeps_the_outputs(replicated):
+    """HF PEFT 0.21 means to refuse this merge, but its check looks the field up among the adapter names and never
+    fires: it adds each copy's update into the one shared weight. Here every copy merges into a weight of its own."""
+    ours = copy.deepcopy(replicated[0])
+    x = ids()
+    before = logits(ours, x)
+    merged = ours.merge_and_unload()
+    torch.testing.assert_close(logits(merged, x), before, rtol=1e-5, atol=1e-5)
+    hf = copy.deepcopy(replicated[1])
+    hf_merged = quiet(hf.merge_and_unload)
+    assert not torch.allclose(logits(hf_merged, x), before, atol=1e-3)  # HF PEFT's merge changes the outputs
+
+
+def test_layer_replication_refusals_leave_the_model_as_it_was(llama, replicated):
+    for bad, error in (([[0, 2], [1]], TypeError), ([[2, 1]], ValueError), ([[-1, 2]], ValueError), ("0-2", TypeError)):
+        with pytest.raises(error, match="layer_replication"):
+            lp.LoraConfig(target_modules=["q_proj"], layer_replication=bad)
+    base = copy.deepcopy(llama)
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=r"names layers up to 3, but the model has 3"):
+        lp.get_peft_model(base, lp.LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 4]]))
+    with pytest.raises(ValueError, match="matched no module"):  # the stack was rebuilt, then put back
+        lp.get_peft_model(base, lp.LoraConfig(target_modules=["nope"], layer_replication=[[0, 2], [1, 3]]))
+    assert model_unchanged(base, before) and base.config.num_hidden_layers == 3
+    ours = copy.deepcopy(replicated[0])
+    ours.add_adapter("same", lp.LoraConfig(**REPLICATION))  # the same map: the model stays as it is
+    assert len(ours.base_model.model.model.layers) == 4
+    with pytest.raises(ValueError, match="were replicated with layer_replication=.* for an earlier adapter"):
+        ours.add_adapter("other", lp.LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 3]]))
+    assert len(ours.base_model.model.model.layers) == 4 and set(ours.peft_config) == {"default", "same"}

@@ -30,6 +30,7 @@ from ...config import (
     validate_choice,
 )
 from .init import check_init
+from .replication import check_layer_map
 
 # No layer has use for a rank this large (HF PEFT allows r above min(in, out), but not in the millions): a
 # config claiming one is refused before anything is allocated at that size.
@@ -51,13 +52,14 @@ def _check_rank(where: str, value: object, what: str = "a positive integer (the 
 # HF PEFT 0.21's LoraConfig fields whose feature lightning_peft does not implement: kept at their neutral value
 # (so HF's adapter_config.json and code naming them work), refused at any other
 NOT_IMPLEMENTED = {
+    "use_rslora": "rank-stabilised LoRA (scaling lora_alpha / sqrt(r))",
     "megatron_config": "LoRA on Megatron parallel layers",
     "trainable_token_indices": "trainable tokens",
+    "use_dora": "DoRA (weight-decomposed LoRA)",
     "velora_config": "VeLoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_qalora": "QA-LoRA",
     "monteclora_config": "MonteCLoRA",
-    "layer_replication": "layer replication",
     "lora_bias": "a bias on lora_B",
     "target_parameters": "LoRA on nn.Parameter targets",
     "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
@@ -102,7 +104,6 @@ class LoraConfig(PeftConfig):
     MATH_CHANGING_FILE_KEYS: ClassVar[dict[str, bool]] = {
         **dict.fromkeys(
             (
-                "layer_replication",
                 "target_parameters",
                 "trainable_token_indices",
                 "alora_invocation_tokens",
@@ -136,6 +137,7 @@ class LoraConfig(PeftConfig):
     lora_ga_config: Optional[dict] = None
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig, metadata=RUNTIME)
     exclude_modules: Optional[Union[list[str], set[str], str]] = None  # a list becomes a set
+    layer_replication: Optional[list[list[int]]] = None  # [start, end) ranges of layers (replication.py)
     # HF PEFT's fields of features not implemented here: neutral values only (see NOT_IMPLEMENTED)
     use_rslora: bool = False
     megatron_config: Optional[dict] = None
@@ -145,7 +147,6 @@ class LoraConfig(PeftConfig):
     alora_invocation_tokens: Optional[list[int]] = None
     use_qalora: bool = False
     monteclora_config: Optional[dict] = None
-    layer_replication: Optional[list[tuple[int, int]]] = None
     lora_bias: bool = False
     target_parameters: Optional[list[str]] = None
     use_bdlora: Optional[dict] = None
@@ -170,14 +171,9 @@ class LoraConfig(PeftConfig):
             raise TypeError(f"fan_in_fan_out must be True or False, got {short_repr(self.fan_in_fan_out)}")
         validate_choice("bias", self.bias, ("none", "all", "lora_only"))
         self._check_init()
-        for flag in ("use_rslora", "use_dora"):  # 0 / 1 as HF PEFT's truth test reads them; anything else is a mistake
-            value = getattr(self, flag)
-            if type(value) is int and value in (0, 1):
-                setattr(self, flag, bool(value))
-            elif not isinstance(value, bool):
-                raise TypeError(f"{flag} must be True or False, got {short_repr(value)}")
         check_target_modules(self)
         check_exclude_modules(self)
+        self.layer_replication = check_layer_map(self.layer_replication)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
                 "layers_to_transform cannot be used when target_modules is a regex string; "
