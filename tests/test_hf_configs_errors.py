@@ -130,10 +130,8 @@ def test_hf_peft_enum_members_are_accepted():
 
 # a non-neutral value for each field of a feature lightning_peft does not implement
 NOT_NEUTRAL = {
-    "use_rslora": True,
     "megatron_config": {"tensor_model_parallel_size": 2},
     "trainable_token_indices": [0, 1],
-    "use_dora": True,
     "velora_config": {},  # a sub-config switches its feature on by being there, even empty
     "alora_invocation_tokens": [5, 6],
     "use_qalora": True,

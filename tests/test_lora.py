@@ -247,10 +247,9 @@ def test_config_round_trip_and_files_from_newer_peft(tmp_path):
     with pytest.warns(UserWarning, match="unknown to lightning_peft: some_future_flag$"):
         assert lp.PeftConfig.from_pretrained(tmp_path) == config
 
-    data["use_dora"] = True
+    data["use_dora"] = True  # DoRA is implemented (tests/test_lora_dora.py): read as such
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="use_dora=True"):
-        lp.PeftConfig.from_pretrained(tmp_path)
+    assert lp.PeftConfig.from_pretrained(tmp_path).use_dora is True
 
 
 def test_parameter_counts():

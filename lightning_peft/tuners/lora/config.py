@@ -52,10 +52,8 @@ def _check_rank(where: str, value: object, what: str = "a positive integer (the 
 # HF PEFT 0.21's LoraConfig fields whose feature lightning_peft does not implement: kept at their neutral value
 # (so HF's adapter_config.json and code naming them work), refused at any other
 NOT_IMPLEMENTED = {
-    "use_rslora": "rank-stabilised LoRA (scaling lora_alpha / sqrt(r))",
     "megatron_config": "LoRA on Megatron parallel layers",
     "trainable_token_indices": "trainable tokens",
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "velora_config": "VeLoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_qalora": "QA-LoRA",
@@ -171,6 +169,12 @@ class LoraConfig(PeftConfig):
             raise TypeError(f"fan_in_fan_out must be True or False, got {short_repr(self.fan_in_fan_out)}")
         validate_choice("bias", self.bias, ("none", "all", "lora_only"))
         self._check_init()
+        for flag in ("use_rslora", "use_dora"):  # 0 / 1 as HF PEFT's truth test reads them; anything else is a mistake
+            value = getattr(self, flag)
+            if type(value) is int and value in (0, 1):
+                setattr(self, flag, bool(value))
+            elif not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {short_repr(value)}")
         check_target_modules(self)
         check_exclude_modules(self)
         self.layer_replication = check_layer_map(self.layer_replication)

@@ -17,6 +17,7 @@ half-present layer, NaN / inf, a merged adapter, incompatible config) leaves the
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -166,8 +167,11 @@ def _rescale_config(config: LoraConfig, target_rank: int) -> None:
     def rank_for(key: str) -> int:
         return int(pattern_value(config.rank_pattern, key, config.r))
 
-    config.alpha_pattern = {key: alpha * target_rank / rank_for(key) for key, alpha in config.alpha_pattern.items()}
-    config.lora_alpha = config.lora_alpha * target_rank / config.r
+    def factor(rank: int) -> float:  # the scaling alpha / r (rsLoRA: alpha / sqrt(r)) must not change
+        return math.sqrt(target_rank / rank) if config.use_rslora else target_rank / rank
+
+    config.alpha_pattern = {key: alpha * factor(rank_for(key)) for key, alpha in config.alpha_pattern.items()}
+    config.lora_alpha = config.lora_alpha * factor(config.r)
     config.r = target_rank
     config.rank_pattern = {key: target_rank for key in config.rank_pattern}
 
@@ -260,6 +264,13 @@ def _swap(tuner: LoraModel, tensors: dict[str, torch.Tensor], adapter_name: str,
 
 def _check_swap(tuner: LoraModel, tensors: dict[str, torch.Tensor], adapter_name: str, config: LoraConfig) -> _SwapPlan:
     """Every refusal of a swap (see `hotswap_adapter_from_state_dict`); nothing is written."""
+    if config.use_dora or any(
+        isinstance(m, LoraLayer) and adapter_name in m.lora_magnitude_vector for m in tuner.modules()
+    ):
+        raise ValueError(
+            f"hot-swapping DoRA adapters (use_dora=True) is not supported: load the new adapter with load_adapter "
+            f"and set_adapter instead of swapping it into {adapter_name!r}"
+        )
     if any(isinstance(m, LoraLayer) and adapter_name in m.merged_adapters for m in tuner.modules()):
         raise ValueError(
             f"Cannot hot-swap adapter '{adapter_name}' because it is currently merged into the base weights. Please "
@@ -330,7 +341,7 @@ def _check_swap(tuner: LoraModel, tensors: dict[str, torch.Tensor], adapter_name
     scalings = {}
     for layer_name, rank in ranks.items():
         alpha = float(pattern_value(config.alpha_pattern, layer_name.removeprefix("model."), config.lora_alpha))
-        scalings[layer_name] = alpha / rank  # (LoraConfig refuses use_rslora: no alpha / sqrt(r) here)
+        scalings[layer_name] = alpha / (math.sqrt(rank) if config.use_rslora else rank)
     zeroed_keys = [key for layer_name in zeroed for key in layers[layer_name].values()]
     return _SwapPlan(own=own, ready=ready, zeroed=zeroed, zeroed_keys=zeroed_keys, scalings=scalings)
 
@@ -376,7 +387,8 @@ def _update_config(
     alphas = set()
     for layer_name, scaling in scalings.items():
         layer = cast(LoraLayer, tuner.get_submodule(layer_name))
-        alphas.add(round(scaling * layer.r[adapter_name], 9))
+        rank = layer.r[adapter_name]
+        alphas.add(round(scaling * (math.sqrt(rank) if own.use_rslora else rank), 9))
     if len(alphas) == 1 and not own.alpha_pattern:
         own.lora_alpha = alphas.pop()
         return

@@ -12,6 +12,7 @@ from torch import nn
 from ..._compat import has_global_module_hooks, has_module_hooks
 from ..base import BaseTunerLayer, adapter_dtype
 from ..mixed_batch import MERGED_REFUSAL, MixedBatch, add_rows, check_batch_size, checked_names
+from . import dora
 from .fused import _lora_linear, _lora_linear_no_grad, _LoraLinearFunction
 from .init import init_from_base, init_kind
 
@@ -41,9 +42,14 @@ def _global_hooks() -> bool:
     return has_global_module_hooks()
 
 
+def _variant(kwargs: dict) -> tuple[bool, bool]:
+    """(use_rslora, use_dora) from a layer constructor's keyword arguments (HF PEFT passes them there too)."""
+    return bool(kwargs.get("use_rslora", False)), bool(kwargs.get("use_dora", False))
+
+
 class LoraLayer(BaseTunerLayer):
-    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora", "use_dora")
 
     in_features: int
     out_features: int
@@ -71,6 +77,9 @@ class LoraLayer(BaseTunerLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.use_rslora: dict[str, bool] = {}  # scaling lora_alpha / sqrt(r)
+        self.use_dora: dict[str, bool] = {}
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' magnitudes (dora.py)
 
     repr_prefix = "lora."  # HF PEFT's LoRA layers print as lora.Linear(...)
 
@@ -85,19 +94,33 @@ class LoraLayer(BaseTunerLayer):
         lora_alpha: float,
         lora_dropout: float,
         init_lora_weights: bool | str,
+        use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapters = [adapter_name]
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
 
     def update_layer(
-        self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights: bool | str
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_lora_weights: bool | str,
+        use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r}")
+        if use_dora:
+            dora.check_dora_base(self)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / r
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.use_rslora[adapter_name], self.use_dora[adapter_name] = use_rslora, use_dora
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self._create_adapter_weights(adapter_name, r)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
@@ -106,6 +129,8 @@ class LoraLayer(BaseTunerLayer):
             holder = getattr(self, attr)
             if adapter_name in holder:
                 holder[adapter_name] = holder[adapter_name].to(device=weight.device, dtype=adapter_dtype(weight))
+        if use_dora:
+            dora.add_magnitude(self, adapter_name)
         self.set_adapter(self.active_adapters or [adapter_name])
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
@@ -133,6 +158,8 @@ class LoraLayer(BaseTunerLayer):
         raise NotImplementedError
 
     def _merged_weight(self, adapter_name: str) -> torch.Tensor:
+        if adapter_name in self.lora_magnitude_vector:
+            return dora.merged_weight(self, adapter_name)[0]
         weight = cast(torch.Tensor, self.get_base_layer().weight)
         return weight.data + self.get_delta_weight(adapter_name).to(weight.dtype)
 
@@ -143,7 +170,9 @@ class LoraLayer(BaseTunerLayer):
         for name in self._adapters_to_merge(adapter_names):
             if safe_merge:
                 self.check_finite_delta(name)
-            if not self._add_delta_in_place(name, 1.0):
+            if name in self.lora_magnitude_vector:
+                dora.merge(self, name)
+            elif not self._add_delta_in_place(name, 1.0):
                 weight = cast(torch.Tensor, self.get_base_layer().weight)
                 weight.data = self._merged_weight(name)
             self.merged_adapters.append(name)
@@ -153,7 +182,9 @@ class LoraLayer(BaseTunerLayer):
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            if not self._add_delta_in_place(name, -1.0):
+            if name in self.lora_magnitude_vector:
+                dora.unmerge(self, name)
+            elif not self._add_delta_in_place(name, -1.0):
                 weight = cast(torch.Tensor, self.get_base_layer().weight)
                 weight.data -= self.get_delta_weight(name).to(weight.dtype)
 
@@ -195,6 +226,7 @@ class LoraLayer(BaseTunerLayer):
         check_batch_size(len(x), batch)
         if self.merged:
             raise ValueError(MERGED_REFUSAL)
+        dora.refuse_mixed_batch(self, batch.adapters())
 
     def _mixed_batch_forward(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Linear / Conv2d: the base output for the whole batch, plus each adapter's update on its own rows
@@ -236,6 +268,9 @@ class LoraLayer(BaseTunerLayer):
             dropout = self.lora_dropout[name]
             weight_A = cast(torch.Tensor, lora_A.weight)
             x_lora = x if x.dtype == weight_A.dtype else x.to(weight_A.dtype)
+            if name in self.lora_magnitude_vector:
+                result = dora.dora_forward(self, name, x_lora, result)
+                continue
             if not isinstance(dropout, nn.Identity):  # p == 0 keeps nn.Identity: no call, no copy
                 x_lora = dropout(x_lora)
             result = result + lora_B(lora_A(x_lora)) * self.scaling[name]
@@ -288,7 +323,9 @@ class Linear(nn.Module, LoraLayer):
             in_features, out_features = cast(int, base_layer.in_features), cast(int, base_layer.out_features)
         self._init_lora_layer(base_layer, in_features, out_features)
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
-        self._add_first_adapter(adapter_name, fan_in_fan_out, r, lora_alpha, lora_dropout, init_lora_weights)
+        self._add_first_adapter(
+            adapter_name, fan_in_fan_out, r, lora_alpha, lora_dropout, init_lora_weights, *_variant(kwargs)
+        )
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         weight_B = cast(torch.Tensor, self.lora_B[adapter_name].weight)
@@ -314,7 +351,7 @@ class Linear(nn.Module, LoraLayer):
         ):
             return None
         name = self._active_adapters[0]
-        if name not in self.lora_A:
+        if name not in self.lora_A or name in self.lora_magnitude_vector:  # DoRA: dora.py
             return None
         base, lora_A, lora_B, dropout = self.base_layer, self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         base_type = type(base)
@@ -373,7 +410,7 @@ class _SizedByBaseLayer(nn.Module, LoraLayer):
     ) -> None:
         super().__init__()
         self._init_lora_layer(base_layer, *self._sizes(base_layer))
-        self._add_first_adapter(adapter_name, False, r, lora_alpha, lora_dropout, init_lora_weights)
+        self._add_first_adapter(adapter_name, False, r, lora_alpha, lora_dropout, init_lora_weights, *_variant(kwargs))
 
     def _sizes(self, base_layer: Any) -> tuple[int, int]:
         raise NotImplementedError
@@ -416,6 +453,9 @@ class Embedding(_SizedByBaseLayer):
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         for name in self.active_adapters_in(self.lora_embedding_A):
+            if name in self.lora_magnitude_vector:
+                result = dora.dora_embedding_forward(self, name, x, result)
+                continue
             after_A = self._embed(x, self.lora_embedding_A[name].T)
             result = result + (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
         return result.to(result_dtype)

@@ -28,6 +28,7 @@ from ..base import (
 from ..mixed_batch import BASE_NAME, MERGED_REFUSAL, MixedBatch, check_batch_size, checked_names, generate_expansion
 from . import replication
 from .config import LoraConfig
+from .dora import MAGNITUDE as DORA_KEY
 from .init import check_init_targets, layer_init_argument
 from .layer import Conv2d, Embedding, Linear, LoraLayer
 from .targets import DEFAULT_TARGET_MODULES
@@ -156,6 +157,8 @@ class LoraModel(BaseTuner):
             lora_alpha=pattern_value(config.alpha_pattern, current_key, config.lora_alpha),
             lora_dropout=config.lora_dropout,
             init_lora_weights=layer_init_argument(config),
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
         )
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, **kwargs)
@@ -210,6 +213,15 @@ class LoraModel(BaseTuner):
             return {k: v for k, v in state_dict.items() if k in names}
         return {}
 
+    # DoRA's magnitude: `…lora_magnitude_vector.<adapter>.weight` in the model, `…lora_magnitude_vector` in files (HF's)
+    def adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+        out = super().adapter_state_dict(state_dict, adapter_name)
+        return {k.removesuffix(".weight") if k.endswith(DORA_KEY + ".weight") else k: v for k, v in out.items()}
+
+    def adapter_key_to_model_key(self, key: str, adapter_name: str) -> str:
+        model_key = super().adapter_key_to_model_key(key, adapter_name)
+        return model_key + ".weight" if key.endswith(DORA_KEY) else model_key
+
     # ---- combining adapters -----------------------------------------------------------------
     def add_weighted_adapter(
         self,
@@ -242,6 +254,13 @@ class LoraModel(BaseTuner):
             raise ValueError(f"weights must be finite numbers, got {bad[0]!r} in weights={weights!r}")
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; choose a new name")
+        dora = [a for a in adapters if self.peft_config[a].use_dora]
+        if dora:  # HF PEFT gives the result a magnitude of its random start: no trained magnitude survives
+            raise ValueError(
+                f"add_weighted_adapter cannot combine DoRA adapters ({', '.join(map(repr, dora))}): their trained "
+                "magnitudes (lora_magnitude_vector) have no weighted combination; merge them one by one instead "
+                "(merge_adapter / merge_and_unload)"
+            )
         check_adapter_name(adapter_name, self, self.prefix, taken=self.peft_config)
         # saved whole modules: which input adapter's trained copy the new adapter takes, per wrapper
         saved_sources: dict[str, str] = {}
@@ -315,6 +334,7 @@ class LoraModel(BaseTuner):
             alpha_pattern={},
             init_lora_weights=False,
             modules_to_save=modules_to_save or None,
+            use_rslora=False,  # the combined factors carry the scalings: lora_alpha / r = 1 (HF's rsLoRA gives sqrt(r))
         )
         with requires_grad_kept_on_failure(self):
             self.add_adapter(adapter_name, config)
