@@ -604,7 +604,7 @@ def check_target_modules(config: Any) -> None:
     names = list(targets) if isinstance(targets, Iterable) else None
     if names is None or not all(isinstance(t, str) for t in names):
         raise TypeError(f"target_modules must be a list of module names or a regex string, got {short_repr(targets)}")
-    if not names:
+    if not names and not getattr(config, "target_parameters", None):  # LoRA: parameters only (HF's target_modules=[])
         raise NoMatchingPeftModuleError("target_modules is empty; name at least one module (e.g. ['q_proj', 'v_proj'])")
     if "" in names:
         raise NoMatchingPeftModuleError(f"target_modules={short_repr(targets)} has an empty name: it matches no module")

@@ -912,7 +912,8 @@ class BaseTuner(TunerAttributes, nn.Module):
         self._check_layers_exist(config, matched=bool(keys))
         self._warn_unmatched_patterns(config, keys)
         self._check_exclusions(config, keys)
-        if not keys:
+        extra = self._plan_extra_targets(config, keys)  # targets beyond modules (LoRA: parameters, token rows)
+        if not keys and not extra:
             raise NoMatchingPeftModuleError(
                 f"target_modules={config.target_modules!r} matched no module of the model; "
                 f"{describe_module_names(self.model)}"
@@ -939,6 +940,8 @@ class BaseTuner(TunerAttributes, nn.Module):
                     new_module = self._create_and_replace(config, adapter_name, target, key)
                     if new_module is not None:
                         setattr(parent, target_name, new_module)
+                if extra:
+                    self._inject_extra_targets(config, adapter_name, extra, originals)
                 wrap_modules_to_save(self.model, getattr(config, "modules_to_save", None), adapter_name)
                 if first:
                     self.active_adapter = adapter_name
@@ -952,6 +955,17 @@ class BaseTuner(TunerAttributes, nn.Module):
             except BaseException:  # a KeyboardInterrupt too: no half-built adapter stays behind
                 self._undo_injection(adapter_name, originals)
                 raise
+
+    def _plan_extra_targets(self, config: Any, keys: list[str]) -> Any:
+        """What `config` adapts besides the modules `keys` (checked, before any change; falsy: nothing). A tuner
+        that has such targets overrides this and `_inject_extra_targets`."""
+        return None
+
+    def _inject_extra_targets(
+        self, config: Any, adapter_name: str, plan: Any, originals: list[tuple[nn.Module, str, nn.Module]]
+    ) -> None:
+        """Carry out `_plan_extra_targets`' plan, appending (parent, name, replaced module) to `originals` before
+        each change (undone like the modules' on failure)."""
 
     def _check_layers_exist(self, config: Any, matched: bool) -> None:
         """`layers_to_transform` naming layers the model does not have is blamed on itself: an error when nothing
@@ -1201,7 +1215,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         untied = [
             m._shared_weight[0] for _, m in self.tuner_layers() if isinstance(m, BaseTunerLayer) and m._shared_weight
         ]
-        entries = list(self.tuner_layers())
+        entries = list(self.tuner_layers())[::-1]  # inner layers first: nested ones (LoRA's ParamWrapper) unwrap
         if progressbar:
             from tqdm.auto import tqdm
 
@@ -1343,6 +1357,7 @@ class BaseTuner(TunerAttributes, nn.Module):
             elif f".modules_to_save.{adapter_name}." in key:
                 out[key.replace(f".modules_to_save.{adapter_name}.", ".")] = value
         out.update(self._bias_state_dict(state_dict, config, adapter_name))
+        out.update(self._extra_saved_tensors(state_dict, adapter_name))
         return out
 
     def _bias_state_dict(
@@ -1350,8 +1365,19 @@ class BaseTuner(TunerAttributes, nn.Module):
     ) -> dict[str, torch.Tensor]:
         return {}
 
+    def _extra_saved_tensors(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+        """Adapter tensors saved under keys of the tuner's own making (LoRA: trainable token rows)."""
+        return {}
+
+    def _extra_model_key(self, key: str, adapter_name: str) -> Optional[str]:
+        """The model key of a saved key `_extra_saved_tensors` made, else None."""
+        return None
+
     def adapter_key_to_model_key(self, key: str, adapter_name: str) -> str:
         """Inverse of `adapter_state_dict`'s renaming (keys relative to this tuner)."""
+        extra = self._extra_model_key(key, adapter_name)
+        if extra is not None:
+            return extra
         prefix_part = f".{self.prefix}"
         if prefix_part in f".{key}":
             head, _, tail = key.partition(self.prefix)
