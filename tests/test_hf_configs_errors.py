@@ -131,13 +131,11 @@ def test_hf_peft_enum_members_are_accepted():
 # a non-neutral value for each field of a feature lightning_peft does not implement
 NOT_NEUTRAL = {
     "megatron_config": {"tensor_model_parallel_size": 2},
-    "trainable_token_indices": [0, 1],
     "velora_config": {},  # a sub-config switches its feature on by being there, even empty
     "alora_invocation_tokens": [5, 6],
     "use_qalora": True,
     "monteclora_config": {},
     "lora_bias": True,
-    "target_parameters": ["mlp.experts.weight"],
     "use_bdlora": {},
     "arrow_config": {"top_k": 2},
     "kasa_config": {},

@@ -53,13 +53,11 @@ def _check_rank(where: str, value: object, what: str = "a positive integer (the 
 # (so HF's adapter_config.json and code naming them work), refused at any other
 NOT_IMPLEMENTED = {
     "megatron_config": "LoRA on Megatron parallel layers",
-    "trainable_token_indices": "trainable tokens",
     "velora_config": "VeLoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_qalora": "QA-LoRA",
     "monteclora_config": "MonteCLoRA",
     "lora_bias": "a bias on lora_B",
-    "target_parameters": "LoRA on nn.Parameter targets",
     "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
     "arrow_config": "Arrow routing",
     "kasa_config": "KaSA",
@@ -102,8 +100,6 @@ class LoraConfig(PeftConfig):
     MATH_CHANGING_FILE_KEYS: ClassVar[dict[str, bool]] = {
         **dict.fromkeys(
             (
-                "target_parameters",
-                "trainable_token_indices",
                 "alora_invocation_tokens",
                 "corda_config",
                 "arrow_config",
@@ -243,10 +239,14 @@ class LoraConfig(PeftConfig):
     def _check_hf_fields(self) -> None:
         """HF PEFT's fields this class keeps for compatibility: their types, HF's warnings, and the refusal of the
         features not implemented here (`NOT_IMPLEMENTED`)."""
-        if isinstance(self.target_parameters, str):  # HF PEFT's own check, before the feature is refused
-            raise TypeError(
-                f"target_parameters must be a list of parameter names or None, got {self.target_parameters!r}"
-            )
+        targets = self.target_parameters
+        if targets is not None:  # a list of names (HF PEFT: a string is a TypeError)
+            if not isinstance(targets, (list, tuple, set)) or not all(isinstance(t, str) and t for t in targets):
+                raise TypeError(f"target_parameters must be a list of parameter names or None, got {targets!r}")
+            self.target_parameters = list(dict.fromkeys(targets))
+        from .trainable_tokens import check_field
+
+        self.trainable_token_indices = check_field(self.trainable_token_indices)
         refuse_not_implemented(self, NOT_IMPLEMENTED, NONE_ONLY)
         if self.megatron_core is not None and not isinstance(self.megatron_core, str):
             raise TypeError(f"megatron_core must be a module name (str), got {short_repr(self.megatron_core)}")
@@ -289,7 +289,8 @@ class LoraConfig(PeftConfig):
             field_name, rank = (
                 ("r", self.r) if pattern is None else (f"rank_pattern[{pattern!r}]", self.rank_pattern[pattern])
             )
-            if shape[0] != rank:
+            # an adapter on a 3-D parameter (target_parameters) has r rows per expert; the load checks the exact shape
+            if shape[0] != rank and not (self.target_parameters and shape[0] % rank == 0):
                 raise ValueError(size_mismatch(field_name, rank, weights_file, key, shape, f"rank {shape[0]}"))
         largest = max(shape[0] for _, shape in file_ranks.values())
         for field_name, value in (("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())):

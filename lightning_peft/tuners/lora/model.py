@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...utils.constants import model_type_of
+from ...utils.error import NoMatchingPeftModuleError
 from ..base import (
     BaseTuner,
     ModulesToSaveWrapper,
@@ -26,7 +27,7 @@ from ..base import (
     strip_adapter_name,
 )
 from ..mixed_batch import BASE_NAME, MERGED_REFUSAL, MixedBatch, check_batch_size, checked_names, generate_expansion
-from . import replication
+from . import param_wrapper, replication, trainable_tokens
 from .config import LoraConfig
 from .dora import MAGNITUDE as DORA_KEY
 from .init import check_init_targets, layer_init_argument
@@ -116,7 +117,8 @@ class LoraModel(BaseTuner):
             check_batch_size(batch_size, batch)
         expanded = batch.repeated(expand)
         encoder = _encoder_modules(self.model) if expand > 1 else set()
-        layers = [m for _, m in self.tuner_layers() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+        kinds = (LoraLayer, ModulesToSaveWrapper, trainable_tokens.TrainableTokensLayer)
+        layers = [m for _, m in self.tuner_layers() if isinstance(m, kinds)]
         before = [m._mixed_batch for m in layers]
         try:
             for m in layers:
@@ -131,7 +133,49 @@ class LoraModel(BaseTuner):
             default = DEFAULT_TARGET_MODULES.get(model_type_of(model) or "")
             if default is not None:
                 config.target_modules = default if isinstance(default, str) else set(default)
+        if config.target_modules is None and config.target_parameters:  # parameters only (HF PEFT allows it)
+            return config
         return super().prepare_adapter_config(config, model)
+
+    # ---- targets beyond modules: nn.Parameters (param_wrapper.py) and token rows (trainable_tokens.py) ----------
+    def matching_keys(self, config: LoraConfig) -> list[str]:
+        return [] if config.target_modules is None else super().matching_keys(config)
+
+    def _plan_extra_targets(self, config: LoraConfig, keys: list[str]) -> Any:
+        param_wrapper.check_config(config, self.peft_config)
+        params = param_wrapper.parameter_targets(self.model, config, keys)
+        tokens = trainable_tokens.plan(self.model, config, keys)
+        if config.target_parameters and not params:
+            if not keys and not tokens:  # HF PEFT's error
+                raise NoMatchingPeftModuleError(
+                    "No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+                    f"these arguments (target_parameters={config.target_parameters!r} matched no parameter)."
+                )
+            warnings.warn(
+                f"target_parameters={config.target_parameters} were set but no parameter was matched.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return (params, tokens) if params or tokens else None
+
+    def _inject_extra_targets(
+        self, config: LoraConfig, adapter_name: str, plan: Any, originals: list[tuple[nn.Module, str, nn.Module]]
+    ) -> None:
+        params, tokens = plan
+        param_wrapper.inject(self.model, config, adapter_name, params, originals)
+        trainable_tokens.inject(self.model, config, adapter_name, tokens, originals)
+
+    def _extra_saved_tensors(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+        return trainable_tokens.saved_tensors(state_dict, adapter_name)
+
+    def _extra_model_key(self, key: str, adapter_name: str) -> Optional[str]:
+        return trainable_tokens.model_key(key, adapter_name)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+            trainable_tokens.check_set_adapter(self.model, list(names))  # before any change
+        super().set_adapter(adapter_name, inference_mode)
 
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
         if not isinstance(config, LoraConfig):
@@ -247,6 +291,12 @@ class LoraModel(BaseTuner):
             raise ValueError("add_weighted_adapter needs at least one adapter to combine; got adapters=[]")
         for name in adapters:
             self.check_adapter_exists(name)
+        for name in adapters:  # HF PEFT refuses target_parameters; trained token rows have no weighted combination
+            if self.peft_config[name].target_parameters or self.peft_config[name].trainable_token_indices:
+                raise ValueError(
+                    f"add_weighted_adapter does not support adapters on nn.Parameters (target_parameters) or with "
+                    f"trainable tokens (trainable_token_indices): adapter {name!r} has them"
+                )
         if len(adapters) != len(weights):
             raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
         bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
