@@ -44,6 +44,7 @@ from .utils import (
     PeftError,
     PeftWarning,
     cast_mixed_precision_params,
+    prepare_model_for_kbit_training,
     shift_tokens_right,
 )
 
@@ -82,6 +83,7 @@ __all__ = [
     "load_peft_weights",
     "set_peft_model_state_dict",
     "cast_mixed_precision_params",
+    "prepare_model_for_kbit_training",
     "shift_tokens_right",
     "get_base_model_state_dict",
     "set_base_model_state_dict",

@@ -274,3 +274,20 @@ def load_module_without_weights(module_class: Any, checkpoint: dict, **kwargs: A
             "ignore", message=".*Found keys that are in the model state dict but not in the checkpoint"
         )
         return _load_state(module_class, stub, strict=False, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# bitsandbytes
+# ---------------------------------------------------------------------------------------------
+def unpack_bnb_cpu_4bit(weight: Any) -> None:
+    """Undo, in place, bitsandbytes' CPU repacking of a 4-bit weight. On a CPU with AVX512-BF16,
+    `Linear4bit.forward` in eval mode (input without grad) rewrites `weight.data` and `weight.quant_state` into a
+    packed layout (`quant_state.packing_format_for_cpu`) that `dequantize_4bit` misreads; bitsandbytes itself
+    undoes it with `functional._convert_weight_packed_for_cpu_inverse` before saving a state dict. Dequantizing
+    (merge, export) needs the plain layout."""
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None or not getattr(quant_state, "packing_format_for_cpu", False):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, quant_state)

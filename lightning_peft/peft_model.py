@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Optional
 
 import torch
@@ -35,7 +35,13 @@ from .tuners.base import (
     parameter_counts,
     requires_grad_kept_on_failure,
 )
-from .tuners.lora.init import check_conversion, converted_to_lora
+from .tuners.lora.init import (
+    base_kept,
+    base_weights_restored_on_failure,
+    check_conversion,
+    converted_to_lora,
+    init_kind,
+)
 from .tuners.registry import get_model_class
 
 
@@ -72,7 +78,7 @@ class PeftModel(nn.Module):
             peft_config.base_model_name_or_path = name_or_path(getattr(model, "config", None)) or None
         # every wrapping path (get_peft_model, PeftModel(...), from_pretrained) comes here: a refused or interrupted
         # wrap leaves the user's requires_grad flags as they were (the tuners freeze the model first)
-        with requires_grad_kept_on_failure(model):
+        with requires_grad_kept_on_failure(model), base_weights_restored_on_failure():
             tuner = get_model_class(peft_config.peft_type)(model, peft_config, adapter_name)
         self.__dict__["tuner"] = tuner  # not a child itself: its modules are, under HF PEFT's attribute names
         for name, module in tuner.peft_model_modules().items():
@@ -206,7 +212,8 @@ class PeftModel(nn.Module):
                 f"cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; "
                 "one PeftModel holds adapters of one tuner type"
             )
-        self.tuner.add_adapter(adapter_name, peft_config)
+        with base_weights_restored_on_failure():  # PiSSA / OLoRA / LoftQ: the base back if the call fails
+            self.tuner.add_adapter(adapter_name, peft_config)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make `adapter_name` the active adapter; it trains unless `inference_mode` (every other adapter is
@@ -369,7 +376,7 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             self._load_into_existing(adapter_name, config, weights, folder, allow_nonfinite)
         else:
-            with requires_grad_kept_on_failure(self):
+            with requires_grad_kept_on_failure(self), base_weights_restored_on_failure():
                 self.add_adapter(adapter_name, config)
                 try:
                     set_peft_model_state_dict(self, weights, adapter_name=adapter_name, allow_nonfinite=allow_nonfinite)
@@ -417,18 +424,22 @@ class PeftModel(nn.Module):
         # the rebuilt adapter's parameters have the same names: their flags are given back by name
         flags = RequiresGradSnapshot(self, by_name=True)
         tuner.delete_adapter(name, force=True)
-        try:
-            self.add_adapter(name, config)
-            set_peft_model_state_dict(self, weights, adapter_name=name, allow_nonfinite=allow_nonfinite)
-        except BaseException:
-            if name in tuner.peft_config:
-                tuner.delete_adapter(name, force=True)
-            tuner.add_adapter(name, old_config)
-            set_peft_model_state_dict(self, old_tensors, adapter_name=name, allow_nonfinite=True)  # as they were
-            raise
-        finally:  # (after a failed rebuild only once the old adapter is back)
-            _restore_order(tuner, order, active)
-            flags.restore()
+        # an adapter that started as PiSSA / OLoRA / LoftQ already changed the base: rebuilt without running that
+        # initialisation on it again; a failed rebuild gives back any base weight it changed
+        kept = base_kept() if init_kind(getattr(old_config, "init_lora_weights", None)) else nullcontext()
+        with base_weights_restored_on_failure(), kept:
+            try:
+                self.add_adapter(name, config)
+                set_peft_model_state_dict(self, weights, adapter_name=name, allow_nonfinite=allow_nonfinite)
+            except BaseException:
+                if name in tuner.peft_config:
+                    tuner.delete_adapter(name, force=True)
+                tuner.add_adapter(name, old_config)
+                set_peft_model_state_dict(self, old_tensors, adapter_name=name, allow_nonfinite=True)  # as they were
+                raise
+            finally:  # (after a failed rebuild only once the old adapter is back)
+                _restore_order(tuner, order, active)
+                flags.restore()
 
     def _check_same_layout(
         self,
@@ -500,7 +511,8 @@ class PeftModel(nn.Module):
         weights = load_peft_weights(folder, allow_pickle=allow_pickle)
         wrapper_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
         peft_model = None
-        with requires_grad_kept_on_failure(model):  # wrapping froze the model: a failure gives back the user's flags
+        # wrapping froze the model: a failure gives back the user's flags (and a PiSSA / OLoRA / LoftQ start's base)
+        with requires_grad_kept_on_failure(model), base_weights_restored_on_failure():
             try:
                 peft_model = wrapper_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
                 set_peft_model_state_dict(
@@ -537,7 +549,7 @@ def check_not_wrapped(model: nn.Module) -> None:
 def _comparable(config: PeftConfig) -> dict[str, Any]:
     """A config's fields that decide the adapter's math and layout (not where it came from or whether it trains)."""
     data = config.to_dict()
-    for key in ("inference_mode", "base_model_name_or_path", "revision", "peft_version"):
+    for key in ("inference_mode", "base_model_name_or_path", "revision", "peft_version", "auto_mapping"):
         data.pop(key, None)
     return data
 

@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional, Union, cast
 import torch
 from torch import nn
 
+from .quantization import is_linear4bit
 from .serialization import is_transformers_model, peft_model_tuner
 from .tuners.base import BaseTuner, BaseTunerLayer, ModulesToSaveWrapper, is_linear8bit, parameter_counts
 
@@ -87,6 +88,8 @@ def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus:
         backend = getattr(getattr(module, "quantization_backend", None), "backend_name", None)
         if backend is None and is_linear8bit(layer.get_base_layer()):
             backend = "bnb 8bit"
+        elif backend is None and is_linear4bit(layer.get_base_layer()):
+            backend = "bnb 4bit"
     return TunerLayerStatus(
         name=name,
         module_type=module_type,

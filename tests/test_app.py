@@ -27,7 +27,7 @@ from lightning_peft.app.train import tuner_config  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent  # for train.py, the checkout's entry point
 
 TUNERS = ["lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
-STRATEGIES = ["single", "ddp", "fsdp", "fsdp1", "int8"]
+STRATEGIES = ["single", "ddp", "fsdp", "fsdp1", "int8", "int4"]
 # each tuner's YAML carries its optimiser defaults (tuner.optim.*)
 LEARNING_RATE = {"lora": 2e-3, "ia3": 1e-2, "prompt_tuning": 3e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
 CONFIG_CLASS = {
@@ -122,7 +122,7 @@ def test_every_tuner_and_strategy_composes_and_instantiates(tuner, strategy):
         assert trainer["devices"] == ("auto" if strategy == "fsdp1" else 2)
     else:
         assert trainer["strategy"] == "auto" and trainer["devices"] == 1
-    assert (cfg.quantize.value if cfg.quantize else None) == ("int8" if strategy == "int8" else None)
+    assert (cfg.quantize.value if cfg.quantize else None) == (strategy if strategy in ("int8", "int4") else None)
     assert cfg.strategy.requires_gpu is (strategy == "fsdp1")
 
 
@@ -195,13 +195,14 @@ def test_misspelled_keys_are_rejected_with_the_valid_ones(override, message):
         assert {"lora_alpha", "lora_dropout", "r"} <= set(str(err.value).split(": ", 1)[1].split(", "))
 
 
-def test_quantize_only_takes_int8():
+def test_quantize_only_takes_int8_or_int4():
     from hydra.errors import ConfigCompositionException
 
     assert compose(["quantize=int8"]).quantize.value == "int8"
+    assert compose(["quantize=int4"]).quantize.value == "int4"
     with pytest.raises(ConfigCompositionException) as err:
-        compose(["quantize=int4"])
-    assert "Invalid value 'int4', expected one of [int8]" in str(err.value.__cause__)
+        compose(["quantize=int3"])
+    assert "Invalid value 'int3', expected one of [int8, int4]" in str(err.value.__cause__)
 
 
 def test_valid_overrides_pass_the_check():

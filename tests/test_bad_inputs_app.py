@@ -40,7 +40,7 @@ def test_misspelled_config_group_names_the_group():
     "override,options",
     [
         ("tuner=loha", "Available options in 'tuner':\n\tia3\n\tlora\n\tp_tuning\n\tprefix_tuning\n\tprompt_tuning"),
-        ("strategy=fsdp3", "Available options in 'strategy':\n\tddp\n\tfsdp\n\tfsdp1\n\tint8\n\tsingle"),
+        ("strategy=fsdp3", "Available options in 'strategy':\n\tddp\n\tfsdp\n\tfsdp1\n\tint4\n\tint8\n\tsingle"),
     ],
 )
 def test_unknown_group_choice_lists_the_available_ones(override, options):
@@ -55,7 +55,7 @@ def test_unknown_group_choice_lists_the_available_ones(override, options):
     "override,cause",
     [
         ("seed=abc", "Value 'abc' of type 'str' could not be converted to Integer\n    full_key: seed"),
-        ("quantize=int4", "Invalid value 'int4', expected one of [int8]\n    full_key: quantize"),
+        ("quantize=int3", "Invalid value 'int3', expected one of [int8, int4]\n    full_key: quantize"),
     ],
 )
 def test_top_level_values_of_the_wrong_type(override, cause):

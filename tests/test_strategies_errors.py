@@ -53,7 +53,7 @@ def test_named_strategies_build_lightnings_own_objects():
     assert isinstance(fsdp, PeftFSDP2Strategy) and fsdp._save_distributed_checkpoint is False
     assert fsdp._tensor_parallel_size == 1 and fsdp.block_classes == ["GPT2Block"]
     assert make_strategy("single") == "auto"
-    with pytest.raises(ValueError, match="unknown strategy 'fsdp3'; use one of: single, int8, ddp, fsdp, fsdp1"):
+    with pytest.raises(ValueError, match="unknown strategy 'fsdp3'; use one of: single, int8, int4, ddp, fsdp, fsdp1"):
         make_strategy("fsdp3")
     with pytest.raises(ValueError, match="use_orig_params=True"):
         PeftFSDP1Strategy(use_orig_params=False)

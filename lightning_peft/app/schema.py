@@ -31,6 +31,7 @@ from lightning_peft.app import CONFIG_DIR
 # ---------------------------------------------------------------- schema (structured configs)
 class Quantize(Enum):
     int8 = "int8"
+    int4 = "int4"  # QLoRA: NF4, double quantization, fp32 compute
 
 
 @dataclass

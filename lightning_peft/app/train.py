@@ -145,10 +145,11 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
     m = cfg.model
     tuner = tuner_config(cfg)
-    if cfg.quantize is not None:  # refuse a tuner that cannot run (or merge) over 8-bit layers before training
-        from lightning_peft.quantization import check_int8_compatible
+    quantize = None if cfg.quantize is None else str(getattr(cfg.quantize, "value", cfg.quantize))  # int8 / int4
+    if quantize is not None:  # refuse a tuner that cannot run (or merge) over quantized layers before training
+        from lightning_peft.quantization import check_quantized_compatible
 
-        check_int8_compatible(tuner, merge=cfg.merge)
+        check_quantized_compatible(tuner, merge=cfg.merge, kind=quantize)
     for field in ("name_or_path", "tokenizer"):
         if m.get(field):
             check_local_path(m[field], f"model.{field}")
@@ -162,10 +163,11 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         tokenizer=tokenizer,
         **OmegaConf.to_container(cfg.recipe.model_kwargs, resolve=True),
     )
-    if cfg.quantize is not None:  # 8-bit base layers before the tuner is injected (the adapter stays in full precision)
+    if quantize is not None:  # 8-/4-bit base layers before the tuner is injected (the adapter stays in full precision)
         from lightning_peft.quantization import quantize_base_linears
 
-        model = quantize_base_linears(model, skip=getattr(tuner, "modules_to_save", None) or ())
+        skip = getattr(tuner, "modules_to_save", None) or ()
+        model = quantize_base_linears(model, skip=skip, bits=4 if quantize == "int4" else 8)
     module = instantiate(cfg.recipe.module, model=model, tokenizer=tokenizer)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     return {"tokenizer": tokenizer, "model": model, "module": module, "datamodule": datamodule, "tuner": tuner}

@@ -95,9 +95,9 @@ ExportExtras = Optional[Callable[[str], None]]
 def save_merged_model(model: nn.Module, directory: str, extras: ExportExtras = None) -> None:
     """`save_pretrained` for transformers models, else `model.safetensors` (a state dict) in `directory`;
     `extras(folder)` adds more files (e.g. a tokenizer) before the folder is put in place."""
-    from ..quantization import dequantized_copy, int8_layers
+    from ..quantization import dequantized_copy, quantized_layer_names
 
-    if int8_layers(model):  # an 8-bit base: write it in fp32 so that it loads without bitsandbytes
+    if quantized_layer_names(model):  # an 8-/4-bit base: write it in fp32 so that it loads without bitsandbytes
         model = dequantized_copy(model)
     with atomic_folder(directory) as tmp:
         if callable(getattr(model, "save_pretrained", None)):

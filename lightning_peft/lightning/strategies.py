@@ -147,6 +147,24 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def check_fsdp2_quantization(module: nn.Module) -> None:
+    """Refuse to shard bitsandbytes 4-bit / 8-bit layers with FSDP2 (measured with bitsandbytes 0.50 on 2 gloo
+    processes): `fully_shard` replaces their `Params4bit` / `Int8Params` weight by a plain DTensor of the packed
+    bytes, which drops the quantization state (`quant_state`, `SCB`) their forward needs ("quant_state is
+    required")."""
+    from ..quantization import quantized_layer_names
+
+    names = quantized_layer_names(module)
+    if names:
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        raise ValueError(
+            f"FSDP2 cannot shard bitsandbytes quantized layers ({', '.join(names[:3])}{more}): fully_shard turns "
+            "their packed weight into a plain DTensor and drops the quantization state their forward needs. Train a "
+            "quantized (QLoRA / 8-bit) base on one device (strategy=int4 / int8), or shard a full-precision base "
+            "with fsdp"
+        )
+
+
 class PeftFSDP2Strategy(ModelParallelStrategy):
     """FSDP2 for adapters: Lightning's `ModelParallelStrategy` with data parallelism over every process
     and the blocks sharded in `setup` (after the tuner was injected in `setup` / `configure_model`).
@@ -184,6 +202,7 @@ class PeftFSDP2Strategy(ModelParallelStrategy):
         module = cast(pl.LightningModule, self.lightning_module)  # set: the trainer connected the model
         if any(_is_fsdp2(m) for m in module.modules()):
             return  # already sharded (e.g. validate / test after fit) or sharded by the user's configure_model
+        check_fsdp2_quantization(module)
         classes = resolve_block_classes(module, self.block_classes)
         mesh = self.device_mesh["data_parallel"]
         count = shard_blocks(module, mesh, classes, **self.fully_shard_kwargs)
@@ -326,8 +345,12 @@ class FSDP1Adapter(StrategyAdapter):
         return PeftFSDP1Strategy(**kwargs)
 
 
+class Int4Adapter(Int8Adapter):
+    name = "int4"
+
+
 STRATEGIES: dict[str, StrategyAdapter] = {
-    a.name: a for a in (SingleAdapter(), Int8Adapter(), DDPAdapter(), FSDP2Adapter(), FSDP1Adapter())
+    a.name: a for a in (SingleAdapter(), Int8Adapter(), Int4Adapter(), DDPAdapter(), FSDP2Adapter(), FSDP1Adapter())
 }
 
 
@@ -418,6 +441,7 @@ __all__ = [
     "full_tensors",
     "full_state_dict",
     "is_sharded",
+    "check_fsdp2_quantization",
     "shard_blocks",
     "resolve_block_classes",
     "export_sharded",

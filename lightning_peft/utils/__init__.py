@@ -21,7 +21,7 @@ from .constants import (
     WEIGHTS_NAME,
 )
 from .error import NoMatchingPeftModuleError, PeftError
-from .training import cast_mixed_precision_params, shift_tokens_right
+from .training import cast_mixed_precision_params, prepare_model_for_kbit_training, shift_tokens_right
 from .warning import PeftWarning
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "get_base_model_state_dict",
     "get_peft_model_state_dict",
     "load_peft_weights",
+    "prepare_model_for_kbit_training",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",
     "shift_tokens_right",

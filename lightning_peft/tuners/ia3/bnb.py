@@ -1,4 +1,4 @@
-"""(IA)^3 over a bitsandbytes 8-bit base layer (`Linear8bitLt`)."""
+"""(IA)^3 over a bitsandbytes quantized base layer (`Linear8bitLt`, `Linear4bit`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any, Optional, cast
 import torch
 from torch import nn
 
+from ...quantization import is_linear4bit, keep_plain_layout
 from ..base import is_linear8bit
 from .layer import SizedByBaseLayer
 
@@ -45,3 +46,20 @@ class Linear8bitLt(SizedByBaseLayer):
         else:
             result = self.base_layer(x, *args, **kwargs) * scaling
         return result.to(previous_dtype)
+
+
+class Linear4bit(Linear8bitLt):
+    """(IA)^3 over a bitsandbytes `Linear4bit` (NF4 / FP4); runs and trains, but cannot be merged into the 4-bit
+    weight (as HF PEFT, which refuses to merge IA3 on a 4-bit model)."""
+
+    accepts = staticmethod(is_linear4bit)  # which base layers this class wraps
+
+    def __init__(self, base_layer: nn.Module, *args: Any, **kwargs: Any) -> None:
+        keep_plain_layout(base_layer)  # bitsandbytes' CPU repacking breaks training (see keep_plain_layout)
+        super().__init__(base_layer, *args, **kwargs)
+
+    merge_refusal = (
+        "cannot merge IA3 adapters into bitsandbytes 4-bit layers: their 4-bit weights cannot hold the "
+        "scaled values. Use the adapter unmerged, call unload(), or load the base model in full precision "
+        "to merge"
+    )

@@ -22,11 +22,70 @@ import torch
 #   forward:  y = x W^T + b;  y += s * (((x * m) A^T) / (1-p)) B^T   (addmm_ into y, in place)
 #   backward: dx = ((s / (1-p)) (g B) A) * m + g W  (masked in place, then accumulated by the
 #             big matmul itself);  dA, dB from the small (tokens x r) factors
-# m is the same Bernoulli(1-p) mask nn.Dropout draws (the same generator call, so the same mask for
-# the same seed), kept as bool and applied with `where` (a dropped NaN/inf input gives 0 rather than
-# NaN; the base path carries it anyway); the 1/(1-p) and the scaling act on the r-wide factors,
-# never on a full activation (a rounding-level reordering of the same products). With p == 0 there is no mask
-# and no copy of x, and the output is bit-identical to the op-for-op path.
+# m is an i.i.d. Bernoulli(1-p) keep mask, the distribution nn.Dropout draws. On CPU with p <= 0.25
+# (`GEOMETRIC_MAX_P`) it is drawn as the positions of the dropped entries (`drop_positions`: the gaps
+# between drops are i.i.d. Geometric(p), about p*N random numbers instead of N Bernoulli draws), applied
+# with `index_fill_` to a copy of x and to the input gradient, and saved as those positions (int64,
+# ~p*N of them). Same distribution as nn.Dropout's mask, but not the same draw for a given seed (the
+# same seed gives the same mask twice). Elsewhere (p > 0.25, other devices) it is the mask nn.Dropout
+# draws (the same generator call, so the same mask for the same seed), kept as bool and applied with
+# `where`. Either way a dropped NaN/inf input gives 0 rather than NaN (the base path carries it
+# anyway); the 1/(1-p) and the scaling act on the r-wide factors, never on a full activation (a
+# rounding-level reordering of the same products). With p == 0 there is no mask and no copy of x, and
+# the output is bit-identical to the op-for-op path.
+
+# The positions sampler costs ~p * (one Geometric draw) per element against one Bernoulli draw per
+# element: several times cheaper for small p, no gain near p = 0.3 and above (measured on CPU).
+GEOMETRIC_MAX_P = 0.25
+# a chunk of gaps covers the rest of the tensor unless the gaps run this many standard deviations short
+_CHUNK_SIGMAS = 6.0
+
+
+def drop_positions(n: int, p: float, device: Optional[torch.device] = None) -> torch.Tensor:
+    """The sorted flat indices (int64) of the dropped entries among `n` i.i.d. Bernoulli(p) trials.
+
+    A Bernoulli(p) process is exactly the set of partial sums of i.i.d. Geometric(p) gaps (the number
+    of trials up to and including the next success): drop k sits at G_1 + ... + G_k - 1. The gaps are
+    drawn in float64 (53-bit uniforms; their partial sums are exact integers below 2^53, and the
+    2^-53-likely infinite gap of a zero uniform just ends the sequence), in chunks sized to cover `n`
+    with overwhelming probability; a short chunk is continued from its last drop with another draw,
+    so the result is the same process whatever the chunking, and the same for the same generator state.
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"drop_positions: p must be in (0, 1), got {p}")
+    parts = []
+    last = -1.0  # position of the previous drop
+    while True:
+        mean = (n - 1 - last) * p
+        chunk = max(1, int(mean + _CHUNK_SIGMAS * math.sqrt(mean * (1.0 - p)) + 16.0))
+        positions = torch.empty(chunk, dtype=torch.float64, device=device).geometric_(p).cumsum_(0).add_(last)
+        end = float(positions[-1])
+        if end >= n:
+            parts.append(positions[: int(torch.searchsorted(positions, float(n)))])
+            break
+        parts.append(positions)
+        last = end
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.int64)
+
+
+def _dropped_copy(x2: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x with the dropped entries zeroed, a fresh contiguous copy; what marks them: positions or a bool
+    keep mask)."""
+    if x2.device.type == "cpu" and p <= GEOMETRIC_MAX_P:
+        positions = drop_positions(x2.numel(), p, x2.device)
+        x_lora = x2.clone(memory_format=torch.contiguous_format)
+        x_lora.view(-1).index_fill_(0, positions, 0.0)
+        return x_lora, positions
+    mask = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
+    return torch.where(mask, x2, x2.new_zeros(())), mask
+
+
+def _zero_dropped(grad: torch.Tensor, dropped: torch.Tensor) -> None:
+    """Zero in place the entries of a fresh contiguous (tokens x in) gradient that the mask dropped."""
+    if dropped.dtype == torch.bool:
+        torch.where(dropped, grad, grad.new_zeros(()), out=grad)
+    else:
+        grad.view(-1).index_fill_(0, dropped, 0.0)
 
 
 def _exact_scale(scaling: float) -> bool:
@@ -44,8 +103,8 @@ def _lora_linear(
     p: float,
     fan_in_fan_out: bool,
 ) -> tuple:
-    """The fused forward: (output, x after the dropout mask (2-D), the mask or None, A's output scaled by
-    1/(1-p)).
+    """The fused forward: (output, x after the dropout mask (2-D), what marks the dropped entries (their
+    positions or a bool keep mask; None without dropout), A's output scaled by 1/(1-p)).
 
     Without dropout the output equals the general path's `base(x) + (x A^T B^T) * s` bit for bit: the
     update goes into the base result with `addmm_` (which adds the finished product once, like `+`),
@@ -55,8 +114,7 @@ def _lora_linear(
     w_t = weight if fan_in_fan_out else weight.t()  # (in, out)
     out = torch.mm(x2, w_t) if bias is None else torch.addmm(bias, x2, w_t)
     if p > 0.0:
-        mask = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
-        x_lora = torch.where(mask, x2, x2.new_zeros(()))
+        x_lora, mask = _dropped_copy(x2, p)
         after_A = torch.mm(x_lora, lora_A.t()).mul_(1.0 / (1.0 - p))  # (tokens, r)
     else:
         mask, x_lora = None, x2
@@ -117,7 +175,7 @@ class _LoraLinearFunction(torch.autograd.Function):
             # the adapter's share first (masked in place), then the base's product accumulated into it
             grad_x = torch.mm(grad_after_A, lora_A)
             if mask is not None:
-                torch.where(mask, grad_x, grad_x.new_zeros(()), out=grad_x)
+                _zero_dropped(grad_x, mask)
             grad_x.addmm_(g, weight.t() if ctx.fan_in_fan_out else weight)
             grad_x = grad_x.view(ctx.x_shape)
         if need_bias:

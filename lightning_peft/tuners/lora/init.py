@@ -23,10 +23,13 @@ normal) and on a Conv2d they are refused (`ValueError`), as in HF PEFT. LoftQ ap
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, cast
 
@@ -133,13 +136,68 @@ class LoftQInit(str):
 
 
 def layer_init_argument(config: Any) -> Any:
-    """What `_create_and_replace` hands the layers as `init_lora_weights`."""
+    """What `_create_and_replace` hands the layers as `init_lora_weights` (inside `base_kept()`: True for this
+    file's initialisations, so the base weights stay as they are)."""
+    if _KEEP_BASE.get() and init_kind(config.init_lora_weights) is not None:
+        return True
     if config.init_lora_weights != "loftq":
         return config.init_lora_weights
     init = LoftQInit("loftq")
     init.loftq_bits = config.loftq_config["loftq_bits"]
     init.loftq_iter = config.loftq_config["loftq_iter"]
     return init
+
+
+# ---- failed calls: the base weights back as they were ---------------------------------------------------
+# (weight parameter, the data it held before an initialisation replaced it) for each replacement made inside
+# `base_weights_restored_on_failure()`; None outside one
+_JOURNAL: contextvars.ContextVar[Optional[list[tuple[torch.Tensor, torch.Tensor]]]] = contextvars.ContextVar(
+    "lora_init_journal", default=None
+)
+_KEEP_BASE: contextvars.ContextVar[bool] = contextvars.ContextVar("lora_init_keep_base", default=False)
+
+
+@contextlib.contextmanager
+def base_weights_restored_on_failure() -> Iterator[None]:
+    """Around a call that may create adapters (get_peft_model, add_adapter, load_adapter, from_pretrained): when it
+    fails (an exception, an interrupt during a long SVD, a refused weights file after the adapter was built), every
+    base weight PiSSA / OLoRA / LoftQ replaced in it gets its original tensor back, so the user's model is not left
+    as a residual. The replaced tensors are held until the call ends (a copy in CPU memory for an accelerator's
+    weight, so the device's peak memory is not doubled). Nested uses: the outermost one restores."""
+    if _JOURNAL.get() is not None:
+        yield
+        return
+    journal: list[tuple[torch.Tensor, torch.Tensor]] = []
+    token = _JOURNAL.set(journal)
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for weight, old in reversed(journal):
+                weight.data = old.to(weight.device)
+        raise
+    finally:
+        _JOURNAL.reset(token)
+        journal.clear()
+
+
+@contextlib.contextmanager
+def base_kept() -> Iterator[None]:
+    """Adapters (re)built inside start as plain LoRA (the weights to load follow) and leave the base weights alone:
+    rebuilding an existing PiSSA / OLoRA / LoftQ adapter must not run the initialisation again on the base it
+    already changed."""
+    token = _KEEP_BASE.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_BASE.reset(token)
+
+
+def _record(weight: torch.Tensor) -> None:
+    journal = _JOURNAL.get()
+    if journal is not None:
+        old = weight.data
+        journal.append((weight, old if old.device.type == "cpu" else old.to("cpu", copy=True)))
 
 
 # ---- which layers ---------------------------------------------------------------------------
@@ -226,6 +284,7 @@ def init_from_base(layer: LoraLayer, adapter_name: str, init: str) -> None:
         residual = W - (scaling * B) @ A
     cast(torch.Tensor, layer.lora_A[adapter_name].weight).data = A.contiguous()
     cast(torch.Tensor, layer.lora_B[adapter_name].weight).data = B.contiguous()
+    _record(weight)
     weight.data = _oriented(layer, residual.to(dtype)).contiguous()
 
 
