@@ -71,6 +71,14 @@ class LoraModel(BaseTuner):
                 undo()
             raise
 
+    def _unload_and_optionally_merge(
+        self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names: Optional[list[str]]
+    ) -> nn.Module:
+        model = super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+        if merge:  # layer_replication: the merged copies get weights of their own (unload keeps them shared, as HF)
+            replication.unshare(self)
+        return model
+
     # ---- running, and mixed-adapter batches --------------------------------------------------
     supports_mixed_batch = True  # `adapter_names=` in forward() / generate(): one adapter per sample
 

@@ -110,3 +110,18 @@ def replicate(tuner: Any, layer_map: Optional[list[list[int]]]) -> Optional[Call
         vars(tuner).pop("_replicated_layers", None)
 
     return undo
+
+
+def unshare(tuner: Any) -> None:
+    """After a merge: every copy of a replicated layer gets parameters of its own (the merged layers already have
+    theirs), so that the merged model is the plain deeper model its config describes: transformers' save_pretrained
+    refuses tensors shared between layers, and from_pretrained of such a folder builds independent layers anyway."""
+    if vars(tuner).get("_replicated_layers") is None:
+        return
+    seen: set[int] = set()
+    for module in _layer_stack(tuner.model)[3].modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) in seen:
+                module.register_parameter(name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+            else:
+                seen.add(id(param))
