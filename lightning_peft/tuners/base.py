@@ -1212,8 +1212,11 @@ class BaseTuner(TunerAttributes, nn.Module):
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         else:
             self.unmerge_adapter()
-        untied = [
-            m._shared_weight[0] for _, m in self.tuner_layers() if isinstance(m, BaseTunerLayer) and m._shared_weight
+        untied = [  # the shared Parameters and the copies merged into (both sides of a tie may have one)
+            p
+            for _, m in self.tuner_layers()
+            if isinstance(m, BaseTunerLayer) and m._shared_weight
+            for p in (m._shared_weight[0], m.get_base_layer().weight)
         ]
         entries = list(self.tuner_layers())[::-1]  # inner layers first: nested ones (LoRA's ParamWrapper) unwrap
         if progressbar:
@@ -1395,7 +1398,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         return key
 
 
-def untie_in_config(model: nn.Module, shared: list[nn.Parameter]) -> None:
+def untie_in_config(model: nn.Module, shared: list[Any]) -> None:
     """After a merge gave some modules their own copy of a tied weight (`BaseTuner._layers_to_untie`), make the
     transformers model say so: the pairs of its `all_tied_weights_keys` that no longer hold one Parameter are dropped
     (a later `tie_weights()` call from transformers' own code must not tie them back), and when no pair is left tied
