@@ -199,7 +199,7 @@ class _DoraLinearFunction(torch.autograd.Function):
         if need_B:
             grad_B = torch.mm(gk.t(), after_A).mul_(s)
         if need_m:
-            grad_m = torch.einsum("to,to->o", g, z).mul_(inv_norm)
+            grad_m = torch.linalg.vecdot(g, z, dim=0).mul_(inv_norm)  # (einsum: 20x slower on CPU)
         if need_bias:
             grad_bias = g.sum(0) - gk.sum(0)
         if need_result:

@@ -170,7 +170,10 @@ def _rescale_config(config: LoraConfig, target_rank: int) -> None:
     def factor(rank: int) -> float:  # the scaling alpha / r (rsLoRA: alpha / sqrt(r)) must not change
         return math.sqrt(target_rank / rank) if config.use_rslora else target_rank / rank
 
-    config.alpha_pattern = {key: alpha * factor(rank_for(key)) for key, alpha in config.alpha_pattern.items()}
+    alphas = {key: alpha * factor(rank_for(key)) for key, alpha in config.alpha_pattern.items()}
+    for key, rank in config.rank_pattern.items():  # a rank of its own without an alpha of its own: the default alpha
+        alphas.setdefault(key, config.lora_alpha * factor(rank))
+    config.alpha_pattern = alphas
     config.lora_alpha = config.lora_alpha * factor(config.r)
     config.r = target_rank
     config.rank_pattern = {key: target_rank for key in config.rank_pattern}
