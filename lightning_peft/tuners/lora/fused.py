@@ -136,11 +136,26 @@ def _lora_linear_no_grad(
     scaling: float,
     fan_in_fan_out: bool,
 ) -> torch.Tensor:
-    """Inference without dropout: the low-rank update (with the bias as one more rank) is written first
-    and the base product accumulates into it inside the big matmul, so the output is written once, as
-    for the base layer alone. A rounding-level reordering of the same sum (the autograd path keeps the
-    base-then-update order)."""
+    """Inference without dropout, by whichever of two ways moves fewer bytes (a rounding-level reordering of
+    the same sum either way; the autograd path keeps the base-then-update order):
+
+    - many tokens, fp32/fp64: the layer's weight merged on the fly, `W + s B A` into a temporary (the stored
+      weight is untouched), then one matmul: the extra work is one pass over the weight instead of passes
+      over the (tokens x features) activations. Not in half precision, where rounding the merged weight
+      would lose the update's low bits (what the unmerged model exists to avoid).
+    - otherwise: the low-rank update (with the bias as one more rank) is written first and the base
+      product accumulates into it inside the big matmul, so the output is written once, as for the base
+      layer alone.
+    """
     x2 = x.reshape(-1, x.shape[-1])
+    n_in, n_out = x2.shape[1], lora_B.shape[0]
+    if x2.dtype in _MERGE_ON_THE_FLY_DTYPES and x2.shape[0] * (n_in + 2 * n_out) > 2 * n_in * n_out:
+        if fan_in_fan_out:  # weight stored (in, out)
+            w_t = torch.addmm(weight, lora_A.t(), lora_B.t(), alpha=scaling)
+        else:
+            w_t = torch.addmm(weight, lora_B, lora_A, alpha=scaling).t()
+        out = torch.mm(x2, w_t) if bias is None else torch.addmm(bias, x2, w_t)
+        return out.view(*x.shape[:-1], n_out)
     after_A = torch.mm(x2, lora_A.t())  # (tokens, r)
     up = lora_B.t() * scaling  # (r, out), tiny
     if bias is not None:
@@ -149,6 +164,10 @@ def _lora_linear_no_grad(
     out = torch.mm(after_A, up)
     out.addmm_(x2, weight if fan_in_fan_out else weight.t())
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+# the dtypes in which inference may merge the weight on the fly (see `_lora_linear_no_grad`)
+_MERGE_ON_THE_FLY_DTYPES = (torch.float32, torch.float64)
 
 
 class _LoraLinearFunction(torch.autograd.Function):
