@@ -352,7 +352,7 @@ class Linear(nn.Module, LoraLayer):
         ):
             return None
         name = self._active_adapters[0]
-        modules = self._modules
+        modules: dict[str, Any] = self._modules
         lora_A = modules["lora_A"]._modules.get(name)
         if lora_A is None or name in modules["lora_magnitude_vector"]._modules:  # DoRA: dora.py
             return None
