@@ -115,13 +115,13 @@ def test_same_seed_same_mask_and_chunking_does_not_change_it(monkeypatch):
     # result is the very same draw (the same stream of gaps) as with one chunk
     monkeypatch.setattr(fused, "_CHUNK_SIGMAS", -30.0)
     chunks = []
-    real_empty = torch.empty
+    real_rand = torch.rand
 
-    def counting_empty(*args, **kwargs):
+    def counting_rand(*args, **kwargs):
         chunks.append(args)
-        return real_empty(*args, **kwargs)
+        return real_rand(*args, **kwargs)
 
-    monkeypatch.setattr(fused.torch, "empty", counting_empty)
+    monkeypatch.setattr(fused.torch, "rand", counting_rand)
     short = _mask(50_000, 0.05, 7)
     monkeypatch.undo()
     assert len(chunks) > 1 and torch.equal(short, a)
