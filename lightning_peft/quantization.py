@@ -128,6 +128,14 @@ def keep_plain_layout(layer: nn.Module) -> None:
     unpack_bnb_cpu_4bit(layer.weight)
 
 
+def keep_plain_layouts(model: nn.Module) -> None:
+    """`keep_plain_layout` on every bitsandbytes `Linear4bit` of `model`, the layers no adapter wraps included (a
+    model loaded in 4-bit by transformers: its untargeted layers with a bias break training after an eval forward)."""
+    for module in model.modules():
+        if is_linear4bit(module):
+            keep_plain_layout(module)
+
+
 def quantize_weight_4bit(weight: torch.Tensor, like: Any, device: Optional[torch.device] = None) -> nn.Parameter:
     """A `Params4bit` holding `weight` (out, in) quantized by bitsandbytes with the settings of the 4-bit weight
     `like` (quant type, block size, double quantization, storage dtype), in `like`'s original dtype."""
@@ -269,13 +277,19 @@ def quantize_base_linears(
     bits, quant_type, dtype, double_quant = _check_4bit_options(
         bits, quant_type, compute_dtype, double_quant, threshold
     )
+    # a str is iterable too: skip="pooler" would skip modules named "p", "o", ... and quantize the one meant
+    names = [] if skip is None else None if isinstance(skip, str) or not isinstance(skip, Iterable) else list(skip)
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"quantize_base_linears: skip must be a list of module names, e.g. ['pooler'], got {skip!r}")
+    if not isinstance(include_conv1d, bool):
+        raise ValueError(f"quantize_base_linears: include_conv1d must be True or False, got {include_conv1d!r}")
     require_bitsandbytes()
     if any(isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)) for m in model.modules()):
         raise ValueError(
             "quantize_base_linears: this model already holds adapters; quantize the base model first, "
             "then inject the tuner (so the adapter's own layers stay in full precision)"
         )
-    skip_names = set(skip or ()) | set(TASK_HEAD_NAMES) | {"lm_head"}
+    skip_names = set(names) | set(TASK_HEAD_NAMES) | {"lm_head"}
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     head = get_output_embeddings() if callable(get_output_embeddings) else None
     skipped_prefixes = [
@@ -294,9 +308,12 @@ def quantize_base_linears(
             continue
         parent, _, child = get_submodule_parent(model, name)
         if bits == 4:
-            setattr(parent, child, _make_linear4bit(weight, bias, quant_type, dtype, double_quant))
+            layer = _make_linear4bit(weight, bias, quant_type, dtype, double_quant)
         else:
-            setattr(parent, child, _make_linear8bit(weight, bias, threshold))
+            layer = _make_linear8bit(weight, bias, threshold)
+        if type(module) is not nn.Linear:  # as transformers' bitsandbytes layers: the class replaced (Conv1D)
+            setattr(layer, "source_cls", type(module))
+        setattr(parent, child, layer)
         replaced += 1
     if replaced == 0:
         warnings.warn(
@@ -326,6 +343,8 @@ def dequantize_base_linears(model: nn.Module, dtype: torch.dtype = torch.float32
             if module.bias is not None:
                 linear.bias.copy_(module.bias.detach().to(dtype))
         linear.requires_grad_(False)
+        if getattr(module, "source_cls", None) is not None:  # a Conv1D: the merged export writes its (in, out) layout
+            setattr(linear, "source_cls", getattr(module, "source_cls"))
         parent, _, child = get_submodule_parent(model, name)
         setattr(parent, child, linear)
     if getattr(model, "_lightning_peft_quantized", None):
@@ -394,6 +413,7 @@ __all__ = [
     "quantize_weight_4bit",
     "is_linear4bit",
     "keep_plain_layout",
+    "keep_plain_layouts",
     "is_quantized_linear",
     "int4_layers",
     "quantized_layer_names",

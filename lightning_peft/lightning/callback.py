@@ -328,7 +328,9 @@ class PEFTCallback(pl.Callback):
             else:
                 self.merged_dir = os.path.join(export_dir, MERGED_SUBDIR)
                 if is_main:  # built, written and freed here: the module in memory stays unmerged
-                    save_merged_model(state.merged_model(tensors), self.merged_dir, extras=self.export_extras)
+                    save_merged_model(
+                        state.merged_model(tensors, dequantize=True), self.merged_dir, extras=self.export_extras
+                    )
                 rank_zero_info(f"lightning_peft: merged model written to {self.merged_dir}")
         trainer.strategy.barrier("lightning_peft.export")
 

@@ -48,10 +48,13 @@ _KEEP_DTYPE_METHODS = ("gptq", "aqlm", "eetq", "torchao", "hqq")
 
 
 def _loaded_in_kbit(model: nn.Module) -> bool:
-    """As HF PEFT: transformers' `is_loaded_in_8bit` / `is_loaded_in_4bit`; here also a model holding bitsandbytes
+    """As HF PEFT: transformers' `is_loaded_in_8bit` / `is_loaded_in_4bit`, or a GPTQ / AQLM / EETQ / HQQ / torchao
+    `quantization_method`; here also a model holding bitsandbytes
     layers (e.g. quantized by `lightning_peft.quantization.quantize_base_linears`, which sets neither flag)."""
     if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
         return True
+    if getattr(model, "quantization_method", None) in _KEEP_DTYPE_METHODS or getattr(model, "hqq_quantized", False):
+        return True  # HF also checkpoints GPTQ / AQLM / EETQ / HQQ / torchao models
     from ..quantization import is_quantized_linear  # imports the tuners: not at module level
 
     return any(is_quantized_linear(m) for m in model.modules())
@@ -100,6 +103,9 @@ def prepare_model_for_kbit_training(
         )
     for param in model.parameters():
         param.requires_grad = False
+    from ..quantization import keep_plain_layouts
+
+    keep_plain_layouts(model)  # bitsandbytes' one-way CPU repacking of 4-bit layers breaks training (not in HF)
     if getattr(model, "quantization_method", None) not in _KEEP_DTYPE_METHODS and not getattr(
         model, "hqq_quantized", False
     ):
