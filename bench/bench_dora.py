@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import StepCase, _quiet, batch, interleave, libraries, lora_kwargs, machine, MODELS
+from common import MODELS, StepCase, _quiet, batch, interleave, libraries, lora_kwargs, machine
 
 
 def build(kind: str, arch: str, dropout: float):
