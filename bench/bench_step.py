@@ -43,7 +43,7 @@ def rows(arch: str, t: Timings) -> list[dict]:
     ]
     for dropout in DROPOUTS:
         ours = f"ours p={dropout}"
-        target = 0.90 if dropout > 0 else 1.00
+        target = 0.85 if dropout > 0 else 1.00  # issue 15 (0.90 in issue 7)
         if f"peft p={dropout}" in t.samples:
             out.append(
                 dict(

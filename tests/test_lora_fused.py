@@ -71,6 +71,8 @@ def test_fused_equals_general_without_dropout(kind, alpha, bias_grad, monkeypatc
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_fused_dropout_draws_the_same_mask(kind):
+    # p = 0.3 > GEOMETRIC_MAX_P: nn.Dropout's own mask. Below it (on CPU) the mask has the same distribution
+    # but another draw: tests/test_lora_dropout_sampler.py checks that path against its own mask
     layer = _layer(kind, dropout=0.3).train()
     x = torch.randn(4, 6, 16) + 2.0  # no zeros in x: a dropped entry is visible in A's gradient
     out_f, gx_f, g_f = _run(layer, x, fused=True)

@@ -25,7 +25,7 @@ import torch
 # m is an i.i.d. Bernoulli(1-p) keep mask, the distribution nn.Dropout draws. On CPU with p <= 0.25
 # (`GEOMETRIC_MAX_P`) it is drawn as the positions of the dropped entries (`drop_positions`: the gaps
 # between drops are i.i.d. Geometric(p), about p*N random numbers instead of N Bernoulli draws), applied
-# with `index_fill_` to a copy of x and to the input gradient, and saved as those positions (int64,
+# with `put_` to a copy of x and to the input gradient, and saved as those positions (int64,
 # ~p*N of them). Same distribution as nn.Dropout's mask, but not the same draw for a given seed (the
 # same seed gives the same mask twice). Elsewhere (p > 0.25, other devices) it is the mask nn.Dropout
 # draws (the same generator call, so the same mask for the same seed), kept as bool and applied with
@@ -78,7 +78,7 @@ def _dropped_copy(x2: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tenso
     if x2.device.type == "cpu" and p <= GEOMETRIC_MAX_P:
         positions = drop_positions(x2.numel(), p, x2.device)
         x_lora = x2.clone(memory_format=torch.contiguous_format)
-        x_lora.view(-1).index_fill_(0, positions, 0.0)
+        _zero_at(x_lora, positions)
         return x_lora, positions
     mask = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
     return torch.where(mask, x2, x2.new_zeros(())), mask
@@ -89,7 +89,13 @@ def _zero_dropped(grad: torch.Tensor, dropped: torch.Tensor) -> None:
     if dropped.dtype == torch.bool:
         torch.where(dropped, grad, grad.new_zeros(()), out=grad)
     else:
-        grad.view(-1).index_fill_(0, dropped, 0.0)
+        _zero_at(grad, dropped)
+
+
+def _zero_at(t: torch.Tensor, positions: torch.Tensor) -> None:
+    """t.view(-1)[positions] = 0 for a contiguous t: `put_` from a stride-0 zero is the cheapest way on CPU (about
+    half of `index_fill_`'s time, measured)."""
+    t.view(-1).put_(positions, t.new_zeros(()).expand(positions.numel()))
 
 
 def _exact_scale(scaling: float) -> bool:
