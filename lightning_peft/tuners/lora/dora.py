@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..._compat import has_global_module_hooks, has_module_hooks
+
 if TYPE_CHECKING:
     from .layer import LoraLayer
 
@@ -212,8 +214,6 @@ def _fast_path(layer: LoraLayer, name: str, x: torch.Tensor, result: torch.Tenso
     no bias), no dropout at work, one dtype, no autocast or compilation."""
     if type(layer).__name__ != "Linear" or torch.compiler.is_compiling():
         return False
-    from .layer import _global_hooks, _hooked  # the fused LoRA path's hook checks
-
     lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
         return False
@@ -222,7 +222,9 @@ def _fast_path(layer: LoraLayer, name: str, x: torch.Tensor, result: torch.Tenso
     weight_A = lora_A.weight
     if not (x.dtype == result.dtype == weight_A.dtype == _magnitude(layer, name).dtype):
         return False
-    if _hooked(lora_A) or _hooked(lora_B) or _hooked(layer.lora_magnitude_vector[name]) or _global_hooks():
+    if any(has_module_hooks(m) for m in (lora_A, lora_B, layer.lora_magnitude_vector[name])):
+        return False
+    if has_global_module_hooks():
         return False
     return not torch.is_autocast_enabled(x.device.type)
 
