@@ -202,3 +202,20 @@ def test_large_p_and_other_devices_keep_nn_dropout_mask():
     expected = nn.functional.dropout(x, 0.5) * 0.5
     assert mask.dtype == torch.bool
     torch.testing.assert_close(x_lora, expected)
+
+
+def test_deterministic_algorithms_mode_gives_the_same_mask():
+    layer = _layer(0.1)
+    x = torch.randn(3, 20, 32) + 3.0
+    outputs = []
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            torch.manual_seed(11)
+            xr = x.clone().requires_grad_(True)
+            layer(xr).sum().backward()
+            outputs.append(xr.grad)
+        finally:
+            torch.use_deterministic_algorithms(False)
+    # put_ (torch flags it nondeterministic) is swapped for index_fill_ there: the same zeros, the same gradient
+    torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
