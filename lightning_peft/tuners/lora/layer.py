@@ -472,8 +472,16 @@ class Embedding(_SizedByBaseLayer):
                 result = dora.dora_embedding_forward(self, name, x, result)
                 continue
             after_A = self._embed(x, self.lora_embedding_A[name].T)
-            result = result + (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+            result = result + self._scaled((after_A @ self.lora_embedding_B[name].T) * self.scaling[name])
         return result.to(result_dtype)
+
+    def _scaled(self, update: torch.Tensor) -> torch.Tensor:
+        """`update` times the base layer's scalar `embed_scale` where it has one (Gemma 3's scaled word embedding
+        multiplies its lookup by it), as HF PEFT: the adapter's rows are scaled as the base rows are."""
+        scale = getattr(self.get_base_layer(), "embed_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            return update * scale.to(update.dtype)
+        return update * scale if isinstance(scale, (int, float)) and not isinstance(scale, bool) else update
 
     def _mixed_batch_forward(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each sample's ids looked up in its own adapter's A, then through its B (see the Linear one)."""
@@ -486,7 +494,7 @@ class Embedding(_SizedByBaseLayer):
                 continue
             rows = batch.rows(name, x.device)
             after_A = self._embed(x[rows], self.lora_embedding_A[name].T)
-            update = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+            update = self._scaled((after_A @ self.lora_embedding_B[name].T) * self.scaling[name])
             add_rows(result, rows, update if update.dtype == result.dtype else update.to(result.dtype))
         return result
 
