@@ -41,7 +41,8 @@ def states_equal(ours, theirs, atol=0.0):
 def test_creation_equals_hf(llama, init):
     ours, theirs = build(lp, llama, init_lora_weights=init), build(peft, llama, init_lora_weights=init)
     states_equal(ours, theirs)  # factors and the residual base weights, bit for bit
-    torch.testing.assert_close(logits(ours, ids()), logits(theirs, ids()), atol=0, rtol=0)
+    # factors and residual weights are equal bit for bit (above); the forward is not HF's op order (fused path)
+    torch.testing.assert_close(logits(ours, ids()), logits(theirs, ids()), atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(ours, ids()), logits(llama, ids()), atol=2e-6, rtol=0)  # output kept
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     changed = not torch.equal(layer.base_layer.weight, llama.model.layers[0].self_attn.q_proj.weight)
@@ -162,7 +163,7 @@ def test_second_pissa_adapter_equals_hf(llama):
         models.append(model)
     states_equal(*models)
     models[0].set_adapter("second"), models[1].set_adapter("second")
-    torch.testing.assert_close(logits(models[0], ids()), logits(models[1], ids()), atol=0, rtol=0)
+    torch.testing.assert_close(logits(models[0], ids()), logits(models[1], ids()), atol=1e-6, rtol=0)
 
 
 def test_bf16_base_computes_in_fp32(llama):
