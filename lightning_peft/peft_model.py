@@ -14,7 +14,7 @@ from torch import nn
 
 from ._compat import incompatible_keys, name_or_path
 from ._files import atomic_folder
-from .config import PICKLE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME, SAVED_PREFIX, PeftConfig, TaskType, adapter_folder
+from .config import PICKLE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME, PeftConfig, TaskType, adapter_folder
 from .model_card import write_model_card
 from .serialization import (
     atomic_save_file,
@@ -452,7 +452,7 @@ class PeftModel(nn.Module):
         """Before anything changes: the file's tensors (and, for a tuner that wraps layers, its config's targets)
         must be those of adapter `name`, so the rebuilt adapter has the same layers and shapes."""
         tuner = self.tuner
-        optional = {SAVED_PREFIX + k for k in getattr(tuner, "_embedding_base_keys", set)()}
+        optional = set(getattr(tuner, "embedding_tensors", lambda _: {})(name))
         shapes = {k: tuple(v.shape) for k, v in weights.items() if k not in optional}
         old_shapes = {k: tuple(v.shape) for k, v in old_tensors.items()}
         differ = sorted(set(shapes) ^ set(old_shapes)) or sorted(k for k in shapes if shapes[k] != old_shapes[k])

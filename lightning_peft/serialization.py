@@ -109,7 +109,7 @@ def set_peft_model_state_dict(
         raise TypeError(f"peft_model_state_dict must be a dict of tensors, got {type(peft_model_state_dict).__name__}")
     tensors = {prefix + k: v for k, v in peft_model_state_dict.items()} if prefix else dict(peft_model_state_dict)
     # with the base embedding tensors a file may carry (save_embedding_layers), checked and loaded alike
-    own = {**tuner.peft_state_dict(adapter_name), **getattr(tuner, "embedding_tensors", dict)()}
+    own = {**tuner.peft_state_dict(adapter_name), **getattr(tuner, "embedding_tensors", lambda _: {})(adapter_name)}
     if ignore_mismatched_sizes:
         mismatched_keys = [k for k, v in tensors.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
         if mismatched_keys:

@@ -781,6 +781,19 @@ def check_tensors_fit(
         )
 
 
+def check_tied_values(tensors: dict[str, torch.Tensor], where: dict[str, torch.Tensor]) -> None:
+    """Keys of a file that land on one tensor of the model (tied weights, which HF PEFT saves once per name) must
+    hold equal values: otherwise which of them the model ends up with would depend on the file's order."""
+    first: dict[int, str] = {}
+    for key in tensors:
+        other = first.setdefault(id(where[key]), key)
+        if other != key and not torch.equal(tensors[other].to(tensors[key].dtype), tensors[key]):
+            raise ValueError(
+                f"the adapter weights hold {other} and {key}, which are one tensor in this model (tied weights), "
+                "with different values; a file written for these tied weights holds the same values under both keys"
+            )
+
+
 class BaseTuner(TunerAttributes, nn.Module):
     """Injects a tuner's layers into `model` and manages named adapters.
 
@@ -1280,8 +1293,8 @@ class BaseTuner(TunerAttributes, nn.Module):
                     "Could not identify embedding layer(s) because the model is not a 🤗 transformers model.",
                     stacklevel=3,
                 )
-            embedding_keys = self._embedding_base_keys(targeted)
-            out.update({SAVED_PREFIX + k: v for k, v in inner.items() if k in embedding_keys})
+            embedding_keys = self._embedding_file_keys(adapter_name, targeted)
+            out.update({SAVED_PREFIX + k: inner[m] for k, m in embedding_keys.items() if m in inner})
         return out
 
     def _embedding_targeted(self, config: Any) -> bool:
@@ -1327,27 +1340,42 @@ class BaseTuner(TunerAttributes, nn.Module):
             return set()
         return {k for k in self.state_dict() if k.startswith(tuple(prefixes))}
 
-    def embedding_tensors(self) -> dict[str, torch.Tensor]:
-        """{saved key: the model's tensor} for every base embedding tensor a file may carry (`_embedding_base_keys`):
-        loading checks their shapes and dtypes as the adapter's and writes them into the base model, as HF PEFT
-        restores them."""
+    def _embedding_file_keys(self, adapter_name: Optional[str], targeted: Optional[bool] = None) -> dict[str, str]:
+        """{saved key: model key} (relative to this tuner) of what `save_embedding_layers` adds to `adapter_name`'s
+        file: the base embedding tensors (`_embedding_base_keys`) under their own keys; a tuner whose embedding layers
+        HF PEFT saves under other keys (LoRA's trainable tokens) overrides this."""
+        return {k: k for k in self._embedding_base_keys(targeted)}
+
+    def embedding_tensors(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """{saved key: the model's tensor} for every base embedding tensor a file of `adapter_name` may carry
+        (`_embedding_file_keys`): loading checks their shapes and dtypes as the adapter's and writes them into the
+        base model, as HF PEFT restores them."""
         own = self.state_dict()
-        return {SAVED_PREFIX + k: own[k] for k in self._embedding_base_keys()}
+        return {SAVED_PREFIX + k: own[m] for k, m in self._embedding_file_keys(adapter_name).items()}
 
     def load_peft_state_dict(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
         """Load adapter tensors saved in HF PEFT's format into `adapter_name`; every key and shape is checked
         before anything is written, so a wrong file leaves the model untouched. Base embedding tensors (saved with
         `save_embedding_layers`) may be present: they are checked alike and written into the base model."""
         self.check_attached()
-        embeddings = self.embedding_tensors()
+        embeddings = self.embedding_tensors(adapter_name)
         expected = {k: tuple(v.shape) for k, v in self.peft_state_dict(adapter_name).items()}
         expected.update({k: tuple(v.shape) for k, v in embeddings.items()})
         check_tensors_fit(expected, tensors, adapter_name, optional=frozenset(embeddings))
         # keep_vars: parameters as such, and every name of a tied one (lm_head.weight is wte.weight in GPT-2)
         targets: dict[str, torch.Tensor] = self.state_dict(keep_vars=True)
+        embedding_keys = self._embedding_file_keys(adapter_name)
+        where = {
+            key: targets[
+                embedding_keys.get(key[len(SAVED_PREFIX) :])
+                or self.adapter_key_to_model_key(key[len(SAVED_PREFIX) :], adapter_name)
+            ]
+            for key in tensors
+        }
+        check_tied_values(tensors, where)
         with torch.no_grad():
             for key, value in tensors.items():
-                target = targets[self.adapter_key_to_model_key(key[len(SAVED_PREFIX) :], adapter_name)]
+                target = where[key]
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
 
     def adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:

@@ -179,6 +179,10 @@ class LoraModel(BaseTuner):
     def _extra_model_key(self, key: str, adapter_name: str) -> Optional[str]:
         return trainable_tokens.model_key(key, adapter_name)
 
+    def _embedding_file_keys(self, adapter_name: Optional[str], targeted: Optional[bool] = None) -> dict[str, str]:
+        keys = super()._embedding_file_keys(adapter_name, targeted)
+        return trainable_tokens.embedding_file_keys(self.model, keys, adapter_name)  # HF PEFT's keys for those
+
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
         if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):

@@ -399,17 +399,63 @@ def inject(
         setattr(parent, child, tied)
 
 
-def saved_tensors(state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
-    """The trained rows of `adapter_name` under HF PEFT's keys (`<module>.token_adapter.trainable_tokens_delta`)."""
+def saved_tensors(
+    state_dict: dict[str, torch.Tensor], adapter_name: str, saved_name: str = SAVED_NAME
+) -> dict[str, torch.Tensor]:
+    """The trained rows of `adapter_name` under HF PEFT's keys (LoRA's `<module>.token_adapter.trainable_tokens_delta`;
+    the TrainableTokens tuner's `<module>.trainable_tokens_delta`)."""
     suffix = f".trainable_tokens_delta.{adapter_name}"
-    return {k[: -len(suffix)] + "." + SAVED_NAME: v for k, v in state_dict.items() if k.endswith(suffix)}
+    return {k[: -len(suffix)] + "." + saved_name: v for k, v in state_dict.items() if k.endswith(suffix)}
 
 
-def model_key(key: str, adapter_name: str) -> Optional[str]:
+def model_key(key: str, adapter_name: str, saved_name: str = SAVED_NAME) -> Optional[str]:
     """The model's key for a saved `...token_adapter.trainable_tokens_delta` key (None for other keys)."""
-    if not key.endswith("." + SAVED_NAME):
+    if not key.endswith("." + saved_name):
         return None
-    return key[: -len(SAVED_NAME)] + f"trainable_tokens_delta.{adapter_name}"
+    return key[: -len(saved_name)] + f"trainable_tokens_delta.{adapter_name}"
+
+
+def tied_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """[(name of a tied layer, name of the layer it follows)] in `model`."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [
+        (n, names[id(m.tied_adapter)])
+        for n, m in model.named_modules()
+        if isinstance(m, TrainableTokensLayer) and m.tied_adapter is not None and id(m.tied_adapter) in names
+    ]
+
+
+def tied_file_keys(model: nn.Module, adapter_name: Optional[str], saved_name: str) -> dict[str, str]:
+    """{saved key: model key} (relative to the tuner) of the rows HF PEFT saves a second time under a tied layer's
+    name (`lm_head.<saved_name>`): they are the rows of the layer it follows. On loading, both keys must hold the
+    same values (`check_tied_values`)."""
+    if adapter_name is None:
+        return {}
+    return {
+        f"model.{tied}.{saved_name}": f"model.{source}.trainable_tokens_delta.{adapter_name}"
+        for tied, source in tied_layers(model)
+        if adapter_name in cast(TrainableTokensLayer, model.get_submodule(source)).trainable_tokens_delta
+    }
+
+
+def embedding_file_keys(model: nn.Module, keys: dict[str, str], adapter_name: Optional[str]) -> dict[str, str]:
+    """LoRA's `save_embedding_layers` keys (`keys`: {saved key: model key}) as HF PEFT writes them where trainable
+    tokens wrap an embedding: HF PEFT saves everything under its wrapper, so the base weight is
+    `<module>.token_adapter.base_layer.weight` and a tied layer's rows come a second time,
+    `<module>.token_adapter.trainable_tokens_delta`."""
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, TrainableTokensLayer)]
+    out: dict[str, str] = {}
+    saved_under: set[str] = set()
+    for key, model_key_ in keys.items():
+        name = next((n for n in wrapped if key.startswith(f"model.{n}.base_layer.")), None)
+        if name is None:
+            out[key] = model_key_
+            continue
+        saved_under.add(name)
+        out[f"model.{name}.token_adapter.{key[len(name) + 7 :]}"] = model_key_
+    tied = tied_file_keys(model, adapter_name, SAVED_NAME)
+    out.update({k: v for k, v in tied.items() if k[len("model.") : -len("." + SAVED_NAME)] in saved_under})
+    return out
 
 
 def check_set_adapter(model: nn.Module, names: list[str]) -> None:
