@@ -6,6 +6,7 @@ them strictly: the base embedding is restored, the tied copy must equal the rows
 from __future__ import annotations
 
 import copy
+import warnings
 
 import peft
 import pytest
@@ -155,3 +156,18 @@ def test_lora_on_the_embedding_and_tokens_on_the_head(tmp_path):
     torch.testing.assert_close(_logits(loaded), _logits(ours), atol=1e-5, rtol=0)
     back = lp.PeftModel.from_pretrained(_other_embeddings(base), tmp_path / "ours")
     torch.testing.assert_close(_logits(back), _logits(ours), atol=1e-5, rtol=0)
+
+
+def test_auto_does_not_save_the_embeddings_with_trainable_tokens(tmp_path):
+    """HF PEFT's `save_embedding_layers="auto"` saves the embeddings when the targets name one, except with trainable
+    tokens (their point is a small file): same keys, and no warning."""
+    base = _base("llama")
+    kwargs = dict(r=2, target_modules=["q_proj", "lm_head"], trainable_token_indices={"embed_tokens": [64]})
+    hf = quiet(peft.get_peft_model, copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    quiet(hf.save_pretrained, tmp_path / "hf")
+    ours = lp.get_peft_model(copy.deepcopy(base), lp.LoraConfig(**kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours.save_pretrained(tmp_path / "ours")
+    assert saved_shapes(tmp_path / "ours") == saved_shapes(tmp_path / "hf")
+    assert not any("base_layer" in k for k in saved_shapes(tmp_path / "ours"))

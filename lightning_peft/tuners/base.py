@@ -1281,8 +1281,11 @@ class BaseTuner(TunerAttributes, nn.Module):
         out = {SAVED_PREFIX + k: v for k, v in self.adapter_state_dict(inner, adapter_name).items()}
         targeted = self._embedding_targeted(self.peft_config[adapter_name])
         if save_embedding_layers == "auto":
-            save_embedding_layers = targeted
-            if targeted:
+            # HF PEFT: not for trainable tokens (their point is a small file), whatever the targets
+            config = self.peft_config[adapter_name]
+            tokens = getattr(config, "trainable_token_indices", None) is not None
+            save_embedding_layers = targeted and not tokens and str(config.peft_type) != "TRAINABLE_TOKENS"
+            if save_embedding_layers:
                 warnings.warn(
                     "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
                     stacklevel=3,
