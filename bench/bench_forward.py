@@ -1,6 +1,6 @@
 """Inference forward: unmerged and merged LoRA vs the base model (ours, and peft beside it).
 
-    python bench/bench_forward.py [--quick]
+    python bench/bench_forward.py [--quick] [--arch gpt2 llama] [--rounds N] [--cpu-time]
 
 All models are in eval mode under `torch.inference_mode()`, same weights, same batch. The
 adapters get non-zero B so the update is real work (timing does not depend on values anyway).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import ForwardCase, Timings, batch, build_case, interleave, libraries
+from common import ForwardCase, Timings, batch, build_case, interleave, libraries, use_cpu_time
 
 
 def _nonzero_adapters(model: torch.nn.Module) -> torch.nn.Module:
@@ -71,7 +71,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--arch", nargs="+", default=["gpt2", "llama"])
     parser.add_argument("--rounds", type=int)
+    parser.add_argument("--cpu-time", action="store_true", help="one thread, the main thread's CPU time (busy machine)")
     args = parser.parse_args()
+    if args.cpu_time:
+        use_cpu_time()
     for arch in args.arch:
         t = run(arch, args.rounds or (5 if args.quick else 11))
         for row in rows(arch, t):

@@ -1,6 +1,6 @@
 """Training step time: LoRA (ours, peft) vs full fine-tuning, lora_dropout 0 and 0.05, in one process.
 
-    python bench/bench_step.py [--quick] [--arch gpt2 llama]
+    python bench/bench_step.py [--quick] [--arch gpt2 llama] [--rounds N] [--cpu-time]
 
 Every case (full, ours/peft x dropout 0/0.05) lives in the same process with the same weights
 and batch; the cases take turns round by round, and each ratio is the median of per-round ratios.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import StepCase, Timings, batch, build_case, interleave, libraries
+from common import StepCase, Timings, batch, build_case, interleave, libraries, use_cpu_time
 
 DROPOUTS = (0.0, 0.05)
 
@@ -82,7 +82,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--arch", nargs="+", default=["gpt2", "llama"])
     parser.add_argument("--rounds", type=int)
+    parser.add_argument("--cpu-time", action="store_true", help="one thread, the main thread's CPU time (busy machine)")
     args = parser.parse_args()
+    if args.cpu_time:
+        use_cpu_time()
     rounds = args.rounds or (3 if args.quick else 7)
     for arch in args.arch:
         t = run(arch, rounds)

@@ -219,3 +219,12 @@ def test_deterministic_algorithms_mode_gives_the_same_mask():
             torch.use_deterministic_algorithms(False)
     # put_ (torch flags it nondeterministic) is swapped for index_fill_ there: the same zeros, the same gradient
     torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
+
+
+def test_backward_keeps_the_positions_and_x_not_a_masked_copy():
+    layer = _layer(0.1)
+    x = torch.randn(4, 25, 32, requires_grad=True)
+    out = layer(x)
+    saved = out.grad_fn.saved_tensors
+    assert saved[0].data_ptr() == x.data_ptr()  # x itself, no held copy
+    assert saved[1].dtype == torch.int64 and 0 < saved[1].numel() < 0.2 * x.numel()

@@ -25,14 +25,15 @@ import torch
 # m is an i.i.d. Bernoulli(1-p) keep mask, the distribution nn.Dropout draws. On CPU with p <= 0.25
 # (`GEOMETRIC_MAX_P`) it is drawn as the positions of the dropped entries (`drop_positions`: the gaps
 # between drops are i.i.d. Geometric(p), about p*N random numbers instead of N Bernoulli draws), applied
-# with `put_` to a copy of x and to the input gradient, and saved as those positions (int64,
-# ~p*N of them). Same distribution as nn.Dropout's mask, but not the same draw for a given seed (the
-# same seed gives the same mask twice). Elsewhere (p > 0.25, other devices) it is the mask nn.Dropout
-# draws (the same generator call, so the same mask for the same seed), kept as bool and applied with
-# `where`. Either way a dropped NaN/inf input gives 0 rather than NaN (the base path carries it
-# anyway); the 1/(1-p) and the scaling act on the r-wide factors, never on a full activation (a
-# rounding-level reordering of the same products). With p == 0 there is no mask and no copy of x, and
-# the output is bit-identical to the op-for-op path.
+# with `put_` to a copy of x and to the input gradient, and saved as those positions (int64, ~p*N of
+# them) beside x itself (backward zeroes a copy again, instead of a copy held per layer). Same
+# distribution as nn.Dropout's mask, but not the same draw for a given seed (the same seed gives the
+# same mask twice). Elsewhere (p > 0.25, other devices) it is the mask nn.Dropout draws (the same
+# generator call, so the same mask for the same seed), kept as bool and applied with `where`. Either
+# way a dropped NaN/inf input gives 0 rather than NaN (the base path carries it anyway); the 1/(1-p)
+# and the scaling act on the r-wide factors, never on a full activation (a rounding-level reordering
+# of the same products). With p == 0 there is no mask and no copy of x, and the output is
+# bit-identical to the op-for-op path.
 
 # The positions sampler costs ~p * (one Geometric draw) per element against one Bernoulli draw per
 # element: several times cheaper for small p, no gain near p = 0.3 and above (measured on CPU).
@@ -77,11 +78,16 @@ def _dropped_copy(x2: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tenso
     keep mask)."""
     if x2.device.type == "cpu" and p <= GEOMETRIC_MAX_P:
         positions = drop_positions(x2.numel(), p, x2.device)
-        x_lora = x2.clone(memory_format=torch.contiguous_format)
-        _zero_at(x_lora, positions)
-        return x_lora, positions
+        return _zeroed_copy(x2, positions), positions
     mask = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
     return torch.where(mask, x2, x2.new_zeros(())), mask
+
+
+def _zeroed_copy(x2: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous copy of x2 with the entries at the (flat) positions zeroed."""
+    x_lora = x2.clone(memory_format=torch.contiguous_format)
+    _zero_at(x_lora, positions)
+    return x_lora
 
 
 def _zero_dropped(grad: torch.Tensor, dropped: torch.Tensor) -> None:
@@ -191,6 +197,11 @@ class _LoraLinearFunction(torch.autograd.Function):
         """`args`: those of `_lora_linear` (x, weight, bias, lora_A, lora_B, scaling, p, fan_in_fan_out)."""
         out, x_lora, mask, after_A = _lora_linear(*args)
         x, weight, _, lora_A, lora_B, scaling, p, fan_in_fan_out = args
+        if mask is not None and mask.dtype != torch.bool:
+            # drop positions: keep x itself rather than the masked copy (no copy of every adapted layer's input
+            # held until backward, as without dropout); backward zeroes a copy again for the one matmul that
+            # needs it (same step time, measured: the copy costs what holding it costs)
+            x_lora = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(x_lora, mask, after_A, weight, lora_A, lora_B)
         ctx.scaling, ctx.keep, ctx.fan_in_fan_out, ctx.x_shape = scaling, 1.0 - p, fan_in_fan_out, x.shape
         return out
@@ -213,6 +224,8 @@ class _LoraLinearFunction(torch.autograd.Function):
         if need_bias:
             grad_bias = g.sum(0)
         if need_A:
+            if mask is not None and mask.dtype != torch.bool:
+                x_lora = _zeroed_copy(x_lora, mask)
             grad_A = torch.mm(grad_after_A.t(), x_lora)
         if need_B:
             grad_B = torch.mm(g.t(), after_A).mul_(ctx.scaling)
