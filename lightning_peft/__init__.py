@@ -38,6 +38,7 @@ from .tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderRe
 from .tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .tuners.prompt_learning import PromptLearningConfig
 from .tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .tuners.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .utils import (
     TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING,
     NoMatchingPeftModuleError,
@@ -101,4 +102,6 @@ __all__ = [
     "PromptEncoder",
     "PrefixTuningConfig",
     "PrefixEncoder",
+    "TrainableTokensConfig",
+    "TrainableTokensModel",
 ]

@@ -26,16 +26,27 @@ from lightning_peft.app.train import tuner_config  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # for train.py, the checkout's entry point
 
-TUNERS = ["lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
+TUNERS = ["lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "trainable_tokens"]
+# the tuners that can train the classification recipe's new head (trainable_tokens has no modules_to_save and is
+# refused there: tests/test_trainable_tokens.py)
+CLASSIFIER_TUNERS = [t for t in TUNERS if t != "trainable_tokens"]
 STRATEGIES = ["single", "ddp", "fsdp", "fsdp1", "int8", "int4"]
 # each tuner's YAML carries its optimiser defaults (tuner.optim.*)
-LEARNING_RATE = {"lora": 2e-3, "ia3": 1e-2, "prompt_tuning": 3e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
+LEARNING_RATE = {
+    "lora": 2e-3,
+    "ia3": 1e-2,
+    "prompt_tuning": 3e-2,
+    "p_tuning": 1e-2,
+    "prefix_tuning": 1e-2,
+    "trainable_tokens": 1e-2,
+}
 CONFIG_CLASS = {
     "lora": "LoraConfig",
     "ia3": "IA3Config",
     "prompt_tuning": "PromptTuningConfig",
     "p_tuning": "PromptEncoderConfig",
     "prefix_tuning": "PrefixTuningConfig",
+    "trainable_tokens": "TrainableTokensConfig",
 }
 STRATEGY_CLASS = {"ddp": "DDPStrategy", "fsdp": "ModelParallelStrategy", "fsdp1": "FSDPStrategy"}
 # a few seconds per job: tiny BERT, 64 training rows, 40 validation rows
@@ -133,6 +144,7 @@ def test_tuner_yaml_keys():
         "prompt_tuning": {"num_virtual_tokens", "prompt_tuning_init"},
         "p_tuning": {"num_virtual_tokens", "encoder_reparameterization_type", "encoder_hidden_size"},
         "prefix_tuning": {"num_virtual_tokens", "prefix_projection"},
+        "trainable_tokens": {"token_indices", "target_modules", "init_weights"},
     }
     for tuner, keys in expected.items():
         assert set(compose([f"tuner={tuner}"]).tuner) == keys | {"_target_", "task_type", "optim"}, tuner
@@ -441,13 +453,14 @@ def test_multirun_over_all_tuners_writes_the_report(tmp_path):
     sweep = tmp_path / "sweep"
     ok(
         run_train(
-            ["-m", f"tuner={','.join(TUNERS)}", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", *FAST], cwd=tmp_path
+            ["-m", f"tuner={','.join(CLASSIFIER_TUNERS)}", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", *FAST],
+            cwd=tmp_path,
         )
     )
     plot = (sweep / "report.png").read_bytes()
     assert plot[:8] == b"\x89PNG\r\n\x1a\n"
     rows = _report(sweep)
-    assert [r["tuner"] for r in rows] == TUNERS and [r["job"] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert [r["tuner"] for r in rows] == CLASSIFIER_TUNERS and [r["job"] for r in rows] == ["0", "1", "2", "3", "4"]
     for r in rows:
         assert f"tuner={r['tuner']}" in r["overrides"].split() and "hydra.sweep.dir" not in r["overrides"]
         assert int(r["trainable_params"]) > 0 and 0.0 <= float(r["metric"]) <= 1.0

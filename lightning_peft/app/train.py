@@ -137,6 +137,20 @@ def tuner_config(cfg: DictConfig) -> Any:
     return instantiate(node, _convert_="all")
 
 
+def check_tuner_trains_head(tuner: Any, cfg: DictConfig) -> None:
+    """A classification recipe builds a new, random task head that only the tuner config's `modules_to_save` can
+    train: refuse a tuner config without that field (e.g. `TrainableTokensConfig`, as in HF PEFT) before any model
+    is built, rather than train a model whose head stays random."""
+    task = str(OmegaConf.select(cfg, "recipe.task_type", default="") or "")
+    if task in ("SEQ_CLS", "TOKEN_CLS") and not hasattr(tuner, "modules_to_save"):
+        choice = str(cfg.tuner.get("_target_", "")).rsplit(".", 1)[-1]
+        raise ValueError(
+            f"{choice} cannot train the new classifier head of a {task} recipe: it has no modules_to_save (as in HF "
+            "PEFT), so the head would stay random. Use it with recipe=causal_lm or recipe=seq2seq, or train new "
+            "tokens of a classifier with tuner=lora +tuner.trainable_token_indices=[...]"
+        )
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """The objects one run uses, without a Trainer: tokenizer, model, module, datamodule, tuner config."""
     from hydra.utils import instantiate
@@ -145,6 +159,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
     m = cfg.model
     tuner = tuner_config(cfg)
+    check_tuner_trains_head(tuner, cfg)
     quantize = None if cfg.quantize is None else str(getattr(cfg.quantize, "value", cfg.quantize))  # int8 / int4
     if quantize is not None:  # refuse a tuner that cannot run (or merge) over quantized layers before training
         from lightning_peft.quantization import check_quantized_compatible

@@ -259,6 +259,21 @@ def _visible_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
 
 
+def _all_paths(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every path to a module (a module reached by two paths is listed twice), outside tuner layers and saved-module
+    wrappers."""
+    out: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if any(name.startswith(w + ".") for w in inside):
+            continue
+        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            inside.append(name)
+        if name:
+            out.append((name, module))
+    return out
+
+
 class Plan:
     """What `trainable_token_indices` will do: [(module name, indices)] to wrap (or add the adapter to) and
     [(module name, name of the layer it is tied to)]."""
@@ -271,9 +286,9 @@ class Plan:
         return bool(self.own)
 
 
-def plan(model: nn.Module, config: Any, module_keys: list[str]) -> Plan:
+def plan(model: nn.Module, config: Any, module_keys: list[str], field: str = "trainable_token_indices") -> Plan:
     """Every check of `config.trainable_token_indices` against `model`, before any change (`module_keys`: the modules
-    `target_modules` is about to adapt)."""
+    `target_modules` is about to adapt; `field`: the config field the errors name)."""
     result = Plan()
     value = config.trainable_token_indices
     if value is None:
@@ -292,22 +307,21 @@ def plan(model: nn.Module, config: Any, module_keys: list[str]) -> Plan:
     visible = list(_visible_modules(model))
     output = _output_embedding(model)
     shared = getattr(embed, "weight", None) if embed is not None else None
-    # modules holding the input embedding's very weight (a tied LM head)
+    # modules holding the input embedding's very weight (a tied LM head), and the other paths to the embedding
+    # module itself (T5 after `resize_token_embeddings`: encoder.embed_tokens is model.shared), as HF PEFT
     tied_names = [
         n
-        for n, m in visible
+        for n, m in _all_paths(model)
         if shared is not None
-        and m is not embed
         and n != embed_name
-        and _base(m) is not embed
-        and getattr(_base(m), "weight", None) is shared
+        and (m is embed or _base(m) is embed or getattr(_base(m), "weight", None) is shared)
     ]
     chosen: dict[str, list[int]] = {}
     for name, indices in targets.items():
         matches = [(n, m) for n, m in visible if n and name_matches(n, [name])]
         if not matches:
             raise ValueError(
-                f"trainable_token_indices names {name!r}, which matches no module of the model; name the embedding "
+                f"{field} names {name!r}, which matches no module of the model; name the embedding "
                 "layer (e.g. 'embed_tokens')"
             )
         for key, module in matches:
@@ -316,7 +330,7 @@ def plan(model: nn.Module, config: Any, module_keys: list[str]) -> Plan:
                 isinstance(module, BaseTunerLayer) and not isinstance(module, TrainableTokensLayer)
             ):
                 raise TypeError(
-                    f"trainable_token_indices cannot be applied to modules of type {type(module).__name__} ({key} is "
+                    f"{field} cannot be applied to modules of type {type(module).__name__} ({key} is "
                     "also adapted through target_modules); leave it out of target_modules"
                 )
             is_output = output is not None and (module is output or base is output)
@@ -324,14 +338,14 @@ def plan(model: nn.Module, config: Any, module_keys: list[str]) -> Plan:
                 isinstance(base, nn.Linear) and (is_output or key in tied_names)
             ):
                 raise TypeError(
-                    f"trainable_token_indices[{name!r}] names {key}, a {type(base).__name__}: only an nn.Embedding (or "
+                    f"{field}[{name!r}] names {key}, a {type(base).__name__}: only an nn.Embedding (or "
                     "the model's output nn.Linear, whose rows are tokens too) has rows per token"
                 )
             rows = base.weight.shape[0]
             outside = [i for i in indices if i >= rows]
             if outside:
                 raise IndexError(
-                    f"trainable_token_indices: {outside[:8]} are out of range for {key}, which has {rows} rows "
+                    f"{field}: {outside[:8]} are out of range for {key}, which has {rows} rows "
                     "(resize the embeddings to the tokenizer first: model.resize_token_embeddings(len(tokenizer)))"
                 )
             if isinstance(module, TrainableTokensLayer) and module.tied_adapter is not None:
@@ -352,7 +366,7 @@ def plan(model: nn.Module, config: Any, module_keys: list[str]) -> Plan:
                     isinstance(module, BaseTunerLayer) and not isinstance(module, TrainableTokensLayer)
                 ):
                     raise TypeError(
-                        f"trainable_token_indices cannot be applied to modules of type {type(module).__name__}: {n} "
+                        f"{field} cannot be applied to modules of type {type(module).__name__}: {n} "
                         f"shares the input embedding's weight (tied) and is also adapted through target_modules"
                     )
                 if isinstance(module, TrainableTokensLayer) and module.tied_adapter is None:
