@@ -10,25 +10,26 @@ precision. Lightning's `BitsandbytesPrecision` is not used: it is CUDA-only and 
     model = quantize_base_linears(model, bits=4)     # ... or Linear4bit (NF4, double quantization, fp32 compute)
     peft = get_peft_model(model, LoraConfig(...))    # LoRA A/B in fp32 over the quantized layers
 
-Merging (see the README, "8-bit base"):
+Merging (see the README, "8-bit base" and "4-bit base"):
 - `merge_and_unload()` / `merge_adapter()` on a quantized base dequantizes the weight, adds the
   LoRA delta and requantizes (int8: row-wise absmax; 4-bit: blockwise with the layer's own quant type,
   block size and double quantization, as bitsandbytes does): memory stays quantized, but the merged
   weight is rounded again, so outputs differ slightly from the unmerged model (one warning).
 - `dequantize_base_linears(peft_model)` first turns every quantized layer back into an `nn.Linear`;
   a merge after it is an exact floating-point add. This is how a merged model is exported
-  (`save_pretrained` of a plain model that loads without bitsandbytes).
+  (`plain_for_export`: `save_pretrained` of a plain model that loads without bitsandbytes).
 IA3 cannot be merged into quantized layers at all (its layer refuses); `check_quantized_compatible`
-says so before training starts. Each tuner's own 8-bit layer lives in its folder (`tuners/lora/bnb.py`,
-`tuners/ia3/bnb.py`) and is declared where the tuner registers itself.
+says so before training starts. Each tuner's own 8-bit / 4-bit layers live in its folder (`tuners/lora/bnb.py`,
+`tuners/ia3/bnb.py`) and are declared where the tuner registers itself.
 
-bitsandbytes is imported only when a model is quantized (or an 8-bit layer is wrapped).
+bitsandbytes is imported only when a model is quantized (or a quantized layer is dequantized or requantized).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Iterable, Optional, cast
+from typing import Any, Iterable, Iterator, Optional, cast
 
 import torch
 from torch import nn
@@ -373,6 +374,73 @@ def quantized_layer_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if is_quantized_linear(module)]
 
 
+# what transformers' BitsAndBytesConfig loading leaves on the model (and `save_pretrained` writes into config.json)
+_QUANTIZATION_MODEL_MARKS = {
+    "hf_quantizer": None,
+    "is_quantized": False,
+    "is_loaded_in_4bit": False,
+    "is_loaded_in_8bit": False,
+    "quantization_method": None,
+}
+_QUANTIZATION_CONFIG_MARKS = ("quantization_config", "_is_quantized")
+
+
+@contextlib.contextmanager
+def _without_quantization_marks(model: nn.Module) -> Iterator[None]:
+    """A model loaded in 8-/4-bit by transformers, its layers now dequantized: without this, `save_pretrained` writes
+    the `quantization_config` into config.json and transformers loads the fp32 weights back into uninitialised
+    bitsandbytes layers. The marks are put back afterwards (the model may be shared with the one in memory)."""
+    config = getattr(model, "config", None)
+    saved_model = {k: model.__dict__[k] for k in _QUANTIZATION_MODEL_MARKS if k in model.__dict__}
+    saved_config = {k: vars(config)[k] for k in _QUANTIZATION_CONFIG_MARKS if k in getattr(config, "__dict__", {})}
+    try:
+        for key in saved_model:
+            model.__dict__[key] = _QUANTIZATION_MODEL_MARKS[key]
+        for key in saved_config:
+            delattr(config, key)
+        yield
+    finally:
+        model.__dict__.update(saved_model)
+        for key, value in saved_config.items():
+            setattr(config, key, value)
+
+
+@contextlib.contextmanager
+def _conv1d_layout(model: nn.Module) -> Iterator[None]:
+    """Dequantized layers that were transformers `Conv1D`s (GPT-2; bitsandbytes stores them (out, in) and marks them
+    with `source_cls`) written back as `Conv1D`s, weight (in, out), so that the model class loads them; the
+    `nn.Linear`s are put back afterwards."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        source = getattr(module, "source_cls", None)
+        if type(module) is not nn.Linear or not isinstance(source, type) or source.__name__ != "Conv1D":
+            continue
+        conv = source(module.out_features, module.in_features)
+        with torch.no_grad():
+            conv.weight = nn.Parameter(module.weight.detach().T.contiguous(), requires_grad=False)
+            conv.bias = module.bias if module.bias is not None else conv.bias
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, conv)
+        swapped.append((parent, child, module))
+    try:
+        yield
+    finally:
+        for parent, child, module in swapped:
+            setattr(parent, child, module)
+
+
+@contextlib.contextmanager
+def plain_for_export(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` as a plain full-precision model for `save_pretrained` (a merged export that loads without
+    bitsandbytes): a dequantized copy if it holds 8-/4-bit layers, with transformers' quantization marks hidden and
+    the dequantized `Conv1D`s in their own layout while the block runs."""
+    if quantized_layer_names(model):
+        model = dequantized_copy(model)
+    with _without_quantization_marks(model), _conv1d_layout(model):
+        yield model
+
+
 _KIND_WORDS = {"int8": "8-bit", "int4": "4-bit"}
 
 
@@ -419,6 +487,7 @@ __all__ = [
     "quantized_layer_names",
     "require_bitsandbytes",
     "dequantized_copy",
+    "plain_for_export",
     "is_linear8bit",
     "int8_layers",
     "INSTALL_HINT",

@@ -23,14 +23,13 @@ that shares every untouched tensor with the module, and nothing is kept after an
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import enum
 import functools
 import itertools
 import os
-from typing import Any, Callable, Iterator, Optional, cast
+from typing import Any, Callable, Optional, cast
 
 import torch
 from torch import nn
@@ -39,7 +38,7 @@ from .._compat import compiled_inner, set_swa_average_model, state_dict_metadata
 from .._files import atomic_folder
 from ..config import PeftConfig, listed
 from ..peft_model import PeftModel, get_peft_model
-from ..quantization import keep_plain_layouts
+from ..quantization import dequantize_base_linears, keep_plain_layouts, plain_for_export
 from ..serialization import check_adapter_tensors, get_peft_model_state_dict, nonfinite_keys
 from ..tuners.registry import get_tuner
 
@@ -94,70 +93,11 @@ def resolve_peft_config(config: Any) -> PeftConfig:
 ExportExtras = Optional[Callable[[str], None]]
 
 
-# what transformers' BitsAndBytesConfig loading leaves on the model (and `save_pretrained` writes into config.json)
-_QUANTIZATION_MODEL_MARKS = {
-    "hf_quantizer": None,
-    "is_quantized": False,
-    "is_loaded_in_4bit": False,
-    "is_loaded_in_8bit": False,
-    "quantization_method": None,
-}
-_QUANTIZATION_CONFIG_MARKS = ("quantization_config", "_is_quantized")
-
-
-@contextlib.contextmanager
-def _without_quantization_marks(model: nn.Module) -> Iterator[None]:
-    """A model loaded in 8-/4-bit by transformers, its layers now dequantized: without this, `save_pretrained` writes
-    the `quantization_config` into config.json and transformers loads the fp32 weights back into uninitialised
-    bitsandbytes layers. The marks are put back afterwards (the model may be shared with the one in memory)."""
-    config = getattr(model, "config", None)
-    saved_model = {k: model.__dict__[k] for k in _QUANTIZATION_MODEL_MARKS if k in model.__dict__}
-    saved_config = {k: vars(config)[k] for k in _QUANTIZATION_CONFIG_MARKS if k in getattr(config, "__dict__", {})}
-    try:
-        for key in saved_model:
-            model.__dict__[key] = _QUANTIZATION_MODEL_MARKS[key]
-        for key in saved_config:
-            delattr(config, key)
-        yield
-    finally:
-        model.__dict__.update(saved_model)
-        for key, value in saved_config.items():
-            setattr(config, key, value)
-
-
-@contextlib.contextmanager
-def _conv1d_layout(model: nn.Module) -> Iterator[None]:
-    """Dequantized layers that were transformers `Conv1D`s (GPT-2; bitsandbytes stores them (out, in) and marks them
-    with `source_cls`) written back as `Conv1D`s, weight (in, out), so that the model class loads them; the
-    `nn.Linear`s are put back afterwards."""
-    swapped = []
-    for name, module in list(model.named_modules()):
-        source = getattr(module, "source_cls", None)
-        if type(module) is not nn.Linear or not isinstance(source, type) or source.__name__ != "Conv1D":
-            continue
-        conv = source(module.out_features, module.in_features)
-        with torch.no_grad():
-            conv.weight = nn.Parameter(module.weight.detach().T.contiguous(), requires_grad=False)
-            conv.bias = module.bias if module.bias is not None else conv.bias
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, conv)
-        swapped.append((parent, child, module))
-    try:
-        yield
-    finally:
-        for parent, child, module in swapped:
-            setattr(parent, child, module)
-
-
 def save_merged_model(model: nn.Module, directory: str, extras: ExportExtras = None) -> None:
     """`save_pretrained` for transformers models, else `model.safetensors` (a state dict) in `directory`;
     `extras(folder)` adds more files (e.g. a tokenizer) before the folder is put in place."""
-    from ..quantization import dequantized_copy, quantized_layer_names
-
-    if quantized_layer_names(model):  # an 8-/4-bit base: write it in fp32 so that it loads without bitsandbytes
-        model = dequantized_copy(model)
-    with _without_quantization_marks(model), _conv1d_layout(model), atomic_folder(directory) as tmp:
+    # an 8-/4-bit base is written in fp32, so that it loads without bitsandbytes
+    with plain_for_export(model) as model, atomic_folder(directory) as tmp:
         if callable(getattr(model, "save_pretrained", None)):
             cast(Any, model).save_pretrained(tmp)  # a transformers model
         else:
@@ -598,8 +538,6 @@ class AdapterState:
         copy_ = self.working_copy(tensors, for_merge=True)
         self.check_finite("merge it into the base model", copy_)
         if dequantize:
-            from ..quantization import dequantize_base_linears
-
             dequantize_base_linears(copy_)  # replaces the copy's layers: the module in memory keeps its own
         return copy_.merge_and_unload()
 
