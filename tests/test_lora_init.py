@@ -119,10 +119,6 @@ def test_conversion_refusals(llama, tmp_path):
 
 def test_conversion_refused_with_rslora_and_rank_pattern(llama, tmp_path):
     """Refused by both (the doubled ranks would not keep the scaling)."""
-    try:
-        lp.LoraConfig(use_rslora=True)
-    except ValueError:
-        pytest.skip("use_rslora is not implemented in this tree")
     kw = dict(init_lora_weights="pissa", use_rslora=True, rank_pattern={"q_proj": 2})
     build(lp, llama, init_lora_weights="pissa").save_pretrained(tmp_path / "init")
     for lib in (peft, lp):

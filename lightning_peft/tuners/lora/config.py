@@ -72,7 +72,7 @@ NONE_ONLY = (
     "arrow_config",
     "kasa_config",
 )
-# init_lora_weights values of HF PEFT that lightning_peft does not implement (data-driven or base-changing starts)
+# init_lora_weights values of HF PEFT that lightning_peft does not implement (data-driven and other starts)
 HF_ONLY_INITS = ("eva", "corda", "orthogonal", "lora_ga", "mica")
 INITS_HERE = "'pissa', 'pissa_niter_K', 'olora' or 'loftq' (with loftq_config)"
 # sub-configs of HF initialisations: only read with their `init_lora_weights`, so here they never have an effect
@@ -82,15 +82,15 @@ INIT_SUBCONFIGS = {"eva_config": "eva", "corda_config": "corda", "lora_ga_config
 @allow_in_weights_only_loads
 @dataclass
 class LoraRuntimeConfig:
-    """HF PEFT's runtime settings of a LoRA config (never saved). `ephemeral_gpu_offload` only speeds up the set-up
-    of DoRA / LoftQ in HF PEFT, which lightning_peft does not have, so it is kept and has no effect."""
+    """HF PEFT's runtime settings of a LoRA config (never saved). `ephemeral_gpu_offload` only speeds up HF PEFT's
+    set-up of DoRA / LoftQ on a CPU-offloaded model; it is kept and has no effect here."""
 
     ephemeral_gpu_offload: bool = False
 
 
 @dataclass
 class LoraConfig(PeftConfig):
-    """Low-rank adaptation: output = base(x) + B(A(dropout(x))) * lora_alpha / r.
+    """Low-rank adaptation: output = base(x) + B(A(dropout(x))) * lora_alpha / r (rsLoRA: / sqrt(r)).
 
     Every field of HF PEFT 0.21's LoraConfig is here; those in `NOT_IMPLEMENTED` must keep their neutral value."""
 
@@ -122,7 +122,8 @@ class LoraConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = None
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
-    # HF PEFT's other fields: kept (and saved) as given, without effect here
+    # HF PEFT's other fields: kept (and saved) as given, without effect here (loftq_config: read by
+    # init_lora_weights='loftq')
     megatron_core: Optional[str] = "megatron.core"
     qalora_group_size: int = 16
     loftq_config: dict = field(default_factory=dict)
@@ -130,9 +131,11 @@ class LoraConfig(PeftConfig):
     corda_config: Optional[dict] = None
     lora_ga_config: Optional[dict] = None
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig, metadata=RUNTIME)
+    # implemented here
     exclude_modules: Optional[Union[list[str], set[str], str]] = None  # a list becomes a set
     layer_replication: Optional[list[list[int]]] = None  # [start, end) ranges of layers (replication.py)
-    # HF PEFT's fields of features not implemented here: neutral values only (see NOT_IMPLEMENTED)
+    # HF PEFT's variant fields: use_rslora, trainable_token_indices (trainable_tokens.py), use_dora
+    # (dora.py) and target_parameters (param_wrapper.py) work; the others keep their neutral value (NOT_IMPLEMENTED)
     use_rslora: bool = False
     megatron_config: Optional[dict] = None
     trainable_token_indices: Optional[Union[list[int], dict]] = None
