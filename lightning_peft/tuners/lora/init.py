@@ -113,12 +113,12 @@ def check_init(config: Any) -> bool:
                 "use lora_alpha = r (and no rank_pattern / alpha_pattern) to start at the fit",
                 stacklevel=4,
             )
-    if getattr(config, "lora_bias", False):
+    if config.lora_bias:
         raise ValueError(
             f"The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
             f"init_lora_weights={init!r}"
         )
-    if kind != "loftq" and getattr(config, "use_rslora", False) and (config.rank_pattern or config.alpha_pattern):
+    if kind != "loftq" and config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         warnings.warn(  # HF PEFT's warning: the conversion at save time would be refused
             "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and PiSSA/OLoRA means that you won't be able "
             "to pass path_initial_model_for_weight_conversion to save_pretrained to restore the initial values of "
@@ -385,7 +385,7 @@ def check_conversion(model: Any, adapter_names: list[str], initial: Any) -> None
                 f"path_initial_model_for_weight_conversion converts LoRA adapters; {name!r} is "
                 f"{config.peft_type.value if hasattr(config.peft_type, 'value') else config.peft_type}"
             )
-        if getattr(config, "use_rslora", False) and (config.rank_pattern or config.alpha_pattern):
+        if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
             raise ValueError(
                 "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported when "
                 "using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`."
@@ -432,7 +432,7 @@ def converted_to_lora(
     saved = copy.deepcopy(config)
     saved.init_lora_weights = True
     saved.r = config.r * 2
-    saved.lora_alpha = config.lora_alpha * (2**0.5 if getattr(config, "use_rslora", False) else 2)
+    saved.lora_alpha = config.lora_alpha * (2**0.5 if config.use_rslora else 2)
     saved.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
     saved.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
     return out, saved

@@ -115,10 +115,7 @@ class LoraLayer(BaseTunerLayer):
             raise ValueError(f"r must be a positive integer, got {r}")
         if use_dora:
             dora.check_dora_base(self)
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.use_rslora[adapter_name], self.use_dora[adapter_name] = use_rslora, use_dora
+        self._set_adapter_settings(adapter_name, r, lora_alpha, use_rslora, use_dora)
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
@@ -132,6 +129,15 @@ class LoraLayer(BaseTunerLayer):
         if use_dora:
             dora.add_magnitude(self, adapter_name)
         self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _set_adapter_settings(
+        self, adapter_name: str, r: int, lora_alpha: float, use_rslora: bool, use_dora: bool
+    ) -> None:
+        """`adapter_name`'s rank, alpha, variant flags and scaling (lora_alpha / r; rsLoRA: lora_alpha / sqrt(r))."""
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.use_rslora[adapter_name], self.use_dora[adapter_name] = use_rslora, use_dora
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)

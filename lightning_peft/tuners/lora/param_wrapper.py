@@ -17,7 +17,6 @@ must target the same parameters.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Optional, cast
 
@@ -96,13 +95,7 @@ class ParamWrapper(nn.Module, LoraLayer):
             raise ValueError(f"lora.{name} does not work with LoRA variants like DoRA (target_parameters)")
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r}")
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        for flags, value in (("use_rslora", use_rslora), ("use_dora", False)):
-            held = getattr(self, flags, None)
-            if isinstance(held, dict):
-                held[adapter_name] = value
+        self._set_adapter_settings(adapter_name, r, lora_alpha, use_rslora, use_dora=False)
         self.lora_dropout[adapter_name] = nn.Identity()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r * self.num_experts, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r * self.num_experts, self.out_features, bias=False)
@@ -252,10 +245,10 @@ def check_config(config: Any, others: dict[str, Any]) -> None:
             "lora.ParamWrapper does not work with lora_dropout != 0. (target_parameters): dropout acts on a layer's "
             "input, which the update of a parameter never sees; set lora_dropout=0"
         )
-    if getattr(config, "use_dora", False):
+    if config.use_dora:
         raise ValueError("lora.ParamWrapper does not work with LoRA variants like DoRA (target_parameters)")
     for name, other in others.items():
-        theirs = getattr(other, "target_parameters", None)
+        theirs = other.target_parameters
         if theirs and set(theirs) != set(wanted):
             raise ValueError(
                 "When using multiple adapters with `target_parameters`, all adapters must target the same set of "
@@ -285,8 +278,8 @@ def inject(
             lora_alpha=alpha,
             lora_dropout=config.lora_dropout,
             init_lora_weights=config.init_lora_weights,
-            use_rslora=bool(getattr(config, "use_rslora", False)),
-            use_dora=bool(getattr(config, "use_dora", False)),
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
         )
         parent, target, child = get_submodule_parent(model, user_name)
         originals.append((parent, child, existing if isinstance(existing, ParamWrapper) else target))
