@@ -1272,7 +1272,7 @@ class BaseTuner(TunerAttributes, nn.Module):
 
         `save_embedding_layers=True` adds the base model's input / output embedding tensors as HF PEFT saves them
         (`_embedding_base_keys`); "auto" means True when the config targets `embed_tokens` / `lm_head` (HF PEFT's
-        test, with its warning)."""
+        test, with its warning) and the tuner saves them on "auto" (`_auto_saves_embeddings`)."""
         self.check_attached()
         if state_dict is None:
             inner = self.state_dict()
@@ -1281,10 +1281,7 @@ class BaseTuner(TunerAttributes, nn.Module):
         out = {SAVED_PREFIX + k: v for k, v in self.adapter_state_dict(inner, adapter_name).items()}
         targeted = self._embedding_targeted(self.peft_config[adapter_name])
         if save_embedding_layers == "auto":
-            # HF PEFT: not for trainable tokens (their point is a small file), whatever the targets
-            config = self.peft_config[adapter_name]
-            tokens = getattr(config, "trainable_token_indices", None) is not None
-            save_embedding_layers = targeted and not tokens and str(config.peft_type) != "TRAINABLE_TOKENS"
+            save_embedding_layers = targeted and self._auto_saves_embeddings(self.peft_config[adapter_name])
             if save_embedding_layers:
                 warnings.warn(
                     "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
@@ -1299,6 +1296,11 @@ class BaseTuner(TunerAttributes, nn.Module):
             embedding_keys = self._embedding_file_keys(adapter_name, targeted)
             out.update({SAVED_PREFIX + k: inner[m] for k, m in embedding_keys.items() if m in inner})
         return out
+
+    def _auto_saves_embeddings(self, config: Any) -> bool:
+        """Whether `save_embedding_layers="auto"` saves the embeddings `config` targets; a tuner training token rows
+        says no (HF PEFT: their point is a small file)."""
+        return True
 
     def _embedding_targeted(self, config: Any) -> bool:
         """HF PEFT's test of whether the config targets the embeddings: a name list holding `embed_tokens` /

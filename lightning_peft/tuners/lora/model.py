@@ -179,6 +179,9 @@ class LoraModel(BaseTuner):
     def _extra_model_key(self, key: str, adapter_name: str) -> Optional[str]:
         return trainable_tokens.model_key(key, adapter_name)
 
+    def _auto_saves_embeddings(self, config: LoraConfig) -> bool:
+        return config.trainable_token_indices is None
+
     def _embedding_file_keys(self, adapter_name: Optional[str], targeted: Optional[bool] = None) -> dict[str, str]:
         keys = super()._embedding_file_keys(adapter_name, targeted)
         return trainable_tokens.embedding_file_keys(self.model, keys, adapter_name)  # HF PEFT's keys for those

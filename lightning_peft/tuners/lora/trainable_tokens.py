@@ -228,7 +228,7 @@ def check_field(value: Any) -> Any:
     return check_indices("trainable_token_indices", value)
 
 
-def _input_embedding(model: nn.Module) -> tuple[Optional[str], Optional[nn.Module]]:
+def input_embedding(model: nn.Module) -> tuple[Optional[str], Optional[nn.Module]]:
     getter = getattr(model, "get_input_embeddings", None)
     try:
         layer = getter() if callable(getter) else None
@@ -293,7 +293,7 @@ def plan(model: nn.Module, config: Any, module_keys: list[str], field: str = "tr
     value = config.trainable_token_indices
     if value is None:
         return result
-    embed_name, embed = _input_embedding(model)
+    embed_name, embed = input_embedding(model)
     if isinstance(embed, TrainableTokensLayer):
         embed = embed.get_base_layer()
     targets = dict(value) if isinstance(value, dict) else {embed_name or "embed_tokens": list(value)}

@@ -28,7 +28,7 @@ class TrainableTokensModel(BaseTuner):
 
     def prepare_adapter_config(self, config: TrainableTokensConfig, model: nn.Module) -> TrainableTokensConfig:
         if config.target_modules is None:  # HF PEFT: the input embedding's name, else "embed_tokens"
-            name, _ = tt._input_embedding(model)
+            name, _ = tt.input_embedding(model)
             config.target_modules = name or "embed_tokens"
         return super().prepare_adapter_config(config, model)
 
@@ -58,6 +58,9 @@ class TrainableTokensModel(BaseTuner):
     ) -> None:
         settings = SimpleNamespace(init_lora_weights=config.init_weights)
         tt.inject(self.model, settings, adapter_name, plan, originals)
+
+    def _auto_saves_embeddings(self, config: TrainableTokensConfig) -> bool:
+        return False
 
     def _extra_saved_tensors(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
         out = tt.saved_tensors(state_dict, adapter_name, SAVED_NAME)
