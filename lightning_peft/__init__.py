@@ -32,8 +32,7 @@ from .peft_model import (
 )
 from .serialization import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .tuners.ia3 import IA3Config, IA3Model
-from .tuners.lora import LoraConfig, LoraModel, LoraRuntimeConfig
-from .tuners.lora.init import LoftQConfig
+from .tuners.lora import LoftQConfig, LoraConfig, LoraModel, LoraRuntimeConfig
 from .tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .tuners.prompt_learning import PromptLearningConfig
