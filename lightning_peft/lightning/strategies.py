@@ -2,9 +2,9 @@
 
     trainer = Trainer(strategy=make_strategy("fsdp"), accelerator="cpu", devices=2, callbacks=[PEFTCallback(cfg)])
 
-- `single` / `int8`: Lightning's default single-device strategy (`int8` only checks that bitsandbytes is
-  installed; the app (`quantize: int8`) quantizes the base model's linear layers before injection, through
-  `lightning_peft.quantization.quantize_base_linears`).
+- `single` / `int8` / `int4`: Lightning's default single-device strategy (`int8` / `int4` only check that
+  bitsandbytes is installed; the app (`quantize: int8` / `int4`) quantizes the base model's linear layers before
+  injection, through `lightning_peft.quantization.quantize_base_linears`).
 - `ddp`: Lightning's `DDPStrategy` with `find_unused_parameters=False`. Every tuner keeps each parameter
   that requires grad in the graph (frozen originals of `modules_to_save`, inactive adapters and the
   frozen word embeddings do not require grad), so DDP needs no unused-parameter search.
@@ -13,6 +13,7 @@
   `_no_split_modules`, or `block_classes=`) and then each top-level child of the LightningModule, in
   `setup`, i.e. after the adapter was injected. Runs on CPU (gloo) and GPU (nccl). Checkpoints are one
   consolidated file; adapter exports gather full tensors (`DTensor.full_tensor()`).
+  A model holding bitsandbytes (8-bit / 4-bit) layers is refused (`check_fsdp2_quantization`).
 - `fsdp1`: Lightning's `FSDPStrategy` (`use_orig_params=True`, auto-wrap by block), CUDA only.
 """
 

@@ -21,7 +21,7 @@ class TunerSpec:
 
     config_class: type[Any]  # a PeftConfig subclass (not imported here: no import cycle)
     model_class: type
-    # quantization kind ("int8") -> the tuner layer wrapping such a base layer; a tuner that never wraps base
+    # quantization kind ("int8", "int4") -> the tuner layer wrapping such a base layer; a tuner that never wraps base
     # layers (prompt learning) runs over any quantized base and needs none
     quantized_layers: Mapping[str, type[Any]] = field(default_factory=dict)
     # whether its adapters can be merged into quantized base layers (dequantize, add, requantize)
