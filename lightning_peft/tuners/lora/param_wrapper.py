@@ -72,9 +72,9 @@ class ParamWrapper(nn.Module, LoraLayer):
         self.num_experts = experts
         self.param_ndim = len(shape)
         self._init_lora_layer(base_layer, in_features, out_features)
-        self.fan_in_fan_out = False
-        self._active_adapters = [adapter_name]
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
+        self._add_first_adapter(
+            adapter_name, False, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora
+        )
 
     def update_layer(
         self,
