@@ -66,6 +66,12 @@ def child_modules(module: nn.Module) -> dict[str, Optional[nn.Module]]:
     return module._modules
 
 
+def own_parameters(module: nn.Module) -> dict[str, Optional[nn.Parameter]]:
+    """`module._parameters`: its direct parameters by name. The fused LoRA path checks them on every forward of
+    every adapted layer, where `nn.Module.__getattr__` costs ~0.8 us per lookup."""
+    return module._parameters
+
+
 def has_module_hooks(module: nn.Module) -> bool:
     """`module` has forward / backward hooks of its own: torch has no public query, and a fused fast path must
     not skip them."""

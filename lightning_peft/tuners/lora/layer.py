@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..._compat import has_global_module_hooks, has_module_hooks
+from ..._compat import has_global_module_hooks, has_module_hooks, own_parameters
 from ..base import BaseTunerLayer, adapter_dtype
 from ..mixed_batch import MERGED_REFUSAL, MixedBatch, add_rows, check_batch_size, checked_names
 from . import dora
@@ -369,9 +369,10 @@ class Linear(nn.Module, LoraLayer):
             return None
         if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear:
             return None
-        weight, bias = base._parameters.get("weight"), base._parameters.get("bias")
-        weight_A, weight_B = lora_A._parameters.get("weight"), lora_B._parameters.get("weight")
-        if weight is None or weight_A is None or weight_B is None or lora_A._parameters.get("bias") is not None:
+        base_params, params_A = own_parameters(base), own_parameters(lora_A)
+        weight, bias = base_params.get("weight"), base_params.get("bias")
+        weight_A, weight_B = params_A.get("weight"), own_parameters(lora_B).get("weight")
+        if weight is None or weight_A is None or weight_B is None or params_A.get("bias") is not None:
             return None
         if weight.requires_grad or weight.dtype != x.dtype or weight_A.dtype != x.dtype:
             return None
