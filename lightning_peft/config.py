@@ -587,9 +587,10 @@ def validate_choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{name}={short_repr(value)} is not valid; use one of: {', '.join(map(repr, allowed))}")
 
 
-def check_target_modules(config: Any) -> None:
+def check_target_modules(config: Any, empty_ok: bool = False) -> None:
     """`target_modules` of tuners that adapt named modules (LoRA, IA3): list entries are names, a string is a regex
-    over the full name."""
+    over the full name. An empty list is refused unless `empty_ok` (the tuner has other targets, e.g. LoRA's
+    `target_parameters`)."""
     from .utils.error import NoMatchingPeftModuleError  # (utils imports this module)
 
     targets = config.target_modules
@@ -604,7 +605,7 @@ def check_target_modules(config: Any) -> None:
     names = list(targets) if isinstance(targets, Iterable) else None
     if names is None or not all(isinstance(t, str) for t in names):
         raise TypeError(f"target_modules must be a list of module names or a regex string, got {short_repr(targets)}")
-    if not names and not getattr(config, "target_parameters", None):  # LoRA: parameters only (HF's target_modules=[])
+    if not names and not empty_ok:
         raise NoMatchingPeftModuleError("target_modules is empty; name at least one module (e.g. ['q_proj', 'v_proj'])")
     if "" in names:
         raise NoMatchingPeftModuleError(f"target_modules={short_repr(targets)} has an empty name: it matches no module")

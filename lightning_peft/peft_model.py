@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import os
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import torch
@@ -34,13 +34,6 @@ from .tuners.base import (
     freeze_adapter,
     parameter_counts,
     requires_grad_kept_on_failure,
-)
-from .tuners.lora.init import (
-    base_kept,
-    base_weights_restored_on_failure,
-    check_conversion,
-    converted_to_lora,
-    init_kind,
 )
 from .tuners.registry import get_model_class
 
@@ -78,8 +71,9 @@ class PeftModel(nn.Module):
             peft_config.base_model_name_or_path = name_or_path(getattr(model, "config", None)) or None
         # every wrapping path (get_peft_model, PeftModel(...), from_pretrained) comes here: a refused or interrupted
         # wrap leaves the user's requires_grad flags as they were (the tuners freeze the model first)
-        with requires_grad_kept_on_failure(model), base_weights_restored_on_failure():
-            tuner = get_model_class(peft_config.peft_type)(model, peft_config, adapter_name)
+        tuner_class: Any = get_model_class(peft_config.peft_type)  # a TunerAttributes subclass
+        with requires_grad_kept_on_failure(model), tuner_class.guard_base_weights():
+            tuner = tuner_class(model, peft_config, adapter_name)
         self.__dict__["tuner"] = tuner  # not a child itself: its modules are, under HF PEFT's attribute names
         for name, module in tuner.peft_model_modules().items():
             setattr(self, name, module)
@@ -212,7 +206,7 @@ class PeftModel(nn.Module):
                 f"cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; "
                 "one PeftModel holds adapters of one tuner type"
             )
-        with base_weights_restored_on_failure():  # PiSSA / OLoRA / LoftQ: the base back if the call fails
+        with self.tuner.guard_base_weights():  # (LoRA's PiSSA / OLoRA / LoftQ) the base back if the call fails
             self.tuner.add_adapter(adapter_name, peft_config)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
@@ -301,7 +295,7 @@ class PeftModel(nn.Module):
                 raise ValueError(f"no adapter named {name!r} to save; this model has: {', '.join(self.peft_config)}")
         initial = path_initial_model_for_weight_conversion  # PiSSA / OLoRA saved as LoRA for the original base
         if initial is not None:
-            check_conversion(self, names, initial)
+            self.tuner.check_weight_conversion(names, initial)
         state_dict = kwargs.get("state_dict")
         if not is_main_process:
             return
@@ -316,9 +310,7 @@ class PeftModel(nn.Module):
                 tensors = get_peft_model_state_dict(
                     self, state_dict=state_dict, adapter_name=name, save_embedding_layers=save_embedding_layers
                 )
-                config = self.peft_config[name]
-                if initial is not None:
-                    tensors, config = converted_to_lora(tensors, config, initial)
+                tensors, config = self.tuner.adapter_for_save(name, tensors, self.peft_config[name], initial)
                 path = os.path.join(folder, weights_name)
                 if safe_serialization:
                     atomic_save_file(tensors, path, metadata={"format": "pt"})
@@ -376,7 +368,7 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             self._load_into_existing(adapter_name, config, weights, folder, allow_nonfinite)
         else:
-            with requires_grad_kept_on_failure(self), base_weights_restored_on_failure():
+            with requires_grad_kept_on_failure(self), self.tuner.guard_base_weights():
                 self.add_adapter(adapter_name, config)
                 try:
                     set_peft_model_state_dict(self, weights, adapter_name=adapter_name, allow_nonfinite=allow_nonfinite)
@@ -424,10 +416,9 @@ class PeftModel(nn.Module):
         # the rebuilt adapter's parameters have the same names: their flags are given back by name
         flags = RequiresGradSnapshot(self, by_name=True)
         tuner.delete_adapter(name, force=True)
-        # an adapter that started as PiSSA / OLoRA / LoftQ already changed the base: rebuilt without running that
-        # initialisation on it again; a failed rebuild gives back any base weight it changed
-        kept = base_kept() if init_kind(getattr(old_config, "init_lora_weights", None)) else nullcontext()
-        with base_weights_restored_on_failure(), kept:
+        # an adapter whose initialisation changed the base (LoRA's PiSSA / OLoRA / LoftQ) did so already: the tuner
+        # rebuilds it without running that again; a failed rebuild gives back any base weight it changed
+        with tuner.guard_base_weights(), tuner.loading_into_existing(old_config):
             try:
                 self.add_adapter(name, config)
                 set_peft_model_state_dict(self, weights, adapter_name=name, allow_nonfinite=allow_nonfinite)
@@ -512,7 +503,8 @@ class PeftModel(nn.Module):
         wrapper_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
         peft_model = None
         # wrapping froze the model: a failure gives back the user's flags (and a PiSSA / OLoRA / LoftQ start's base)
-        with requires_grad_kept_on_failure(model), base_weights_restored_on_failure():
+        tuner_class: Any = get_model_class(config.peft_type)
+        with requires_grad_kept_on_failure(model), tuner_class.guard_base_weights():
             try:
                 peft_model = wrapper_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
                 set_peft_model_state_dict(

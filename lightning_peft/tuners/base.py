@@ -14,7 +14,7 @@ import itertools
 import re
 import warnings
 import weakref
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, cast
 
 import torch
@@ -752,6 +752,41 @@ class TunerAttributes:
             raise ValueError(
                 f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config) or 'none'}"
             )
+
+    # ---- for a tuner whose adapters change the base model's own weights (LoRA's PiSSA / OLoRA / LoftQ): PeftModel
+    # calls these hooks; the neutral defaults fit every tuner that leaves the base weights alone
+    @classmethod
+    def guard_base_weights(cls) -> AbstractContextManager[None]:
+        """Around a call that may create adapters (wrapping, add_adapter, load_adapter, from_pretrained): if it fails,
+        every base weight an adapter's initialisation replaced in it gets its original tensor back. A classmethod,
+        so the wrap that builds the tuner is guarded too."""
+        return nullcontext()
+
+    def loading_into_existing(self, old_config: Any) -> AbstractContextManager[None]:
+        """Around the rebuild of an existing adapter (its config was `old_config`) whose saved weights are loaded
+        next: an initialisation that changes the base weights, which it already did, must not run again."""
+        return nullcontext()
+
+    def check_weight_conversion(self, adapter_names: list[str], initial: Any) -> None:
+        """`save_pretrained(path_initial_model_for_weight_conversion=initial)`'s checks, before anything is written:
+        refused unless the tuner converts its adapters for the original base."""
+        raise self._no_weight_conversion(adapter_names[0])
+
+    def adapter_for_save(
+        self, adapter_name: str, tensors: dict[str, torch.Tensor], config: Any, initial: Any
+    ) -> tuple[dict[str, torch.Tensor], Any]:
+        """The tensors and the config `save_pretrained` writes for `adapter_name`: as they are, or converted for
+        the original base when `initial` (`path_initial_model_for_weight_conversion`) is given."""
+        if initial is not None:
+            raise self._no_weight_conversion(adapter_name)
+        return tensors, config
+
+    def _no_weight_conversion(self, adapter_name: str) -> ValueError:
+        peft_type = getattr(self.peft_type, "value", self.peft_type)
+        return ValueError(
+            f"path_initial_model_for_weight_conversion converts LoRA adapters; {adapter_name!r} is {peft_type}: "
+            "call save_pretrained without it"
+        )
 
 
 def check_tensors_fit(

@@ -174,7 +174,7 @@ class LoraConfig(PeftConfig):
                 setattr(self, flag, bool(value))
             elif not isinstance(value, bool):
                 raise TypeError(f"{flag} must be True or False, got {short_repr(value)}")
-        check_target_modules(self)
+        check_target_modules(self, empty_ok=bool(self.target_parameters))  # parameters only: HF's target_modules=[]
         check_exclude_modules(self)
         self.layer_replication = check_layer_map(self.layer_replication)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:

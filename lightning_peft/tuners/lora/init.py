@@ -394,7 +394,7 @@ def check_conversion(model: Any, adapter_names: list[str], initial: Any) -> None
             warnings.warn(
                 "`path_initial_model_for_weight_conversion` only works for converting a PiSSA/CorDA/OLoRA/LoRA-GA "
                 "adapter to a LoRA adapter",
-                stacklevel=3,
+                stacklevel=4,  # the caller of save_pretrained (via LoraModel.check_weight_conversion)
             )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Iterator, Optional, cast
 
 import torch
@@ -30,7 +30,15 @@ from ..mixed_batch import BASE_NAME, MERGED_REFUSAL, MixedBatch, check_batch_siz
 from . import param_wrapper, replication, trainable_tokens
 from .config import LoraConfig
 from .dora import MAGNITUDE as DORA_KEY
-from .init import check_init_targets, layer_init_argument
+from .init import (
+    base_kept,
+    base_weights_restored_on_failure,
+    check_conversion,
+    check_init_targets,
+    converted_to_lora,
+    init_kind,
+    layer_init_argument,
+)
 from .layer import Conv2d, Embedding, Linear, LoraLayer
 from .targets import DEFAULT_TARGET_MODULES
 
@@ -198,6 +206,22 @@ class LoraModel(BaseTuner):
         check_init_targets(self, config)  # PiSSA / OLoRA / LoftQ change base weights: refused before any change
         if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
             raise ValueError("only one adapter may train biases (bias != 'none'); set bias='none' for the others")
+
+    # PiSSA / OLoRA / LoftQ change the base weights (init.py): BaseTuner's hooks for that, as PeftModel calls them
+    @classmethod
+    def guard_base_weights(cls) -> AbstractContextManager[None]:
+        return base_weights_restored_on_failure()
+
+    def loading_into_existing(self, old_config: Any) -> AbstractContextManager[None]:
+        return base_kept() if init_kind(getattr(old_config, "init_lora_weights", None)) else nullcontext()
+
+    def check_weight_conversion(self, adapter_names: list[str], initial: Any) -> None:
+        check_conversion(self, adapter_names, initial)
+
+    def adapter_for_save(
+        self, adapter_name: str, tensors: dict[str, torch.Tensor], config: Any, initial: Any
+    ) -> tuple[dict[str, torch.Tensor], Any]:
+        return (tensors, config) if initial is None else converted_to_lora(tensors, config, initial)
 
     def _is_supported_target(self, module: nn.Module) -> bool:
         if isinstance(module, nn.Conv2d) and module.groups != 1:
