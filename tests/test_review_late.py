@@ -105,7 +105,6 @@ def test_fused_path_equals_the_op_for_op_path_on_edge_inputs(kind, mode):
         torch.testing.assert_close(fused, general, msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason="fused.py divides by 1 - p (ZeroDivisionError); for Q10 / the lead")
 def test_fused_dropout_p_one_as_the_op_for_op_path():
     """nn.Dropout(p=1.0) is a valid module (drops everything): the general path gives the base output; the fused
     path divides by 1 - p = 0."""
@@ -118,13 +117,10 @@ def test_fused_dropout_p_one_as_the_op_for_op_path():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="layer.py: legacy fan_in_fan_out base is an nn.Linear holding (in, out); for the lead"
-)
 def test_legacy_fan_in_fan_out_linear_fused_and_general_paths_agree():
     """HF PEFT 0.6's form Linear(adapter_name, in, out, r, fan_in_fan_out=True) stores the base weight (in, out), as
-    HF 0.6 did (its forward used the weight transposed back): the fused path computes x @ W(in, out); the general
-    path calls the nn.Linear base as it is (x @ W(in, out).T), another result (and a shape error when in != out)."""
+    HF 0.6 did: the fused and the general path both compute x @ W(in, out) (the base was an nn.Linear holding
+    (in, out), which the general path ran as x @ W.T)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layer = Linear("default", 6, 6, 3, fan_in_fan_out=True)

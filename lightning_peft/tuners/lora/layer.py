@@ -319,8 +319,10 @@ class Linear(nn.Module, LoraLayer):
         if legacy:
             in_features, out_features = cast(int, adapter_name), args[0]
             adapter_name, base_layer = cast(str, base_layer), nn.Linear(in_features, out_features)
-            if fan_in_fan_out:  # stored (in, out) like Conv1D
-                base_layer.weight = nn.Parameter(base_layer.weight.data.T.contiguous())
+            if fan_in_fan_out:  # stored (in, out): a Conv1D, so every path computes x @ W (as HF 0.6's layer did)
+                linear, base_layer = base_layer, _conv1d_class()(out_features, in_features)
+                base_layer.weight = nn.Parameter(linear.weight.data.T.contiguous())
+                base_layer.bias = linear.bias
         # from here on the (possibly legacy) arguments are in their place
         base_layer, adapter_name = cast(nn.Module, base_layer), cast(str, adapter_name)
         weight = cast(torch.Tensor, base_layer.weight)
@@ -381,6 +383,8 @@ class Linear(nn.Module, LoraLayer):
         elif type(dropout) is nn.Dropout and not dropout.inplace:
             p = dropout.p if dropout.training else 0.0
         else:
+            return None
+        if p >= 1.0:  # nn.Dropout(p=1) drops everything: the fused path would divide by 1 - p
             return None
         if _hooked(base) or _hooked(lora_A) or _hooked(lora_B) or _hooked(dropout) or _global_hooks():
             return None
