@@ -320,9 +320,10 @@ class Linear(nn.Module, LoraLayer):
             in_features, out_features = cast(int, adapter_name), args[0]
             adapter_name, base_layer = cast(str, base_layer), nn.Linear(in_features, out_features)
             if fan_in_fan_out:  # stored (in, out): a Conv1D, so every path computes x @ W (as HF 0.6's layer did)
-                linear, base_layer = base_layer, _conv1d_class()(out_features, in_features)
-                base_layer.weight = nn.Parameter(linear.weight.data.T.contiguous())
-                base_layer.bias = linear.bias
+                linear, conv1d = base_layer, _conv1d_class()(out_features, in_features)
+                conv1d.weight = nn.Parameter(linear.weight.data.T.contiguous())
+                conv1d.bias = linear.bias
+                base_layer = conv1d
         # from here on the (possibly legacy) arguments are in their place
         base_layer, adapter_name = cast(nn.Module, base_layer), cast(str, adapter_name)
         weight = cast(torch.Tensor, base_layer.weight)
