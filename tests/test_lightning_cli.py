@@ -117,3 +117,15 @@ def test_parsed_configs_are_typed_tuner_configs(example, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _parse(example, "--config", str(bad))
     assert "Option 'lora_alpah' is not accepted" in capsys.readouterr().err
+
+
+def test_the_cli_type_offers_every_registered_tuner_config():
+    """jsonargparse takes each listed config class itself: a tuner registered in this package but missing from
+    `TunerConfig` could not be configured from YAML."""
+    from typing import get_args
+
+    from lightning_peft.lightning.types import TunerConfig
+    from lightning_peft.tuners.registry import registered_tuners
+
+    missing = {spec.config_class for spec in registered_tuners().values()} - set(get_args(TunerConfig))
+    assert not missing, f"add to lightning_peft/lightning/types.py TunerConfig: {sorted(c.__name__ for c in missing)}"

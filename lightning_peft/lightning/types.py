@@ -30,10 +30,13 @@ from ..tuners.lora.config import LoraConfig
 from ..tuners.p_tuning.config import PromptEncoderConfig
 from ..tuners.prefix_tuning.config import PrefixTuningConfig
 from ..tuners.prompt_tuning.config import PromptTuningConfig
+from ..tuners.trainable_tokens.config import TrainableTokensConfig
 
 if TYPE_CHECKING:
     TunerConfig = Union[PeftConfig, Mapping[str, Any]]
 else:  # what jsonargparse sees: one of the tuner configs, built from its fields
-    TunerConfig = Union[LoraConfig, IA3Config, PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig]
+    TunerConfig = Union[
+        LoraConfig, IA3Config, PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig, TrainableTokensConfig
+    ]
 
 __all__ = ["TunerConfig"]
