@@ -84,7 +84,8 @@ def test_fresh_magnitude_equals_hf_and_the_model_starts_as_the_base(bases):
 
 
 @pytest.mark.parametrize("case", ["gpt2", "llama", "conv"])
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
+# 0.3: above fused.GEOMETRIC_MAX_P the one-node paths draw nn.Dropout's own mask, so the same seed gives HF's
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_training_outputs_and_gradients_equal_hf(bases, case, dropout, tmp_path):
     hf, mine = _pair(bases, case, tmp_path, lora_dropout=dropout)
     x = CASES[case][2]()
@@ -232,7 +233,7 @@ def test_one_node_path_gradients_in_double():
     layer = lp.tuners.lora.Linear(base, "default", r=3, lora_alpha=6, init_lora_weights=False, use_dora=True)
     layer.double()
     x = torch.randn(2, 4, 6, dtype=torch.double, requires_grad=True)
-    assert dora._fast_path(layer, "default", x, base(x))
+    assert dora._fast_path(layer, "default", x, base(x)) == 0.0  # the no-dropout node
     params = [
         layer.lora_A["default"].weight,
         layer.lora_B["default"].weight,
@@ -244,7 +245,7 @@ def test_one_node_path_gradients_in_double():
     out = layer(x)
     grads = torch.autograd.grad(out.sum(), (x, *params, base.bias))
     handle = layer.lora_A["default"].register_forward_hook(lambda *a: None)
-    assert not dora._fast_path(layer, "default", x, base(x))
+    assert dora._fast_path(layer, "default", x, base(x)) is None
     slow = layer(x)
     slow_grads = torch.autograd.grad(slow.sum(), (x, *params, base.bias))
     handle.remove()

@@ -16,7 +16,11 @@ Two things are cheaper than HF PEFT's code, with the same values up to float rou
   B and adds the full-size product to W on every forward);
 - the single-adapter Linear / Conv1D step without dropout runs as one autograd node (`_DoraLinearFunction`):
   `out = (m/n) * (result - bias + s (x A^T) B^T) + bias`, with its gradients written out, instead of the nine
-  element-wise passes over the (tokens x out) activations that the op-for-op composition records.
+  element-wise passes over the (tokens x out) activations that the op-for-op composition records;
+- with an nn.Dropout in training, the same layer runs as one node too (`_DoraDropoutLinearFunction`): the mask is
+  drawn once as the fused LoRA path draws it (`fused._dropped_copy`: the distribution of nn.Dropout's mask; on CPU
+  for p <= 0.25 as drop positions, so not the same draw as nn.Dropout's for a given seed), one masked copy of x feeds
+  both the second base product and A, and the 1/(1-p), s and m/n ride on the r-wide factors where they can.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..._compat import has_global_module_hooks, has_module_hooks
+from .fused import _dropped_copy, _zero_dropped, _zeroed_copy
 
 if TYPE_CHECKING:
     from .layer import LoraLayer
@@ -209,24 +214,96 @@ class _DoraLinearFunction(torch.autograd.Function):
         return grad_result, grad_x, grad_A, grad_B, grad_m, None, grad_bias, None
 
 
-def _fast_path(layer: LoraLayer, name: str, x: torch.Tensor, result: torch.Tensor) -> bool:
-    """The one-node path computes what the op-for-op one would: a Linear / Conv1D LoRA layer, plain A and B (no hooks,
-    no bias), no dropout at work, one dtype, no autocast or compilation."""
+class _DoraDropoutLinearFunction(torch.autograd.Function):
+    """HF PEFT's DoRA step with dropout, as one node: with x_m = x masked (dropped entries zeroed), c = 1/(1-p),
+    k = m / n (n detached) and W the frozen base weight (out, in),
+
+        out = result + (k - 1) c (x_m W^T) + k s c (x_m A^T) B^T
+
+    (HF: `result + (k - 1) * dropout(x) W^T + k * s * B(A(dropout(x)))`). One masked copy of x feeds both products;
+    the mask is drawn as the fused LoRA path draws it (`fused._dropped_copy`: the same distribution as nn.Dropout's).
+    Gradients, with y = x_m W^T, a = x_m A^T, G = g^T a (out, r):
+    d result = g;  d x = mask * (c ((k - 1) g) W + s c ((g k) B) A);  d A = s c ((g k) B)^T x_m;
+    d B = s c k G;  d m = c (sum_tokens(g y) + s <G, B>_row) / n."""
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> torch.Tensor:
+        result, x, weight, weight_A, weight_B, magnitude, inv_norm, scaling, p = args
+        out_features = result.shape[-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        x_m, mask = _dropped_copy(x2, p)
+        c = 1.0 / (1.0 - p)
+        k = magnitude * inv_norm
+        y = torch.mm(x_m, weight.t())  # (tokens, out)
+        after_A = torch.mm(x_m, weight_A.t())  # (tokens, r)
+        out = torch.addcmul(result.reshape(-1, out_features), y, (k - 1.0) * c)
+        up = weight_B * (k * (scaling * c)).unsqueeze(1)  # (out, r): k s c folded into B's rows
+        out.addmm_(after_A, up.t())
+        if mask.dtype != torch.bool:  # positions: keep x itself, backward zeroes a copy again (as fused.py)
+            x_m = x2
+        ctx.save_for_backward(x_m, mask, y, after_A, weight, weight_A, weight_B, k, inv_norm, up)
+        ctx.scaling, ctx.c, ctx.shapes = scaling, c, (result.shape, x.shape)
+        return out.view(result.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        x_m, mask, y, after_A, weight, weight_A, weight_B, k, inv_norm, up = ctx.saved_tensors
+        need_result, need_x, _, need_A, need_B, need_m = ctx.needs_input_grad[:6]
+        result_shape, x_shape = ctx.shapes
+        s, c = ctx.scaling, ctx.c
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_result = grad_x = grad_A = grad_B = grad_m = None
+        inner = torch.mm(g, up)  # (tokens, r): s c ((g k) B)
+        if need_x:
+            grad_x = torch.mm(g * ((k - 1.0) * c), weight)
+            grad_x.addmm_(inner, weight_A)
+            _zero_dropped(grad_x, mask)
+            grad_x = grad_x.view(x_shape)
+        if need_A:
+            if mask.dtype != torch.bool:
+                x_m = _zeroed_copy(x_m, mask)
+            grad_A = torch.mm(inner.t(), x_m)
+        if need_B or need_m:
+            G = torch.mm(g.t(), after_A)  # (out, r)
+            if need_B:
+                grad_B = G * (k * (s * c)).unsqueeze(1)
+            if need_m:
+                grad_m = torch.linalg.vecdot(g, y, dim=0).add_((G * weight_B).sum(1), alpha=s).mul_(inv_norm * c)
+        if need_result:
+            grad_result = grad
+        return grad_result, grad_x, None, grad_A, grad_B, grad_m, None, None, None
+
+
+def _fast_path(layer: LoraLayer, name: str, x: torch.Tensor, result: torch.Tensor) -> Optional[float]:
+    """The dropout rate p of a one-node path (0.0: no dropout at work, `_DoraLinearFunction`; p in (0, 1):
+    `_DoraDropoutLinearFunction`), or None for the op-for-op path. A node computes what the op-for-op path would: a
+    Linear / Conv1D LoRA layer, plain A and B (no hooks, no bias), an nn.Dropout (or none), one dtype, a frozen base
+    weight under dropout, no autocast or compilation."""
     if type(layer).__name__ != "Linear" or torch.compiler.is_compiling():
-        return False
+        return None
     lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
-        return False
-    if lora_B.bias is not None or (not isinstance(dropout, nn.Identity) and layer.training):
-        return False
+        return None
+    if lora_B.bias is not None:
+        return None
+    p = 0.0
+    if not isinstance(dropout, nn.Identity) and layer.training:
+        if type(dropout) is not nn.Dropout or dropout.inplace or not dropout.training or has_module_hooks(dropout):
+            return None
+        p = float(dropout.p)
+        weight = getattr(layer.get_base_layer(), "weight", None)
+        if not (0.0 <= p < 1.0) or not isinstance(weight, torch.Tensor) or weight.requires_grad:
+            return None
+        if weight.dtype != x.dtype or weight.dim() != 2:
+            return None
     weight_A = lora_A.weight
     if not (x.dtype == result.dtype == weight_A.dtype == _magnitude(layer, name).dtype):
-        return False
+        return None
     if any(has_module_hooks(m) for m in (lora_A, lora_B, layer.lora_magnitude_vector[name])):
-        return False
+        return None
     if has_global_module_hooks():
-        return False
-    return not torch.is_autocast_enabled(x.device.type)
+        return None
+    return None if torch.is_autocast_enabled(x.device.type) else p
 
 
 def dora_forward(layer: LoraLayer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -237,7 +314,20 @@ def dora_forward(layer: LoraLayer, name: str, x: torch.Tensor, result: torch.Ten
     base = layer.get_base_layer()
     bias = cast(Optional[torch.Tensor], getattr(base, "bias", None))
     norm = weight_norm(layer, name)
-    if _fast_path(layer, name, x, result):
+    p = _fast_path(layer, name, x, result)
+    if p is not None and p > 0.0:
+        return _DoraDropoutLinearFunction.apply(
+            result,
+            x,
+            _oriented(layer, cast(torch.Tensor, base.weight)),
+            layer.lora_A[name].weight,
+            layer.lora_B[name].weight,
+            magnitude,
+            norm.reciprocal().to(magnitude.dtype),
+            scaling,
+            p,
+        )
+    if p is not None:
         inv_norm = norm.reciprocal().to(magnitude.dtype)
         bias_in = bias if bias is None or bias.dtype == result.dtype else None
         if bias is None or bias_in is not None:
