@@ -59,7 +59,6 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("trainable_tokens_delta",)
     other_param_names = ("token_indices", "trainable_tokens_original")
-    repr_prefix = ""  # HF PEFT prints it (and get_layer_status names it) as plain TrainableTokensLayer(...)
     _mixed_batch: Optional[MixedBatch] = None  # set by the tuner for one call with `adapter_names=`
 
     def __init__(self, base_layer: nn.Module, tied_to: Optional[TrainableTokensLayer] = None) -> None:
@@ -185,9 +184,6 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
                 result = out.new_empty((len(batch), *out.shape[1:]))
             result[rows] = out
         return cast(torch.Tensor, result)
-
-    def __repr__(self) -> str:
-        return self.repr_prefix + nn.Module.__repr__(self)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
