@@ -86,20 +86,11 @@ class LoraLayer(BaseTunerLayer):
     def lora_repr(self) -> str:
         return self.repr_prefix + nn.Module.__repr__(self)  # type: ignore[arg-type]  # mixed into nn.Module subclasses
 
-    def _add_first_adapter(
-        self,
-        adapter_name: str,
-        fan_in_fan_out: bool,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float,
-        init_lora_weights: bool | str,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-    ) -> None:
+    def _add_first_adapter(self, adapter_name: str, fan_in_fan_out: bool, *args: Any, **kwargs: Any) -> None:
+        """The constructor's adapter: `args` / `kwargs` are those of `update_layer` after the name."""
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapters = [adapter_name]
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
+        self.update_layer(adapter_name, *args, **kwargs)
 
     def update_layer(
         self,
@@ -121,7 +112,7 @@ class LoraLayer(BaseTunerLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self._create_adapter_weights(adapter_name, r)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
-        weight = cast(torch.Tensor, self.get_base_layer().weight)
+        weight = self._adapted_weight()
         for attr in self.adapter_layer_names:
             holder = getattr(self, attr)
             if adapter_name in holder:
@@ -138,6 +129,10 @@ class LoraLayer(BaseTunerLayer):
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.use_rslora[adapter_name], self.use_dora[adapter_name] = use_rslora, use_dora
+
+    def _adapted_weight(self) -> torch.Tensor:
+        """The weight the adapters follow in device and dtype (`adapter_dtype`)."""
+        return cast(torch.Tensor, self.get_base_layer().weight)
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..base import BaseTunerLayer, adapter_dtype, get_submodule_parent, pattern_value
+from ..base import BaseTunerLayer, get_submodule_parent, pattern_value
 from .layer import LoraLayer
 
 
@@ -93,23 +93,18 @@ class ParamWrapper(nn.Module, LoraLayer):
             raise ValueError(f"lora.{name} does not work with lora_dropout != 0. (target_parameters); set it to 0")
         if use_dora:
             raise ValueError(f"lora.{name} does not work with LoRA variants like DoRA (target_parameters)")
-        if r <= 0:
-            raise ValueError(f"r must be a positive integer, got {r}")
-        self._set_adapter_settings(adapter_name, r, lora_alpha, use_rslora, use_dora=False)
-        self.lora_dropout[adapter_name] = nn.Identity()
+        super().update_layer(adapter_name, r, lora_alpha, 0.0, init_lora_weights, use_rslora)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r * self.num_experts, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r * self.num_experts, self.out_features, bias=False)
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
-        param = self.get_param()
-        for attr in ("lora_A", "lora_B"):
-            holder = getattr(self, attr)
-            holder[adapter_name] = holder[adapter_name].to(device=param.device, dtype=adapter_dtype(param))
-        self.set_adapter(self.active_adapters or [adapter_name])
 
     # ---- the parameter ------------------------------------------------------------------------
     def get_param(self) -> torch.Tensor:
         """The adapted parameter itself (in the module under every nested wrapper)."""
         return cast(torch.Tensor, getattr(_owner(self.base_layer), self.parameter_name))
+
+    _adapted_weight = get_param  # the adapters follow the parameter's device and dtype
 
     def _param_path(self) -> str:
         """The parameter's name relative to `base_layer` (through nested wrappers)."""
