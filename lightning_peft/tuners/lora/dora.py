@@ -147,17 +147,15 @@ def check_dora_base(layer: LoraLayer) -> None:
 
 
 def add_magnitude(layer: LoraLayer, name: str) -> None:
-    """Create adapter `name`'s magnitude as HF PEFT does: the row norms of W + s B A at the adapter's start."""
-    check_dora_base(layer)
+    """Create adapter `name`'s magnitude as HF PEFT does: the row norms of W + s B A at the adapter's start
+    (`update_layer` has checked the base with `check_dora_base` before any change)."""
     holder = _HOLDERS.get(type(layer).__name__, DoraLinearLayer)(
         fan_in_fan_out=type(layer).__name__ == "Embedding" or bool(getattr(layer, "fan_in_fan_out", False))
     )
-    weight = cast(torch.Tensor, layer.get_base_layer().weight)
     B, _ = _factors(layer, name)
     norms = weight_norm(layer, name)
     holder.weight = nn.Parameter(norms.to(device=B.device, dtype=B.dtype))
     layer.lora_magnitude_vector[name] = holder
-    del weight
 
 
 def refuse_mixed_batch(layer: LoraLayer, names: list[str]) -> None:
@@ -282,9 +280,9 @@ def _fast_path(layer: LoraLayer, name: str, x: torch.Tensor, result: torch.Tenso
     if type(layer).__name__ != "Linear" or torch.compiler.is_compiling():
         return None
     lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear:
         return None
-    if lora_B.bias is not None:
+    if lora_A.bias is not None or lora_B.bias is not None:
         return None
     p = 0.0
     if not isinstance(dropout, nn.Identity) and layer.training:
@@ -365,7 +363,7 @@ def dora_embedding_forward(layer: Any, name: str, x: torch.Tensor, result: torch
 
 
 # ---- merging ---------------------------------------------------------------------------------------------------------
-def _factor_view(layer: LoraLayer, factor: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _factor_view(layer: LoraLayer, factor: torch.Tensor) -> torch.Tensor:
     """m / n shaped to scale the base weight's rows (as stored: Conv1D and Embedding transposed)."""
     kind = type(layer).__name__
     if kind == "Conv2d":
@@ -386,7 +384,7 @@ def _unmerged_weight(layer: LoraLayer) -> torch.Tensor:
         delta = layer.get_delta_weight(name).to(weight.dtype)
         if name in layer.lora_magnitude_vector:
             norm = cast(torch.Tensor, _holder(layer, name).merged_norm)
-            factor = _factor_view(layer, _magnitude(layer, name).detach().reshape(-1) / norm, weight)
+            factor = _factor_view(layer, _magnitude(layer, name).detach().reshape(-1) / norm)
             weight = weight / factor.to(weight.dtype) - delta
         else:
             weight = weight - delta
@@ -399,7 +397,7 @@ def merged_weight(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tens
     weight = cast(torch.Tensor, layer.get_base_layer().weight).detach()
     norm = weight_norm(layer, name, _unmerged_weight(layer)).reshape(-1)
     magnitude = _magnitude(layer, name).detach().reshape(-1)
-    factor = _factor_view(layer, magnitude / norm.to(magnitude.dtype), weight)
+    factor = _factor_view(layer, magnitude / norm.to(magnitude.dtype))
     delta = layer.get_delta_weight(name)
     merged = factor * (weight + delta.to(weight.dtype))
     return merged.to(weight.dtype), norm
@@ -417,7 +415,7 @@ def unmerge(layer: LoraLayer, name: str) -> None:
     holder = _holder(layer, name)
     norm = cast(torch.Tensor, holder.merged_norm)
     magnitude = _magnitude(layer, name).detach().reshape(-1)
-    factor = _factor_view(layer, magnitude / norm.to(magnitude.dtype), weight)
+    factor = _factor_view(layer, magnitude / norm.to(magnitude.dtype))
     delta = layer.get_delta_weight(name)
     weight.data = (weight.data / factor.to(weight.dtype) - delta.to(weight.dtype)).to(weight.dtype)
     holder.merged_norm = None
