@@ -311,6 +311,20 @@ def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_n
     return touched
 
 
+def model_embedding(model: nn.Module, getter: str) -> tuple[Optional[str], Optional[nn.Module]]:
+    """(name in `model`, module) of what `model.<getter>()` gives (`get_input_embeddings` / `get_output_embeddings`,
+    a tuner layer where one wraps it); (None, None) for a model without the method, one whose method raises
+    NotImplementedError / AttributeError (transformers' base class without embeddings) or gives no module."""
+    method = getattr(model, getter, None)
+    try:
+        layer = method() if callable(method) else None
+    except (NotImplementedError, AttributeError):
+        layer = None
+    if not isinstance(layer, nn.Module):
+        return None, None
+    return next((n for n, m in model.named_modules() if m is layer), None), layer
+
+
 def describe_module_names(model: nn.Module, limit: int = 8) -> str:
     """A short list of leaf module names, to show the user what targets exist."""
     names = [n for n, m in model.named_modules() if n and len(list(m.children())) == 0]
@@ -1351,18 +1365,8 @@ class BaseTuner(TunerAttributes, nn.Module):
     def _embedding_layers(self) -> list[tuple[str, nn.Module]]:
         """(name, module) of the model's input and output embeddings as its `get_input_embeddings()` /
         `get_output_embeddings()` give them (a tuner layer where one wraps them); none for other models."""
-        found = []
-        for getter in ("get_input_embeddings", "get_output_embeddings"):
-            method = getattr(self.model, getter, None)
-            try:
-                layer = method() if callable(method) else None
-            except (NotImplementedError, AttributeError):
-                layer = None
-            if isinstance(layer, nn.Module):
-                name = next((n for n, m in self.model.named_modules() if m is layer), None)
-                if name:
-                    found.append((name, layer))
-        return found
+        found = (model_embedding(self.model, g) for g in ("get_input_embeddings", "get_output_embeddings"))
+        return [(name, layer) for name, layer in found if name and layer is not None]
 
     def _embedding_base_keys(self, targeted: Optional[bool] = None) -> set[str]:
         """Keys (relative to this tuner) of the base embedding tensors that HF PEFT's `save_embedding_layers`

@@ -26,7 +26,14 @@ from torch import nn
 from torch.func import functional_call
 
 from ...config import short_repr
-from ..base import BaseTunerLayer, ModulesToSaveWrapper, adapter_dtype, get_submodule_parent, name_matches
+from ..base import (
+    BaseTunerLayer,
+    ModulesToSaveWrapper,
+    adapter_dtype,
+    get_submodule_parent,
+    model_embedding,
+    name_matches,
+)
 from ..mixed_batch import MERGED_REFUSAL, MixedBatch, check_batch_size
 
 SAVED_NAME = "token_adapter.trainable_tokens_delta"  # HF PEFT's key part for the trained rows
@@ -224,26 +231,6 @@ def check_field(value: Any) -> Any:
     return check_indices("trainable_token_indices", value)
 
 
-def input_embedding(model: nn.Module) -> tuple[Optional[str], Optional[nn.Module]]:
-    getter = getattr(model, "get_input_embeddings", None)
-    try:
-        layer = getter() if callable(getter) else None
-    except (NotImplementedError, AttributeError):
-        layer = None
-    if not isinstance(layer, nn.Module):
-        return None, None
-    return next((n for n, m in model.named_modules() if m is layer), None), layer
-
-
-def _output_embedding(model: nn.Module) -> Optional[nn.Module]:
-    getter = getattr(model, "get_output_embeddings", None)
-    try:
-        layer = getter() if callable(getter) else None
-    except (NotImplementedError, AttributeError):
-        layer = None
-    return layer if isinstance(layer, nn.Module) else None
-
-
 def _visible_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """The model's modules outside tuner layers and saved-module wrappers (their insides are not the user's)."""
     skip: set[int] = set()
@@ -289,7 +276,7 @@ def plan(model: nn.Module, config: Any, module_keys: list[str], field: str = "tr
     value = config.trainable_token_indices
     if value is None:
         return result
-    embed_name, embed = input_embedding(model)
+    embed_name, embed = model_embedding(model, "get_input_embeddings")
     if isinstance(embed, TrainableTokensLayer):
         embed = embed.get_base_layer()
     targets = dict(value) if isinstance(value, dict) else {embed_name or "embed_tokens": list(value)}
@@ -301,7 +288,7 @@ def plan(model: nn.Module, config: Any, module_keys: list[str], field: str = "tr
                 f"`modules_to_save=[..., \"{name}\", ...]` or `trainable_tokens={{'{name}': x}}` but not both."
             )
     visible = list(_visible_modules(model))
-    output = _output_embedding(model)
+    _, output = model_embedding(model, "get_output_embeddings")
     shared = getattr(embed, "weight", None) if embed is not None else None
     # modules holding the input embedding's very weight (a tied LM head), and the other paths to the embedding
     # module itself (T5 after `resize_token_embeddings`: encoder.embed_tokens is model.shared), as HF PEFT

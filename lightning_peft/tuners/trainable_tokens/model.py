@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..base import BaseTuner
+from ..base import BaseTuner, model_embedding
 from ..lora import trainable_tokens as tt
 from .config import TrainableTokensConfig
 
@@ -28,7 +28,7 @@ class TrainableTokensModel(BaseTuner):
 
     def prepare_adapter_config(self, config: TrainableTokensConfig, model: nn.Module) -> TrainableTokensConfig:
         if config.target_modules is None:  # HF PEFT: the input embedding's name, else "embed_tokens"
-            name, _ = tt.input_embedding(model)
+            name, _ = model_embedding(model, "get_input_embeddings")
             config.target_modules = name or "embed_tokens"
         return super().prepare_adapter_config(config, model)
 
