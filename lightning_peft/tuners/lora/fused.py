@@ -1,7 +1,7 @@
 """The fused LoRA Linear path: `base(x) + B(A(dropout(x))) * s` as one autograd node.
 
 `LoraLayer`'s Linear wrapper (layer.py) decides when it applies (`Linear._fused_inputs`) and calls
-`lora_linear_function` / `lora_linear_no_grad` from here.
+`_LoraLinearFunction` / `_lora_linear_no_grad` / `_lora_linear` from here.
 """
 
 from __future__ import annotations

@@ -34,14 +34,6 @@ def _conv1d_class() -> type:
     return _CONV1D
 
 
-def _hooked(module: nn.Module) -> bool:
-    return has_module_hooks(module)
-
-
-def _global_hooks() -> bool:
-    return has_global_module_hooks()
-
-
 def _variant(kwargs: dict) -> tuple[bool, bool]:
     """(use_rslora, use_dora) from a layer constructor's keyword arguments (HF PEFT passes them there too)."""
     return bool(kwargs.get("use_rslora", False)), bool(kwargs.get("use_dora", False))
@@ -382,7 +374,8 @@ class Linear(nn.Module, LoraLayer):
             return None
         if p >= 1.0:  # nn.Dropout(p=1) drops everything: the fused path would divide by 1 - p
             return None
-        if _hooked(base) or _hooked(lora_A) or _hooked(lora_B) or _hooked(dropout) or _global_hooks():
+        hooked = has_module_hooks
+        if hooked(base) or hooked(lora_A) or hooked(lora_B) or hooked(dropout) or has_global_module_hooks():
             return None
         if torch.is_autocast_enabled(x.device.type):
             return None
