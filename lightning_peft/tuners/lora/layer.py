@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Optional, cast
 
 import torch
@@ -94,14 +95,20 @@ class LoraLayer(BaseTunerLayer):
         use_rslora: bool = False,
         use_dora: bool = False,
     ) -> None:
+        # every refusal of the arguments comes before the first change of state
+        try:
+            operator.index(r)
+        except TypeError:
+            raise TypeError(f"r must be a positive integer, got {r!r} ({type(r).__name__})") from None
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r}")
         if use_dora:
             dora.check_dora_base(self)
+        dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self._set_adapter_settings(adapter_name, r, lora_alpha, use_rslora, use_dora)
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
-        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.lora_dropout[adapter_name] = dropout
         self._create_adapter_weights(adapter_name, r)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
         weight = self._adapted_weight()
@@ -117,9 +124,10 @@ class LoraLayer(BaseTunerLayer):
         self, adapter_name: str, r: int, lora_alpha: float, use_rslora: bool, use_dora: bool
     ) -> None:
         """`adapter_name`'s rank, alpha, variant flags and scaling (lora_alpha / r; rsLoRA: lora_alpha / sqrt(r))."""
+        scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)  # first: a bad lora_alpha changes nothing
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling[adapter_name] = scaling
         self.use_rslora[adapter_name], self.use_dora[adapter_name] = use_rslora, use_dora
 
     def _adapted_weight(self) -> torch.Tensor:
