@@ -48,17 +48,19 @@ def _parse(example, *args):
     return LightningCLI(datamodule_class=example.RandomTokens, args=args, run=False, save_config_callback=None)
 
 
+def _fit(tmp_path, config: str, override: str):
+    """examples/cli/main.py `fit` for 2 steps in a child process, run in `tmp_path`."""
+    command = [EXAMPLE / "main.py", "fit", "--config", EXAMPLE / config, "--trainer.max_steps=2", override]
+    return run_forked(command, cwd=tmp_path, timeout=120)
+
+
 def _peft_callback(cli) -> PEFTCallback:
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, PEFTCallback)]
     return callback
 
 
 def test_fit_with_the_callback_and_a_nested_override(tmp_path):
-    result = run_forked(
-        [EXAMPLE / "main.py", "fit", "--config", EXAMPLE / "config.yaml", "--trainer.max_steps=2", f"{CALLBACK_R}=2"],
-        cwd=tmp_path,
-        timeout=120,
-    )
+    result = _fit(tmp_path, "config.yaml", f"{CALLBACK_R}=2")
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((tmp_path / "cli_runs" / "lora_export" / "adapter" / "adapter_config.json").read_text())
     assert saved["r"] == 2  # the command line's value ...
@@ -68,11 +70,7 @@ def test_fit_with_the_callback_and_a_nested_override(tmp_path):
 
 
 def test_fit_with_a_mixin_module_configured_the_same_way(tmp_path):
-    result = run_forked(
-        [EXAMPLE / "main.py", "fit", "--config", EXAMPLE / "mixin.yaml", "--trainer.max_steps=2", f"{MIXIN_R}=4"],
-        cwd=tmp_path,
-        timeout=120,
-    )
+    result = _fit(tmp_path, "mixin.yaml", f"{MIXIN_R}=4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LORA adapter 'default' on `model`: trainable params 1,024 of" in result.stderr  # r=4
     written = (tmp_path / "cli_runs" / "config.yaml").read_text()  # LightningCLI's record of the run holds the override
@@ -80,11 +78,7 @@ def test_fit_with_a_mixin_module_configured_the_same_way(tmp_path):
 
 
 def test_a_misspelled_field_on_the_command_line_is_named(tmp_path):
-    result = run_forked(
-        [EXAMPLE / "main.py", "fit", "--config", EXAMPLE / "config.yaml", "--trainer.max_steps=2", f"{CALLBACK_R}r=2"],
-        cwd=tmp_path,
-        timeout=120,
-    )
+    result = _fit(tmp_path, "config.yaml", f"{CALLBACK_R}r=2")
     assert result.returncode != 0
     assert "Option 'rr' is not accepted" in result.stderr
     assert not (tmp_path / "cli_runs" / "lora_export").exists()  # refused before anything ran
