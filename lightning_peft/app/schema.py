@@ -166,6 +166,7 @@ _RANGES: tuple[tuple[str, str, Optional[float], Optional[float], str], ...] = (
     ("recipe.module.learning_rate", "float", None, None, "a finite number > 0"),
     ("recipe.module.weight_decay", "float", 0, None, "a finite number >= 0"),
     ("recipe.module.warmup_ratio", "float", 0, 1, "a number in [0, 1] (the fraction of steps spent warming up)"),
+    ("recipe.module.loraplus_lr_ratio", "float", None, None, "a finite number > 0 (lora_B's lr / lora_A's), or null"),
     ("trainer.accumulate_grad_batches", "int", 1, None, "an integer >= 1"),
     ("trainer.max_epochs", "int", -1, None, "an integer >= 0, -1 (no limit) or null"),
     ("trainer.max_steps", "int", -1, None, "an integer >= 0 or -1 (no limit)"),
@@ -177,7 +178,12 @@ _RANGES: tuple[tuple[str, str, Optional[float], Optional[float], str], ...] = (
     ("data.limit_train_rows", "int", 1, None, "an integer >= 1, or null (all rows)"),
     ("data.limit_val_rows", "int", 1, None, "an integer >= 1, or null (all rows)"),
 )
-_POSITIVE = ("tuner.optim.lr", "recipe.module.learning_rate", "tuner.optim.loraplus_lr_ratio")  # > 0, not >= 0
+_POSITIVE = (  # > 0, not >= 0
+    "tuner.optim.lr",
+    "recipe.module.learning_rate",
+    "tuner.optim.loraplus_lr_ratio",
+    "recipe.module.loraplus_lr_ratio",
+)
 
 
 def _value_error(key: str, value: Any, what: str) -> ConfigValueError:
