@@ -52,7 +52,6 @@ DEFAULT_THRESHOLD = 6.0  # LLM.int8() outlier threshold (0 disables the mixed-pr
 BITS = (8, 4)
 QUANT_TYPES = ("nf4", "fp4")  # 4-bit data types of bitsandbytes (QLoRA uses NF4)
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-KINDS = {8: "int8", 4: "int4"}  # the quantization kinds tuners register layers for (`register_tuner`)
 
 
 def is_linear4bit(module: nn.Module) -> bool:
@@ -290,6 +289,13 @@ def quantize_base_linears(
             "quantize_base_linears: this model already holds adapters; quantize the base model first, "
             "then inject the tuner (so the adapter's own layers stay in full precision)"
         )
+    already = quantized_layer_names(model)
+    if already:  # a second call (or a model loaded in 8-/4-bit by transformers): nothing left to quantize
+        more = f" and {len(already) - 3} more" if len(already) > 3 else ""
+        raise ValueError(
+            f"quantize_base_linears: this model already holds bitsandbytes 8-/4-bit layers ({', '.join(already[:3])}"
+            f"{more}); quantize a full-precision model once, or call dequantize_base_linears(model) first"
+        )
     skip_names = set(names) | set(TASK_HEAD_NAMES) | {"lm_head"}
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     head = get_output_embeddings() if callable(get_output_embeddings) else None
@@ -321,7 +327,6 @@ def quantize_base_linears(
             "quantize_base_linears: the model has no Linear / Conv1D layer to quantize (outside the "
             "output head and skipped modules); it stays in full precision"
         )
-    setattr(model, "_lightning_peft_quantized", KINDS[bits])  # a plain attribute (not a tensor or module)
     return model
 
 
@@ -348,8 +353,6 @@ def dequantize_base_linears(model: nn.Module, dtype: torch.dtype = torch.float32
             setattr(linear, "source_cls", getattr(module, "source_cls"))
         parent, _, child = get_submodule_parent(model, name)
         setattr(parent, child, linear)
-    if getattr(model, "_lightning_peft_quantized", None):
-        setattr(model, "_lightning_peft_quantized", None)
     return model
 
 
