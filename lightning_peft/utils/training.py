@@ -47,13 +47,20 @@ def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
 _KEEP_DTYPE_METHODS = ("gptq", "aqlm", "eetq", "torchao", "hqq")
 
 
+def _keeps_dtype(model: nn.Module) -> bool:
+    """A GPTQ / AQLM / EETQ / HQQ / torchao model: its half-precision tensors are quantized data (not cast)."""
+    return getattr(model, "quantization_method", None) in _KEEP_DTYPE_METHODS or bool(
+        getattr(model, "hqq_quantized", False)
+    )
+
+
 def _loaded_in_kbit(model: nn.Module) -> bool:
     """As HF PEFT: transformers' `is_loaded_in_8bit` / `is_loaded_in_4bit`, or a GPTQ / AQLM / EETQ / HQQ / torchao
     `quantization_method`; here also a model holding bitsandbytes
     layers (e.g. quantized by `lightning_peft.quantization.quantize_base_linears`, which sets neither flag)."""
     if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
         return True
-    if getattr(model, "quantization_method", None) in _KEEP_DTYPE_METHODS or getattr(model, "hqq_quantized", False):
+    if _keeps_dtype(model):
         return True  # HF also checkpoints GPTQ / AQLM / EETQ / HQQ / torchao models
     from ..quantization import is_quantized_linear  # imports the tuners: not at module level
 
@@ -106,9 +113,7 @@ def prepare_model_for_kbit_training(
     from ..quantization import keep_plain_layouts
 
     keep_plain_layouts(model)  # bitsandbytes' one-way CPU repacking of 4-bit layers breaks training (not in HF)
-    if getattr(model, "quantization_method", None) not in _KEEP_DTYPE_METHODS and not getattr(
-        model, "hqq_quantized", False
-    ):
+    if not _keeps_dtype(model):
         for param in model.parameters():
             if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
                 param.data = param.data.to(torch.float32)
