@@ -1228,10 +1228,17 @@ class BaseTuner(TunerAttributes, nn.Module):
             for layer in layers:
                 for name in layer._adapters_to_merge(adapter_names):
                     layer.check_finite_delta(name)
-        for layer in self._layers_to_untie(layers, adapter_names):
+        untied = self._layers_to_untie(layers, adapter_names)
+        for layer in untied:
             layer.untie_base_weight()
-        for layer in layers:
-            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        try:
+            for layer in layers:
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        except BaseException:  # a layer refused (overlapping token rows): a layer that merged nothing is tied again
+            for layer in untied:
+                if not layer.merged_adapters:
+                    layer.retie_base_weight()
+            raise
 
     def _layers_to_untie(
         self, layers: list[BaseTunerLayer], adapter_names: Optional[list[str]]
