@@ -9,7 +9,7 @@ import copy
 import peft
 import pytest
 import torch
-from helpers import quiet, saved_shapes, tiny_gpt2, tiny_llama
+from helpers import perturb, quiet, saved_shapes, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lightning_peft as lp
@@ -29,14 +29,6 @@ def _logits(model: nn.Module, **kwargs) -> torch.Tensor:
         return model(X, **kwargs).logits
 
 
-def _random(model: nn.Module, seed: int = 3) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
-
-
 CASES = {
     "llama-list": ("llama", [64, 65, 66]),
     "llama-dict-with-head": ("llama", {"embed_tokens": [64], "lm_head": [65, 66]}),
@@ -52,7 +44,7 @@ def case(request, tmp_path_factory):
     base = _base(kind)
     kwargs = dict(r=2, target_modules=["c_attn"] if kind == "gpt2" else ["q_proj"], trainable_token_indices=indices)
     hf = quiet(peft.get_peft_model, copy.deepcopy(base), peft.LoraConfig(**kwargs))
-    _random(hf)
+    perturb(hf, scale=0.3)
     folder = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(folder)
     return base, kwargs, hf, folder
@@ -110,9 +102,9 @@ def test_merge_twice_save_after_merge_and_mixed_batch(tmp_path):
     kwargs = dict(r=2, target_modules=["q_proj"], trainable_token_indices=[64, 65])
     hf = quiet(peft.get_peft_model, copy.deepcopy(base), peft.LoraConfig(**kwargs))
     quiet(hf.add_adapter, "other", peft.LoraConfig(**dict(kwargs, trainable_token_indices=[66])))
-    _random(hf)
+    perturb(hf, scale=0.3)
     hf.set_adapter("other")
-    _random(hf, seed=4)
+    perturb(hf, seed=4, scale=0.3)
     hf.save_pretrained(tmp_path / "hf")
     ours = quiet(lp.PeftModel.from_pretrained, copy.deepcopy(base), tmp_path / "hf")
     ours.load_adapter(tmp_path / "hf" / "other", "other")

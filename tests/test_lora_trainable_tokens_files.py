@@ -11,7 +11,7 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers import quiet, saved_shapes, tiny_gpt2, tiny_llama
+from helpers import perturb, quiet, saved_shapes, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -55,24 +55,16 @@ def _logits(model: nn.Module) -> torch.Tensor:
         return model(X).logits
 
 
-def _random(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
     kind, kwargs = CASES[request.param]
     base = _base(kind)
     hf = quiet(peft.get_peft_model, copy.deepcopy(base), peft.LoraConfig(r=2, **kwargs))
-    _random(hf, 3)
+    perturb(hf, seed=3, scale=0.3)
     hf_dir = tmp_path_factory.mktemp("hf")
     quiet(hf.save_pretrained, hf_dir, save_embedding_layers=True)
     ours = lp.get_peft_model(copy.deepcopy(base), lp.LoraConfig(r=2, **kwargs))
-    _random(ours, 4)
+    perturb(ours, seed=4, scale=0.3)
     our_dir = tmp_path_factory.mktemp("ours")
     ours.save_pretrained(our_dir, save_embedding_layers=True)
     return base, hf, hf_dir, ours, our_dir
@@ -111,7 +103,7 @@ def test_tied_copies_with_other_values_are_refused_and_nothing_changes(key, tmp_
     base = _base("gpt2")
     kwargs = dict(r=2, target_modules=["c_attn"], trainable_token_indices=[64, 65])
     hf = quiet(peft.get_peft_model, copy.deepcopy(base), peft.LoraConfig(**kwargs))
-    _random(hf, 3)
+    perturb(hf, seed=3, scale=0.3)
     quiet(hf.save_pretrained, tmp_path, save_embedding_layers=True)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     tensors[key] = tensors[key] + 1.0
@@ -146,7 +138,7 @@ def test_lora_on_the_embedding_and_tokens_on_the_head(tmp_path):
     base = _base("llama")
     kwargs = dict(r=2, target_modules=["q_proj", "embed_tokens"], trainable_token_indices={"lm_head": [65, 66]})
     ours = lp.get_peft_model(copy.deepcopy(base), lp.LoraConfig(init_lora_weights=False, **kwargs))
-    _random(ours, 5)
+    perturb(ours, seed=5, scale=0.3)
     ours.save_pretrained(tmp_path / "ours", save_embedding_layers=True)
     hf = quiet(peft.get_peft_model, copy.deepcopy(base), peft.LoraConfig(**kwargs))
     quiet(hf.save_pretrained, tmp_path / "hf", save_embedding_layers=True)
