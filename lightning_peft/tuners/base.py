@@ -931,18 +931,17 @@ class BaseTuner(TunerAttributes, nn.Module):
                 keys.append(key)
         return keys
 
+    def _internal(self, key: str) -> bool:
+        """Whether module `key` is inside an earlier adapter's layer or saved-module wrapper (not the user's)."""
+        return any(s in f".{key}" for s in (f".{self.prefix}", ".base_layer", ".original_module", ".modules_to_save."))
+
     def _check_exclusions(self, config: Any, keys: list[str]) -> None:
         """`exclude_modules` as HF PEFT checks it: an error when it excluded every module the targets matched, a
         warning when it excluded no module of the model (nor did `modules_to_save`)."""
         exclude = getattr(config, "exclude_modules", None)
         if not exclude:
             return
-        internals = (f".{self.prefix}", ".base_layer", ".original_module", ".modules_to_save.")  # earlier adapters'
-        names = [
-            k
-            for k, _ in self.model.named_modules()
-            if k and is_excluded(config, k) and not any(s in f".{k}" for s in internals)
-        ]
+        names = [k for k, _ in self.model.named_modules() if k and is_excluded(config, k) and not self._internal(k)]
         if not keys:
             dropped = [k for k in names if target_matches(config, k)]
             if dropped:  # HF PEFT's NoMatchingPeftModuleError

@@ -58,7 +58,7 @@ class IA3Model(BaseTuner):
                 and is_feedforward_key(config, k)
                 and k not in targets
                 and not is_excluded(config, k)
-                and not any(s in k for s in (".ia3_", ".base_layer", ".original_module", ".modules_to_save."))
+                and not self._internal(k)
             ]
             if stray:
                 raise ValueError(
