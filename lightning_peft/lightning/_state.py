@@ -219,7 +219,35 @@ def checkpoint_adapter_configs(checkpoint: Any) -> dict[str, dict[str, Any]]:
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     metadata = state_dict_metadata(state_dict) or {}
-    return dict((metadata.get("") or {}).get(CHECKPOINT_KEY) or {})
+    return valid_entries((metadata.get("") or {}).get(CHECKPOINT_KEY))
+
+
+def valid_entries(raw: Any) -> dict[str, dict[str, Any]]:
+    """The checkpoint's `lightning_peft` metadata (see `checkpoint_adapter_configs`), refused with a clear message
+    when it is not of that shape (an edited or foreign checkpoint), before any module is built or weight copied."""
+    if not raw:
+        return {}
+
+    def bad(what: str) -> ValueError:
+        return ValueError(
+            f"the checkpoint's adapter metadata (state_dict._metadata['']['{CHECKPOINT_KEY}']) is malformed: {what}; "
+            "it was not written by PEFTCallback / PEFTMixin or was edited. Nothing was loaded"
+        )
+
+    if not isinstance(raw, dict):
+        raise bad(f"a {type(raw).__name__}, not a dict of model_attr -> entry")
+    for attr, entry in raw.items():
+        if not isinstance(entry, dict):
+            raise bad(f"the entry of {attr!r} is a {type(entry).__name__}, not a dict")
+        adapters = entry.get("adapters") or {entry.get("adapter_name", "default"): entry}
+        if not isinstance(adapters, dict):
+            raise bad(f"{attr!r}: 'adapters' is a {type(adapters).__name__}, not a dict of name -> config")
+        for name, adapter in adapters.items():
+            if not isinstance(adapter, dict) or not isinstance(adapter.get("config"), dict):
+                raise bad(f"{attr!r}: adapter {name!r} has no 'config' dict")
+        if entry.get("adapter_name", next(iter(adapters), None)) not in adapters:
+            raise bad(f"{attr!r}: the active adapter {entry.get('adapter_name')!r} is not among {sorted(adapters)}")
+    return dict(raw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,8 +638,8 @@ def _load_pre_hook(
     present = [k for k in state.adapter_keys if prefix + k in state_dict]
     if not strict and not present:
         return  # a non-strict load of other parts of the module
-    entry = ((local_metadata or {}).get(CHECKPOINT_KEY) or {}).get(state.model_attr)
-    if isinstance(entry, dict):
+    entry = valid_entries((local_metadata or {}).get(CHECKPOINT_KEY)).get(state.model_attr)
+    if entry is not None:
         state.check_entry(entry, f"this checkpoint into {type(module).__name__}")
     params = {plain_key(k): v for k, v in state.peft.state_dict(keep_vars=True).items()}
     missing = sorted(k for k in state.adapter_keys if prefix + k not in state_dict)

@@ -374,9 +374,7 @@ class PEFTCallback(pl.Callback):
         for attr, entry in entries.items():
             if get_state(module, attr) is not None:
                 continue  # applied by the module itself (PEFTMixin); the load below checks its config
-            adapters = entry.get("adapters") or {
-                entry["adapter_name"]: {"peft_type": entry["peft_type"], "config": entry["config"]}
-            }
+            adapters = entry.get("adapters") or {entry.get("adapter_name", "default"): entry}  # shape: valid_entries
             configs = {name: PeftConfig.from_dict(dict(a["config"])) for name, a in adapters.items()}
             names = list(configs)
             state = attach_state(module, AdapterState(configs[names[0]], attr, names[0], owner=who))
