@@ -63,6 +63,12 @@ MALFORMED = {
 }
 
 
+def test_a_good_checkpoint_loads_through_one_call(saved):
+    module = PEFTCallback.load_from_checkpoint(Lit, saved[1])
+    assert module.state_dict().keys() == saved[0].state_dict().keys()
+    assert checkpoint_adapter_configs(saved[1])["model"]["config"]["r"] == 2
+
+
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_metadata_is_refused_by_name(saved, tmp_path, case):
     path, state_dict = edited(saved, tmp_path, MALFORMED[case])

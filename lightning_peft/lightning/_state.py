@@ -23,13 +23,15 @@ that shares every untouched tensor with the module, and nothing is kept after an
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import enum
 import functools
 import itertools
 import os
-from typing import Any, Callable, Optional, cast
+from typing import Any, Callable, Iterator, Optional, cast
 
 import torch
 from torch import nn
@@ -621,6 +623,20 @@ def _state_dict_post_hook(
         local_metadata.setdefault(CHECKPOINT_KEY, {})[state.model_attr] = state.checkpoint_entry()
 
 
+# set while PEFTCallback.load_from_checkpoint has Lightning build the module with an empty state dict. The load
+# pre-hook cannot tell that load from a strict one by `strict`: torch hands every pre-hook strict=True
+_WITHOUT_WEIGHTS: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_peft_without_weights", default=False)
+
+
+@contextlib.contextmanager
+def building_without_weights() -> Iterator[None]:
+    token = _WITHOUT_WEIGHTS.set(True)
+    try:
+        yield
+    finally:
+        _WITHOUT_WEIGHTS.reset(token)
+
+
 def _load_pre_hook(
     state: AdapterState,
     module: nn.Module,
@@ -636,8 +652,8 @@ def _load_pre_hook(
         return
     _rename_keys(state_dict, prefix, state, plain_key)  # a checkpoint of a compiled model: `_orig_mod.` out
     present = [k for k in state.adapter_keys if prefix + k in state_dict]
-    if not strict and not present:
-        return  # a non-strict load of other parts of the module
+    if not state_dict and _WITHOUT_WEIGHTS.get():
+        return  # PEFTCallback.load_from_checkpoint building the module: the weights come after the adapters
     entry = valid_entries((local_metadata or {}).get(CHECKPOINT_KEY)).get(state.model_attr)
     if entry is not None:
         state.check_entry(entry, f"this checkpoint into {type(module).__name__}")

@@ -40,6 +40,7 @@ from ._state import (
     AdapterState,
     allow_weights_only_resume,
     attach_state,
+    building_without_weights,
     checkpoint_adapter_configs,
     get_state,
     resolve_peft_config,
@@ -369,7 +370,8 @@ class PEFTCallback(pl.Callback):
                 f"{os.fspath(checkpoint_path)} holds no adapter config (not written by PEFTCallback / PEFTMixin "
                 "of this version); build the module, apply the tuner and call load_state_dict yourself"
             )
-        module = load_module_without_weights(module_class, checkpoint, **kwargs)
+        with building_without_weights():  # a PEFTMixin module applies its adapter in there
+            module = load_module_without_weights(module_class, checkpoint, **kwargs)
         who = "PEFTCallback.load_from_checkpoint"
         for attr, entry in entries.items():
             if get_state(module, attr) is not None:
