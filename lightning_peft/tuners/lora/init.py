@@ -55,6 +55,9 @@ class LoftQConfig:
 
 BASE_INITS = ("pissa", "olora", "loftq")  # and "pissa_niter_K"
 _NITER = "pissa_niter_"
+# the most subspace iterations "pissa_niter_K" takes (torch's default is 2, HF PEFT's examples use 4 to 16): HF PEFT
+# takes any K, so an adapter_config.json asking for pissa_niter_99999999999 makes loading run for days
+MAX_PISSA_NITER = 1000
 
 
 def init_kind(init: Any) -> Optional[str]:
@@ -85,6 +88,11 @@ def check_init(config: Any) -> bool:
             raise ValueError(
                 f"init_lora_weights={short_repr(init)}: the number of iterations after 'pissa_niter_' must be a "
                 "non-negative integer, e.g. 'pissa_niter_4'"
+            )
+        if len(niter.lstrip("0")) > 4 or int(niter) > MAX_PISSA_NITER:  # (int() of 5000 digits raises)
+            raise ValueError(
+                f"init_lora_weights={short_repr(init)}: at most {MAX_PISSA_NITER} iterations after 'pissa_niter_' "
+                "(each one is a pass over the base weight; 4 to 16 are enough), or 'pissa' for the exact SVD"
             )
     if kind == "loftq":
         loftq = config.loftq_config

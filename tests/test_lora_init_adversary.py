@@ -1,0 +1,49 @@
+"""Adversarial inputs to PiSSA / OLoRA's public entries (tuners/lora/init.py): sizes from a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+import torch
+from helpers import tiny_gpt2
+
+import lightning_peft as lp
+from lightning_peft.tuners.lora.init import MAX_PISSA_NITER
+
+
+@pytest.fixture(scope="module")
+def saved_pissa(tmp_path_factory: pytest.TempPathFactory) -> tuple[lp.PeftModel, str]:
+    model = lp.get_peft_model(
+        tiny_gpt2(), lp.LoraConfig(r=2, lora_alpha=4, init_lora_weights="pissa", target_modules=["c_attn"])
+    )
+    folder = str(tmp_path_factory.mktemp("pissa") / "initial")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.mark.parametrize("niter", [str(MAX_PISSA_NITER + 1), "99999999999", "9" * 5000])
+def test_pissa_niter_above_the_cap_is_refused(niter: str) -> None:
+    with pytest.raises(ValueError, match=f"at most {MAX_PISSA_NITER} iterations"):
+        lp.LoraConfig(init_lora_weights=f"pissa_niter_{niter}")
+    lp.LoraConfig(init_lora_weights=f"pissa_niter_{MAX_PISSA_NITER}")  # the cap itself is taken
+    lp.LoraConfig(init_lora_weights="pissa_niter_0004")
+
+
+def test_from_pretrained_with_huge_niter_in_the_file_is_refused_fast(saved_pissa, tmp_path) -> None:
+    _, initial = saved_pissa
+    folder = tmp_path / "huge"
+    shutil.copytree(initial, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["init_lora_weights"] = "pissa_niter_99999999999"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    base = tiny_gpt2()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="at most"):
+        lp.PeftModel.from_pretrained(base, str(folder))
+    assert time.perf_counter() - start < 10
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
