@@ -1408,13 +1408,12 @@ class BaseTuner(TunerAttributes, nn.Module):
         before anything is written, so a wrong file leaves the model untouched. Base embedding tensors (saved with
         `save_embedding_layers`) may be present: they are checked alike and written into the base model."""
         self.check_attached()
-        embeddings = self.embedding_tensors(adapter_name)
-        expected = {k: tuple(v.shape) for k, v in self.peft_state_dict(adapter_name).items()}
-        expected.update({k: tuple(v.shape) for k, v in embeddings.items()})
-        check_tensors_fit(expected, tensors, adapter_name, optional=frozenset(embeddings))
         # keep_vars: parameters as such, and every name of a tied one (lm_head.weight is wte.weight in GPT-2)
         targets: dict[str, torch.Tensor] = self.state_dict(keep_vars=True)
-        embedding_keys = self._embedding_file_keys(adapter_name)
+        embedding_keys = self._embedding_file_keys(adapter_name)  # as `embedding_tensors`, computed once here
+        expected = {k: tuple(v.shape) for k, v in self.peft_state_dict(adapter_name).items()}
+        expected.update({SAVED_PREFIX + k: tuple(targets[m].shape) for k, m in embedding_keys.items()})
+        check_tensors_fit(expected, tensors, adapter_name, optional=frozenset(SAVED_PREFIX + k for k in embedding_keys))
         where = {
             key: targets[
                 embedding_keys.get(key[len(SAVED_PREFIX) :])
