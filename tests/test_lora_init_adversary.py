@@ -1,4 +1,5 @@
-"""Adversarial inputs to PiSSA / OLoRA's public entries (tuners/lora/init.py): sizes from a file."""
+"""Adversarial inputs to PiSSA / OLoRA's public entries (tuners/lora/init.py): sizes from a file, NaN tensors in the
+initial adapter of `save_pretrained(path_initial_model_for_weight_conversion=...)`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import pytest
 import torch
 from helpers import tiny_gpt2
+from safetensors.torch import load_file, save_file
 
 import lightning_peft as lp
 from lightning_peft.tuners.lora.init import MAX_PISSA_NITER
@@ -47,3 +49,17 @@ def test_from_pretrained_with_huge_niter_in_the_file_is_refused_fast(saved_pissa
         lp.PeftModel.from_pretrained(base, str(folder))
     assert time.perf_counter() - start < 10
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_conversion_refuses_an_initial_adapter_with_nan(saved_pissa, tmp_path) -> None:
+    model, initial = saved_pissa
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    tensors = load_file(os.path.join(initial, "adapter_model.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(broken / "adapter_model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="NaN or inf.*" + key.replace(".", r"\.")):
+        model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(broken))
+    assert not out.exists()  # nothing written

@@ -413,10 +413,16 @@ def converted_to_lora(
     `tensors` over the residual base: `[A | A0]`, `[B | -B0]`, scaling kept (r and lora_alpha doubled; with rsLoRA
     lora_alpha * sqrt(2)). `initial`: the folder of the same adapter saved right after creation; only its tensors
     are read (HF PEFT also rewrites its adapter_config.json: here the folder is left as it is)."""
-    from ...serialization import load_peft_weights
+    from ...serialization import check_adapter_tensors, load_peft_weights
 
     start = load_peft_weights(os.fspath(initial), device="cpu", allow_pickle=allow_pickle)
     factors = [k for k in tensors if _factor_side(k) is not None]
+    # the adapter written would hold them, and loading refuses it
+    check_adapter_tensors(
+        {k: start[k] for k in factors if k in start},
+        what=f"the initial adapter's tensors in {os.fspath(initial)!r}",
+        opt_in="give the folder of this adapter saved right after creation",
+    )
     missing = sorted(k for k in factors if k not in start)
     if missing or not factors:
         raise ValueError(
