@@ -151,6 +151,18 @@ def check_tuner_trains_head(tuner: Any, cfg: DictConfig) -> None:
         )
 
 
+def check_loraplus_tuner(tuner: Any, cfg: DictConfig) -> None:
+    """LoRA+ (`loraplus_lr_ratio`) gives lora_B a larger learning rate: refuse it with a tuner that has no lora_B
+    before any model is built (the module's `configure_optimizers` would refuse it only after setup)."""
+    ratio = OmegaConf.select(cfg, "recipe.module.loraplus_lr_ratio", default=None)
+    peft_type = getattr(tuner, "peft_type", None)
+    if ratio is not None and peft_type != "LORA":
+        raise ValueError(
+            f"loraplus_lr_ratio={ratio} is LoRA+, which needs a LoRA adapter (lora_B); the {peft_type} tuner has "
+            "none: use tuner=lora, or drop tuner.optim.loraplus_lr_ratio"
+        )
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """The objects one run uses, without a Trainer: tokenizer, model, module, datamodule, tuner config."""
     from hydra.utils import instantiate
@@ -160,6 +172,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     m = cfg.model
     tuner = tuner_config(cfg)
     check_tuner_trains_head(tuner, cfg)
+    check_loraplus_tuner(tuner, cfg)
     quantize = None if cfg.quantize is None else str(getattr(cfg.quantize, "value", cfg.quantize))  # int8 / int4
     if quantize is not None:  # refuse a tuner that cannot run (or merge) over quantized layers before training
         from lightning_peft.quantization import check_quantized_compatible
