@@ -450,9 +450,9 @@ class PeftConfig:
         from .utils.error import AdapterNotFoundError  # (utils imports this module)
 
         if not os.path.isdir(path):
+            what = "is a file" if os.path.isfile(path) else "does not exist"  # e.g. the weights file's path
             raise AdapterNotFoundError(
-                f"adapter folder {path!s} does not exist; pass the folder save_pretrained wrote"
-                + interrupted_save_note(path)
+                f"adapter folder {path!s} {what}; pass the folder save_pretrained wrote" + interrupted_save_note(path)
             )
         check_regular_file(config_file)
         if not os.path.isfile(config_file):

@@ -20,6 +20,7 @@ import copy
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union, cast
 
@@ -228,12 +229,16 @@ def hotswap_adapter_from_state_dict(
     tuner.check_adapter_exists(adapter_name)
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict of tensors by parameter name, got {type(state_dict).__name__}")
     # tuner-relative keys: a PeftModel's keys start with "base_model.", the caller's may lack a part of that
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        full = prefix + key.removeprefix(COMPILED_PREFIX)
+        if not isinstance(key, str):
+            raise TypeError(f"state_dict's keys must be parameter names (str), got {key!r}")
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"state_dict[{key!r}] is a {type(value).__name__}, not a tensor")
+        full = prefix + key.removeprefix(COMPILED_PREFIX)
         tensors[full.removeprefix(SAVED_PREFIX)] = value
     _swap(tuner, tensors, adapter_name, config)
 
