@@ -76,9 +76,10 @@ def create_loraplus_optimizer(
     weight_decay = kwargs.pop("loraplus_weight_decay", 0.0)
     lr_embedding = kwargs.pop("loraplus_lr_embedding", 1e-6)
     _check_rate("loraplus_lr_embedding", lr_embedding)
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-        raise ValueError(
-            f"create_loraplus_optimizer: loraplus_weight_decay must be a number >= 0, got {short_repr(weight_decay)}"
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < math.inf:
+        raise ValueError(  # inf would turn every weight into -inf / nan on the first step
+            "create_loraplus_optimizer: loraplus_weight_decay must be a number >= 0 (a finite one), got "
+            f"{short_repr(weight_decay)}"
         )
     decay = decay_parameter_names(model)
     modules = dict(model.named_modules())
