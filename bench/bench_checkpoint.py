@@ -17,7 +17,7 @@ import os
 import tempfile
 
 import torch
-from common import BATCH, MODELS, _quiet, build_case, have_peft, lora_kwargs, make_optimizer
+from common import BATCH, MODELS, _quiet, build_case, cpu_trainer, have_peft, lora_kwargs, make_optimizer
 from torch.utils.data import DataLoader
 
 KIB = 1024
@@ -71,14 +71,10 @@ def lightning_checkpoints(arch: str) -> dict:
                 dirpath=os.path.join(tmp, "ckpt"), save_weights_only=weights_only, every_n_train_steps=1
             )
             config = LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(arch, 0.0))
-            trainer = pl.Trainer(
+            trainer = cpu_trainer(
+                tmp,
                 max_steps=1,
-                accelerator="cpu",
-                devices=1,
-                logger=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                default_root_dir=tmp,
+                enable_checkpointing=True,
                 callbacks=[PEFTCallback(config, merge_on_train_end=False, export_dir=tmp), checkpoint],
             )
             trainer.fit(module, DataLoader(dataset(1), batch_size=BATCH))

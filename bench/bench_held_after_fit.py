@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 import torch
+from common import cpu_trainer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -70,16 +71,7 @@ def main() -> None:
     callback = PEFTCallback(lp.LoraConfig(r=8, target_modules="all-linear"), export="last")
     data = DataLoader(TensorDataset(torch.randint(0, 8192, (4, 64))), batch_size=2)
     with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_steps=2,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=root,
-            callbacks=[callback],
-        )
+        trainer = cpu_trainer(root, max_steps=2, callbacks=[callback])
         trainer.fit(module, data)
     del trainer
     gc.collect()

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 import torch
-from common import BATCH, MODELS, SEQ, VOCAB, _quiet, lora_kwargs, make_optimizer, wrap_ours
+from common import BATCH, MODELS, SEQ, VOCAB, _quiet, cpu_trainer, lora_kwargs, make_optimizer, wrap_ours
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -86,15 +86,9 @@ def run(arch: str, rounds: int, dropout: float = 0.05, log=print) -> dict:
 
     config = LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(arch, dropout))
     with tempfile.TemporaryDirectory() as tmp, _quiet():
-        trainer = pl.Trainer(
+        trainer = cpu_trainer(
+            tmp,
             max_steps=steps + 1,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp,
             callbacks=[PEFTCallback(config, merge_on_train_end=False, export_dir=tmp), Alternate()],
         )
         trainer.fit(LM(), DataLoader(data, batch_size=BATCH))

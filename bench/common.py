@@ -151,6 +151,23 @@ class _quiet:
 # ---------------------------------------------------------------------------------------------
 # a training step
 # ---------------------------------------------------------------------------------------------
+def cpu_trainer(root: str, **kwargs: Any) -> Any:
+    """A Lightning Trainer on one CPU with no logger, checkpointing, progress bar or model summary, writing under
+    `root`; `kwargs` add to or override these (e.g. `enable_checkpointing=True` with a ModelCheckpoint)."""
+    import lightning.pytorch as pl
+
+    options: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    return pl.Trainer(**{**options, **kwargs})
+
+
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=1e-4)
