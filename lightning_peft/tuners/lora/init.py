@@ -53,7 +53,6 @@ class LoftQConfig:
     loftq_iter: int = 1
 
 
-BASE_INITS = ("pissa", "olora", "loftq")  # and "pissa_niter_K"
 _NITER = "pissa_niter_"
 # the most subspace iterations "pissa_niter_K" takes (torch's default is 2, HF PEFT's examples use 4 to 16): HF PEFT
 # takes any K, so an adapter_config.json asking for pissa_niter_99999999999 makes loading run for days
@@ -387,12 +386,7 @@ def check_conversion(model: Any, adapter_names: list[str], initial: Any) -> None
             "right after creating it (before training) and give that folder"
         )
     for name in adapter_names:
-        config = model.peft_config[name]
-        if getattr(config, "init_lora_weights", None) is None:
-            raise ValueError(
-                f"path_initial_model_for_weight_conversion converts LoRA adapters; {name!r} is "
-                f"{config.peft_type.value if hasattr(config.peft_type, 'value') else config.peft_type}"
-            )
+        config = model.peft_config[name]  # a LoraConfig: a LoRA model holds no other (other tuners refuse in BaseTuner)
         if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
             raise ValueError(
                 "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported when "
