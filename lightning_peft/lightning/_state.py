@@ -36,7 +36,14 @@ from typing import Any, Callable, Iterator, Optional, cast
 import torch
 from torch import nn
 
-from .._compat import compiled_inner, set_swa_average_model, state_dict_metadata, swa_average_model
+from .._compat import (
+    COMPILED_PREFIX,
+    compiled_inner,
+    set_swa_average_model,
+    state_dict_metadata,
+    swa_average_model,
+    unwrap_compiled,
+)
 from .._files import atomic_folder
 from ..config import PeftConfig, listed
 from ..peft_model import PeftModel, get_peft_model
@@ -134,25 +141,18 @@ def _children_names(module: nn.Module) -> str:
 # every state-dict key under it gains a `_orig_mod.` part. Checkpoints and exports use the keys without it
 # (`plain_key`): the same names whether and wherever the user compiled, loadable either way.
 # ---------------------------------------------------------------------------------------------
-COMPILED_PART = "_orig_mod."
 
 
 def plain_key(key: str) -> str:
     """`key` without the `_orig_mod.` parts that torch.compile's wrapper adds."""
-    if COMPILED_PART not in key:
+    if COMPILED_PREFIX not in key:
         return key
-    return ".".join(part for part in key.split(".") if part != COMPILED_PART[:-1])
+    return ".".join(part for part in key.split(".") if part != COMPILED_PREFIX[:-1])
 
 
 def is_compiled(model: Any) -> bool:
     """Whether `model` is `torch.compile(module)`'s wrapper (torch's `OptimizedModule`, kept private by torch)."""
     return isinstance(model, nn.Module) and compiled_inner(model) is not None and (hasattr(model, "dynamo_ctx"))
-
-
-def uncompiled(model: Any) -> Any:
-    while is_compiled(model):
-        model = compiled_inner(model)
-    return model
 
 
 def recompiled(compiled: nn.Module, model: nn.Module) -> nn.Module:
@@ -373,7 +373,7 @@ class AdapterState:
         model = self.find_model(module)
         if model is None:
             raise self.missing_model_error(module, who)
-        if isinstance(uncompiled(model), PeftModel):
+        if isinstance(unwrap_compiled(model), PeftModel):
             raise ValueError(
                 f"{type(module).__name__}.{self.model_attr} is already a PeftModel; give {who} the "
                 "plain model (it applies the tuner itself) or drop the tuner config"
@@ -381,7 +381,7 @@ class AdapterState:
         given = config_entry(self.config)
         # a model compiled before injection (`self.model = torch.compile(model)` in __init__): the tuner goes into
         # the model itself and the compiled wrapper, with the user's options, goes around the PeftModel
-        peft = get_peft_model(uncompiled(model), self.config, self.adapter_name)
+        peft = get_peft_model(unwrap_compiled(model), self.config, self.adapter_name)
         keep_plain_layouts(peft)  # a 4-bit base: bitsandbytes' CPU repacking in validation would break training
         _set_path(module, self.model_attr, recompiled(model, peft) if is_compiled(model) else peft)
         self.given = {self.adapter_name: given}
