@@ -63,3 +63,19 @@ def test_conversion_refuses_an_initial_adapter_with_nan(saved_pissa, tmp_path) -
     with pytest.raises(ValueError, match="NaN or inf.*" + key.replace(".", r"\.")):
         model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(broken))
     assert not out.exists()  # nothing written
+
+
+def test_conversion_refused_when_two_adapters_changed_the_base(tmp_path) -> None:
+    """Each PiSSA adapter took its start out of the base; converting either against the original base alone would
+    give another model (HF PEFT writes it silently)."""
+    config = dict(r=2, lora_alpha=4, init_lora_weights="pissa", target_modules=["c_attn"])
+    model = lp.get_peft_model(tiny_gpt2(), lp.LoraConfig(**config))
+    initial = tmp_path / "initial"
+    model.save_pretrained(str(initial))
+    model.add_adapter("other", lp.LoraConfig(**config))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"\['default', 'other'\] each replaced the base"):
+        model.save_pretrained(
+            str(out), selected_adapters=["default"], path_initial_model_for_weight_conversion=str(initial)
+        )
+    assert not out.exists()  # nothing written

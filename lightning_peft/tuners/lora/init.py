@@ -385,6 +385,14 @@ def check_conversion(model: Any, adapter_names: list[str], initial: Any) -> None
             f"path_initial_model_for_weight_conversion={os.fspath(initial)!r} is not a folder; save the adapter "
             "right after creating it (before training) and give that folder"
         )
+    changed_base = sorted(n for n, c in model.peft_config.items() if init_kind(c.init_lora_weights) is not None)
+    if len(changed_base) > 1:  # each conversion assumes the original base minus its own start only
+        raise ValueError(
+            f"path_initial_model_for_weight_conversion cannot convert here: adapters {changed_base} each replaced the "
+            "base weights at creation (PiSSA / OLoRA / LoftQ), so the base under either is not the original minus "
+            "its own start and the converted adapter would compute something else; convert each from a model that "
+            "holds only that adapter"
+        )
     for name in adapter_names:
         config = model.peft_config[name]  # a LoraConfig: a LoRA model holds no other (other tuners refuse in BaseTuner)
         if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
