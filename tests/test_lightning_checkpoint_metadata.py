@@ -94,3 +94,18 @@ class Lit_plain(pl.LightningModule):  # noqa: N801
     def __init__(self) -> None:
         super().__init__()
         self.model = tiny_gpt2(seed=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(export_dir=""), ValueError, r"export_dir=''\): pass a folder path"),
+        (dict(export_dir=123), ValueError, r"export_dir=123\): pass a folder path"),
+        (dict(export_extras=5), TypeError, r"export_extras=5\): pass a callable"),
+    ],
+)
+def test_export_arguments_are_checked_when_the_callback_is_built(kwargs, error, match):
+    """An empty export_dir would export into the working directory, a non-callable export_extras would fail only
+    after the whole fit."""
+    with pytest.raises(error, match=match):
+        PEFTCallback(lp.LoraConfig(r=2, **GPT2_LORA), **kwargs)

@@ -97,6 +97,16 @@ class PEFTCallback(pl.Callback):
         self.model_attr = model_attr
         self.adapter_name = adapter_name
         self.merge_on_train_end = merge_on_train_end
+        if export_dir is not None and (not isinstance(export_dir, (str, os.PathLike)) or not os.fspath(export_dir)):
+            raise ValueError(
+                f"PEFTCallback(export_dir={export_dir!r}): pass a folder path (str or os.PathLike), or None for the "
+                "trainer's log folder"
+            )
+        if export_extras is not None and not callable(export_extras):
+            raise TypeError(
+                f"PEFTCallback(export_extras={export_extras!r}): pass a callable taking the export folder's path "
+                "(e.g. tokenizer.save_pretrained), or None"
+            )
         self.export_dir = None if export_dir is None else os.fspath(export_dir)
         self.exact_resume = bool(exact_resume)
         # PEFTCallback(exact_resume=True) is PEFTCallback + ExactResume(): each of its hooks below calls this one's
