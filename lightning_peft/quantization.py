@@ -461,7 +461,8 @@ def check_quantized_compatible(config: Any, merge: bool = False, kind: str = "in
             f"the {peft_type} tuner cannot run over {words} (bitsandbytes) base layers; with "
             f"quantize={kind} use one of: {supported}, or drop quantize={kind}"
         )
-    if merge and spec.can_merge and not spec.merges_into_quantized:
+    # a tuner that wraps no quantizable base layer (its adapters live beside them) merges where it runs
+    if merge and spec.can_merge and spec.wraps_base_layers and not spec.merges_into_quantized:
         raise ValueError(
             f"{peft_type} adapters cannot be merged into {words} base layers (their quantized weights "
             f"cannot hold the scaled values); with quantize={kind} set merge=false (merge_on_train_end=False) "

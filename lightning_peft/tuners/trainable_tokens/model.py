@@ -25,6 +25,9 @@ class TrainableTokensModel(BaseTuner):
 
     prefix = "trainable_tokens_"
     peft_type = TrainableTokensConfig.PEFT_TYPE
+    # only embedding rows (and a tied output layer) change: layers quantization never touches, so it runs and
+    # merges over any quantized base
+    wraps_base_layers = False
 
     def prepare_adapter_config(self, config: TrainableTokensConfig, model: nn.Module) -> TrainableTokensConfig:
         if config.target_modules is None:  # HF PEFT: the input embedding's name, else "embed_tokens"
